@@ -1,0 +1,5 @@
+"""``python -m optimizer``: the same as the ``optimizer`` console script."""
+
+from optimizer.server import main
+
+raise SystemExit(main())

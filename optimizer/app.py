@@ -1,0 +1,112 @@
+"""``create_app(settings)``: a fresh, self-contained aiohttp application.
+
+It works standalone and as a sub-app (``parent.add_subapp("/img", create_app(settings))``). Everything it
+needs lives on the app: its own gate, its own thread pool (started and stopped by ``cleanup_ctx``, so a
+parent's startup and cleanup drive it), its own drain (``on_shutdown``, which a parent's shutdown runs
+too). It touches no signal handler, no environment variable and no process-wide Pillow setting; those
+belong to whoever hosts it (``optimizer.server`` when it runs alone).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from optimizer import handlers
+from optimizer.accesslog import log_request
+from optimizer.errors import OptimizerError
+from optimizer.problems import error_response, problem_response
+from optimizer.settings import Settings
+from optimizer.state import STATE, ServiceState
+
+log = logging.getLogger("optimizer")
+
+# Status logged for a client that disconnected before it could be answered (nginx's convention).
+CLIENT_CLOSED = 499
+
+_HTTP_CODES = {
+    404: ("not_found", "Not Found"),
+    405: ("method_not_allowed", "Method Not Allowed"),
+    413: ("body_too_large", "Upload too large"),
+}
+
+
+def create_app(settings: Settings | None = None) -> web.Application:
+    settings = settings if settings is not None else Settings()
+    # client_max_size only guards request.read()/post(); intake enforces the cap while streaming.
+    app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[_problems_and_access_log])
+    app[STATE] = ServiceState.from_settings(settings)
+    for path, handler in (("/optimize", handlers.optimize_route), ("/upload", handlers.upload_route)):
+        app.router.add_post(path, handler, expect_handler=handlers.expect_continue)
+    app.router.add_get("/healthz", handlers.healthz)
+    app.router.add_get("/readyz", handlers.readyz)
+    app.cleanup_ctx.append(_worker_pool)
+    app.on_shutdown.append(_drain)
+    return app
+
+
+async def _worker_pool(app: web.Application) -> AsyncIterator[None]:
+    state = app[STATE]
+    state.pool = ThreadPoolExecutor(max_workers=state.settings.threads, thread_name_prefix="optimizer-worker")
+    try:
+        yield
+    finally:
+        # Runs after the drain: anything still queued was abandoned, so drop it; a job still running in a
+        # thread cannot be interrupted and ends on its own.
+        state.pool.shutdown(wait=False, cancel_futures=True)
+
+
+async def _drain(app: web.Application) -> None:
+    """Stop admitting, then give the requests already admitted up to ``drain_seconds`` to finish."""
+    state = app[STATE]
+    state.ready = False
+    state.gate.close()
+    in_flight = state.gate.in_flight
+    if in_flight:
+        log.info("draining %d request(s), up to %.1f s", in_flight, state.settings.drain_seconds)
+    if await state.gate.wait_idle(state.settings.drain_seconds):
+        return
+    state.abandoned = state.gate.in_flight
+    log.warning(
+        "drain deadline of %.1f s passed with %d request(s) unfinished; answering them 503",
+        state.settings.drain_seconds,
+        state.abandoned,
+    )
+    state.abandon_waiting_work()
+
+
+@web.middleware
+async def _problems_and_access_log(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Turn every failure into problem+json, and write one log line per request."""
+    started = time.perf_counter()
+    code = ""
+    try:
+        response = await handler(request)
+    except OptimizerError as error:
+        code = error.code
+        response = error_response(error)
+    except web.HTTPException as exc:
+        code, title = _HTTP_CODES.get(exc.status, ("http_error", exc.reason))
+        headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        response = problem_response(exc.status, code, title, exc.reason, headers)
+    except ConnectionResetError:
+        code = "client_closed"
+        response = web.Response(status=CLIENT_CLOSED)
+    except asyncio.CancelledError:
+        # aiohttp cancels the handler when the client disconnects (handler_cancellation) or at the end
+        # of the shutdown timeout; there is nobody left to answer, but the line is still logged.
+        log_request(request, web.Response(status=CLIENT_CLOSED), "cancelled", time.perf_counter() - started)
+        raise
+    except Exception:
+        log.exception("unexpected error handling %s %s", request.method, request.path)
+        code = "internal_error"
+        response = problem_response(500, code, "Internal Server Error", "an unexpected error occurred")
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    log_request(request, response, code, time.perf_counter() - started)
+    return response

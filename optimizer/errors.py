@@ -1,0 +1,119 @@
+"""The service's error tree.
+
+Every failure a client can cause is one of these classes. Each carries the HTTP status, a stable
+machine-readable ``code`` and a public ``detail`` that never contains paths, tracebacks or library
+internals; ``optimizer.app`` turns them into RFC 9457 ``application/problem+json`` bodies.
+
+    OptimizerError
+     ├── BadRequest                400  bad_request
+     │    ├── InvalidParameter     400  invalid_parameter
+     │    ├── EmptyBody            400  empty_body
+     │    ├── MissingImage         400  missing_image
+     │    └── MalformedUpload      400  malformed_upload
+     ├── UploadStalled             408  upload_stalled
+     ├── BodyTooLarge              413  body_too_large
+     ├── TooManyPixels             413  too_many_pixels
+     ├── UnsupportedFormat         415  unsupported_format
+     ├── CorruptImage              422  corrupt_image
+     ├── Overloaded                503  overloaded     (Retry-After)
+     └── Draining                  503  draining       (Connection: close)
+
+This module is stdlib-only so that the pipeline, which knows nothing of HTTP, can raise these too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import ClassVar
+
+
+class OptimizerError(Exception):
+    """Base class: a failure with a status, a stable code and a message safe to show a client."""
+
+    status: ClassVar[int] = 500
+    code: ClassVar[str] = "internal_error"
+    title: ClassVar[str] = "Internal Server Error"
+
+    def __init__(self, detail: str, *, headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.headers: dict[str, str] = dict(headers or {})
+
+
+class BadRequest(OptimizerError):
+    status = 400
+    code = "bad_request"
+    title = "Bad Request"
+
+
+class InvalidParameter(BadRequest):
+    code = "invalid_parameter"
+    title = "Invalid parameter"
+
+    def __init__(self, parameter: str, detail: str) -> None:
+        super().__init__(f"{parameter}: {detail}")
+        self.parameter = parameter
+
+
+class EmptyBody(BadRequest):
+    code = "empty_body"
+    title = "Empty upload"
+
+
+class MissingImage(BadRequest):
+    code = "missing_image"
+    title = "No image part"
+
+
+class MalformedUpload(BadRequest):
+    code = "malformed_upload"
+    title = "Malformed upload"
+
+
+class UploadStalled(OptimizerError):
+    status = 408
+    code = "upload_stalled"
+    title = "Upload too slow"
+
+
+class BodyTooLarge(OptimizerError):
+    status = 413
+    code = "body_too_large"
+    title = "Upload too large"
+
+
+class TooManyPixels(OptimizerError):
+    status = 413
+    code = "too_many_pixels"
+    title = "Image has too many pixels"
+
+
+class UnsupportedFormat(OptimizerError):
+    status = 415
+    code = "unsupported_format"
+    title = "Unsupported image format"
+
+
+class CorruptImage(OptimizerError):
+    status = 422
+    code = "corrupt_image"
+    title = "Image cannot be decoded"
+
+
+class Overloaded(OptimizerError):
+    status = 503
+    code = "overloaded"
+    title = "Service overloaded"
+
+    def __init__(self, detail: str, *, retry_after: int) -> None:
+        super().__init__(detail, headers={"Retry-After": str(retry_after)})
+        self.retry_after = retry_after
+
+
+class Draining(OptimizerError):
+    status = 503
+    code = "draining"
+    title = "Service shutting down"
+
+    def __init__(self, detail: str = "the service is shutting down; retry on another instance") -> None:
+        super().__init__(detail, headers={"Connection": "close", "Retry-After": "1"})

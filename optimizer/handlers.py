@@ -1,0 +1,179 @@
+"""Thin views: parse parameters, admit, read the upload, run the pipeline off the loop, answer.
+
+The order inside ``_optimize`` is the point: everything that can be refused cheaply (bad parameters,
+a declared body over the cap, draining, a full gate) is refused before a byte of the body is read, and
+the gate slot, once taken, is given back on every path: by ``finally`` while the handler owns it, and by
+the worker future's done-callback once the work is in a thread, so that a client that goes away while
+its image is being processed cannot make the gate admit more work than the pool can run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import time
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from optimizer.accesslog import log_request
+from optimizer.errors import Draining, OptimizerError, Overloaded
+from optimizer.intake import read_upload, refuse_declared_length
+from optimizer.params import RouteDefaults, parse_params
+from optimizer.pipeline import Limits, Output, Params, optimize
+from optimizer.problems import error_response
+from optimizer.state import STATE, ServiceState
+
+OPTIMIZE_DEFAULTS = RouteDefaults()
+# The Go service's contract: a 300 px wide JPEG at quality 80, whatever the configured defaults.
+UPLOAD_DEFAULTS = RouteDefaults(width=300, format="jpeg", quality=80)
+
+
+class Abandoned(OptimizerError):
+    status = 503
+    code = "shutdown_deadline"
+    title = "Shut down before the image was finished"
+
+    def __init__(self) -> None:
+        super().__init__(
+            "the service reached its shutdown deadline before this image was finished; retry",
+            headers={"Connection": "close", "Retry-After": "1"},
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class _Work:
+    output: Output
+    queued: float
+
+
+def _run(submitted: float, data: bytes, params: Params, limits: Limits) -> _Work:
+    """Runs in a worker thread."""
+    started = time.perf_counter()
+    return _Work(output=optimize(data, params, limits), queued=started - submitted)
+
+
+async def optimize_route(request: web.Request) -> web.StreamResponse:
+    return await _optimize(request, OPTIMIZE_DEFAULTS)
+
+
+async def upload_route(request: web.Request) -> web.StreamResponse:
+    return await _optimize(request, UPLOAD_DEFAULTS)
+
+
+def _refuse_early(request: web.Request, state: ServiceState) -> None:
+    """The checks that need no body: shared by the handler and the ``Expect: 100-continue`` hook."""
+    if state.gate.closed:
+        raise Draining()
+    refuse_declared_length(request, state.settings.max_body_bytes)
+    if state.gate.full:
+        raise Overloaded(
+            f"all {state.gate.capacity} slots are busy; retry later",
+            retry_after=state.gate.retry_after(),
+        )
+
+
+async def expect_continue(request: web.Request) -> web.StreamResponse | None:
+    """Answer ``Expect: 100-continue`` with the final refusal, so a refused client uploads nothing."""
+    state = request.app[STATE]
+    started = time.perf_counter()
+    try:
+        _refuse_early(request, state)
+    except OptimizerError as error:
+        # aiohttp calls this hook before the middleware, so the refusal is logged here.
+        response = error_response(error)
+        log_request(request, response, error.code, time.perf_counter() - started)
+        return response
+    if request.version >= (1, 1) and request.headers.get("Expect", "").lower() == "100-continue":
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    return None
+
+
+async def _optimize(request: web.Request, defaults: RouteDefaults) -> web.StreamResponse:
+    state = request.app[STATE]
+    params = parse_params(request.query, state.settings, defaults)
+    _refuse_early(request, state)
+    slot = state.gate.try_enter()
+    if slot is None:  # lost the race for the last slot since _refuse_early
+        raise Overloaded("all slots are busy; retry later", retry_after=state.gate.retry_after())
+    loop = asyncio.get_running_loop()
+    handed_over = False
+    try:
+        read_started = time.perf_counter()
+        data = await read_upload(request, state.intake)
+        read_seconds = time.perf_counter() - read_started
+        if state.pool is None:
+            raise RuntimeError("the optimizer application has not been started")
+        submitted = time.perf_counter()
+        future = state.pool.submit(_run, submitted, data, params, state.limits)
+        del data  # the worker holds the only reference now; memory goes when the work ends
+
+        def work_ended(done: concurrent.futures.Future[_Work]) -> None:
+            seconds = None
+            if not done.cancelled() and done.exception() is None:
+                timings = done.result().output.timings
+                seconds = timings.decode + timings.resize + timings.encode
+            slot.release_from_thread(seconds)
+
+        future.add_done_callback(work_ended)
+        handed_over = True
+        work = await _wait(future, state, loop)
+    finally:
+        if not handed_over:
+            slot.release()
+    return _image_response(work, read_seconds)
+
+
+async def _wait(
+    future: concurrent.futures.Future[_Work], state: ServiceState, loop: asyncio.AbstractEventLoop
+) -> _Work:
+    """The work's result; gives up when the drain deadline passes or the handler is cancelled."""
+    waiting = asyncio.wrap_future(future, loop=loop)
+    abandon = state.abandon_signal()
+    try:
+        await asyncio.wait((waiting, abandon), return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        # The client went away: drop the job if no thread has started it (a running one cannot be
+        # stopped; its slot comes back when it ends).
+        waiting.cancel()
+        raise
+    if not waiting.done():
+        waiting.cancel()
+        raise Abandoned()
+    return waiting.result()
+
+
+def _image_response(work: _Work, read_seconds: float) -> web.Response:
+    out = work.output
+    timing = {
+        "read": read_seconds,
+        "queue": work.queued,
+        "decode": out.timings.decode,
+        "resize": out.timings.resize,
+        "encode": out.timings.encode,
+    }
+    server_timing = ", ".join(f"{name};dur={seconds * 1000:.1f}" for name, seconds in timing.items())
+    return web.Response(
+        body=out.data,
+        content_type=out.media_type,
+        headers={
+            "X-Image-Width": str(out.width),
+            "X-Image-Height": str(out.height),
+            "Server-Timing": server_timing,
+        },
+    )
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    gate = state.gate
+    body = {
+        "status": "ready" if state.ready else "draining",
+        "in_flight": gate.in_flight,
+        "capacity": gate.capacity,
+    }
+    return web.json_response(body, status=200 if state.ready else 503)

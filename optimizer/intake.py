@@ -1,0 +1,113 @@
+"""Read one upload into memory, under a byte cap and a read deadline.
+
+The body is either multipart/form-data with a file part named ``image`` (the Go service's contract) or
+the raw image bytes. It is streamed in chunks (``request.post()`` and ``part.read()`` would buffer it
+whole, and aiohttp's ``client_max_size`` does not limit ``read_chunk()``), counting every byte of the
+request body, so an oversized upload is refused as soon as it crosses the cap.
+
+The read deadline works like Apache's mod_reqtimeout: the body has ``read_timeout`` seconds, and every
+``min_upload_rate`` bytes received buy one more second. A stalled or trickling client therefore loses its
+slot instead of holding it for ever, while a large upload on a slow but honest link still gets through.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from aiohttp import BodyPartReader, MultipartReader, StreamReader, web
+from aiohttp.http_exceptions import HttpProcessingError
+
+from optimizer.errors import BodyTooLarge, EmptyBody, MalformedUpload, MissingImage, UploadStalled
+
+FIELD_NAME = "image"
+CHUNK_BYTES = 256 * 1024
+
+# What aiohttp's multipart reader raises on a malformed body: a missing or overlong boundary, a bad
+# part header, an unknown transfer encoding, a body that ends in the middle of a part.
+_MULTIPART_ERRORS = (ValueError, RuntimeError, AssertionError, LookupError, HttpProcessingError)
+
+
+@dataclass(frozen=True, slots=True)
+class IntakeLimits:
+    max_bytes: int
+    read_timeout: float
+    min_rate: int
+
+
+def refuse_declared_length(request: web.BaseRequest, max_bytes: int) -> None:
+    """Refuse from ``Content-Length`` alone, before a byte of the body is read."""
+    length = request.content_length
+    if length is not None and length > max_bytes:
+        raise BodyTooLarge(f"the upload is {length} bytes; the limit is {max_bytes}")
+
+
+async def read_upload(request: web.BaseRequest, limits: IntakeLimits) -> bytes:
+    """The uploaded image's bytes, or an ``OptimizerError`` (400, 408, 413)."""
+    refuse_declared_length(request, limits.max_bytes)
+    stream = request.content
+    started = asyncio.get_running_loop().time()
+
+    def deadline() -> float:
+        return started + limits.read_timeout + stream.total_bytes / limits.min_rate
+
+    try:
+        async with asyncio.timeout(deadline()) as timer:
+
+            def received() -> None:
+                if stream.total_bytes > limits.max_bytes:
+                    raise BodyTooLarge(f"the upload is larger than the limit of {limits.max_bytes} bytes")
+                timer.reschedule(deadline())
+
+            if request.content_type.startswith("multipart/"):
+                data = await _read_multipart(request, received)
+            else:
+                data = await _read_stream(stream, received)
+    except TimeoutError:
+        raise UploadStalled(
+            f"the upload fell behind the read deadline ({stream.total_bytes} bytes received; "
+            f"allowed: {limits.read_timeout:g} s plus 1 s per {limits.min_rate} bytes)"
+        ) from None
+    if not data:
+        raise EmptyBody("the uploaded image is empty")
+    return data
+
+
+async def _read_stream(stream: StreamReader, received: Callable[[], None]) -> bytes:
+    chunks: list[bytes] = []
+    while chunk := await stream.read(CHUNK_BYTES):
+        chunks.append(chunk)
+        received()
+    return b"".join(chunks)
+
+
+async def _read_multipart(request: web.BaseRequest, received: Callable[[], None]) -> bytes:
+    image: bytes | None = None
+    try:
+        reader = await request.multipart()
+        while (part := await reader.next()) is not None:
+            if isinstance(part, MultipartReader):
+                raise MalformedUpload("nested multipart bodies are not accepted")
+            if part.name != FIELD_NAME:
+                # Other form fields are read, so that they count against the cap, and dropped.
+                await _read_part(part, received, keep=False)
+                continue
+            data = await _read_part(part, received, keep=True)
+            if image is not None:
+                raise MalformedUpload(f"the form has more than one '{FIELD_NAME}' part")
+            image = data
+    except _MULTIPART_ERRORS:
+        raise MalformedUpload("the multipart/form-data body is malformed") from None
+    if image is None:
+        raise MissingImage(f"the form has no file part named '{FIELD_NAME}'")
+    return image
+
+
+async def _read_part(part: BodyPartReader, received: Callable[[], None], *, keep: bool) -> bytes:
+    chunks: list[bytes] = []
+    while chunk := await part.read_chunk(CHUNK_BYTES):
+        if keep:
+            chunks.append(chunk)
+        received()
+    return b"".join(chunks)

@@ -1,0 +1,344 @@
+"""The image work itself: bytes and parameters in, encoded bytes and facts out.
+
+Everything here is synchronous Pillow code that knows nothing of HTTP; the service runs ``optimize`` in
+its thread pool (Pillow releases the GIL while decoding, resizing and encoding). It is a short list of
+named steps, each a small function that can be tested alone:
+
+    open (allowlist, pixel limit) -> orientation -> target size -> draft + load -> normalise mode
+    -> Lanczos resize -> orient -> ICC to sRGB -> flatten alpha (JPEG) -> strip metadata -> encode
+
+Decoding happens in ``load()``, in the calling thread, so the whole function must run in the pool and
+must hand back bytes, never an ``Image``.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import time
+from dataclasses import dataclass, field
+
+from PIL import Image, ImageCms
+
+from optimizer.errors import CorruptImage, TooManyPixels, UnsupportedFormat
+from optimizer.sniff import PILLOW_FORMATS, sniff
+
+# Every exception type Pillow's decoders are known to raise on bad data (measured over the corpus and
+# Pillow's fuzz files); caught only around open() and load(), so that a bug of ours is not mistaken for a
+# corrupt upload. DecompressionBombError is handled apart: it is a size problem, not corruption.
+_DECODE_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    ValueError,
+    TypeError,
+    SyntaxError,
+    NotImplementedError,
+    EOFError,
+    IndexError,
+    KeyError,
+    struct.error,
+    ArithmeticError,
+)
+
+_ORIENTATION_TAG = 0x0112
+# EXIF orientation -> the transposition that makes the image upright (orientations 5-8 swap the axes).
+_TRANSPOSE: dict[int, Image.Transpose] = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+MEDIA_TYPES = {"jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp", "avif": "image/avif"}
+
+# Progressive JPEG is smaller from roughly this many pixels up; below it baseline wins and decodes faster.
+PROGRESSIVE_MIN_PIXELS = 160 * 160
+# Lanczos after a box reduce() by an integer factor, as long as the image stays 3x the target: visually
+# the same as a full Lanczos from the source (Pillow's own thumbnail default is 2.0), much cheaper on
+# large PNGs.
+REDUCING_GAP = 3.0
+# AVIF encodes are slow at libavif's default speed 6; 8 costs a little size for several times the speed.
+# One encoder thread: parallelism comes from the service's pool, not from inside one request.
+AVIF_SPEED = 8
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """What an upload may be: decided by the operator, the same for every request."""
+
+    max_pixels: int
+    max_dimension: int
+    input_formats: frozenset[str]
+
+
+@dataclass(frozen=True, slots=True)
+class Params:
+    """What one request asks for. ``width``/``height`` are a box to fit in; ``None`` means unconstrained."""
+
+    width: int | None = None
+    height: int | None = None
+    format: str = "jpeg"
+    quality: int = 80
+    enlarge: bool = False
+    background: tuple[int, int, int] = (255, 255, 255)
+
+
+@dataclass(slots=True)
+class Timings:
+    """Seconds spent in each stage, reported to clients in ``Server-Timing``."""
+
+    decode: float = 0.0
+    resize: float = 0.0
+    encode: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Output:
+    data: bytes
+    media_type: str
+    width: int
+    height: int
+    source_format: str
+    source_width: int
+    source_height: int
+    timings: Timings = field(default_factory=Timings)
+
+
+def optimize(data: bytes, params: Params, limits: Limits) -> Output:
+    """Decode ``data``, fit it to ``params`` and re-encode it, or raise an ``OptimizerError``."""
+    timings = Timings()
+    started = time.perf_counter()
+    with open_image(data, limits) as im:
+        source_format = str(im.format)
+        orientation = read_orientation(im, loaded=False)
+        upright = _upright_size(im.size, orientation)
+        target = target_size(upright, params, limits.max_dimension)
+        decode(im, _unrotate(target, orientation))
+        if not orientation and (orientation := read_orientation(im, loaded=True)) >= 5:
+            # A PNG's eXIf chunk may follow the image data, so its orientation is only known now.
+            upright = _upright_size(im.size, orientation)
+            target = target_size(upright, params, limits.max_dimension)
+        icc = im.info.get("icc_profile")
+        timings.decode = (mid := time.perf_counter()) - started
+
+        out = normalise_mode(im)
+        out = resize(out, _unrotate(target, orientation))
+        out = orient(out, orientation)
+        out = to_srgb(out, icc if isinstance(icc, bytes) else None)
+        out = fit_mode_to_format(out, params)
+        timings.resize = (encode_started := time.perf_counter()) - mid
+
+        payload = encode(out, params)
+        timings.encode = time.perf_counter() - encode_started
+        return Output(
+            data=payload,
+            media_type=MEDIA_TYPES[params.format],
+            width=out.width,
+            height=out.height,
+            source_format=source_format,
+            source_width=upright[0],
+            source_height=upright[1],
+            timings=timings,
+        )
+
+
+def open_image(data: bytes, limits: Limits) -> Image.Image:
+    """Open (read the header only) with the allowlist, and refuse too many pixels before decoding."""
+    family = sniff(data[:64])
+    if family is None or family not in limits.input_formats:
+        named = f" ({family.upper()})" if family else ""
+        raise UnsupportedFormat(
+            f"the upload is not an accepted image type{named}; accepted: "
+            + ", ".join(sorted(limits.input_formats))
+        )
+    try:
+        # formats= restricts Pillow to the plugins of the sniffed family, so no other decoder ever runs.
+        im = Image.open(io.BytesIO(data), formats=PILLOW_FORMATS[family])
+    except Image.DecompressionBombError:
+        raise TooManyPixels(f"the image declares more than {limits.max_pixels} pixels") from None
+    except _DECODE_ERRORS:
+        raise CorruptImage(f"the upload looks like {family.upper()} but its header cannot be read") from None
+    width, height = im.size
+    if width < 1 or height < 1:
+        im.close()
+        raise CorruptImage("the image declares an empty size")
+    if width * height > limits.max_pixels:
+        im.close()
+        raise TooManyPixels(
+            f"the image is {width}x{height} = {width * height} pixels; the limit is {limits.max_pixels}"
+        )
+    return im
+
+
+def read_orientation(im: Image.Image, *, loaded: bool) -> int:
+    """The EXIF orientation (1-8), or 0 when there is none or it cannot be read.
+
+    Broken metadata must not fail the request: a camera's EXIF is often malformed while its pixels are
+    fine. Before ``load()`` a PNG is only asked when its eXIf chunk has been seen already, because PNG's
+    ``getexif()`` would otherwise load the image itself, outside the error mapping of ``decode``, and a
+    second ``load()`` after a failed one silently returns half an image.
+    """
+    if not loaded and im.format == "PNG" and "exif" not in im.info:
+        return 0
+    try:
+        value = im.getexif().get(_ORIENTATION_TAG, 0)
+    except Exception:
+        return 0
+    return value if isinstance(value, int) and 1 <= value <= 8 else 0
+
+
+def target_size(size: tuple[int, int], params: Params, max_dimension: int) -> tuple[int, int]:
+    """The output size for an upright ``size``: fit the box, keep the aspect ratio, never exceed the cap."""
+    width, height = size
+    scales = []
+    if params.width is not None:
+        scales.append(params.width / width)
+    if params.height is not None:
+        scales.append(params.height / height)
+    scale = min(scales) if scales else 1.0
+    if not params.enlarge:
+        scale = min(scale, 1.0)
+    scale = min(scale, max_dimension / max(width, height))
+    if scale == 1.0:
+        return width, height
+    # The side the client named comes out exactly as asked; the other follows the aspect ratio.
+    new_w = max(1, min(round(width * scale), max_dimension))
+    new_h = max(1, min(round(height * scale), max_dimension))
+    if params.width is not None and scale == params.width / width:
+        new_w = params.width
+    elif params.height is not None and scale == params.height / height:
+        new_h = params.height
+    return new_w, new_h
+
+
+def decode(im: Image.Image, size: tuple[int, int]) -> None:
+    """Decode the first frame, letting libjpeg scale a JPEG down by 1/2, 1/4 or 1/8 on the way."""
+    try:
+        if im.format in ("JPEG", "MPO") and size != im.size:
+            # Picks the smallest DCT scale that still covers ``size``: about 5x faster on a large photo.
+            im.draft(None, size)
+        im.load()
+    except Image.DecompressionBombError:
+        raise TooManyPixels("the image frame is too large to decode") from None
+    except _DECODE_ERRORS:
+        raise CorruptImage(f"the {im.format} image data is damaged and cannot be decoded") from None
+
+
+def normalise_mode(im: Image.Image) -> Image.Image:
+    """Bring any decoded mode to one of L, LA, RGB, RGBA or CMYK, keeping transparency."""
+    mode = im.mode
+    has_alpha = "transparency" in im.info
+    if mode in ("L", "LA", "RGB", "RGBA", "CMYK") and not (has_alpha and mode in ("L", "RGB")):
+        return im
+    if mode.startswith("I") or mode == "F":
+        return _deep_to_l(im, has_alpha)
+    if mode == "1":
+        return im.convert("L")
+    if mode in ("P", "PA", "L", "RGB"):
+        if mode == "PA" or im.has_transparency_data:
+            return im.convert("LA" if mode == "L" else "RGBA")
+        return im.convert("RGB")
+    if mode == "La":
+        return im.convert("LA")
+    if mode == "RGBa":
+        return im.convert("RGBA")
+    return im.convert("RGB")
+
+
+def _deep_to_l(im: Image.Image, has_alpha: bool) -> Image.Image:
+    # Pillow's convert("L") clips 16/32-bit values at 255 (a white image); scale 0..65535 down instead.
+    gray = im.convert("I").point(lambda value: value * (1 / 257)).convert("L")
+    if has_alpha:
+        alpha = im.convert("RGBA").getchannel("A")
+        return Image.merge("LA", (gray, alpha))
+    return gray
+
+
+def resize(im: Image.Image, size: tuple[int, int]) -> Image.Image:
+    if im.size == size:
+        return im
+    # Pillow premultiplies alpha during the resize, so transparent pixels do not bleed their colour.
+    return im.resize(size, Image.Resampling.LANCZOS, reducing_gap=REDUCING_GAP)
+
+
+def orient(im: Image.Image, orientation: int) -> Image.Image:
+    """Make the image upright. Done after the resize, on far fewer pixels."""
+    method = _TRANSPOSE.get(orientation)
+    return im.transpose(method) if method is not None else im
+
+
+_SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
+
+
+def to_srgb(im: Image.Image, icc: bytes | None) -> Image.Image:
+    """Convert colours to sRGB through the embedded ICC profile; CMYK always ends as RGB.
+
+    A profile that LittleCMS cannot parse (a bogus marker, a truncated profile) is ignored, as browsers do.
+    Grayscale stays grayscale: converting it would triple the output for no visible change.
+    """
+    alpha = im.getchannel("A") if im.mode == "RGBA" else None
+    colour = im.convert("RGB") if alpha is not None else im
+    if icc and colour.mode in ("RGB", "CMYK"):
+        try:
+            profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+            if not ImageCms.getProfileDescription(profile).strip().startswith("sRGB"):
+                converted = ImageCms.profileToProfile(colour, profile, _SRGB, outputMode="RGB")
+                if converted is not None:
+                    colour = converted
+        except (ImageCms.PyCMSError, OSError, ValueError, TypeError):
+            pass
+    if colour.mode == "CMYK":
+        colour = colour.convert("RGB")
+    if alpha is not None:
+        colour = colour.copy() if colour is im else colour
+        colour.putalpha(alpha)
+    return colour
+
+
+def fit_mode_to_format(im: Image.Image, params: Params) -> Image.Image:
+    """Drop an alpha channel that is fully opaque; flatten real alpha onto the background for JPEG."""
+    if im.mode in ("LA", "RGBA"):
+        low, _high = im.getchannel("A").getextrema()
+        if low == 255:
+            im = im.convert("L" if im.mode == "LA" else "RGB")
+        elif params.format == "jpeg":
+            base = Image.new("RGBA", im.size, (*params.background, 255))
+            base.alpha_composite(im.convert("RGBA"))
+            im = base.convert("RGB")
+    if params.format in ("webp", "avif") and im.mode in ("L", "LA"):
+        im = im.convert("RGBA" if im.mode == "LA" else "RGB")
+    return im
+
+
+def encode(im: Image.Image, params: Params) -> bytes:
+    """Encode freshly: no EXIF, XMP, ICC or trailing data of the upload can reach the output."""
+    # resize()/convert() copy ``info`` to the new image, and the PNG and AVIF writers fall back to it for
+    # the ICC profile and EXIF, so the metadata is dropped here explicitly.
+    im.info = {}
+    buffer = io.BytesIO()
+    if params.format == "jpeg":
+        im.save(
+            buffer,
+            "JPEG",
+            quality=params.quality,
+            optimize=True,
+            progressive=im.width * im.height >= PROGRESSIVE_MIN_PIXELS,
+        )
+    elif params.format == "png":
+        im.save(buffer, "PNG", optimize=True)
+    elif params.format == "webp":
+        im.save(buffer, "WEBP", quality=params.quality, method=4)
+    else:
+        im.save(buffer, "AVIF", quality=params.quality, speed=AVIF_SPEED, max_threads=1)
+    return buffer.getvalue()
+
+
+def _upright_size(size: tuple[int, int], orientation: int) -> tuple[int, int]:
+    return (size[1], size[0]) if orientation >= 5 else size
+
+
+def _unrotate(size: tuple[int, int], orientation: int) -> tuple[int, int]:
+    """The size in the stored (not yet rotated) orientation for an upright ``size``."""
+    return _upright_size(size, orientation)

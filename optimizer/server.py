@@ -1,0 +1,182 @@
+"""Run the service as a process: settings from flags and environment, logging, signals, graceful exit.
+
+This is the only module that reads ``os.environ``, configures logging or installs signal handlers; an
+application that embeds ``create_app()`` keeps all three for itself.
+
+Shutdown on SIGTERM or SIGINT, in order:
+  1. ``/readyz`` answers 503 at once, while the listener stays open for ``shutdown_delay`` seconds, so a
+     load balancer notices and stops sending before connections are refused;
+  2. the listener closes and the app drains: new requests on open connections get 503 ``draining``,
+     admitted ones get up to ``drain_seconds`` to finish;
+  3. what is left after the deadline is answered 503 and the pool is shut down.
+The exit code is 0 when everything admitted was finished, 1 when work had to be abandoned. A second
+signal exits at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import functools
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from aiohttp import web
+
+from optimizer import __version__
+from optimizer.app import create_app
+from optimizer.settings import Settings, SettingsError, parse_value, setting_fields
+from optimizer.state import STATE
+
+log = logging.getLogger("optimizer")
+
+# After the drain, how long aiohttp waits for handlers that are still reading an upload before it
+# cancels them. The drain deadline is the real budget; this only mops up.
+HANDLER_GRACE_SECONDS = 2.0
+EXIT_ABANDONED = 1
+EXIT_BAD_SETTINGS = 2
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: easy to grep by eye, easy for a log pipeline to parse."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            entry.update(fields)
+        if record.exc_info:
+            entry["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="optimizer",
+        description="Image-optimization HTTP service. Every flag can also be set by the environment "
+        "variable named in its help; a flag wins over the variable.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    defaults = Settings()
+    for spec in setting_fields():
+        default = getattr(defaults, spec.name)
+        parser.add_argument(
+            "--" + spec.name.replace("_", "-"),
+            dest=spec.name,
+            metavar=spec.metadata["env"],
+            default=argparse.SUPPRESS,
+            type=functools.partial(_flag_value, spec.name),
+            help=f"{spec.metadata['help']} [env {spec.metadata['env']}; default: {default}]",
+        )
+    parser.add_argument("--version", action="version", version=f"optimizer {__version__}")
+    return parser
+
+
+def _flag_value(name: str, text: str) -> Any:
+    try:
+        return parse_value(name, text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def configure_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = vars(parser.parse_args(argv))
+    try:
+        settings = Settings.from_env(os.environ, **args)
+    except SettingsError as exc:
+        print("optimizer: invalid settings:\n  " + str(exc).replace("\n", "\n  "), file=sys.stderr)
+        return EXIT_BAD_SETTINGS
+    configure_logging(settings.log_level)
+    code = asyncio.run(serve(settings))
+    if code != 0 and any(t.name.startswith("optimizer-worker") for t in threading.enumerate()):
+        # A worker is still inside Pillow and cannot be interrupted; the interpreter would wait for it
+        # at exit, past the deadline the operator set. Leave now.
+        logging.shutdown()
+        os._exit(code)
+    return code
+
+
+async def serve(settings: Settings) -> int:
+    """Serve until SIGTERM or SIGINT, then shut down gracefully; returns the exit code."""
+    app = create_app(settings)
+    runner = web.AppRunner(
+        app,
+        handle_signals=False,
+        access_log=None,  # the app writes its own structured line per request
+        shutdown_timeout=HANDLER_GRACE_SECONDS,
+        handler_cancellation=True,  # a client that leaves cancels its queued work
+    )
+    await runner.setup()
+    stop = asyncio.Event()
+    _install_signal_handlers(stop)
+    try:
+        site = web.TCPSite(runner, settings.host, settings.port)
+        await site.start()
+        for address in runner.addresses:
+            host, port = address[0], address[1]
+            log.info(
+                "listening on http://%s:%d",
+                host,
+                port,
+                extra={
+                    "fields": {
+                        "event": "listening",
+                        "host": host,
+                        "port": port,
+                        "threads": settings.threads,
+                        "capacity": settings.capacity,
+                    }
+                },
+            )
+        await stop.wait()
+        state = app[STATE]
+        state.ready = False
+        log.info(
+            "shutdown requested: readiness off, draining in %.1f s",
+            settings.shutdown_delay,
+            extra={"fields": {"event": "shutdown", "in_flight": state.gate.in_flight}},
+        )
+        if settings.shutdown_delay:
+            await asyncio.sleep(settings.shutdown_delay)
+    finally:
+        await runner.cleanup()
+    abandoned = app[STATE].abandoned
+    log.info(
+        "stopped",
+        extra={"fields": {"event": "stopped", "abandoned": abandoned}},
+    )
+    return EXIT_ABANDONED if abandoned else 0
+
+
+def _install_signal_handlers(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+
+    def on_signal(signum: int) -> None:
+        if stop.is_set():
+            log.warning("second %s: exiting at once", signal.Signals(signum).name)
+            logging.shutdown()
+            os._exit(128 + signum)
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)

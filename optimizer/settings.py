@@ -1,0 +1,224 @@
+"""Service settings: one frozen, keyword-only dataclass, validated when it is built.
+
+Each field's metadata names its environment variable and its help text, so the environment reader
+(``Settings.from_env``) and the command line (``optimizer.server``) are generated from this one table and
+cannot drift apart. Only ``optimizer.server`` passes ``os.environ`` in: an embedding application builds a
+``Settings(...)`` itself and nothing here reads the process environment behind its back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+MIB = 1024 * 1024
+
+# The formats a client may upload, by the names used in OPTIMIZER_FORMATS. Anything else is refused with
+# 415 before Pillow sees it (see optimizer.sniff).
+KNOWN_INPUT_FORMATS = frozenset({"jpeg", "png", "webp", "gif", "avif", "tiff", "bmp"})
+OUTPUT_FORMATS = ("jpeg", "png", "webp", "avif")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class SettingsError(ValueError):
+    """One or more settings are invalid; the message lists every problem, one per line."""
+
+
+def effective_cpu_count() -> int:
+    """CPUs this process may really use: its affinity mask, further capped by a cgroup v2 CPU quota.
+
+    ``os.cpu_count()`` reports the host's cores even in a container limited to one, which would size the
+    pool for work it can never run in parallel.
+    """
+    count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            count = min(count, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, count)
+
+
+def _setting(default: Any, env: str, help: str, **kwargs: Any) -> Any:
+    return field(default=default, metadata={"env": env, "help": help}, **kwargs)
+
+
+def _parse_color(text: str) -> tuple[int, int, int]:
+    value = text.strip().removeprefix("#")
+    if len(value) == 3:
+        value = "".join(ch * 2 for ch in value)
+    if len(value) != 6:
+        raise ValueError("expected a colour like #fff or #ffffff")
+    try:
+        number = int(value, 16)
+    except ValueError:
+        raise ValueError("expected a colour like #fff or #ffffff") from None
+    return (number >> 16) & 0xFF, (number >> 8) & 0xFF, number & 0xFF
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Settings:
+    """Everything the service can be told. ``Settings()`` has the documented defaults."""
+
+    host: str = _setting("127.0.0.1", "OPTIMIZER_HOST", "address to listen on (the container sets 0.0.0.0)")
+    port: int = _setting(8080, "OPTIMIZER_PORT", "TCP port to listen on (0 picks a free port)")
+    threads: int = field(
+        default_factory=effective_cpu_count,
+        metadata={"env": "OPTIMIZER_THREADS", "help": "image worker threads (default: usable CPU count)"},
+    )
+    queue: int | None = _setting(
+        None, "OPTIMIZER_QUEUE", "admission slots beyond the threads (default: same as threads)"
+    )
+    max_body_bytes: int = _setting(25 * MIB, "OPTIMIZER_MAX_BODY_BYTES", "largest accepted upload, in bytes")
+    max_pixels: int = _setting(
+        50_000_000, "OPTIMIZER_MAX_PIXELS", "largest accepted width x height of the decoded frame"
+    )
+    max_dimension: int = _setting(
+        8192, "OPTIMIZER_MAX_DIMENSION", "largest output width or height; also the cap for width/height"
+    )
+    read_timeout: float = _setting(
+        10.0, "OPTIMIZER_READ_TIMEOUT", "seconds an upload has to arrive, extended as bytes come in"
+    )
+    min_upload_rate: int = _setting(
+        16 * 1024,
+        "OPTIMIZER_MIN_UPLOAD_RATE",
+        "bytes per second that earn an upload one more second of read time (as Apache's mod_reqtimeout)",
+    )
+    drain_seconds: float = _setting(
+        20.0, "OPTIMIZER_DRAIN_SECONDS", "on shutdown, seconds to finish the requests already admitted"
+    )
+    shutdown_delay: float = _setting(
+        0.0,
+        "OPTIMIZER_SHUTDOWN_DELAY",
+        "on shutdown, seconds /readyz answers 503 while the listener stays open, before the drain",
+    )
+    jpeg_quality: int = _setting(80, "OPTIMIZER_JPEG_QUALITY", "default JPEG quality (1-100)")
+    webp_quality: int = _setting(80, "OPTIMIZER_WEBP_QUALITY", "default WebP quality (1-100)")
+    avif_quality: int = _setting(60, "OPTIMIZER_AVIF_QUALITY", "default AVIF quality (1-100)")
+    background: str = _setting(
+        "#ffffff", "OPTIMIZER_BACKGROUND", "colour transparent pixels are flattened onto for JPEG output"
+    )
+    formats: str = _setting(
+        ",".join(sorted(KNOWN_INPUT_FORMATS)),
+        "OPTIMIZER_FORMATS",
+        "comma-separated input formats accepted (others get 415)",
+    )
+    log_level: str = _setting("info", "OPTIMIZER_LOG_LEVEL", "log level: " + ", ".join(LOG_LEVELS))
+
+    def __post_init__(self) -> None:
+        problems = list(self._problems())
+        if problems:
+            raise SettingsError("\n".join(problems))
+
+    def _problems(self) -> Iterator[str]:
+        def name(attr: str) -> str:
+            return str(_FIELDS[attr].metadata["env"])
+
+        if not self.host:
+            yield f"{name('host')}: must not be empty"
+        if not 0 <= self.port <= 65535:
+            yield f"{name('port')}={self.port}: must be between 0 and 65535"
+        if self.threads < 1:
+            yield f"{name('threads')}={self.threads}: must be at least 1"
+        if self.queue is not None and self.queue < 0:
+            yield f"{name('queue')}={self.queue}: must be 0 or more"
+        for attr in ("max_body_bytes", "max_pixels", "max_dimension", "min_upload_rate"):
+            value = getattr(self, attr)
+            if value < 1:
+                yield f"{name(attr)}={value}: must be at least 1"
+        for attr in ("read_timeout", "drain_seconds"):
+            value = getattr(self, attr)
+            if not (value > 0 and math.isfinite(value)):
+                yield f"{name(attr)}={value}: must be a positive number of seconds"
+        if not (self.shutdown_delay >= 0 and math.isfinite(self.shutdown_delay)):
+            yield f"{name('shutdown_delay')}={self.shutdown_delay}: must be 0 or more seconds"
+        for attr in ("jpeg_quality", "webp_quality", "avif_quality"):
+            value = getattr(self, attr)
+            if not 1 <= value <= 100:
+                yield f"{name(attr)}={value}: must be between 1 and 100"
+        try:
+            _parse_color(self.background)
+        except ValueError as exc:
+            yield f"{name('background')}={self.background!r}: {exc}"
+        unknown = self.input_formats - KNOWN_INPUT_FORMATS
+        if unknown or not self.input_formats:
+            yield (
+                f"{name('formats')}={self.formats!r}: choose one or more of "
+                f"{', '.join(sorted(KNOWN_INPUT_FORMATS))}"
+            )
+        if self.log_level not in LOG_LEVELS:
+            yield f"{name('log_level')}={self.log_level!r}: choose one of {', '.join(LOG_LEVELS)}"
+
+    # Derived values: computed, not stored, so that they can never disagree with the fields.
+
+    @property
+    def queue_slots(self) -> int:
+        return self.threads if self.queue is None else self.queue
+
+    @property
+    def capacity(self) -> int:
+        """Admission slots: requests being read, waiting for a thread, or running in one."""
+        return self.threads + self.queue_slots
+
+    @property
+    def background_rgb(self) -> tuple[int, int, int]:
+        return _parse_color(self.background)
+
+    @property
+    def input_formats(self) -> frozenset[str]:
+        return frozenset(part.strip().lower() for part in self.formats.split(",") if part.strip())
+
+    def default_quality(self, output_format: str) -> int:
+        """The quality used when a request names none (PNG is lossless and ignores it)."""
+        return {"jpeg": self.jpeg_quality, "webp": self.webp_quality, "avif": self.avif_quality}.get(
+            output_format, 100
+        )
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str], **overrides: Any) -> Settings:
+        """Build settings from ``OPTIMIZER_*`` variables; ``overrides`` (e.g. CLI flags) win over them."""
+        values: dict[str, Any] = {}
+        problems: list[str] = []
+        for attr, spec in _FIELDS.items():
+            env = str(spec.metadata["env"])
+            if attr in overrides:
+                values[attr] = overrides[attr]
+            elif env in environ:
+                try:
+                    values[attr] = parse_value(attr, environ[env])
+                except ValueError as exc:
+                    problems.append(f"{env}={environ[env]!r}: {exc}")
+        if problems:
+            raise SettingsError("\n".join(problems))
+        return cls(**values)
+
+
+_FIELDS: dict[str, dataclasses.Field[Any]] = {f.name: f for f in dataclasses.fields(Settings)}
+
+
+def setting_fields() -> list[dataclasses.Field[Any]]:
+    """The settings in declaration order, with their ``env`` and ``help`` metadata (for the CLI)."""
+    return list(_FIELDS.values())
+
+
+def parse_value(attr: str, text: str) -> Any:
+    """Parse one setting from text (an environment variable or a CLI flag) by its field's type."""
+    kind = str(_FIELDS[attr].type)
+    text = text.strip()
+    if kind.startswith("int"):
+        try:
+            return int(text)
+        except ValueError:
+            raise ValueError("expected a whole number") from None
+    if kind == "float":
+        try:
+            return float(text)
+        except ValueError:
+            raise ValueError("expected a number") from None
+    return text

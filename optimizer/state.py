@@ -1,0 +1,63 @@
+"""The per-application state shared by the handlers, the middleware and the lifecycle hooks.
+
+One ``ServiceState`` per ``create_app()`` call, stored under a typed ``AppKey``: two applications in one
+process (say, two sub-apps with different settings) share nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from optimizer.gate import AdmissionGate
+from optimizer.intake import IntakeLimits
+from optimizer.pipeline import Limits
+from optimizer.settings import Settings
+
+
+@dataclass(eq=False)
+class ServiceState:
+    settings: Settings
+    gate: AdmissionGate
+    limits: Limits
+    intake: IntakeLimits
+    pool: ThreadPoolExecutor | None = None
+    # False from the moment shutdown begins: /readyz answers 503 so load balancers stop sending.
+    ready: bool = True
+    # Requests still unfinished when the drain deadline passed (the exit code reports them).
+    abandoned: int = 0
+    _abandon: asyncio.Future[None] | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ServiceState:
+        return cls(
+            settings=settings,
+            gate=AdmissionGate(settings.capacity, workers=settings.threads),
+            limits=Limits(
+                max_pixels=settings.max_pixels,
+                max_dimension=settings.max_dimension,
+                input_formats=settings.input_formats,
+            ),
+            intake=IntakeLimits(
+                max_bytes=settings.max_body_bytes,
+                read_timeout=settings.read_timeout,
+                min_rate=settings.min_upload_rate,
+            ),
+        )
+
+    def abandon_signal(self) -> asyncio.Future[None]:
+        """A future that completes when the drain deadline has passed and waiting work must give up."""
+        if self._abandon is None:
+            self._abandon = asyncio.get_running_loop().create_future()
+        return self._abandon
+
+    def abandon_waiting_work(self) -> None:
+        signal = self.abandon_signal()
+        if not signal.done():
+            signal.set_result(None)
+
+
+STATE = web.AppKey("optimizer_state", ServiceState)

@@ -1,0 +1,91 @@
+"""Shared fixtures: the corpus, small generated images, and test clients around ``create_app``."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+from PIL import Image
+
+from optimizer import Settings, create_app
+
+ROOT = Path(__file__).resolve().parent.parent
+CORPUS = Path(os.environ.get("OPTIMIZER_CORPUS", ROOT.parent / "shared" / "corpus"))
+
+ClientFactory = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
+
+
+def corpus_dir() -> Path:
+    """The shared corpus; skips the test where it is absent, but fails under CI, where it must be."""
+    if (CORPUS / "MANIFEST.csv").is_file():
+        return CORPUS
+    reason = f"the image corpus is not at {CORPUS} (set OPTIMIZER_CORPUS to its folder)"
+    if os.environ.get("CI") == "true":
+        pytest.fail(reason + "; CI must provide it")
+    pytest.skip(reason)
+
+
+def manifest() -> list[dict[str, str]]:
+    """MANIFEST.csv rows, or [] when the corpus is absent (parametrised tests then skip via corpus)."""
+    path = CORPUS / "MANIFEST.csv"
+    if not path.is_file():
+        return []
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.fixture
+def corpus() -> Path:
+    return corpus_dir()
+
+
+def image_bytes(
+    size: tuple[int, int] = (64, 48),
+    mode: str = "RGB",
+    color: tuple[int, ...] | int = (200, 30, 30),
+    fmt: str = "JPEG",
+    **save: object,
+) -> bytes:
+    """A small generated image, encoded as ``fmt``."""
+    buffer = io.BytesIO()
+    Image.new(mode, size, color).save(buffer, fmt, **save)
+    return buffer.getvalue()
+
+
+def decode(data: bytes) -> Image.Image:
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return image
+
+
+def multipart(data: bytes, field: str = "image", filename: str = "upload.jpg") -> aiohttp.FormData:
+    form = aiohttp.FormData()
+    form.add_field(field, data, filename=filename, content_type="application/octet-stream")
+    return form
+
+
+def test_settings(**overrides: object) -> Settings:
+    """Settings for tests: two threads, a small queue, short timeouts, unless overridden."""
+    values: dict[str, object] = {"threads": 2, "queue": 2, "read_timeout": 5.0, "drain_seconds": 5.0}
+    values.update(overrides)
+    return Settings(**values)  # type: ignore[arg-type]
+
+
+test_settings.__test__ = False  # type: ignore[attr-defined]  # not a test, despite its name
+
+
+@pytest.fixture
+async def make_client(aiohttp_client: ClientFactory) -> Callable[..., Awaitable[TestClient[web.Request, web.Application]]]:
+    """``await make_client(**settings)``: a test client around a fresh ``create_app``."""
+
+    async def factory(**overrides: object) -> TestClient[web.Request, web.Application]:
+        return await aiohttp_client(create_app(test_settings(**overrides)))
+
+    return factory
