@@ -69,9 +69,10 @@ def parse_params(query: MultiMapping[str], settings: Settings, defaults: RouteDe
     for name in query:
         if name not in parsers:
             raise InvalidParameter(name, f"unknown parameter; known: {', '.join(parsers)}")
-        if name in values:
+        given = query.getall(name)
+        if len(given) > 1 or name in values:
             raise InvalidParameter(name, "given more than once")
-        raw = query.getone(name)
+        raw = given[0]
         try:
             values[name] = parsers[name](raw.strip())
         except ValueError as exc:

@@ -1,0 +1,306 @@
+"""The gate, the pool and the drain: slots are never lost, refusals are immediate, shutdown finishes work.
+
+A ``Blocker`` stands in for the pipeline so a test decides when a job in a worker thread ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Awaitable, Callable, Iterator
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from optimizer import create_app, handlers
+from optimizer.pipeline import Limits, Output, Params, optimize
+from optimizer.state import STATE
+from tests.conftest import decode, image_bytes, multipart, test_settings
+
+Client = TestClient[web.Request, web.Application]
+ClientFactory = Callable[..., Awaitable[Client]]
+
+
+class Blocker:
+    """A pipeline whose jobs wait in their thread until the test opens the gate."""
+
+    def __init__(self) -> None:
+        self.open = threading.Event()
+        self._lock = threading.Lock()
+        self.started = 0
+        self.finished = 0
+
+    def __call__(self, data: bytes, params: Params, limits: Limits) -> Output:
+        with self._lock:
+            self.started += 1
+        try:
+            self.open.wait(timeout=20)
+            return optimize(data, params, limits)
+        finally:
+            with self._lock:
+                self.finished += 1
+
+
+@pytest.fixture
+def blocker(monkeypatch: pytest.MonkeyPatch) -> Iterator[Blocker]:
+    blocker = Blocker()
+    monkeypatch.setattr(handlers, "optimize", blocker)
+    yield blocker
+    blocker.open.set()  # never leave a worker thread waiting
+
+
+async def until(predicate: Callable[[], bool], seconds: float = 10.0) -> None:
+    """Wait for a condition the server reaches asynchronously (a bounded poll, not a timing assertion)."""
+    async with asyncio.timeout(seconds):
+        while not predicate():  # noqa: ASYNC110 - the state lives in the app; there is no event to await
+            await asyncio.sleep(0.01)
+
+
+def in_flight(client: Client) -> int:
+    assert client.app is not None
+    return client.app[STATE].gate.in_flight
+
+
+async def raw_request(client: Client, head: bytes, body: bytes = b"") -> tuple[bytes, asyncio.StreamWriter]:
+    """Send bytes on a fresh connection; return what the server answered before closing, and the writer."""
+    assert client.server.port is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", client.server.port)
+    writer.write(head + body)
+    await writer.drain()
+    answer = b""
+    try:
+        async with asyncio.timeout(2):
+            answer = await reader.read(4096)
+    except TimeoutError:
+        pass
+    return answer, writer
+
+
+async def test_full_gate_answers_503_at_once(make_client: ClientFactory, blocker: Blocker) -> None:
+    client = await make_client(threads=1, queue=1)
+    first = asyncio.ensure_future(client.post("/optimize", data=multipart(image_bytes())))
+    second = asyncio.ensure_future(client.post("/optimize", data=multipart(image_bytes())))
+    await until(lambda: in_flight(client) == 2 and blocker.started == 1)
+
+    refused = await client.post("/optimize", data=multipart(image_bytes()))
+    assert refused.status == 503
+    body = await refused.json(content_type="application/problem+json")
+    assert body["code"] == "overloaded"
+    assert int(refused.headers["Retry-After"]) >= 1
+
+    blocker.open.set()
+    for response in await asyncio.gather(first, second):
+        assert response.status == 200
+        assert decode(await response.read()).size == (64, 48)
+    await until(lambda: in_flight(client) == 0)
+
+
+async def test_expect_continue_is_refused_before_the_upload(
+    make_client: ClientFactory, blocker: Blocker
+) -> None:
+    client = await make_client(threads=1, queue=0)
+    busy = asyncio.ensure_future(client.post("/optimize", data=multipart(image_bytes())))
+    await until(lambda: blocker.started == 1)
+
+    head = (
+        b"POST /upload HTTP/1.1\r\nHost: test\r\nContent-Type: image/jpeg\r\n"
+        b"Content-Length: 1000000\r\nExpect: 100-continue\r\n\r\n"
+    )
+    answer, writer = await raw_request(client, head)  # no body sent at all
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 503")
+    assert b"100 Continue" not in answer
+    assert b"overloaded" in answer
+
+    blocker.open.set()
+    assert (await busy).status == 200
+
+
+async def test_expect_continue_when_admitted(make_client: ClientFactory) -> None:
+    client = await make_client()
+    data = image_bytes()
+    head = (
+        b"POST /upload HTTP/1.1\r\nHost: test\r\nContent-Type: image/jpeg\r\n"
+        + f"Content-Length: {len(data)}\r\n".encode()
+        + b"Expect: 100-continue\r\nConnection: close\r\n\r\n"
+    )
+    answer, writer = await raw_request(client, head)
+    assert answer.startswith(b"HTTP/1.1 100 Continue")
+    writer.write(data)
+    await writer.drain()
+    writer.close()
+
+
+@pytest.mark.parametrize("cancellation", [True, False], ids=["handler-cancellation", "no-cancellation"])
+async def test_no_slot_leaks_when_clients_leave_mid_upload(
+    aiohttp_client: ClientFactory, cancellation: bool
+) -> None:
+    app = create_app(test_settings(read_timeout=30.0))
+    client = await aiohttp_client(app, server_kwargs={"handler_cancellation": cancellation})
+    head = (
+        b"POST /optimize HTTP/1.1\r\nHost: test\r\nContent-Type: image/jpeg\r\nContent-Length: 500000\r\n\r\n"
+    )
+    writers = []
+    for _ in range(3):
+        assert client.server.port is not None
+        _reader, writer = await asyncio.open_connection("127.0.0.1", client.server.port)
+        writer.write(head + image_bytes()[:1000])
+        await writer.drain()
+        writers.append(writer)
+    await until(lambda: in_flight(client) == 3)
+    for writer in writers:
+        writer.close()
+    await until(lambda: in_flight(client) == 0)
+    response = await client.post("/optimize", data=multipart(image_bytes()))
+    assert response.status == 200
+
+
+@pytest.mark.parametrize("cancellation", [True, False], ids=["handler-cancellation", "no-cancellation"])
+async def test_slot_held_until_the_thread_ends_when_client_leaves_mid_processing(
+    aiohttp_client: ClientFactory, blocker: Blocker, cancellation: bool
+) -> None:
+    app = create_app(test_settings(threads=1, queue=1))
+    client = await aiohttp_client(app, server_kwargs={"handler_cancellation": cancellation})
+    data = image_bytes()
+    head = (
+        b"POST /optimize HTTP/1.1\r\nHost: test\r\nContent-Type: image/jpeg\r\n"
+        + f"Content-Length: {len(data)}\r\n\r\n".encode()
+    )
+    assert client.server.port is not None
+    _reader, writer = await asyncio.open_connection("127.0.0.1", client.server.port)
+    writer.write(head + data)
+    await writer.drain()
+    await until(lambda: blocker.started == 1)
+    writer.close()
+    await asyncio.sleep(0.2)  # give the server time to notice the disconnect
+    # The job is still running in its thread: its slot must still count.
+    assert in_flight(client) == 1
+    blocker.open.set()
+    await until(lambda: blocker.finished == 1 and in_flight(client) == 0)
+
+
+async def test_queued_job_of_a_departed_client_is_dropped(
+    aiohttp_client: ClientFactory, blocker: Blocker
+) -> None:
+    app = create_app(test_settings(threads=1, queue=1))
+    client = await aiohttp_client(app, server_kwargs={"handler_cancellation": True})
+    running = asyncio.ensure_future(client.post("/optimize", data=multipart(image_bytes())))
+    await until(lambda: blocker.started == 1)
+    data = image_bytes()
+    head = (
+        b"POST /optimize HTTP/1.1\r\nHost: test\r\nContent-Type: image/jpeg\r\n"
+        + f"Content-Length: {len(data)}\r\n\r\n".encode()
+    )
+    assert client.server.port is not None
+    _reader, writer = await asyncio.open_connection("127.0.0.1", client.server.port)
+    writer.write(head + data)
+    await writer.drain()
+    await until(lambda: in_flight(client) == 2)
+    writer.close()
+    await until(lambda: in_flight(client) == 1)  # the queued job was cancelled before it ran
+    blocker.open.set()
+    assert (await running).status == 200
+    await until(lambda: in_flight(client) == 0)
+    assert blocker.started == 1
+
+
+async def test_shutdown_drains_admitted_work(aiohttp_client: ClientFactory, blocker: Blocker) -> None:
+    app = create_app(test_settings(threads=1, queue=1, drain_seconds=10.0))
+    client = await aiohttp_client(app)
+    pending = asyncio.ensure_future(client.post("/optimize", data=multipart(image_bytes())))
+    await until(lambda: blocker.started == 1)
+
+    closing = asyncio.ensure_future(client.server.close())
+    await until(lambda: app[STATE].gate.closed)
+    assert not app[STATE].ready
+    blocker.open.set()
+    response = await pending
+    assert response.status == 200
+    assert decode(await response.read()).size == (64, 48)
+    await closing
+    assert app[STATE].abandoned == 0
+    assert app[STATE].gate.in_flight == 0
+
+
+async def test_drain_deadline_answers_leftovers(aiohttp_client: ClientFactory, blocker: Blocker) -> None:
+    app = create_app(test_settings(threads=1, queue=1, drain_seconds=0.2))
+    client = await aiohttp_client(app)
+    pending = [
+        asyncio.ensure_future(client.post("/optimize", data=multipart(image_bytes()))) for _ in range(2)
+    ]
+    await until(lambda: app[STATE].gate.in_flight == 2 and blocker.started == 1)
+    closing = asyncio.ensure_future(client.server.close())
+    for response in await asyncio.gather(*pending):
+        assert response.status == 503
+        body = await response.json(content_type="application/problem+json")
+        assert body["code"] == "shutdown_deadline"
+    blocker.open.set()
+    await closing
+    assert app[STATE].abandoned == 2
+
+
+async def test_draining_app_refuses_new_requests(make_client: ClientFactory) -> None:
+    client = await make_client()
+    assert client.app is not None
+    client.app[STATE].gate.close()
+    response = await client.post("/optimize", data=multipart(image_bytes()))
+    assert response.status == 503
+    assert (await response.json(content_type="application/problem+json"))["code"] == "draining"
+    assert response.headers["Connection"].lower() == "close"
+
+
+async def test_embedded_as_sub_app(aiohttp_client: ClientFactory, blocker: Blocker) -> None:
+    parent = web.Application()
+
+    async def home(request: web.Request) -> web.Response:
+        return web.Response(text="parent")
+
+    parent.router.add_get("/", home)
+    image_app = create_app(test_settings(threads=1, queue=1, drain_seconds=10.0))
+    parent.add_subapp("/img", image_app)
+    client = await aiohttp_client(TestServer(parent))
+
+    assert (await client.get("/")).status == 200
+    assert (await client.get("/img/healthz")).status == 200
+    assert (await client.get("/img/readyz")).status == 200
+    bad = await client.post("/img/optimize?width=0", data=multipart(image_bytes()))
+    assert bad.status == 400
+    assert bad.headers["Content-Type"].startswith("application/problem+json")
+
+    blocker.open.set()
+    ok = await client.post("/img/upload", data=multipart(image_bytes((600, 400))))
+    assert ok.status == 200
+    assert decode(await ok.read()).size == (300, 200)
+
+    # The parent's shutdown drains the sub-app's admitted work.
+    blocker.open.clear()
+    pending = asyncio.ensure_future(client.post("/img/optimize", data=multipart(image_bytes())))
+    await until(lambda: image_app[STATE].gate.in_flight == 1 and blocker.started == 2)
+    closing = asyncio.ensure_future(client.server.close())
+    await until(lambda: image_app[STATE].gate.closed)
+    blocker.open.set()
+    assert (await pending).status == 200
+    await closing
+    assert image_app[STATE].abandoned == 0
+
+
+async def test_two_instances_share_nothing(aiohttp_client: ClientFactory, blocker: Blocker) -> None:
+    parent = web.Application()
+    first = create_app(test_settings(threads=1, queue=0))
+    second = create_app(test_settings(threads=1, queue=0, max_dimension=32))
+    parent.add_subapp("/a", first)
+    parent.add_subapp("/b", second)
+    client = await aiohttp_client(TestServer(parent))
+
+    busy = asyncio.ensure_future(client.post("/a/optimize", data=multipart(image_bytes())))
+    await until(lambda: first[STATE].gate.in_flight == 1 and blocker.started == 1)
+    assert (await client.post("/a/optimize", data=multipart(image_bytes()))).status == 503
+    assert second[STATE].gate.in_flight == 0
+    assert first[STATE].pool is not second[STATE].pool
+
+    blocker.open.set()
+    response = await client.post("/b/optimize", data=multipart(image_bytes((64, 48))))
+    assert response.status == 200
+    assert decode(await response.read()).size == (32, 24)  # /b's own max_dimension
+    assert (await busy).status == 200
