@@ -26,7 +26,14 @@ CHUNK_BYTES = 256 * 1024
 
 # What aiohttp's multipart reader raises on a malformed body: a missing or overlong boundary, a bad
 # part header, an unknown transfer encoding, a body that ends in the middle of a part.
-_MULTIPART_ERRORS = (ValueError, RuntimeError, AssertionError, LookupError, HttpProcessingError)
+_MULTIPART_ERRORS = (
+    ValueError,
+    RuntimeError,
+    AssertionError,
+    LookupError,
+    HttpProcessingError,
+    web.RequestPayloadError,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +71,10 @@ async def read_upload(request: web.BaseRequest, limits: IntakeLimits) -> bytes:
                 data = await _read_multipart(request, received)
             else:
                 data = await _read_stream(stream, received)
+    except (web.RequestPayloadError, HttpProcessingError):
+        # aiohttp decodes the transfer and content encodings as it reads: a body that is not the gzip
+        # or chunked stream its headers announce fails here.
+        raise MalformedUpload("the request body does not match its declared encoding") from None
     except TimeoutError:
         raise UploadStalled(
             f"the upload fell behind the read deadline ({stream.total_bytes} bytes received; "

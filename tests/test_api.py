@@ -265,3 +265,33 @@ async def test_output_is_freshly_encoded(make_client: MakeClient, corpus: Path) 
     body = await response.read()
     assert b"Exif" not in body
     assert "exif" not in decode(body).info
+
+
+async def test_body_not_matching_its_content_encoding_is_400(make_client: MakeClient) -> None:
+    client = await make_client()
+    response = await client.post(
+        "/optimize",
+        data=b"this is not gzip",
+        headers={"Content-Type": "image/jpeg", "Content-Encoding": "gzip"},
+    )
+    await problem(response, 400, "malformed_upload")
+
+
+async def test_gzip_encoded_upload_is_accepted_and_capped_after_decoding(make_client: MakeClient) -> None:
+    import gzip
+
+    client = await make_client(max_body_bytes=50_000)
+    small = image_bytes((64, 48))
+    response = await client.post(
+        "/optimize",
+        data=gzip.compress(small),
+        headers={"Content-Type": "image/jpeg", "Content-Encoding": "gzip"},
+    )
+    assert response.status == 200
+    # A gzip bomb: 40 KB on the wire, 4 MB once decoded. The cap counts decoded bytes.
+    bomb = gzip.compress(b"\xff\xd8\xff" + bytes(4_000_000))
+    assert len(bomb) < 50_000
+    response = await client.post(
+        "/optimize", data=bomb, headers={"Content-Type": "image/jpeg", "Content-Encoding": "gzip"}
+    )
+    await problem(response, 413, "body_too_large")
