@@ -4,9 +4,9 @@ from optimizer import create_app, Settings
 parent.add_subapp("/img", create_app(Settings(threads=4)))
 """
 
-from optimizer.app import create_app
+from optimizer.app import create_app, drain
 from optimizer.gate import AdmissionGate
 from optimizer.settings import Settings, SettingsError
 
-__all__ = ["AdmissionGate", "Settings", "SettingsError", "create_app"]
+__all__ = ["AdmissionGate", "Settings", "SettingsError", "create_app", "drain"]
 __version__ = "0.1.0"

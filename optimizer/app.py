@@ -20,7 +20,7 @@ from aiohttp.typedefs import Handler
 
 from optimizer import handlers
 from optimizer.accesslog import log_request
-from optimizer.errors import OptimizerError
+from optimizer.errors import Draining, OptimizerError
 from optimizer.problems import error_response, problem_response
 from optimizer.settings import Settings
 from optimizer.state import STATE, ServiceState
@@ -47,7 +47,7 @@ def create_app(settings: Settings | None = None) -> web.Application:
     app.router.add_get("/healthz", handlers.healthz)
     app.router.add_get("/readyz", handlers.readyz)
     app.cleanup_ctx.append(_worker_pool)
-    app.on_shutdown.append(_drain)
+    app.on_shutdown.append(_on_shutdown)
     return app
 
 
@@ -62,23 +62,46 @@ async def _worker_pool(app: web.Application) -> AsyncIterator[None]:
         state.pool.shutdown(wait=False, cancel_futures=True)
 
 
-async def _drain(app: web.Application) -> None:
-    """Stop admitting, then give the requests already admitted up to ``drain_seconds`` to finish."""
+async def drain(app: web.Application) -> bool:
+    """Stop admitting, then give the requests already admitted until the drain deadline to finish.
+
+    The deadline is ``drain_seconds`` from the first call; later calls wait for the same deadline, so a
+    host may call this before its runner's cleanup (which runs it again from ``on_shutdown``). Returns
+    ``True`` when everything admitted finished; otherwise what is still waiting is answered 503
+    ``shutdown_deadline`` and counted in ``abandoned``.
+    """
     state = app[STATE]
+    loop = asyncio.get_running_loop()
     state.ready = False
     state.gate.close()
-    in_flight = state.gate.in_flight
-    if in_flight:
-        log.info("draining %d request(s), up to %.1f s", in_flight, state.settings.drain_seconds)
-    if await state.gate.wait_idle(state.settings.drain_seconds):
-        return
-    state.abandoned = state.gate.in_flight
-    log.warning(
-        "drain deadline of %.1f s passed with %d request(s) unfinished; answering them 503",
-        state.settings.drain_seconds,
-        state.abandoned,
-    )
-    state.abandon_waiting_work()
+    if state.drain_deadline is None:
+        state.drain_deadline = loop.time() + state.settings.drain_seconds
+        if state.gate.in_flight:
+            log.info(
+                "draining %d request(s), up to %.1f s", state.gate.in_flight, state.settings.drain_seconds
+            )
+    if await state.gate.wait_idle(max(0.0, state.drain_deadline - loop.time())):
+        return True
+    if not state.abandon_signal().done():
+        state.abandoned = state.gate.in_flight
+        log.warning(
+            "drain deadline of %.1f s passed with %d request(s) unfinished; answering them 503",
+            state.settings.drain_seconds,
+            state.abandoned,
+        )
+        state.abandon_waiting_work()
+    return False
+
+
+async def _on_shutdown(app: web.Application) -> None:
+    # By the time a runner calls on_shutdown it has marked every connection as closing, and aiohttp
+    # silently drops the bytes that arrive after that: an upload still in flight can never complete.
+    # Answer those at once instead of letting them hold their slot until the deadline. (The standalone
+    # server drains before the runner's cleanup, so there this only meets uploads the deadline cut off.)
+    state = app[STATE]
+    for stream in list(state.reading):
+        stream.set_exception(Draining("the service is shutting down; upload again elsewhere"))
+    await drain(app)
 
 
 @web.middleware

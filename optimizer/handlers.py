@@ -100,7 +100,11 @@ async def _optimize(request: web.Request, defaults: RouteDefaults) -> web.Stream
     handed_over = False
     try:
         read_started = time.perf_counter()
-        data = await read_upload(request, state.intake)
+        state.reading.add(request.content)
+        try:
+            data = await read_upload(request, state.intake)
+        finally:
+            state.reading.discard(request.content)
         read_seconds = time.perf_counter() - read_started
         if state.pool is None:
             raise RuntimeError("the optimizer application has not been started")

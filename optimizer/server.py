@@ -30,7 +30,7 @@ from typing import Any
 from aiohttp import web
 
 from optimizer import __version__
-from optimizer.app import create_app
+from optimizer.app import create_app, drain
 from optimizer.settings import Settings, SettingsError, parse_value, setting_fields
 from optimizer.state import STATE
 
@@ -158,6 +158,11 @@ async def serve(settings: Settings) -> int:
         )
         if settings.shutdown_delay:
             await asyncio.sleep(settings.shutdown_delay)
+        # Close the listener and drain *before* the runner's cleanup: from its first step aiohttp stops
+        # reading request bodies, so an upload still arriving then could never finish.
+        for listener in list(runner.sites):
+            await listener.stop()
+        await drain(app)
     finally:
         await runner.cleanup()
     abandoned = app[STATE].abandoned

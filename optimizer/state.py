@@ -10,7 +10,7 @@ import asyncio
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from aiohttp import web
+from aiohttp import StreamReader, web
 
 from optimizer.gate import AdmissionGate
 from optimizer.intake import IntakeLimits
@@ -29,6 +29,10 @@ class ServiceState:
     ready: bool = True
     # Requests still unfinished when the drain deadline passed (the exit code reports them).
     abandoned: int = 0
+    # Loop time by which the drain must be over; set by the first drain() call.
+    drain_deadline: float | None = None
+    # Body streams of admitted requests still being read (see app._on_shutdown for why they are tracked).
+    reading: set[StreamReader] = field(default_factory=set, repr=False)
     _abandon: asyncio.Future[None] | None = field(default=None, repr=False)
 
     @classmethod

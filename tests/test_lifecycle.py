@@ -304,3 +304,28 @@ async def test_two_instances_share_nothing(aiohttp_client: ClientFactory, blocke
     assert response.status == 200
     assert decode(await response.read()).size == (32, 24)  # /b's own max_dimension
     assert (await busy).status == 200
+
+
+async def test_upload_arriving_at_a_hosts_shutdown_is_answered_not_hung(
+    aiohttp_client: ClientFactory,
+) -> None:
+    # Embedded, the host's runner stops reading request bodies before on_shutdown runs (aiohttp drops
+    # the bytes), so an upload in flight then cannot finish: it must get a prompt 503, not hold its slot
+    # until the drain deadline.
+    app = create_app(test_settings(read_timeout=60.0, drain_seconds=60.0))
+    client = await aiohttp_client(app)
+    head = (
+        b"POST /optimize HTTP/1.1\r\nHost: test\r\nContent-Type: image/jpeg\r\nContent-Length: 100000\r\n\r\n"
+    )
+    assert client.server.port is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", client.server.port)
+    writer.write(head + image_bytes()[:500])
+    await writer.drain()
+    await until(lambda: app[STATE].gate.in_flight == 1)
+    async with asyncio.timeout(20):  # far below the 60 s drain deadline
+        await client.server.close()
+        answer = await reader.read(4096)
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 503")
+    assert b"draining" in answer
+    assert app[STATE].gate.in_flight == 0

@@ -1,0 +1,474 @@
+"""The real server as a subprocess: startup, settings errors, signals, readiness and the graceful drain.
+
+Each test starts ``python -m optimizer --port 0`` on 127.0.0.1, waits for the JSON ``listening`` line on
+stderr to learn the port, and talks to it over HTTP. Uploads can be *held*: all of the body but its last
+bytes is sent, and the rest only when the test says so. A held request has been admitted (it owns a gate
+slot) but cannot finish, which makes "N requests in flight when the signal arrives" deterministic instead
+of a race against the pipeline's speed.
+
+Timing is never asserted except as a generous upper bound on how long the process may take to exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.conftest import ROOT, corpus_dir, decode, image_bytes
+
+pytestmark = pytest.mark.slow
+
+HOST = "127.0.0.1"
+SEED = Path("photos") / "seed-loadtest-5760x3840.jpg"
+BOUNDARY = "optimizer-process-test-boundary"
+HELD_BYTES = 64  # the tail of a held upload: part of the image and the closing boundary
+STARTUP_TIMEOUT = 20.0
+LOG_TIMEOUT = 15.0
+REQUEST_TIMEOUT = 30.0
+EXIT_GRACE = 10.0  # on top of any configured deadline, for "exits within the deadline"
+PROBLEM_JSON = "application/problem+json"
+
+
+# --- the server process ------------------------------------------------------------------------------
+
+
+class ServerProcess:
+    """A running ``python -m optimizer``; its stderr is read line by line on a background thread."""
+
+    def __init__(self, args: list[str], env: dict[str, str]) -> None:
+        self.args = args
+        self.proc: subprocess.Popen[str] = subprocess.Popen(
+            [sys.executable, "-m", "optimizer", *args],
+            cwd=ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            encoding="utf-8",
+            errors="replace",
+        )
+        self.lines: list[str] = []
+        self.port = 0
+        self._eof = False
+        self._changed = threading.Condition()
+        self._reader = threading.Thread(target=self._read_stderr, name="server-stderr", daemon=True)
+        self._reader.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    def _read_stderr(self) -> None:
+        stream = self.proc.stderr
+        assert stream is not None
+        for line in stream:
+            with self._changed:
+                self.lines.append(line.rstrip("\n"))
+                self._changed.notify_all()
+        with self._changed:
+            self._eof = True
+            self._changed.notify_all()
+
+    def stderr_text(self) -> str:
+        with self._changed:
+            return "\n".join(self.lines)
+
+    def records(self) -> list[dict[str, Any]]:
+        """The stderr lines that are JSON log records."""
+        with self._changed:
+            lines = list(self.lines)
+        return [record for line in lines if (record := _json_record(line)) is not None]
+
+    def wait_for(
+        self, predicate: Callable[[dict[str, Any]], bool], what: str, timeout: float = LOG_TIMEOUT
+    ) -> dict[str, Any]:
+        """The first log record matching ``predicate``; fails on timeout or if stderr ends first."""
+        deadline = time.monotonic() + timeout
+        seen = 0
+        with self._changed:
+            while True:
+                for line in self.lines[seen:]:
+                    record = _json_record(line)
+                    if record is not None and predicate(record):
+                        return record
+                seen = len(self.lines)
+                if self._eof:
+                    pytest.fail(f"the server's stderr ended before {what}:\n{self.stderr_text()}")
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    pytest.fail(f"no {what} within {timeout:g} s; stderr so far:\n{self.stderr_text()}")
+                self._changed.wait(remaining)
+
+    def wait_for_event(self, event: str, timeout: float = LOG_TIMEOUT) -> dict[str, Any]:
+        return self.wait_for(lambda record: record.get("event") == event, f"'{event}' event", timeout)
+
+    def wait_for_drain(self, timeout: float = LOG_TIMEOUT) -> dict[str, Any]:
+        """The drain has begun: the listener is closed and the gate refuses newcomers."""
+        return self.wait_for(
+            lambda record: str(record.get("message", "")).startswith("draining "), "drain log line", timeout
+        )
+
+    def start(self) -> None:
+        record = self.wait_for_event("listening", STARTUP_TIMEOUT)
+        self.port = int(record["port"])
+        assert record["host"] == HOST
+
+    def send(self, signum: signal.Signals) -> None:
+        self.proc.send_signal(signum)
+
+    def wait_exit(self, timeout: float) -> int:
+        """The exit code; fails if the process is still running after ``timeout`` seconds."""
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the server did not exit within {timeout:g} s; stderr:\n{self.stderr_text()}")
+        self._reader.join(LOG_TIMEOUT)  # every line it wrote is in self.lines from here on
+        return code
+
+    async def exit_code(self, within: float) -> int:
+        """``wait_exit`` without blocking the event loop."""
+        return await asyncio.to_thread(self.wait_exit, within)
+
+    def stop(self) -> None:
+        """Teardown: kill the process if it is still running, and release the pipe and the thread."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(LOG_TIMEOUT)
+        self._reader.join(LOG_TIMEOUT)
+        if self.proc.stderr is not None:
+            self.proc.stderr.close()
+
+
+def _json_record(line: str) -> dict[str, Any] | None:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def server_env(**variables: str) -> dict[str, str]:
+    """This process's environment without any ``OPTIMIZER_*`` setting, plus ``variables``."""
+    env = {name: value for name, value in os.environ.items() if not name.startswith("OPTIMIZER_")}
+    env.update(variables)
+    return env
+
+
+Launch = Callable[..., ServerProcess]
+
+
+@pytest.fixture
+def launch() -> Iterator[Launch]:
+    """``launch(*flags, **env)``: a listening server; every one is killed at teardown."""
+    servers: list[ServerProcess] = []
+
+    def start(*flags: str, **env: str) -> ServerProcess:
+        server = ServerProcess(["--host", HOST, "--port", "0", *flags], server_env(**env))
+        servers.append(server)
+        server.start()
+        return server
+
+    try:
+        yield start
+    finally:
+        for server in servers:
+            server.stop()
+
+
+# --- HTTP helpers ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Reply:
+    status: int
+    content_type: str
+    body: bytes
+
+    def problem_code(self) -> str | None:
+        if self.content_type != PROBLEM_JSON:
+            return None
+        code = json.loads(self.body).get("code")
+        return code if isinstance(code, str) else None
+
+
+def multipart_body(image: bytes) -> bytes:
+    head = (
+        f"--{BOUNDARY}\r\n"
+        'Content-Disposition: form-data; name="image"; filename="upload.jpg"\r\n'
+        "Content-Type: application/octet-stream\r\n\r\n"
+    ).encode()
+    return head + image + f"\r\n--{BOUNDARY}--\r\n".encode()
+
+
+async def _held_body(body: bytes, hold: asyncio.Event) -> AsyncIterator[bytes]:
+    yield body[:-HELD_BYTES]
+    await hold.wait()
+    yield body[-HELD_BYTES:]
+
+
+async def upload(
+    session: aiohttp.ClientSession, base: str, image: bytes, hold: asyncio.Event | None = None
+) -> Reply:
+    """POST /upload with ``image`` as the multipart field "image"; with ``hold``, the last bytes of the
+    body are sent only once ``hold`` is set."""
+    body = multipart_body(image)
+    headers = {
+        "Content-Type": f"multipart/form-data; boundary={BOUNDARY}",
+        "Content-Length": str(len(body)),
+    }
+    data: bytes | AsyncIterator[bytes] = body if hold is None else _held_body(body, hold)
+    timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT)
+    async with session.post(f"{base}/upload", data=data, headers=headers, timeout=timeout) as response:
+        return Reply(response.status, response.content_type, await response.read())
+
+
+async def get(session: aiohttp.ClientSession, url: str) -> tuple[int, dict[str, Any]]:
+    async with session.get(url, timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT)) as response:
+        body = await response.json(content_type=None)
+        assert isinstance(body, dict)
+        return response.status, body
+
+
+async def wait_in_flight(session: aiohttp.ClientSession, base: str, count: int) -> None:
+    """Poll /readyz until ``count`` requests hold a gate slot."""
+    deadline = time.monotonic() + LOG_TIMEOUT
+    while True:
+        _, body = await get(session, f"{base}/readyz")
+        if body["in_flight"] == count:
+            return
+        if time.monotonic() > deadline:
+            pytest.fail(f"in_flight never reached {count}; last /readyz: {body}")
+        await asyncio.sleep(0.02)
+
+
+async def finish(tasks: list[asyncio.Task[Reply]]) -> list[Reply | BaseException]:
+    """Every task's reply or exception, within a bound."""
+    try:
+        async with asyncio.timeout(REQUEST_TIMEOUT + EXIT_GRACE):
+            return await asyncio.gather(*tasks, return_exceptions=True)
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+@contextlib.asynccontextmanager
+async def uploads_in_flight(
+    session: aiohttp.ClientSession, base: str, image: bytes, count: int
+) -> AsyncIterator[tuple[list[asyncio.Task[Reply]], asyncio.Event]]:
+    """``count`` held uploads, admitted by the server (``in_flight == count``) and not yet finished.
+
+    Yields the tasks and the event that releases their last bytes; on exit the event is set and any
+    task still running is cancelled, so that a failing test cannot leave one behind."""
+    hold = asyncio.Event()
+    tasks = [asyncio.create_task(upload(session, base, image, hold)) for _ in range(count)]
+    try:
+        await wait_in_flight(session, base, count)
+        yield tasks, hold
+    finally:
+        hold.set()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def first_done(tasks: list[asyncio.Task[Reply]]) -> None:
+    done, _ = await asyncio.wait(tasks, timeout=REQUEST_TIMEOUT, return_when=asyncio.FIRST_COMPLETED)
+    assert done, "no upload finished"
+
+
+def assert_thumbnail(reply: Reply | BaseException) -> None:
+    """A 200 answer with the /upload contract's JPEG, 300 px wide (the seed photo is 3:2)."""
+    assert isinstance(reply, Reply), reply
+    assert reply.status == 200, reply
+    assert reply.content_type == "image/jpeg"
+    image = decode(reply.body)
+    assert image.format == "JPEG"
+    assert image.size == (300, 200)
+
+
+def seed_photo() -> bytes:
+    return (corpus_dir() / SEED).read_bytes()
+
+
+# --- tests -------------------------------------------------------------------------------------------
+
+
+async def test_sigterm_drains_admitted_uploads_and_exits_0(launch: Launch) -> None:
+    seed = seed_photo()
+    server = launch("--threads", "2", "--queue", "2", "--drain-seconds", "20")
+    async with (
+        aiohttp.ClientSession() as session,
+        uploads_in_flight(session, server.url, seed, 4) as (tasks, hold),
+    ):
+        # Let the bodies in and wait for the first answer: every upload has then been read (see
+        # test_upload_still_arriving_at_sigterm_is_drained for why that matters) and the other three
+        # are in the pool, more work than two threads finish before the signal lands.
+        hold.set()
+        await first_done(tasks)
+        server.send(signal.SIGTERM)
+        shutdown = await asyncio.to_thread(server.wait_for_event, "shutdown")
+        assert shutdown["in_flight"] >= 1
+        await asyncio.to_thread(server.wait_for_drain)
+
+        # The listener is closed now: a newcomer is refused, by the kernel or by the gate.
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as fresh:
+            try:
+                late = await upload(fresh, server.url, image_bytes((600, 400)))
+            except aiohttp.ClientConnectorError:
+                pass
+            else:
+                assert (late.status, late.problem_code()) == (503, "draining"), late
+
+        replies = await finish(tasks)
+
+    for reply in replies:
+        assert_thumbnail(reply)
+    assert await server.exit_code(20 + EXIT_GRACE) == 0
+    stopped = server.wait_for_event("stopped", 0)
+    assert stopped["abandoned"] == 0
+
+
+async def test_upload_still_arriving_at_sigterm_is_drained(launch: Launch) -> None:
+    # Admitted (it holds a slot), but the last bytes of its body are sent only once the drain has begun.
+    server = launch("--threads", "1", "--queue", "1", "--drain-seconds", "2")
+    async with (
+        aiohttp.ClientSession() as session,
+        uploads_in_flight(session, server.url, image_bytes((600, 400)), 1) as (tasks, hold),
+    ):
+        server.send(signal.SIGTERM)
+        await asyncio.to_thread(server.wait_for_drain)
+        hold.set()
+        (reply,) = await finish(tasks)
+
+    code = await server.exit_code(2 + EXIT_GRACE)
+    assert_thumbnail(reply)
+    assert code == 0
+
+
+async def test_shutdown_delay_keeps_serving_while_readyz_says_draining(launch: Launch) -> None:
+    server = launch("--threads", "2", "--queue", "2", "--shutdown-delay", "2", "--drain-seconds", "5")
+    # A fresh connection per request: what a load balancer's new traffic would look like.
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session:
+        status, body = await get(session, f"{server.url}/readyz")
+        assert (status, body["status"]) == (200, "ready")
+
+        server.send(signal.SIGTERM)
+        await asyncio.to_thread(server.wait_for_event, "shutdown")
+
+        status, body = await get(session, f"{server.url}/readyz")
+        assert (status, body["status"]) == (503, "draining")
+        status, body = await get(session, f"{server.url}/healthz")
+        assert (status, body["status"]) == (200, "ok")
+        assert_thumbnail(await upload(session, server.url, image_bytes((600, 400))))
+
+    assert await server.exit_code(2 + 5 + EXIT_GRACE) == 0
+    assert server.wait_for_event("stopped", 0)["abandoned"] == 0
+
+
+async def test_drain_deadline_answers_unfinished_work_503_and_exits_1(launch: Launch) -> None:
+    seed = seed_photo()
+    # One thread, four uploads of ~0.2-0.5 s each: far more work than a 0.3 s deadline allows.
+    server = launch("--threads", "1", "--queue", "3", "--drain-seconds", "0.3")
+    async with (
+        aiohttp.ClientSession() as session,
+        uploads_in_flight(session, server.url, seed, 4) as (tasks, hold),
+    ):
+        hold.set()
+        await first_done(tasks)  # all read; three left, 0.6 s or more of work for the one thread
+        server.send(signal.SIGTERM)
+        replies = await finish(tasks)
+
+    abandoned: list[Reply] = []
+    for reply in replies:
+        if isinstance(reply, aiohttp.ClientError):
+            continue  # dropped while its body was still being read: allowed
+        assert isinstance(reply, Reply), reply
+        if reply.status == 200:
+            assert_thumbnail(reply)
+        else:
+            assert (reply.status, reply.problem_code()) == (503, "shutdown_deadline"), reply
+            abandoned.append(reply)
+    assert abandoned, f"no request was answered 503 shutdown_deadline: {replies}"
+
+    assert await server.exit_code(0.3 + EXIT_GRACE) == 1
+    stopped = server.wait_for_event("stopped", 0)
+    assert stopped["abandoned"] >= len(abandoned)
+
+
+@pytest.mark.parametrize("second", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+async def test_second_signal_during_drain_exits_at_once(launch: Launch, second: signal.Signals) -> None:
+    # A held upload never finishes, so without the second signal the drain would last 30 s.
+    server = launch("--threads", "1", "--queue", "1", "--drain-seconds", "30")
+    async with (
+        aiohttp.ClientSession() as session,
+        uploads_in_flight(session, server.url, image_bytes((600, 400)), 1) as (tasks, _hold),
+    ):
+        server.send(signal.SIGTERM)
+        await asyncio.to_thread(server.wait_for_drain)
+        server.send(second)
+        code = await server.exit_code(EXIT_GRACE)
+        (reply,) = await finish(tasks)
+
+    assert code != 0
+    assert isinstance(reply, aiohttp.ClientError), reply  # the process is gone: no answer
+    assert not any(record.get("event") == "stopped" for record in server.records())
+    warning = server.wait_for(lambda record: record["level"] == "warning", "a warning", 0)
+    assert f"second {second.name}" in warning["message"]
+
+
+def test_sigint_stops_an_idle_server_with_exit_0(launch: Launch) -> None:
+    server = launch()
+    server.send(signal.SIGINT)
+    assert server.wait_exit(20 + EXIT_GRACE) == 0
+    assert server.wait_for_event("stopped", 0)["abandoned"] == 0
+    assert "Traceback" not in server.stderr_text()
+
+
+def run_cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "optimizer", *args],
+        cwd=ROOT,
+        env=server_env(**env),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=STARTUP_TIMEOUT,
+        check=False,
+    )
+
+
+def test_invalid_environment_setting_exits_2_naming_the_variable() -> None:
+    # No --port flag: a flag would win over the variable and hide it.
+    result = run_cli("--host", HOST, OPTIMIZER_PORT="abc")
+    assert result.returncode == 2, result
+    assert "OPTIMIZER_PORT" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_invalid_flag_exits_2_naming_the_flag() -> None:
+    result = run_cli("--host", HOST, "--drain-seconds", "soon")
+    assert result.returncode == 2, result
+    assert "--drain-seconds" in result.stderr
+
+
+def test_help_exits_0_and_lists_the_environment_variables() -> None:
+    result = run_cli("--help")
+    assert result.returncode == 0, result
+    assert "OPTIMIZER_DRAIN_SECONDS" in result.stdout
+    assert "OPTIMIZER_SHUTDOWN_DELAY" in result.stdout
