@@ -18,9 +18,9 @@ import struct
 import time
 from dataclasses import dataclass, field
 
-from PIL import Image, ImageCms
+from PIL import Image, ImageCms, ImageMath
 
-from optimizer.errors import CorruptImage, TooManyPixels, UnsupportedFormat
+from optimizer.errors import CorruptImage, EmptyBody, TooManyPixels, UnsupportedFormat
 from optimizer.sniff import PILLOW_FORMATS, sniff
 
 # Every exception type Pillow's decoders are known to raise on bad data (measured over the corpus and
@@ -50,6 +50,9 @@ _TRANSPOSE: dict[int, Image.Transpose] = {
     7: Image.Transpose.TRANSVERSE,
     8: Image.Transpose.ROTATE_90,
 }
+
+_SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
+_LAB = ImageCms.ImageCmsProfile(ImageCms.createProfile("LAB"))
 
 MEDIA_TYPES = {"jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp", "avif": "image/avif"}
 
@@ -146,6 +149,8 @@ def optimize(data: bytes, params: Params, limits: Limits) -> Output:
 
 def open_image(data: bytes, limits: Limits) -> Image.Image:
     """Open (read the header only) with the allowlist, and refuse too many pixels before decoding."""
+    if not data:
+        raise EmptyBody("the uploaded image is empty")
     family = sniff(data[:64])
     if family is None or family not in limits.input_formats:
         named = f" ({family.upper()})" if family else ""
@@ -220,7 +225,7 @@ def decode(im: Image.Image, size: tuple[int, int]) -> None:
             # Picks the smallest DCT scale that still covers ``size``: about 5x faster on a large photo.
             im.draft(None, size)
         im.load()
-    except Image.DecompressionBombError:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise TooManyPixels("the image frame is too large to decode") from None
     except _DECODE_ERRORS:
         raise CorruptImage(f"the {im.format} image data is damaged and cannot be decoded") from None
@@ -244,15 +249,30 @@ def normalise_mode(im: Image.Image) -> Image.Image:
         return im.convert("LA")
     if mode == "RGBa":
         return im.convert("RGBA")
+    if mode == "LAB":
+        # Pillow's own LAB -> RGB conversion reinterprets the channels; LittleCMS converts them.
+        converted = ImageCms.profileToProfile(im, _LAB, _SRGB, outputMode="RGB")
+        assert converted is not None
+        return converted
     return im.convert("RGB")
 
 
 def _deep_to_l(im: Image.Image, has_alpha: bool) -> Image.Image:
-    # Pillow's convert("L") clips 16/32-bit values at 255 (a white image); scale 0..65535 down instead.
-    gray = im.convert("I").point(lambda value: value * (1 / 257)).convert("L")
-    if has_alpha:
-        alpha = im.convert("RGBA").getchannel("A")
-        return Image.merge("LA", (gray, alpha))
+    """16-bit (and 32-bit integer or float) grayscale to 8-bit L, or LA when a tRNS value is set."""
+    if im.mode == "F":
+        # Float images hold 0..1 by convention; anything larger is taken as already 0..255.
+        _low, high = im.getextrema()
+        scale = 255.0 if isinstance(high, float) and high <= 1.0 else 1.0
+        return im.point(lambda value: value * scale).convert("L")
+    wide = im.convert("I")
+    # Pillow's convert("L") clips at 255 (a white image); scale 0..65535 down instead.
+    gray = wide.point(lambda value: value * (1 / 257)).convert("L")
+    transparent = im.info.get("transparency")
+    if has_alpha and isinstance(transparent, int):
+        # Compare at full depth: converting first would fold 16-bit values onto the 8-bit key.
+        alpha = ImageMath.lambda_eval(lambda env: (env["v"] != transparent) * 255, v=wide)
+        assert isinstance(alpha, Image.Image)
+        return Image.merge("LA", (gray, alpha.convert("L")))
     return gray
 
 
@@ -267,9 +287,6 @@ def orient(im: Image.Image, orientation: int) -> Image.Image:
     """Make the image upright. Done after the resize, on far fewer pixels."""
     method = _TRANSPOSE.get(orientation)
     return im.transpose(method) if method is not None else im
-
-
-_SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
 
 
 def to_srgb(im: Image.Image, icc: bytes | None) -> Image.Image:

@@ -11,12 +11,17 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 MIB = 1024 * 1024
+# Pillow refuses any image over twice its MAX_IMAGE_PIXELS (default 89 478 485) on its own, before the
+# service's check runs, and that limit is process-wide, so the service does not raise it: a larger
+# OPTIMIZER_MAX_PIXELS could never take effect.
+PILLOW_PIXEL_CEILING = 2 * 89_478_485
 
 # The formats a client may upload, by the names used in OPTIMIZER_FORMATS. Anything else is refused with
 # 415 before Pillow sees it (see optimizer.sniff).
@@ -49,16 +54,18 @@ def _setting(default: Any, env: str, help: str, **kwargs: Any) -> Any:
     return field(default=default, metadata={"env": env, "help": help}, **kwargs)
 
 
+_HEX_COLOUR = re.compile(r"#?(?:[0-9a-fA-F]{3}|[0-9a-fA-F]{6})")
+
+
 def _parse_color(text: str) -> tuple[int, int, int]:
-    value = text.strip().removeprefix("#")
+    value = text.strip()
+    # fullmatch on ASCII hex digits: int(..., 16) alone would also take "0x", signs and underscores.
+    if not _HEX_COLOUR.fullmatch(value):
+        raise ValueError("expected a colour like #fff or #ffffff")
+    value = value.removeprefix("#")
     if len(value) == 3:
         value = "".join(ch * 2 for ch in value)
-    if len(value) != 6:
-        raise ValueError("expected a colour like #fff or #ffffff")
-    try:
-        number = int(value, 16)
-    except ValueError:
-        raise ValueError("expected a colour like #fff or #ffffff") from None
+    number = int(value, 16)
     return (number >> 16) & 0xFF, (number >> 8) & 0xFF, number & 0xFF
 
 
@@ -132,6 +139,11 @@ class Settings:
             value = getattr(self, attr)
             if value < 1:
                 yield f"{name(attr)}={value}: must be at least 1"
+        if self.max_pixels > PILLOW_PIXEL_CEILING:
+            yield (
+                f"{name('max_pixels')}={self.max_pixels}: must be at most {PILLOW_PIXEL_CEILING} "
+                "(Pillow refuses larger images on its own)"
+            )
         for attr in ("read_timeout", "drain_seconds"):
             value = getattr(self, attr)
             if not (value > 0 and math.isfinite(value)):
@@ -194,9 +206,15 @@ class Settings:
                     values[attr] = parse_value(attr, environ[env])
                 except ValueError as exc:
                     problems.append(f"{env}={environ[env]!r}: {exc}")
+        try:
+            # Validate the rest too (unparsable ones fall back to their defaults here), so that one
+            # start reports every problem, not one round at a time.
+            settings = cls(**values)
+        except SettingsError as exc:
+            problems.extend(str(exc).splitlines())
         if problems:
             raise SettingsError("\n".join(problems))
-        return cls(**values)
+        return settings
 
 
 _FIELDS: dict[str, dataclasses.Field[Any]] = {f.name: f for f in dataclasses.fields(Settings)}

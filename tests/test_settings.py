@@ -1,0 +1,414 @@
+"""``optimizer.settings`` (defaults, environment, validation) and the command line of ``optimizer.server``."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+
+from optimizer.server import EXIT_BAD_SETTINGS, main
+from optimizer.settings import (
+    KNOWN_INPUT_FORMATS,
+    MIB,
+    Settings,
+    SettingsError,
+    effective_cpu_count,
+    parse_value,
+    setting_fields,
+)
+
+ENV_NAMES = [str(spec.metadata["env"]) for spec in setting_fields()]
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """No OPTIMIZER_* setting from the surrounding environment leaks into a test of main()."""
+    for name in ENV_NAMES:
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+# --------------------------------------------------------------------------------------------- defaults
+
+
+def test_documented_defaults() -> None:
+    settings = Settings()
+    assert settings.host == "127.0.0.1"
+    assert settings.port == 8080
+    assert settings.queue is None
+    assert settings.max_body_bytes == 25 * MIB == 26_214_400
+    assert settings.max_pixels == 50_000_000
+    assert settings.max_dimension == 8192
+    assert settings.read_timeout == 10
+    assert settings.min_upload_rate == 16384
+    assert settings.drain_seconds == 20
+    assert settings.shutdown_delay == 0
+    assert settings.jpeg_quality == 80
+    assert settings.webp_quality == 80
+    assert settings.avif_quality == 60
+    assert settings.background == "#ffffff"
+    assert settings.background_rgb == (255, 255, 255)
+    assert settings.input_formats == KNOWN_INPUT_FORMATS
+    assert settings.input_formats == {"jpeg", "png", "webp", "gif", "avif", "tiff", "bmp"}
+    assert settings.log_level == "info"
+
+
+def test_default_threads_is_the_usable_cpu_count() -> None:
+    assert Settings().threads == effective_cpu_count() >= 1
+
+
+def test_queue_none_means_as_many_as_threads() -> None:
+    settings = Settings(threads=3)
+    assert settings.queue is None
+    assert settings.queue_slots == 3
+    assert settings.capacity == 6
+
+
+@pytest.mark.parametrize(("threads", "queue", "capacity"), [(1, None, 2), (4, None, 8), (3, 0, 3), (2, 5, 7)])
+def test_capacity_is_threads_plus_queue(threads: int, queue: int | None, capacity: int) -> None:
+    assert Settings(threads=threads, queue=queue).capacity == capacity
+
+
+def test_default_quality_per_format() -> None:
+    settings = Settings(jpeg_quality=70, webp_quality=75, avif_quality=50)
+    assert settings.default_quality("jpeg") == 70
+    assert settings.default_quality("webp") == 75
+    assert settings.default_quality("avif") == 50
+    assert settings.default_quality("png") == 100
+
+
+def test_settings_are_frozen() -> None:
+    settings = Settings()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.port = 1  # type: ignore[misc]
+    with pytest.raises((dataclasses.FrozenInstanceError, AttributeError, TypeError)):
+        settings.unknown = 1  # type: ignore[attr-defined]
+    assert settings.port == 8080
+
+
+def test_settings_are_keyword_only() -> None:
+    with pytest.raises(TypeError):
+        Settings("0.0.0.0")  # type: ignore[call-arg]
+
+
+def test_every_field_names_its_variable_and_help() -> None:
+    names = {spec.name for spec in setting_fields()}
+    assert names == {spec.name for spec in dataclasses.fields(Settings)}
+    for spec in setting_fields():
+        assert spec.metadata["env"] == "OPTIMIZER_" + spec.name.upper()
+        assert spec.metadata["help"]
+
+
+# ----------------------------------------------------------------------------------------- environment
+
+
+def test_from_env_empty_is_the_defaults() -> None:
+    assert Settings.from_env({}) == Settings()
+
+
+def test_from_env_reads_every_variable() -> None:
+    env = {
+        "OPTIMIZER_HOST": "0.0.0.0",
+        "OPTIMIZER_PORT": "9000",
+        "OPTIMIZER_THREADS": "3",
+        "OPTIMIZER_QUEUE": "5",
+        "OPTIMIZER_MAX_BODY_BYTES": "1048576",
+        "OPTIMIZER_MAX_PIXELS": "1000000",
+        "OPTIMIZER_MAX_DIMENSION": "4096",
+        "OPTIMIZER_READ_TIMEOUT": "2.5",
+        "OPTIMIZER_MIN_UPLOAD_RATE": "1000",
+        "OPTIMIZER_DRAIN_SECONDS": "7",
+        "OPTIMIZER_SHUTDOWN_DELAY": "1.5",
+        "OPTIMIZER_JPEG_QUALITY": "90",
+        "OPTIMIZER_WEBP_QUALITY": "70",
+        "OPTIMIZER_AVIF_QUALITY": "40",
+        "OPTIMIZER_BACKGROUND": "#000",
+        "OPTIMIZER_FORMATS": "png,jpeg",
+        "OPTIMIZER_LOG_LEVEL": "debug",
+    }
+    assert set(env) == set(ENV_NAMES)
+    settings = Settings.from_env(env)
+    assert settings == Settings(
+        host="0.0.0.0",
+        port=9000,
+        threads=3,
+        queue=5,
+        max_body_bytes=1_048_576,
+        max_pixels=1_000_000,
+        max_dimension=4096,
+        read_timeout=2.5,
+        min_upload_rate=1000,
+        drain_seconds=7.0,
+        shutdown_delay=1.5,
+        jpeg_quality=90,
+        webp_quality=70,
+        avif_quality=40,
+        background="#000",
+        formats="png,jpeg",
+        log_level="debug",
+    )
+    assert isinstance(settings.port, int)
+    assert isinstance(settings.read_timeout, float)
+    assert settings.background_rgb == (0, 0, 0)
+    assert settings.capacity == 8
+
+
+def test_from_env_strips_whitespace_and_normalises_formats() -> None:
+    settings = Settings.from_env({"OPTIMIZER_PORT": " 9000\n", "OPTIMIZER_FORMATS": " PNG , Jpeg ,"})
+    assert settings.port == 9000
+    assert settings.input_formats == {"png", "jpeg"}
+
+
+def test_from_env_ignores_other_variables() -> None:
+    settings = Settings.from_env({"OPTIMIZER_CORPUS": "/nowhere", "PORT": "1", "HOME": "/root"})
+    assert settings == Settings()
+
+
+def test_overrides_win_over_the_environment() -> None:
+    env = {"OPTIMIZER_PORT": "9000", "OPTIMIZER_THREADS": "3"}
+    settings = Settings.from_env(env, port=1234)
+    assert settings.port == 1234
+    assert settings.threads == 3
+
+
+def test_an_override_hides_a_bad_variable() -> None:
+    settings = Settings.from_env({"OPTIMIZER_PORT": "abc"}, port=1234)
+    assert settings.port == 1234
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("OPTIMIZER_PORT", "abc", "expected a whole number"),
+        ("OPTIMIZER_PORT", "80.5", "expected a whole number"),
+        ("OPTIMIZER_PORT", "", "expected a whole number"),
+        ("OPTIMIZER_THREADS", "four", "expected a whole number"),
+        ("OPTIMIZER_QUEUE", "none", "expected a whole number"),
+        ("OPTIMIZER_READ_TIMEOUT", "soon", "expected a number"),
+        ("OPTIMIZER_DRAIN_SECONDS", "", "expected a number"),
+    ],
+)
+def test_unparsable_variable(name: str, value: str, message: str) -> None:
+    with pytest.raises(SettingsError) as caught:
+        Settings.from_env({name: value})
+    assert name in str(caught.value)
+    assert message in str(caught.value)
+    assert repr(value) in str(caught.value)
+
+
+def test_unparsable_variables_are_listed_together() -> None:
+    env = {"OPTIMIZER_PORT": "abc", "OPTIMIZER_THREADS": "x", "OPTIMIZER_READ_TIMEOUT": "soon"}
+    with pytest.raises(SettingsError) as caught:
+        Settings.from_env(env)
+    lines = str(caught.value).splitlines()
+    assert len(lines) == 3
+    for name in env:
+        assert sum(line.startswith(name + "=") for line in lines) == 1
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("OPTIMIZER_HOST", ""),
+        ("OPTIMIZER_PORT", "-1"),
+        ("OPTIMIZER_PORT", "65536"),
+        ("OPTIMIZER_THREADS", "0"),
+        ("OPTIMIZER_QUEUE", "-1"),
+        ("OPTIMIZER_MAX_BODY_BYTES", "0"),
+        ("OPTIMIZER_MAX_PIXELS", "0"),
+        ("OPTIMIZER_MAX_DIMENSION", "-5"),
+        ("OPTIMIZER_MIN_UPLOAD_RATE", "0"),
+        ("OPTIMIZER_READ_TIMEOUT", "0"),
+        ("OPTIMIZER_READ_TIMEOUT", "-1"),
+        ("OPTIMIZER_READ_TIMEOUT", "nan"),
+        ("OPTIMIZER_READ_TIMEOUT", "inf"),
+        ("OPTIMIZER_DRAIN_SECONDS", "0"),
+        ("OPTIMIZER_SHUTDOWN_DELAY", "-0.5"),
+        ("OPTIMIZER_SHUTDOWN_DELAY", "nan"),
+        ("OPTIMIZER_JPEG_QUALITY", "0"),
+        ("OPTIMIZER_WEBP_QUALITY", "101"),
+        ("OPTIMIZER_AVIF_QUALITY", "-3"),
+        ("OPTIMIZER_BACKGROUND", "#ffff"),
+        ("OPTIMIZER_BACKGROUND", "red"),
+        ("OPTIMIZER_FORMATS", "png,heif"),
+        ("OPTIMIZER_FORMATS", "psd"),
+        ("OPTIMIZER_FORMATS", ""),
+        ("OPTIMIZER_FORMATS", " , "),
+        ("OPTIMIZER_LOG_LEVEL", "loud"),
+        ("OPTIMIZER_LOG_LEVEL", "INFO"),
+    ],
+)
+def test_invalid_variable(name: str, value: str) -> None:
+    with pytest.raises(SettingsError) as caught:
+        Settings.from_env({name: value})
+    assert str(caught.value).startswith(name)
+
+
+@pytest.mark.parametrize(
+    ("values", "names"),
+    [
+        ({"port": 70000, "threads": 0}, ["OPTIMIZER_PORT", "OPTIMIZER_THREADS"]),
+        (
+            {"jpeg_quality": 0, "background": "#ggg", "log_level": "loud", "read_timeout": math.nan},
+            [
+                "OPTIMIZER_JPEG_QUALITY",
+                "OPTIMIZER_BACKGROUND",
+                "OPTIMIZER_LOG_LEVEL",
+                "OPTIMIZER_READ_TIMEOUT",
+            ],
+        ),
+    ],
+)
+def test_every_problem_is_listed(values: dict[str, object], names: list[str]) -> None:
+    with pytest.raises(SettingsError) as caught:
+        Settings(**values)  # type: ignore[arg-type]
+    lines = str(caught.value).splitlines()
+    assert len(lines) == len(names)
+    for name in names:
+        assert sum(line.startswith(name + "=") for line in lines) == 1
+
+
+def test_settings_error_is_a_value_error() -> None:
+    assert issubclass(SettingsError, ValueError)
+
+
+def test_boundaries_are_valid() -> None:
+    Settings(port=0, queue=0, threads=1, shutdown_delay=0, jpeg_quality=1, webp_quality=100, max_pixels=1)
+    Settings(port=65535, formats="bmp")
+
+
+def test_parse_value_by_field_type() -> None:
+    assert parse_value("port", " 42 ") == 42
+    assert parse_value("queue", "3") == 3
+    assert parse_value("read_timeout", "1e1") == 10.0
+    assert parse_value("host", " ::1 ") == "::1"
+
+
+# ------------------------------------------------------------------------------------------ background
+
+
+@pytest.mark.parametrize(
+    ("text", "rgb"),
+    [
+        ("#fff", (255, 255, 255)),
+        ("#ffffff", (255, 255, 255)),
+        ("#000", (0, 0, 0)),
+        ("#123", (0x11, 0x22, 0x33)),
+        ("#0000FF", (0, 0, 255)),
+        ("#a1B2c3", (0xA1, 0xB2, 0xC3)),
+        (" #fff ", (255, 255, 255)),
+        ("abc", (0xAA, 0xBB, 0xCC)),  # the "#" may be left out (a shell comment character)
+    ],
+)
+def test_background_colour(text: str, rgb: tuple[int, int, int]) -> None:
+    assert Settings(background=text).background_rgb == rgb
+
+
+@pytest.mark.parametrize(
+    "text", ["", "#", "#ff", "#ffff", "#fffff", "#fffffff", "#ggg", "#gggggg", "white", "rgb(0,0,0)"]
+)
+def test_bad_background_colour(text: str) -> None:
+    with pytest.raises(SettingsError) as caught:
+        Settings(background=text)
+    assert "OPTIMIZER_BACKGROUND" in str(caught.value)
+    assert "#fff" in str(caught.value)  # the message shows the expected form
+
+
+@pytest.mark.parametrize(
+    "text", ["#0x1234", "#-12345", "#+12345", "#12_345", "#\u0661\u0662\u0663\u0664\u0665\u0666"]
+)
+def test_background_colour_accepts_only_hex_digits(text: str) -> None:
+    with pytest.raises(SettingsError):
+        Settings(background=text)
+
+
+# ------------------------------------------------------------------------------------------ command line
+
+
+def test_help_lists_every_variable(capsys: pytest.CaptureFixture[str], clean_env: pytest.MonkeyPatch) -> None:
+    clean_env.setenv("COLUMNS", "100")
+    with pytest.raises(SystemExit) as caught:
+        main(["--help"])
+    assert caught.value.code == 0
+    out = capsys.readouterr().out
+    for spec in setting_fields():
+        assert str(spec.metadata["env"]) in out
+        assert "--" + spec.name.replace("_", "-") in out
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as caught:
+        main(["--version"])
+    assert caught.value.code == 0
+    assert capsys.readouterr().out.startswith("optimizer ")
+
+
+def test_bad_flag_value_is_refused_by_argparse(
+    capsys: pytest.CaptureFixture[str], clean_env: pytest.MonkeyPatch
+) -> None:
+    with pytest.raises(SystemExit) as caught:
+        main(["--port", "abc"])
+    assert caught.value.code == 2
+    err = capsys.readouterr().err
+    assert "--port" in err
+    assert "expected a whole number" in err
+
+
+def test_unknown_flag_is_refused(capsys: pytest.CaptureFixture[str], clean_env: pytest.MonkeyPatch) -> None:
+    with pytest.raises(SystemExit) as caught:
+        main(["--widht", "3"])
+    assert caught.value.code == 2
+    assert "--widht" in capsys.readouterr().err
+
+
+def test_invalid_flag_value(capsys: pytest.CaptureFixture[str], clean_env: pytest.MonkeyPatch) -> None:
+    assert main(["--threads", "0"]) == EXIT_BAD_SETTINGS == 2
+    captured = capsys.readouterr()
+    assert "invalid settings" in captured.err
+    assert "OPTIMIZER_THREADS=0: must be at least 1" in captured.err
+    assert captured.out == ""
+
+
+def test_invalid_environment(capsys: pytest.CaptureFixture[str], clean_env: pytest.MonkeyPatch) -> None:
+    clean_env.setenv("OPTIMIZER_PORT", "abc")
+    assert main([]) == 2
+    err = capsys.readouterr().err
+    assert "invalid settings" in err
+    assert "OPTIMIZER_PORT='abc': expected a whole number" in err
+
+
+def test_several_problems_are_reported_together(
+    capsys: pytest.CaptureFixture[str], clean_env: pytest.MonkeyPatch
+) -> None:
+    clean_env.setenv("OPTIMIZER_JPEG_QUALITY", "0")
+    assert main(["--port", "70000", "--log-level", "loud"]) == 2
+    err = capsys.readouterr().err
+    for name in ("OPTIMIZER_JPEG_QUALITY", "OPTIMIZER_PORT", "OPTIMIZER_LOG_LEVEL"):
+        assert name in err
+
+
+def test_flag_wins_over_a_bad_variable(
+    capsys: pytest.CaptureFixture[str], clean_env: pytest.MonkeyPatch
+) -> None:
+    # The variable alone would be refused; the flag replaces it, so only the other problem is reported
+    # (a problem is needed, or main() would start serving).
+    clean_env.setenv("OPTIMIZER_THREADS", "0")
+    assert main(["--threads", "2", "--port", "-1"]) == 2
+    err = capsys.readouterr().err
+    assert "OPTIMIZER_PORT" in err
+    assert "OPTIMIZER_THREADS" not in err
+
+
+def test_every_problem_is_reported_in_one_round() -> None:
+    env = {"OPTIMIZER_PORT": "abc", "OPTIMIZER_JPEG_QUALITY": "0", "OPTIMIZER_BACKGROUND": "#zz"}
+    with pytest.raises(SettingsError) as caught:
+        Settings.from_env(env)
+    message = str(caught.value)
+    for name in env:
+        assert name in message
+
+
+def test_pixel_limit_cannot_exceed_pillows_own() -> None:
+    with pytest.raises(SettingsError, match="OPTIMIZER_MAX_PIXELS"):
+        Settings(max_pixels=500_000_000)
