@@ -15,8 +15,9 @@ internals; ``optimizer.app`` turns them into RFC 9457 ``application/problem+json
      ├── TooManyPixels             413  too_many_pixels
      ├── UnsupportedFormat         415  unsupported_format
      ├── CorruptImage              422  corrupt_image
-     ├── Overloaded                503  overloaded     (Retry-After)
-     └── Draining                  503  draining       (Connection: close)
+     ├── Overloaded                503  overloaded          (Retry-After)
+     ├── Draining                  503  draining            (Connection: close)
+     └── ShutdownDeadline          503  shutdown_deadline   (Connection: close)
 
 This module is stdlib-only so that the pipeline, which knows nothing of HTTP, can raise these too.
 """
@@ -117,3 +118,17 @@ class Draining(OptimizerError):
 
     def __init__(self, detail: str = "the service is shutting down; retry on another instance") -> None:
         super().__init__(detail, headers={"Connection": "close", "Retry-After": "1"})
+
+
+class ShutdownDeadline(OptimizerError):
+    """Admitted, but the drain deadline passed before the image was finished."""
+
+    status = 503
+    code = "shutdown_deadline"
+    title = "Shut down before the image was finished"
+
+    def __init__(self) -> None:
+        super().__init__(
+            "the service reached its shutdown deadline before this image was finished; retry",
+            headers={"Connection": "close", "Retry-After": "1"},
+        )

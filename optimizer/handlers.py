@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from optimizer.accesslog import log_request
-from optimizer.errors import Draining, OptimizerError, Overloaded
+from optimizer.errors import Draining, OptimizerError, Overloaded, ShutdownDeadline
 from optimizer.intake import read_upload, refuse_declared_length
 from optimizer.params import RouteDefaults, parse_params
 from optimizer.pipeline import Limits, Output, Params, optimize
@@ -27,18 +27,6 @@ from optimizer.state import STATE, ServiceState
 OPTIMIZE_DEFAULTS = RouteDefaults()
 # The Go service's contract: a 300 px wide JPEG at quality 80, whatever the configured defaults.
 UPLOAD_DEFAULTS = RouteDefaults(width=300, format="jpeg", quality=80)
-
-
-class Abandoned(OptimizerError):
-    status = 503
-    code = "shutdown_deadline"
-    title = "Shut down before the image was finished"
-
-    def __init__(self) -> None:
-        super().__init__(
-            "the service reached its shutdown deadline before this image was finished; retry",
-            headers={"Connection": "close", "Retry-After": "1"},
-        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,7 +131,7 @@ async def _wait(
         raise
     if not waiting.done():
         waiting.cancel()
-        raise Abandoned()
+        raise ShutdownDeadline()
     return waiting.result()
 
 

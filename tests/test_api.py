@@ -11,6 +11,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
+from PIL import Image, ImageOps
 
 from tests.conftest import decode, image_bytes, multipart
 
@@ -295,3 +296,45 @@ async def test_gzip_encoded_upload_is_accepted_and_capped_after_decoding(make_cl
         "/optimize", data=bomb, headers={"Content-Type": "image/jpeg", "Content-Encoding": "gzip"}
     )
     await problem(response, 413, "body_too_large")
+
+
+@pytest.mark.parametrize(
+    ("name", "orientation"),
+    [
+        ("exif-orientation-2-landscape.jpg", 2),
+        ("exif-orientation-3.jpg", 3),
+        ("exif-orientation-5.jpg", 5),
+        ("exif-orientation-6.jpg", 6),
+        ("exif-orientation-7-portrait.jpg", 7),
+        ("exif-orientation-8.jpg", 8),
+        ("exif-orientation-6.png", 6),
+        ("exif-orientation-6.webp", 6),
+        ("exif-orientation-8-2x1.jpg", 8),
+    ],
+)
+async def test_exif_orientation_over_http(
+    make_client: MakeClient, corpus: Path, name: str, orientation: int
+) -> None:
+    assert decode((corpus / "valid" / name).read_bytes()).getexif().get(0x0112) == orientation
+
+    source = (corpus / "valid" / name).read_bytes()
+    stored = decode(source)
+    upright = ImageOps.exif_transpose(stored)
+    client = await make_client()
+    response = await client.post("/optimize?format=png", data=multipart(source))
+    assert response.status == 200
+    image = decode(await response.read())
+    assert image.size == upright.size  # 5-8 swap width and height
+    assert image.getexif().get(0x0112, 1) == 1
+    if min(upright.size) >= 8:
+        # The pixels are upright too: closer to the transposed source than to the stored one.
+        reference = upright.convert("RGB")
+        stored_rgb = stored.convert("RGB").resize(reference.size)
+        got = image.convert("RGB")
+
+        def distance(a: Image.Image, b: Image.Image) -> float:
+            small = (32, 32)
+            pairs = zip(a.resize(small).tobytes(), b.resize(small).tobytes(), strict=True)
+            return sum(abs(x - y) for x, y in pairs) / (32 * 32 * 3)
+
+        assert distance(got, reference) < distance(got, stored_rgb)
