@@ -19,8 +19,9 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from optimizer import handlers
-from optimizer.accesslog import log_request
 from optimizer.errors import Draining, OptimizerError
+from optimizer.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from optimizer.observe import record
 from optimizer.problems import error_response, problem_response
 from optimizer.settings import Settings
 from optimizer.state import STATE, ServiceState
@@ -46,9 +47,16 @@ def create_app(settings: Settings | None = None) -> web.Application:
         app.router.add_post(path, handler, expect_handler=handlers.expect_continue)
     app.router.add_get("/healthz", handlers.healthz)
     app.router.add_get("/readyz", handlers.readyz)
+    app.router.add_get("/metrics", _metrics)
     app.cleanup_ctx.append(_worker_pool)
     app.on_shutdown.append(_on_shutdown)
     return app
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    response = web.Response(body=request.app[STATE].metrics.render())
+    response.headers["Content-Type"] = METRICS_CONTENT_TYPE
+    return response
 
 
 async def _worker_pool(app: web.Application) -> AsyncIterator[None]:
@@ -124,12 +132,13 @@ async def _problems_and_access_log(request: web.Request, handler: Handler) -> we
     except asyncio.CancelledError:
         # aiohttp cancels the handler when the client disconnects (handler_cancellation) or at the end
         # of the shutdown timeout; there is nobody left to answer, but the line is still logged.
-        log_request(request, web.Response(status=CLIENT_CLOSED), "cancelled", time.perf_counter() - started)
+        gone = web.Response(status=CLIENT_CLOSED)
+        record(request, gone, "cancelled", time.perf_counter() - started, request.app[STATE].metrics)
         raise
     except Exception:
         log.exception("unexpected error handling %s %s", request.method, request.path)
         code = "internal_error"
         response = problem_response(500, code, "Internal Server Error", "an unexpected error occurred")
     response.headers.setdefault("X-Content-Type-Options", "nosniff")
-    log_request(request, response, code, time.perf_counter() - started)
+    record(request, response, code, time.perf_counter() - started, request.app[STATE].metrics)
     return response

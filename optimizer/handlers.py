@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from optimizer.accesslog import log_request
 from optimizer.errors import Draining, OptimizerError, Overloaded, ShutdownDeadline
 from optimizer.intake import read_upload, refuse_declared_length
+from optimizer.observe import record
 from optimizer.params import RouteDefaults, parse_params
 from optimizer.pipeline import Limits, Output, Params, optimize
 from optimizer.problems import error_response
@@ -70,7 +70,7 @@ async def expect_continue(request: web.Request) -> web.StreamResponse | None:
     except OptimizerError as error:
         # aiohttp calls this hook before the middleware, so the refusal is logged here.
         response = error_response(error)
-        log_request(request, response, error.code, time.perf_counter() - started)
+        record(request, response, error.code, time.perf_counter() - started, state.metrics)
         return response
     if request.version >= (1, 1) and request.headers.get("Expect", "").lower() == "100-continue":
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -113,7 +113,7 @@ async def _optimize(request: web.Request, defaults: RouteDefaults) -> web.Stream
     finally:
         if not handed_over:
             slot.release()
-    return _image_response(work, read_seconds)
+    return _image_response(work, read_seconds, state)
 
 
 async def _wait(
@@ -135,7 +135,7 @@ async def _wait(
     return waiting.result()
 
 
-def _image_response(work: _Work, read_seconds: float) -> web.Response:
+def _image_response(work: _Work, read_seconds: float, state: ServiceState) -> web.Response:
     out = work.output
     timing = {
         "read": read_seconds,
@@ -144,6 +144,7 @@ def _image_response(work: _Work, read_seconds: float) -> web.Response:
         "resize": out.timings.resize,
         "encode": out.timings.encode,
     }
+    state.metrics.observe_stages(timing)
     server_timing = ", ".join(f"{name};dur={seconds * 1000:.1f}" for name, seconds in timing.items())
     return web.Response(
         body=out.data,

@@ -14,6 +14,7 @@ from aiohttp import StreamReader, web
 
 from optimizer.gate import AdmissionGate
 from optimizer.intake import IntakeLimits
+from optimizer.metrics import ServiceMetrics
 from optimizer.pipeline import Limits
 from optimizer.settings import Settings
 
@@ -24,6 +25,7 @@ class ServiceState:
     gate: AdmissionGate
     limits: Limits
     intake: IntakeLimits
+    metrics: ServiceMetrics
     pool: ThreadPoolExecutor | None = None
     # False from the moment shutdown begins: /readyz answers 503 so load balancers stop sending.
     ready: bool = True
@@ -37,9 +39,11 @@ class ServiceState:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ServiceState:
+        gate = AdmissionGate(settings.capacity, workers=settings.threads)
         return cls(
             settings=settings,
-            gate=AdmissionGate(settings.capacity, workers=settings.threads),
+            gate=gate,
+            metrics=ServiceMetrics(gate),
             limits=Limits(
                 max_pixels=settings.max_pixels,
                 max_dimension=settings.max_dimension,

@@ -1,0 +1,83 @@
+"""Prometheus metrics, one registry per application instance.
+
+Each ``create_app()`` gets its own ``CollectorRegistry`` (never the process-global default one), so two
+embedded instances do not clash over metric names and each ``/metrics`` speaks only for its own app.
+Labels are bounded: the route pattern (not the raw path), the status code, the problem code, the stage.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from optimizer.gate import AdmissionGate
+
+# Seconds. Requests span a 1 ms refusal to a multi-second decode of a large photo.
+_LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_STAGE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class ServiceMetrics:
+    """The service's metrics and the few calls that record them."""
+
+    def __init__(self, gate: AdmissionGate) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        registry = self.registry
+        self.requests = Counter(
+            "optimizer_requests",
+            "HTTP requests answered, by route pattern and status code.",
+            ("route", "status"),
+            registry=registry,
+        )
+        self.latency = Histogram(
+            "optimizer_request_duration_seconds",
+            "Time from the request's arrival to its answer, by route pattern.",
+            ("route",),
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.stages = Histogram(
+            "optimizer_stage_duration_seconds",
+            "Time in each stage of an image request: read (upload), queue (waiting for a worker), "
+            "decode, resize, encode.",
+            ("stage",),
+            buckets=_STAGE_BUCKETS,
+            registry=registry,
+        )
+        self.refusals = Counter(
+            "optimizer_refusals",
+            "Requests answered with an error, by problem code (overloaded, draining, body_too_large, ...).",
+            ("reason",),
+            registry=registry,
+        )
+        self.bytes_in = Counter("optimizer_received_bytes", "Request body bytes received.", registry=registry)
+        self.bytes_out = Counter("optimizer_sent_bytes", "Response body bytes sent.", registry=registry)
+        in_flight = Gauge(
+            "optimizer_in_flight",
+            "Admitted requests: reading their upload, queued for a worker or being processed.",
+            registry=registry,
+        )
+        in_flight.set_function(lambda: gate.in_flight)
+        capacity = Gauge("optimizer_capacity", "Admission slots (worker threads + queue).", registry=registry)
+        capacity.set_function(lambda: gate.capacity)
+
+    def observe_request(
+        self, route: str, status: int, *, seconds: float, bytes_in: int, bytes_out: int, code: str
+    ) -> None:
+        self.requests.labels(route, str(status)).inc()
+        self.latency.labels(route).observe(seconds)
+        if code and status >= 400:
+            self.refusals.labels(code).inc()
+        self.bytes_in.inc(bytes_in)
+        self.bytes_out.inc(bytes_out)
+
+    def observe_stages(self, seconds: Mapping[str, float]) -> None:
+        for stage, value in seconds.items():
+            self.stages.labels(stage).observe(value)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

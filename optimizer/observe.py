@@ -1,0 +1,82 @@
+"""What the operator learns from each request: its id, one structured log line, and the metrics.
+
+Called once per request by whoever answered it (the middleware, or the ``Expect: 100-continue`` hook,
+which aiohttp runs before any middleware).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+
+from aiohttp import web
+
+from optimizer.metrics import ServiceMetrics
+
+access_log = logging.getLogger("optimizer.access")
+
+REQUEST_ID_HEADER = "X-Request-ID"
+REQUEST_ID = web.RequestKey("optimizer_request_id", str)
+# An incoming id is echoed only if it is short and plain, so it cannot forge log lines or headers.
+_ACCEPTABLE_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
+
+
+def request_id(request: web.BaseRequest) -> str:
+    """The client's ``X-Request-ID`` when it is acceptable, otherwise a new one; the same all request long."""
+    if REQUEST_ID in request:
+        return request[REQUEST_ID]
+    incoming = request.headers.get(REQUEST_ID_HEADER, "")
+    assigned = incoming if _ACCEPTABLE_ID.fullmatch(incoming) else uuid.uuid4().hex
+    request[REQUEST_ID] = assigned
+    return assigned
+
+
+def route_label(request: web.BaseRequest) -> str:
+    """The route pattern, e.g. ``/img/optimize``: bounded, unlike the raw path."""
+    match_info = request.match_info if isinstance(request, web.Request) else None
+    route = match_info.route if match_info is not None else None
+    resource = route.resource if route is not None else None
+    return resource.canonical if resource is not None else "unmatched"
+
+
+def record(
+    request: web.BaseRequest,
+    response: web.StreamResponse,
+    code: str,
+    seconds: float,
+    metrics: ServiceMetrics,
+) -> None:
+    """Tag the response with the request id, then log the request and count it."""
+    rid = request_id(request)
+    if not response.prepared:
+        response.headers[REQUEST_ID_HEADER] = rid
+    bytes_in = request.content.total_bytes
+    bytes_out = response.content_length or 0
+    metrics.observe_request(
+        route_label(request),
+        response.status,
+        seconds=seconds,
+        bytes_in=bytes_in,
+        bytes_out=bytes_out,
+        code=code,
+    )
+    fields: dict[str, object] = {
+        "request_id": rid,
+        "method": request.method,
+        "path": request.path,
+        "status": response.status,
+        "bytes_in": bytes_in,
+        "bytes_out": bytes_out,
+        "duration_ms": round(seconds * 1000, 1),
+    }
+    if code:
+        fields["code"] = code
+    access_log.info(
+        "%s %s %d %.1fms",
+        request.method,
+        request.path,
+        response.status,
+        seconds * 1000,
+        extra={"fields": fields},
+    )

@@ -1,0 +1,112 @@
+"""Metrics per app instance, request ids, and the per-request log line."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from optimizer import create_app
+from tests.conftest import image_bytes, multipart, test_settings
+
+Client = TestClient[web.Request, web.Application]
+MakeClient = Callable[..., Awaitable[Client]]
+
+
+def sample(text: str, name: str, **labels: str) -> float | None:
+    """The value of one sample in Prometheus text format, or None when absent."""
+    wanted = ",".join(f'{key}="{value}"' for key, value in labels.items())
+    prefix = f"{name}{{{wanted}}} " if labels else f"{name} "
+    for line in text.splitlines():
+        if line.startswith(prefix):
+            return float(line[len(prefix) :])
+    return None
+
+
+async def test_metrics_count_requests_stages_and_refusals(make_client: MakeClient) -> None:
+    client = await make_client(threads=2, queue=1)
+    assert (await client.post("/optimize", data=multipart(image_bytes()))).status == 200
+    assert (await client.post("/optimize", data=multipart(b"%PDF-1.4 not an image"))).status == 415
+
+    response = await client.get("/metrics")
+    assert response.status == 200
+    assert response.headers["Content-Type"].startswith("text/plain")
+    text = await response.text()
+    assert sample(text, "optimizer_requests_total", route="/optimize", status="200") == 1
+    assert sample(text, "optimizer_requests_total", route="/optimize", status="415") == 1
+    assert sample(text, "optimizer_refusals_total", reason="unsupported_format") == 1
+    for stage in ("read", "queue", "decode", "resize", "encode"):
+        assert sample(text, "optimizer_stage_duration_seconds_count", stage=stage) == 1
+    assert sample(text, "optimizer_request_duration_seconds_count", route="/optimize") == 2
+    assert sample(text, "optimizer_in_flight") == 0
+    assert sample(text, "optimizer_capacity") == 3
+    received = sample(text, "optimizer_received_bytes_total")
+    sent = sample(text, "optimizer_sent_bytes_total")
+    assert received is not None and received > 0
+    assert sent is not None and sent > 0
+
+
+async def test_two_embedded_apps_keep_separate_metrics(
+    aiohttp_client: Callable[..., Awaitable[Client]],
+) -> None:
+    parent = web.Application()
+    parent.add_subapp("/a", create_app(test_settings()))
+    parent.add_subapp("/b", create_app(test_settings()))
+    client = await aiohttp_client(TestServer(parent))
+    assert (await client.post("/a/optimize", data=multipart(image_bytes()))).status == 200
+
+    a_text = await (await client.get("/a/metrics")).text()
+    b_text = await (await client.get("/b/metrics")).text()
+    assert sample(a_text, "optimizer_requests_total", route="/a/optimize", status="200") == 1
+    assert sample(b_text, "optimizer_requests_total", route="/a/optimize", status="200") is None
+    assert sample(b_text, "optimizer_stage_duration_seconds_count", stage="decode") is None
+
+
+@pytest.mark.parametrize(
+    ("sent", "echoed"),
+    [("abc-123", True), ("trace:1/2@x", True), ("bad\tid", False), ("x" * 200, False), ("", False)],
+)
+async def test_request_id_is_echoed_or_assigned(make_client: MakeClient, sent: str, echoed: bool) -> None:
+    client = await make_client()
+    headers = {"X-Request-ID": sent} if sent else {}
+    for response in (
+        await client.post("/optimize", data=multipart(image_bytes()), headers=headers),
+        await client.post("/optimize?width=0", data=multipart(image_bytes()), headers=headers),
+        await client.get("/nowhere", headers=headers),
+    ):
+        rid = response.headers["X-Request-ID"]
+        assert (rid == sent) is echoed
+        assert rid
+
+
+async def test_generated_request_ids_differ(make_client: MakeClient) -> None:
+    client = await make_client()
+    ids = {(await client.get("/healthz")).headers["X-Request-ID"] for _ in range(3)}
+    assert len(ids) == 3
+
+
+async def test_one_structured_log_line_per_request(
+    make_client: MakeClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    client = await make_client()
+    with caplog.at_level(logging.INFO, logger="optimizer.access"):
+        response = await client.post(
+            "/optimize", data=multipart(image_bytes()), headers={"X-Request-ID": "req-42"}
+        )
+        await client.post("/optimize", data=multipart(b""), headers={"X-Request-ID": "req-43"})
+    assert response.status == 200
+    lines = [record for record in caplog.records if record.name == "optimizer.access"]
+    assert len(lines) == 2
+    fields = [record.__dict__["fields"] for record in lines]
+    assert fields[0]["request_id"] == "req-42"
+    assert fields[0]["status"] == 200
+    assert fields[0]["method"] == "POST"
+    assert fields[0]["path"] == "/optimize"
+    assert fields[0]["bytes_in"] > 0
+    assert fields[0]["bytes_out"] == int(response.headers["Content-Length"])
+    assert fields[1]["code"] == "empty_body"
+    json.dumps(fields)  # serialisable as the JSON log formatter needs
