@@ -22,6 +22,7 @@ from optimizer import handlers
 from optimizer.errors import Draining, OptimizerError
 from optimizer.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from optimizer.observe import record
+from optimizer.openapi import openapi_document
 from optimizer.problems import error_response, problem_response
 from optimizer.settings import Settings
 from optimizer.state import STATE, ServiceState
@@ -48,6 +49,7 @@ def create_app(settings: Settings | None = None) -> web.Application:
     app.router.add_get("/healthz", handlers.healthz)
     app.router.add_get("/readyz", handlers.readyz)
     app.router.add_get("/metrics", _metrics)
+    app.router.add_get("/openapi.json", _openapi)
     app.cleanup_ctx.append(_worker_pool)
     app.on_shutdown.append(_on_shutdown)
     return app
@@ -57,6 +59,12 @@ async def _metrics(request: web.Request) -> web.Response:
     response = web.Response(body=request.app[STATE].metrics.render())
     response.headers["Content-Type"] = METRICS_CONTENT_TYPE
     return response
+
+
+async def _openapi(request: web.Request) -> web.Response:
+    # Mounted as a sub-app, the routes live under the parent's prefix: say so in ``servers``.
+    base_path = request.path.removesuffix("/openapi.json")
+    return web.json_response(openapi_document(request.app[STATE].settings, base_path))
 
 
 async def _worker_pool(app: web.Application) -> AsyncIterator[None]:
