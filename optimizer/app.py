@@ -44,8 +44,11 @@ def create_app(settings: Settings | None = None) -> web.Application:
     # client_max_size only guards request.read()/post(); intake enforces the cap while streaming.
     app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[_problems_and_access_log])
     app[STATE] = ServiceState.from_settings(settings)
+    state = app[STATE]
     for path, handler in (("/optimize", handlers.optimize_route), ("/upload", handlers.upload_route)):
         app.router.add_post(path, handler, expect_handler=handlers.expect_continue)
+        if state.cors.enabled:
+            app.router.add_route("OPTIONS", path, state.cors.preflight)
     app.router.add_get("/healthz", handlers.healthz)
     app.router.add_get("/readyz", handlers.readyz)
     app.router.add_get("/metrics", _metrics)
@@ -148,5 +151,6 @@ async def _problems_and_access_log(request: web.Request, handler: Handler) -> we
         code = "internal_error"
         response = problem_response(500, code, "Internal Server Error", "an unexpected error occurred")
     response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    request.app[STATE].cors.decorate(request, response)
     record(request, response, code, time.perf_counter() - started, request.app[STATE].metrics)
     return response

@@ -22,6 +22,7 @@ from optimizer.observe import record
 from optimizer.params import RouteDefaults, parse_params
 from optimizer.pipeline import Limits, Output, Params, optimize
 from optimizer.problems import error_response
+from optimizer.security import SECURITY_PARAMS, check_api_key, check_signature
 from optimizer.state import STATE, ServiceState
 
 OPTIMIZE_DEFAULTS = RouteDefaults()
@@ -49,8 +50,13 @@ async def upload_route(request: web.Request) -> web.StreamResponse:
     return await _optimize(request, UPLOAD_DEFAULTS)
 
 
+def _authorise(request: web.Request, state: ServiceState) -> None:
+    check_api_key(request, state.settings.api_key_set)
+    check_signature(request, state.settings.signing_key)
+
+
 def _refuse_early(request: web.Request, state: ServiceState) -> None:
-    """The checks that need no body: shared by the handler and the ``Expect: 100-continue`` hook."""
+    """The capacity checks that need no body: shared by the handler and the ``Expect`` hook."""
     if state.gate.closed:
         raise Draining()
     refuse_declared_length(request, state.settings.max_body_bytes)
@@ -66,6 +72,7 @@ async def expect_continue(request: web.Request) -> web.StreamResponse | None:
     state = request.app[STATE]
     started = time.perf_counter()
     try:
+        _authorise(request, state)
         _refuse_early(request, state)
     except OptimizerError as error:
         # aiohttp calls this hook before the middleware, so the refusal is logged here.
@@ -79,7 +86,9 @@ async def expect_continue(request: web.Request) -> web.StreamResponse | None:
 
 async def _optimize(request: web.Request, defaults: RouteDefaults) -> web.StreamResponse:
     state = request.app[STATE]
-    params = parse_params(request.query, state.settings, defaults)
+    _authorise(request, state)
+    consumed = SECURITY_PARAMS if state.settings.signing_key else frozenset()
+    params = parse_params(request.query, state.settings, defaults, consumed)
     _refuse_early(request, state)
     slot = state.gate.try_enter()
     if slot is None:  # lost the race for the last slot since _refuse_early

@@ -26,7 +26,7 @@ def _problem(description: str, headers: dict[str, Any] | None = None) -> dict[st
 
 def _image_operation(summary: str, description: str, settings: Settings, upload: bool) -> dict[str, Any]:
     dimension = {"type": "integer", "minimum": 1, "maximum": settings.max_dimension}
-    parameters = [
+    parameters: list[dict[str, Any]] = [
         {"name": "width", "in": "query", "schema": dimension, "description": "fit inside this width"},
         {"name": "height", "in": "query", "schema": dimension, "description": "fit inside this height"},
         {
@@ -48,9 +48,25 @@ def _image_operation(summary: str, description: str, settings: Settings, upload:
             "description": "allow upscaling (default 0)",
         },
     ]
+    if settings.signing_key:
+        parameters += [
+            {
+                "name": "signature",
+                "in": "query",
+                "required": True,
+                "schema": {"type": "string"},
+                "description": "hex HMAC-SHA256 of the path and the other parameters, sorted",
+            },
+            {
+                "name": "expires",
+                "in": "query",
+                "schema": {"type": "integer"},
+                "description": "Unix seconds after which the signature is refused",
+            },
+        ]
     binary = {"type": "string", "format": "binary"}
     retry_after = {"Retry-After": {"schema": {"type": "string"}, "description": "seconds, at least 1"}}
-    return {
+    operation: dict[str, Any] = {
         "summary": summary,
         "description": description,
         "operationId": "upload" if upload else "optimize",
@@ -89,10 +105,25 @@ def _image_operation(summary: str, description: str, settings: Settings, upload:
                 "unsupported_format: accepted inputs are " + ", ".join(sorted(settings.input_formats))
             ),
             "422": _problem("corrupt_image: an accepted format that does not decode"),
+            "401": _problem("unauthorized: API keys are configured and none valid was sent"),
+            "403": _problem("bad_signature: URL signing is configured and the signature is not valid"),
             "503": _problem(
                 "overloaded (with Retry-After), draining or shutdown_deadline (Connection: close)",
                 retry_after,
             ),
+        },
+    }
+    if settings.api_key_set:
+        operation["security"] = [{"apiKey": []}]
+    return operation
+
+
+def _preflight() -> dict[str, Any]:
+    return {
+        "summary": "CORS preflight",
+        "responses": {
+            "204": {"description": "the origin may call this route"},
+            "403": _problem("origin_not_allowed"),
         },
     }
 
@@ -107,6 +138,14 @@ def _json_get(summary: str, schema: dict[str, Any], extra: dict[str, Any] | None
 
 def openapi_document(settings: Settings, base_path: str = "") -> dict[str, Any]:
     """The document for an instance mounted at ``base_path`` (empty when it runs alone)."""
+    document = _document(settings, base_path)
+    if settings.cors_origin_set:
+        for path in ("/optimize", "/upload"):
+            document["paths"][path]["options"] = _preflight()
+    return document
+
+
+def _document(settings: Settings, base_path: str) -> dict[str, Any]:
     readiness = {
         "type": "object",
         "properties": {
@@ -178,6 +217,7 @@ def openapi_document(settings: Settings, base_path: str = "") -> dict[str, Any]:
             },
         },
         "components": {
+            "securitySchemes": {"apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"}},
             "schemas": {
                 "Problem": {
                     "type": "object",
@@ -191,6 +231,6 @@ def openapi_document(settings: Settings, base_path: str = "") -> dict[str, Any]:
                     },
                     "required": ["type", "title", "status", "detail", "code"],
                 }
-            }
+            },
         },
     }

@@ -56,8 +56,16 @@ def _boolean(text: str) -> bool:
         raise ValueError("expected 1 or 0") from None
 
 
-def parse_params(query: MultiMapping[str], settings: Settings, defaults: RouteDefaults) -> Params:
-    """``Params`` for this request; ``InvalidParameter`` names the first offending parameter."""
+def parse_params(
+    query: MultiMapping[str],
+    settings: Settings,
+    defaults: RouteDefaults,
+    consumed: frozenset[str] = frozenset(),
+) -> Params:
+    """``Params`` for this request; ``InvalidParameter`` names the first offending parameter.
+
+    ``consumed`` names parameters another layer has already handled (the URL signature).
+    """
     parsers: Mapping[str, Callable[[str], Any]] = {
         "width": _integer(1, settings.max_dimension),
         "height": _integer(1, settings.max_dimension),
@@ -67,6 +75,8 @@ def parse_params(query: MultiMapping[str], settings: Settings, defaults: RouteDe
     }
     values: dict[str, Any] = {}
     for name in query:
+        if name in consumed:
+            continue
         if name not in parsers:
             raise InvalidParameter(name, f"unknown parameter; known: {', '.join(parsers)}")
         given = query.getall(name)

@@ -28,6 +28,8 @@ PILLOW_PIXEL_CEILING = 2 * 89_478_485
 KNOWN_INPUT_FORMATS = frozenset({"jpeg", "png", "webp", "gif", "avif", "tiff", "bmp"})
 OUTPUT_FORMATS = ("jpeg", "png", "webp", "avif")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+# Shorter API keys or signing keys are guessable; refuse them at start.
+MIN_SECRET_LENGTH = 16
 
 
 class SettingsError(ValueError):
@@ -50,8 +52,9 @@ def effective_cpu_count() -> int:
     return max(1, count)
 
 
-def _setting(default: Any, env: str, help: str, **kwargs: Any) -> Any:
-    return field(default=default, metadata={"env": env, "help": help}, **kwargs)
+def _setting(default: Any, env: str, help: str, *, secret: bool = False) -> Any:
+    # Secrets stay out of repr(), so logging the settings cannot leak them.
+    return field(default=default, metadata={"env": env, "help": help}, repr=not secret)
 
 
 _HEX_COLOUR = re.compile(r"#?(?:[0-9a-fA-F]{3}|[0-9a-fA-F]{6})")
@@ -117,6 +120,21 @@ class Settings:
         "comma-separated input formats accepted (others get 415)",
     )
     log_level: str = _setting("info", "OPTIMIZER_LOG_LEVEL", "log level: " + ", ".join(LOG_LEVELS))
+    api_keys: str = _setting(
+        "",
+        "OPTIMIZER_API_KEYS",
+        "comma-separated API keys; when set, image requests need one in the X-API-Key header",
+        secret=True,
+    )
+    signing_key: str = _setting(
+        "",
+        "OPTIMIZER_SIGNING_KEY",
+        "when set, image requests need a 'signature' parameter: HMAC-SHA256 of path and query",
+        secret=True,
+    )
+    cors_origins: str = _setting(
+        "", "OPTIMIZER_CORS_ORIGINS", "comma-separated origins allowed to call from a browser, or *"
+    )
 
     def __post_init__(self) -> None:
         problems = list(self._problems())
@@ -164,6 +182,10 @@ class Settings:
                 f"{name('formats')}={self.formats!r}: choose one or more of "
                 f"{', '.join(sorted(KNOWN_INPUT_FORMATS))}"
             )
+        if any(len(key) < MIN_SECRET_LENGTH for key in self.api_key_set):
+            yield f"{name('api_keys')}: every key must be at least {MIN_SECRET_LENGTH} characters"
+        if self.signing_key and len(self.signing_key) < MIN_SECRET_LENGTH:
+            yield f"{name('signing_key')}: must be at least {MIN_SECRET_LENGTH} characters"
         if self.log_level not in LOG_LEVELS:
             yield f"{name('log_level')}={self.log_level!r}: choose one of {', '.join(LOG_LEVELS)}"
 
@@ -183,8 +205,16 @@ class Settings:
         return _parse_color(self.background)
 
     @property
+    def api_key_set(self) -> frozenset[str]:
+        return _split(self.api_keys)
+
+    @property
+    def cors_origin_set(self) -> frozenset[str]:
+        return _split(self.cors_origins)
+
+    @property
     def input_formats(self) -> frozenset[str]:
-        return frozenset(part.strip().lower() for part in self.formats.split(",") if part.strip())
+        return frozenset(part.lower() for part in _split(self.formats))
 
     def default_quality(self, output_format: str) -> int:
         """The quality used when a request names none (PNG is lossless and ignores it)."""
@@ -215,6 +245,10 @@ class Settings:
         if problems:
             raise SettingsError("\n".join(problems))
         return settings
+
+
+def _split(text: str) -> frozenset[str]:
+    return frozenset(part.strip() for part in text.split(",") if part.strip())
 
 
 _FIELDS: dict[str, dataclasses.Field[Any]] = {f.name: f for f in dataclasses.fields(Settings)}

@@ -16,6 +16,7 @@ from optimizer.gate import AdmissionGate
 from optimizer.intake import IntakeLimits
 from optimizer.metrics import ServiceMetrics
 from optimizer.pipeline import Limits
+from optimizer.security import Cors
 from optimizer.settings import Settings
 
 
@@ -26,6 +27,7 @@ class ServiceState:
     limits: Limits
     intake: IntakeLimits
     metrics: ServiceMetrics
+    cors: Cors
     pool: ThreadPoolExecutor | None = None
     # False from the moment shutdown begins: /readyz answers 503 so load balancers stop sending.
     ready: bool = True
@@ -44,6 +46,7 @@ class ServiceState:
             settings=settings,
             gate=gate,
             metrics=ServiceMetrics(gate),
+            cors=Cors(settings.cors_origin_set),
             limits=Limits(
                 max_pixels=settings.max_pixels,
                 max_dimension=settings.max_dimension,
