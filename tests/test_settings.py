@@ -126,6 +126,9 @@ def test_from_env_reads_every_variable() -> None:
         "OPTIMIZER_BACKGROUND": "#000",
         "OPTIMIZER_FORMATS": "png,jpeg",
         "OPTIMIZER_LOG_LEVEL": "debug",
+        "OPTIMIZER_API_KEYS": "key-one-0123456789,key-two-0123456789",
+        "OPTIMIZER_SIGNING_KEY": "signing-0123456789",
+        "OPTIMIZER_CORS_ORIGINS": "https://a.example, https://b.example",
     }
     assert set(env) == set(ENV_NAMES)
     settings = Settings.from_env(env)
@@ -147,7 +150,12 @@ def test_from_env_reads_every_variable() -> None:
         background="#000",
         formats="png,jpeg",
         log_level="debug",
+        api_keys="key-one-0123456789,key-two-0123456789",
+        signing_key="signing-0123456789",
+        cors_origins="https://a.example, https://b.example",
     )
+    assert settings.api_key_set == {"key-one-0123456789", "key-two-0123456789"}
+    assert settings.cors_origin_set == {"https://a.example", "https://b.example"}
     assert isinstance(settings.port, int)
     assert isinstance(settings.read_timeout, float)
     assert settings.background_rgb == (0, 0, 0)
