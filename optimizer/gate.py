@@ -2,27 +2,25 @@
 
 A request takes a slot before its body is read and gives it back when its work has really ended: for
 work handed to a thread, that is when the thread finishes, not when a cancelled handler stops waiting
-(see ``Slot.release_from_thread``). A full gate refuses at once rather than queueing without bound: the
+(``optimizer.job`` enforces that). A full gate refuses at once rather than queueing without bound: the
 caller answers 503 with a ``Retry-After`` estimated from the recent service times.
 
-All methods except ``Slot.release_from_thread`` must be called on the event loop's thread.
+All methods must be called on the event loop's thread.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 
 
 class Slot:
     """One admitted request's place in the gate. Releasing it twice is harmless."""
 
-    __slots__ = ("_gate", "_loop", "_released")
+    __slots__ = ("_gate", "_released")
 
-    def __init__(self, gate: AdmissionGate, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, gate: AdmissionGate) -> None:
         self._gate = gate
-        self._loop = loop
         self._released = False
 
     @property
@@ -35,12 +33,6 @@ class Slot:
             return
         self._released = True
         self._gate._leave(service_seconds)
-
-    def release_from_thread(self, service_seconds: float | None = None) -> None:
-        """``release`` for a worker thread or a concurrent future's done-callback."""
-        # RuntimeError: the loop is already closed; the process is exiting and the gate with it.
-        with contextlib.suppress(RuntimeError):
-            self._loop.call_soon_threadsafe(self.release, service_seconds)
 
 
 class AdmissionGate:
@@ -82,7 +74,7 @@ class AdmissionGate:
         self._in_flight += 1
         self.admitted_total += 1
         self._idle.clear()
-        return Slot(self, asyncio.get_running_loop())
+        return Slot(self)
 
     def close(self) -> None:
         """Admit nobody from now on (draining); the requests already inside carry on."""

@@ -2,25 +2,23 @@
 
 The order inside ``_optimize`` is the point: everything that can be refused cheaply (bad parameters,
 a declared body over the cap, draining, a full gate) is refused before a byte of the body is read, and
-the gate slot, once taken, is given back on every path: by ``finally`` while the handler owns it, and by
-the worker future's done-callback once the work is in a thread, so that a client that goes away while
-its image is being processed cannot make the gate admit more work than the pool can run.
+what the request then holds (its gate slot, its memory reservation) is given back on every path, but
+only once no worker thread is still busy for it (``optimizer.job``), so that a client that goes away
+while its image is being processed cannot make the gate admit more work than the pool can run.
 """
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import time
-from dataclasses import dataclass
 
 from aiohttp import web
 
-from optimizer.errors import Draining, OptimizerError, Overloaded, ShutdownDeadline
+from optimizer.errors import Draining, OptimizerError, Overloaded
 from optimizer.intake import read_upload, refuse_declared_length
+from optimizer.job import Job
 from optimizer.observe import record
 from optimizer.params import RouteDefaults, parse_params
-from optimizer.pipeline import Limits, Output, Params, optimize
+from optimizer.pipeline import Output, inspect, optimize
 from optimizer.problems import error_response
 from optimizer.security import SECURITY_PARAMS, check_api_key, check_signature
 from optimizer.state import STATE, ServiceState
@@ -28,18 +26,6 @@ from optimizer.state import STATE, ServiceState
 OPTIMIZE_DEFAULTS = RouteDefaults()
 # The Go service's contract: a 300 px wide JPEG at quality 80, whatever the configured defaults.
 UPLOAD_DEFAULTS = RouteDefaults(width=300, format="jpeg", quality=80)
-
-
-@dataclass(frozen=True, slots=True)
-class _Work:
-    output: Output
-    queued: float
-
-
-def _run(submitted: float, data: bytes, params: Params, limits: Limits) -> _Work:
-    """Runs in a worker thread."""
-    started = time.perf_counter()
-    return _Work(output=optimize(data, params, limits), queued=started - submitted)
 
 
 async def optimize_route(request: web.Request) -> web.StreamResponse:
@@ -93,8 +79,7 @@ async def _optimize(request: web.Request, defaults: RouteDefaults) -> web.Stream
     slot = state.gate.try_enter()
     if slot is None:  # lost the race for the last slot since _refuse_early
         raise Overloaded("all slots are busy; retry later", retry_after=state.gate.retry_after())
-    loop = asyncio.get_running_loop()
-    handed_over = False
+    job = Job(slot, state)
     try:
         read_started = time.perf_counter()
         state.reading.add(request.content)
@@ -103,57 +88,26 @@ async def _optimize(request: web.Request, defaults: RouteDefaults) -> web.Stream
         finally:
             state.reading.discard(request.content)
         read_seconds = time.perf_counter() - read_started
-        if state.pool is None:
-            raise RuntimeError("the optimizer application has not been started")
-        submitted = time.perf_counter()
-        future = state.pool.submit(_run, submitted, data, params, state.limits)
-        del data  # the worker holds the only reference now; memory goes when the work ends
-
-        def work_ended(done: concurrent.futures.Future[_Work]) -> None:
-            seconds = None
-            if not done.cancelled() and done.exception() is None:
-                timings = done.result().output.timings
-                seconds = timings.decode + timings.resize + timings.encode
-            slot.release_from_thread(seconds)
-
-        future.add_done_callback(work_ended)
-        handed_over = True
-        work = await _wait(future, state, loop)
+        # The header alone (allowlist, pixel limit, memory estimate), then room in the memory budget,
+        # waited for here on the loop so that no worker thread sits idle holding a place.
+        plan = await job.run(inspect, data, params, state.limits)
+        await job.reserve(plan.memory)
+        output = await job.run(optimize, data, params, state.limits)
     finally:
-        if not handed_over:
-            slot.release()
-    return _image_response(work, read_seconds, state)
-
-
-async def _wait(
-    future: concurrent.futures.Future[_Work], state: ServiceState, loop: asyncio.AbstractEventLoop
-) -> _Work:
-    """The work's result; gives up when the drain deadline passes or the handler is cancelled."""
-    waiting = asyncio.wrap_future(future, loop=loop)
-    abandon = state.abandon_signal()
-    try:
-        await asyncio.wait((waiting, abandon), return_when=asyncio.FIRST_COMPLETED)
-    except asyncio.CancelledError:
-        # The client went away: drop the job if no thread has started it (a running one cannot be
-        # stopped; its slot comes back when it ends).
-        waiting.cancel()
-        raise
-    if not waiting.done():
-        waiting.cancel()
-        raise ShutdownDeadline()
-    return waiting.result()
-
-
-def _image_response(work: _Work, read_seconds: float, state: ServiceState) -> web.Response:
-    out = work.output
+        job.finish()
     timing = {
         "read": read_seconds,
-        "queue": work.queued,
-        "decode": out.timings.decode,
-        "resize": out.timings.resize,
-        "encode": out.timings.encode,
+        "queue": job.queued,
+        "budget": job.budget_wait,
+        "decode": output.timings.decode,
+        "resize": output.timings.resize,
+        "encode": output.timings.encode,
     }
     state.metrics.observe_stages(timing)
+    return _image_response(output, timing)
+
+
+def _image_response(out: Output, timing: dict[str, float]) -> web.Response:
     server_timing = ", ".join(f"{name};dur={seconds * 1000:.1f}" for name, seconds in timing.items())
     return web.Response(
         body=out.data,

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from optimizer.budget import MemoryBudget
 from optimizer.gate import AdmissionGate
 
 # Seconds. Requests span a 1 ms refusal to a multi-second decode of a large photo.
@@ -24,7 +25,7 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 class ServiceMetrics:
     """The service's metrics and the few calls that record them."""
 
-    def __init__(self, gate: AdmissionGate) -> None:
+    def __init__(self, gate: AdmissionGate, budget: MemoryBudget) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         registry = self.registry
         self.requests = Counter(
@@ -64,6 +65,22 @@ class ServiceMetrics:
         in_flight.set_function(lambda: gate.in_flight)
         capacity = Gauge("optimizer_capacity", "Admission slots (worker threads + queue).", registry=registry)
         capacity.set_function(lambda: gate.capacity)
+        budget_total = Gauge(
+            "optimizer_memory_budget_bytes", "Decode memory the workers may hold.", registry=registry
+        )
+        budget_total.set_function(lambda: budget.total)
+        reserved = Gauge(
+            "optimizer_memory_reserved_bytes",
+            "Decode memory reserved by images being processed now.",
+            registry=registry,
+        )
+        reserved.set_function(lambda: budget.in_use)
+        reserved_peak = Gauge(
+            "optimizer_memory_reserved_peak_bytes",
+            "The most decode memory ever reserved at once since the start.",
+            registry=registry,
+        )
+        reserved_peak.set_function(lambda: budget.peak)
 
     def observe_request(
         self, route: str, status: int, *, seconds: float, bytes_in: int, bytes_out: int, code: str

@@ -18,7 +18,7 @@ import struct
 import time
 from dataclasses import dataclass, field
 
-from PIL import Image, ImageCms, ImageMath
+from PIL import Image, ImageChops, ImageCms, ImageMath
 
 from optimizer.errors import CorruptImage, EmptyBody, TooManyPixels, UnsupportedFormat
 from optimizer.sniff import PILLOW_FORMATS, sniff
@@ -107,6 +107,92 @@ class Output:
     source_width: int
     source_height: int
     timings: Timings = field(default_factory=Timings)
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """What the header says, before any pixel is decoded: enough to reserve memory for the decode."""
+
+    source_format: str
+    width: int
+    height: int
+    target: tuple[int, int]
+    memory: int
+
+
+def inspect(data: bytes, params: Params, limits: Limits) -> Plan:
+    """Read the header only (allowlist and pixel limit included) and estimate the decode's memory."""
+    with open_image(data, limits) as im:
+        orientation = read_orientation(im, loaded=False)
+        target = target_size(_upright_size(im.size, orientation), params, limits.max_dimension)
+        return Plan(
+            source_format=str(im.format),
+            width=im.width,
+            height=im.height,
+            target=target,
+            memory=estimate_memory(im, _unrotate(target, orientation), params.format),
+        )
+
+
+# Bytes per pixel of Pillow's in-memory modes (RGB is stored as 4 bytes, like RGBA).
+_BYTES_PER_PIXEL = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2}
+_KEPT_MODES = frozenset({"L", "LA", "RGB", "RGBA", "CMYK"})  # normalise_mode copies all others
+# Allocator and library overhead not proportional to the image (calibrated on the corpus).
+_FIXED_OVERHEAD = 2 * 1024 * 1024
+
+
+# Encoder working memory per output pixel: libjpeg buffers a progressive (optimized) JPEG's coefficients;
+# libwebp and libavif convert to YUV planes beside an ARGB copy; zlib works in small windows.
+_ENCODER_BYTES_PER_PIXEL = {"jpeg": 3, "png": 0, "webp": 6, "avif": 6}
+
+
+def estimate_memory(im: Image.Image, size: tuple[int, int], output_format: str = "jpeg") -> int:
+    """Peak bytes ``optimize`` will allocate for ``im`` (header read, nothing decoded) to reach ``size``.
+
+    Two phases, and the peak is the larger: decoding (libjpeg's whole-image coefficient buffer for a
+    progressive JPEG, 2 bytes per coefficient whatever the draft scale, plus the decoded frame) and
+    the work after it (the frame, a converted copy, Lanczos's intermediate, the output and the
+    encoder's buffers). Calibrated against measured peaks: see tests/test_memory_estimate.py.
+    """
+    width, height = im.size
+    target_w, target_h = size
+    scale = _draft_scale(im, size)
+    dec_w, dec_h = -(-width // scale), -(-height // scale)
+    decoded = dec_w * dec_h * _BYTES_PER_PIXEL.get(im.mode, 4)
+    coefficients = _progressive_coefficients(im)
+    has_alpha = "A" in im.mode or "transparency" in im.info
+    kept = im.mode in _KEPT_MODES and not ("transparency" in im.info and im.mode in ("L", "RGB"))
+    work = decoded + (0 if kept else dec_w * dec_h * 4)  # the frame, and normalise_mode's copy
+    if (dec_w, dec_h) != (target_w, target_h):
+        work += dec_w * dec_h * 4 if has_alpha else 0  # resize premultiplies alpha into a copy
+        work += target_w * dec_h * 4  # the horizontal pass of the resize
+        work += target_w * target_h * 4  # the output
+    if has_alpha and output_format == "jpeg":
+        work += target_w * target_h * 6  # flattening: an RGB copy and the inverted alpha
+    work += target_w * target_h * _ENCODER_BYTES_PER_PIXEL.get(output_format, 6)
+    return max(coefficients + decoded, work) + _FIXED_OVERHEAD
+
+
+def _draft_scale(im: Image.Image, size: tuple[int, int]) -> int:
+    """The DCT scale ``decode`` will ask libjpeg for (the rule of Pillow's JpegImageFile.draft)."""
+    if im.format not in ("JPEG", "MPO") or size == im.size:
+        return 1
+    ratio = min(im.width // max(1, size[0]), im.height // max(1, size[1]))
+    return max((scale for scale in (8, 4, 2) if ratio >= scale), default=1)
+
+
+def _progressive_coefficients(im: Image.Image) -> int:
+    if im.format not in ("JPEG", "MPO") or not (im.info.get("progressive") or im.info.get("progression")):
+        return 0
+    layers = getattr(im, "layer", None) or [("", 1, 1, 0)]
+    h_max = max(layer[1] for layer in layers) or 1
+    v_max = max(layer[2] for layer in layers) or 1
+    total = 0
+    for _id, h_samp, v_samp, _table in layers:
+        blocks_w = -(-im.width * h_samp // (h_max * 8))
+        blocks_h = -(-im.height * v_samp // (v_max * 8))
+        total += blocks_w * blocks_h * 64 * 2
+    return total
 
 
 def optimize(data: bytes, params: Params, limits: Limits) -> Output:
@@ -295,6 +381,8 @@ def to_srgb(im: Image.Image, icc: bytes | None) -> Image.Image:
     A profile that LittleCMS cannot parse (a bogus marker, a truncated profile) is ignored, as browsers do.
     Grayscale stays grayscale: converting it would triple the output for no visible change.
     """
+    if not icc and im.mode != "CMYK":
+        return im  # untagged is sRGB: nothing to convert, and no copies of the pixels
     alpha = im.getchannel("A") if im.mode == "RGBA" else None
     colour = im.convert("RGB") if alpha is not None else im
     if icc and colour.mode in ("RGB", "CMYK"):
@@ -321,9 +409,12 @@ def fit_mode_to_format(im: Image.Image, params: Params) -> Image.Image:
         if low == 255:
             im = im.convert("L" if im.mode == "LA" else "RGB")
         elif params.format == "jpeg":
-            base = Image.new("RGBA", im.size, (*params.background, 255))
-            base.alpha_composite(im.convert("RGBA"))
-            im = base.convert("RGB")
+            # One RGB copy, the background painted in where alpha is missing: out = rgb*a + bg*(1-a).
+            # (alpha_composite onto a new RGBA canvas would make four full-size copies.)
+            alpha = im.getchannel("A")
+            flat = im.convert("RGB")
+            flat.paste(params.background, mask=ImageChops.invert(alpha))
+            im = flat
     if params.format in ("webp", "avif") and im.mode in ("L", "LA"):
         im = im.convert("RGBA" if im.mode == "LA" else "RGB")
     return im

@@ -100,6 +100,14 @@ class Settings:
         "OPTIMIZER_MIN_UPLOAD_RATE",
         "bytes per second that earn an upload one more second of read time (as Apache's mod_reqtimeout)",
     )
+    memory_budget: int | None = _setting(
+        None,
+        "OPTIMIZER_MEMORY_BUDGET",
+        "bytes of decode memory all workers together may hold (default: half the memory limit)",
+    )
+    memory_wait: float = _setting(
+        5.0, "OPTIMIZER_MEMORY_WAIT", "seconds an image may wait for room in the memory budget before 503"
+    )
     drain_seconds: float = _setting(
         20.0, "OPTIMIZER_DRAIN_SECONDS", "on shutdown, seconds to finish the requests already admitted"
     )
@@ -162,6 +170,10 @@ class Settings:
                 f"{name('max_pixels')}={self.max_pixels}: must be at most {PILLOW_PIXEL_CEILING} "
                 "(Pillow refuses larger images on its own)"
             )
+        if self.memory_budget is not None and self.memory_budget < 16 * MIB:
+            yield f"{name('memory_budget')}={self.memory_budget}: must be at least {16 * MIB} bytes (16 MiB)"
+        if not (self.memory_wait >= 0 and math.isfinite(self.memory_wait)):
+            yield f"{name('memory_wait')}={self.memory_wait}: must be 0 or more seconds"
         for attr in ("read_timeout", "drain_seconds"):
             value = getattr(self, attr)
             if not (value > 0 and math.isfinite(value)):

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import StreamReader, web
 
+from optimizer.budget import MemoryBudget, default_memory_budget
 from optimizer.gate import AdmissionGate
 from optimizer.intake import IntakeLimits
 from optimizer.metrics import ServiceMetrics
@@ -28,6 +29,7 @@ class ServiceState:
     intake: IntakeLimits
     metrics: ServiceMetrics
     cors: Cors
+    budget: MemoryBudget
     pool: ThreadPoolExecutor | None = None
     # False from the moment shutdown begins: /readyz answers 503 so load balancers stop sending.
     ready: bool = True
@@ -42,11 +44,15 @@ class ServiceState:
     @classmethod
     def from_settings(cls, settings: Settings) -> ServiceState:
         gate = AdmissionGate(settings.capacity, workers=settings.threads)
+        budget = MemoryBudget(
+            settings.memory_budget if settings.memory_budget is not None else default_memory_budget()
+        )
         return cls(
             settings=settings,
             gate=gate,
-            metrics=ServiceMetrics(gate),
+            metrics=ServiceMetrics(gate, budget),
             cors=Cors(settings.cors_origin_set),
+            budget=budget,
             limits=Limits(
                 max_pixels=settings.max_pixels,
                 max_dimension=settings.max_dimension,

@@ -129,6 +129,8 @@ def test_from_env_reads_every_variable() -> None:
         "OPTIMIZER_API_KEYS": "key-one-0123456789,key-two-0123456789",
         "OPTIMIZER_SIGNING_KEY": "signing-0123456789",
         "OPTIMIZER_CORS_ORIGINS": "https://a.example, https://b.example",
+        "OPTIMIZER_MEMORY_BUDGET": "536870912",
+        "OPTIMIZER_MEMORY_WAIT": "2.5",
     }
     assert set(env) == set(ENV_NAMES)
     settings = Settings.from_env(env)
@@ -153,6 +155,8 @@ def test_from_env_reads_every_variable() -> None:
         api_keys="key-one-0123456789,key-two-0123456789",
         signing_key="signing-0123456789",
         cors_origins="https://a.example, https://b.example",
+        memory_budget=536_870_912,
+        memory_wait=2.5,
     )
     assert settings.api_key_set == {"key-one-0123456789", "key-two-0123456789"}
     assert settings.cors_origin_set == {"https://a.example", "https://b.example"}

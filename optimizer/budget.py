@@ -1,0 +1,111 @@
+"""``MemoryBudget``: the decode memory all workers together may hold.
+
+Counting admission slots bounds memory only if every image costs the same, and they do not: a 22 Mpx
+progressive JPEG makes libjpeg hold ~133 MB whatever the output size, while a baseline JPEG decoded at
+1/8 scale costs a few MB. So once an upload's header has been read, its request reserves its estimated
+decode cost here (``optimizer.pipeline.estimate_memory``) before a worker decodes it, and gives it back
+when the worker is done. A request that does not fit waits (on the event loop, holding no thread, so
+smaller images keep flowing past it) for up to ``wait`` seconds, then gets 503; one that could never fit
+gets 413.
+
+Loop-thread only, like the gate: releases from worker threads are marshalled by the caller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+from pathlib import Path
+
+from optimizer.errors import OptimizerError, Overloaded
+
+
+class OverMemoryBudget(OptimizerError):
+    status = 413
+    code = "over_memory_budget"
+    title = "Image needs more memory than the service may use"
+
+
+class Reservation:
+    """Bytes held for one request. Releasing twice is harmless."""
+
+    __slots__ = ("_budget", "nbytes")
+
+    def __init__(self, budget: MemoryBudget, nbytes: int) -> None:
+        self._budget: MemoryBudget | None = budget
+        self.nbytes = nbytes
+
+    def release(self) -> None:
+        budget, self._budget = self._budget, None
+        if budget is not None:
+            budget._give_back(self.nbytes)
+
+
+class MemoryBudget:
+    def __init__(self, total: int) -> None:
+        if total < 1:
+            raise ValueError("the memory budget must be positive")
+        self.total = total
+        self.in_use = 0
+        self.peak = 0
+        self._waiters: set[asyncio.Future[None]] = set()
+
+    async def reserve(self, nbytes: int, wait: float) -> Reservation:
+        """Hold ``nbytes``; waits up to ``wait`` seconds for room (503), refuses what cannot fit (413)."""
+        if nbytes > self.total:
+            raise OverMemoryBudget(
+                f"decoding this image needs about {_mib(nbytes)} MiB; the service's memory budget is "
+                f"{_mib(self.total)} MiB"
+            )
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        # Not first-come-first-served on purpose: a small image that fits goes ahead of a large one
+        # that is waiting for room, rather than queueing behind it.
+        while self.in_use + nbytes > self.total:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise Overloaded(
+                    "the service's memory budget is in use by other images; retry later",
+                    retry_after=max(1, math.ceil(wait)),
+                )
+            waiter = loop.create_future()
+            self._waiters.add(waiter)
+            try:
+                async with asyncio.timeout(remaining):
+                    await waiter
+            except TimeoutError:
+                pass
+            finally:
+                self._waiters.discard(waiter)
+        self.in_use += nbytes
+        self.peak = max(self.peak, self.in_use)
+        return Reservation(self, nbytes)
+
+    def _give_back(self, nbytes: int) -> None:
+        self.in_use -= nbytes
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+
+def _mib(nbytes: int) -> int:
+    return math.ceil(nbytes / (1024 * 1024))
+
+
+def memory_limit() -> int:
+    """Memory this process may use: the cgroup limit (v2, then v1) when there is one, else the RAM."""
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit() and 0 < int(text) < ram:
+            return int(text)
+    return ram
+
+
+def default_memory_budget() -> int:
+    """Half the memory limit: the other half is for the interpreter, uploads in flight and encoders."""
+    return memory_limit() // 2

@@ -1,0 +1,101 @@
+"""``Job``: one admitted request's claim on the service, and the one rule for giving it back.
+
+A request holds a gate slot, possibly a memory reservation, and runs work in the pool. Cancelling an
+``await`` on pool work does not stop the thread, so what the request holds may only be given back when
+both are true: the handler is finished with it, and no thread is still working for it. Otherwise a
+client that disconnects mid-decode would let the gate admit, and the budget promise, more than the
+machine is really carrying.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from optimizer.budget import Reservation
+from optimizer.errors import ShutdownDeadline
+from optimizer.gate import Slot
+from optimizer.state import ServiceState
+
+T = TypeVar("T")
+
+
+def _timed(fn: Callable[..., T], submitted: float, *args: object) -> tuple[T, float, float]:
+    """Runs in a worker: the result, seconds spent queued, seconds spent working."""
+    started = time.perf_counter()
+    try:
+        result = fn(*args)
+    except StopIteration as exc:
+        # asyncio cannot carry a StopIteration through a future: the request would hang, not fail.
+        raise RuntimeError("StopIteration escaped from the image pipeline") from exc
+    return result, started - submitted, time.perf_counter() - started
+
+
+class Job:
+    def __init__(self, slot: Slot, state: ServiceState) -> None:
+        self._slot = slot
+        self._state = state
+        self._loop = asyncio.get_running_loop()
+        self._reservation: Reservation | None = None
+        self._pending = 0
+        self._handler_done = False
+        self.queued = 0.0  # seconds waiting for a worker, all pool trips together
+        self.busy = 0.0  # seconds in a worker; feeds the gate's Retry-After estimate
+        self.budget_wait = 0.0  # seconds waiting for room in the memory budget
+
+    async def run(self, fn: Callable[..., T], *args: object) -> T:
+        """``fn(*args)`` in the pool. Gives up waiting (503) at the drain deadline; if the handler is
+        cancelled, a job no thread has started is dropped, and a started one keeps its claim until it
+        ends."""
+        pool = self._state.pool
+        if pool is None:
+            raise RuntimeError("the optimizer application has not been started")
+        future = pool.submit(_timed, fn, time.perf_counter(), *args)
+        self._pending += 1
+        future.add_done_callback(self._ended_in_thread)
+        waiting = asyncio.wrap_future(future, loop=self._loop)
+        abandon = self._state.abandon_signal()
+        try:
+            await asyncio.wait((waiting, abandon), return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            waiting.cancel()
+            raise
+        if not waiting.done():
+            waiting.cancel()
+            raise ShutdownDeadline()
+        result, queued, _busy = waiting.result()
+        self.queued += queued
+        return result
+
+    async def reserve(self, nbytes: int) -> None:
+        """Hold ``nbytes`` of the memory budget for the rest of the job."""
+        started = time.perf_counter()
+        self._reservation = await self._state.budget.reserve(nbytes, self._state.settings.memory_wait)
+        self.budget_wait = time.perf_counter() - started
+
+    def finish(self) -> None:
+        """The handler is done with the job (on every path, from its ``finally``)."""
+        self._handler_done = True
+        self._release_if_idle()
+
+    def _ended_in_thread(self, future: concurrent.futures.Future[Any]) -> None:
+        # Called in the worker thread (or wherever the future was cancelled): hop to the loop.
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the process is exiting
+            self._loop.call_soon_threadsafe(self._ended, future)
+
+    def _ended(self, future: concurrent.futures.Future[Any]) -> None:
+        self._pending -= 1
+        if not future.cancelled() and future.exception() is None:
+            self.busy += future.result()[2]
+        self._release_if_idle()
+
+    def _release_if_idle(self) -> None:
+        if not self._handler_done or self._pending:
+            return
+        if self._reservation is not None:
+            self._reservation.release()
+        self._slot.release(self.busy if self.busy > 0 else None)

@@ -1,0 +1,93 @@
+"""MemoryBudget on its own: reserve, wait, refuse; and the service answering through it."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from optimizer.budget import MemoryBudget, OverMemoryBudget, default_memory_budget, memory_limit
+from optimizer.errors import Overloaded
+from tests.conftest import image_bytes, multipart
+
+Client = TestClient[web.Request, web.Application]
+MakeClient = Callable[..., Awaitable[Client]]
+MIB = 1024 * 1024
+
+
+async def test_reserve_and_release() -> None:
+    budget = MemoryBudget(100)
+    first = await budget.reserve(60, wait=0)
+    second = await budget.reserve(40, wait=0)
+    assert budget.in_use == 100
+    first.release()
+    first.release()  # twice is harmless
+    assert budget.in_use == 40
+    second.release()
+    assert budget.in_use == 0
+    assert budget.peak == 100
+
+
+async def test_what_can_never_fit_is_413() -> None:
+    with pytest.raises(OverMemoryBudget) as caught:
+        await MemoryBudget(100).reserve(101, wait=10)
+    assert caught.value.status == 413
+
+
+async def test_full_budget_times_out_with_503() -> None:
+    budget = MemoryBudget(100)
+    held = await budget.reserve(80, wait=0)
+    with pytest.raises(Overloaded) as caught:
+        await budget.reserve(30, wait=0.05)
+    assert caught.value.status == 503
+    assert int(caught.value.headers["Retry-After"]) >= 1
+    held.release()
+
+
+async def test_waiter_proceeds_when_room_is_given_back() -> None:
+    budget = MemoryBudget(100)
+    held = await budget.reserve(80, wait=0)
+    waiting = asyncio.ensure_future(budget.reserve(50, wait=10))
+    await asyncio.sleep(0.01)
+    assert not waiting.done()
+    held.release()
+    reservation = await asyncio.wait_for(waiting, 5)
+    assert budget.in_use == 50
+    reservation.release()
+
+
+async def test_small_requests_pass_a_waiting_large_one() -> None:
+    budget = MemoryBudget(100)
+    held = await budget.reserve(60, wait=0)
+    large = asyncio.ensure_future(budget.reserve(70, wait=10))
+    await asyncio.sleep(0.01)
+    small = await asyncio.wait_for(budget.reserve(30, wait=0), 1)  # fits now: not queued behind
+    assert not large.done()
+    small.release()
+    held.release()
+    (await asyncio.wait_for(large, 5)).release()
+    assert budget.in_use == 0
+
+
+def test_default_budget_is_half_the_memory_limit() -> None:
+    assert default_memory_budget() == memory_limit() // 2
+    assert memory_limit() > 64 * MIB
+
+
+async def test_image_over_the_whole_budget_is_413(make_client: MakeClient) -> None:
+    client = await make_client(memory_budget=16 * MIB)
+    # 2000 x 2000 RGBA PNG: 16 MB decoded plus the resize's copies, over a 16 MiB budget
+    response = await client.post("/optimize", data=multipart(image_bytes((2000, 2000), "RGBA", fmt="PNG")))
+    assert response.status == 413
+    body = await response.json(content_type=None)
+    assert body["code"] == "over_memory_budget"
+    assert client.app is not None
+    from optimizer.state import STATE
+
+    assert client.app[STATE].budget.in_use == 0
+    assert client.app[STATE].gate.in_flight == 0
+    # small images still go through
+    assert (await client.post("/optimize", data=multipart(image_bytes((40, 40))))).status == 200

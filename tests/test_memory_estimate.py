@@ -1,0 +1,93 @@
+"""The memory estimate, calibrated: for real images, ``inspect().memory`` against the peak measured.
+
+Each case runs in a fresh child process: warm the libraries up on a tiny image, reset the kernel's peak
+RSS counter (``/proc/self/clear_refs``), optimize the image; the peak over the RSS before it is what the
+request really cost. The estimate
+must not undershoot it (the budget would then promise memory it does not have) nor overshoot it by
+much (the budget would then refuse work it could do).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from optimizer.pipeline import Limits, Params, inspect
+from optimizer.settings import KNOWN_INPUT_FORMATS
+from tests.conftest import corpus_dir
+
+MIB = 1024 * 1024
+LIMITS = Limits(max_pixels=178_000_000, max_dimension=8192, input_formats=KNOWN_INPUT_FORMATS)
+
+_CHILD = r"""
+import io, json, sys
+from PIL import Image
+from optimizer.pipeline import Limits, Params, optimize
+from optimizer.settings import KNOWN_INPUT_FORMATS
+limits = Limits(max_pixels=178_000_000, max_dimension=8192, input_formats=KNOWN_INPUT_FORMATS)
+path, width, fmt = sys.argv[1], sys.argv[2], sys.argv[3]
+data = open(path, "rb").read()
+for mode, kind in (("RGB", "JPEG"), ("RGBA", "PNG")):
+    buffer = io.BytesIO()
+    Image.new(mode, (64, 64)).save(buffer, kind)
+    optimize(buffer.getvalue(), Params(width=8), limits)
+def status(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+params = Params(width=int(width) if width != "-" else None, format=fmt)
+with open("/proc/self/clear_refs", "w") as handle:
+    handle.write("5")  # reset VmHWM to the current RSS: the peak from here on is this request's
+before = status("VmRSS")
+optimize(data, params, limits)
+print(json.dumps({"peak_bytes": status("VmHWM") - before}))
+"""
+
+# (file in the corpus, output width or "-" for full size, output format)
+CASES = [
+    ("photos/seed-loadtest-5760x3840.jpg", "300", "jpeg"),  # progressive 4:4:4: coefficients dominate
+    ("photos/seed-loadtest-5760x3840.jpg", "2000", "jpeg"),
+    ("photos/seed-loadtest-5760x3840.jpg", "-", "jpeg"),
+    ("photos/kleiber-lukas-baubkus-6028x3391.jpg", "800", "jpeg"),  # baseline, 1/4 draft
+    ("photos/kleiber-lukas-baubkus-6028x3391.jpg", "-", "jpeg"),
+    ("photos/seeding-clemens-engelhardt-5312x2988.jpg", "300", "jpeg"),  # progressive 4:2:0
+    ("photos/dragonfly-bolly-4224x3168.jpg", "800", "webp"),
+    ("photos/gulp-mate-1920x1200-alpha.png", "300", "jpeg"),  # RGBA: premultiplied copy, flattening
+    ("photos/gulp-mate-1920x1200-alpha.png", "-", "png"),
+]
+
+
+def measured_peak(path: Path, width: str, fmt: str) -> int:
+    result = subprocess.run(
+        [sys.executable, "-c", _CHILD, str(path), width, fmt],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    return int(json.loads(result.stdout.strip().splitlines()[-1])["peak_bytes"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("name", "width", "fmt"), CASES)
+def test_estimate_covers_the_measured_peak(name: str, width: str, fmt: str) -> None:
+    path = corpus_dir() / name
+    params = Params(width=int(width) if width != "-" else None, format=fmt)
+    estimate = inspect(path.read_bytes(), params, LIMITS).memory
+    peak = measured_peak(path, width, fmt)
+    # Not under: allow 10 % and 2 MiB of allocator noise. Not far over: at most twice, plus 8 MiB.
+    assert peak <= estimate * 1.1 + 2 * MIB, f"estimate {estimate / MIB:.1f} MiB < peak {peak / MIB:.1f} MiB"
+    assert estimate <= peak * 2 + 8 * MIB, f"estimate {estimate / MIB:.1f} MiB >> peak {peak / MIB:.1f} MiB"
+
+
+def test_progressive_jpeg_costs_its_coefficients_whatever_the_scale() -> None:
+    data = (corpus_dir() / "photos/seed-loadtest-5760x3840.jpg").read_bytes()
+    small = inspect(data, Params(width=100), LIMITS).memory
+    # 5760 x 3840, 3 components at 4:4:4, 2 bytes per coefficient: ~133 MB even for a thumbnail
+    assert small >= 5760 * 3840 * 3 * 2
+    baseline = (corpus_dir() / "photos/kleiber-lukas-baubkus-6028x3391.jpg").read_bytes()
+    assert inspect(baseline, Params(width=100), LIMITS).memory < 16 * MIB
