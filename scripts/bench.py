@@ -1,0 +1,1742 @@
+#!/usr/bin/env python3
+"""Load-test the optimizer over HTTP and compare it with the pipeline's own ceiling on this machine.
+
+    python scripts/bench.py --scenario s1 --json /tmp/bench-s1.json
+    python scripts/bench.py --file photo.jpg --users 20 --duration 30s -- --threads 2 --queue 4
+    python scripts/bench.py --scenario s1 --sweep-users 10,50,200 --duration 15 --json sweep.json
+    python scripts/bench.py chart sweep.json sweep.png
+
+A run has two parts, one after the other, on the same machine and in the same invocation:
+
+1. the ceiling (``--ceiling``, on by default when the harness starts the server): the same image bytes
+   and parameters through ``optimizer.pipeline.optimize`` on a thread pool as large as the server's,
+   with no HTTP, for the same duration, in a child process whose peak RSS is measured;
+2. the HTTP load: N virtual users in a closed loop (one ``aiohttp.ClientSession``), each uploading the
+   file again as soon as its previous answer came back, at a constant count (``--users``/``--duration``)
+   or following k6-like stages (``--stages 5s:20,10s:50,5s:0``). On a 503 a user sleeps the
+   ``Retry-After`` seconds (``--on-503 retry-after``) or retries at once (``--on-503 immediate``, the
+   original k6 test).
+
+Without ``--url`` the harness starts ``python -m optimizer`` itself on 127.0.0.1 and a free port (flags
+after ``--`` go to the server), samples its RSS every 100 ms and its CPU time, and stops it with SIGTERM
+(SIGKILL after ``--stop-timeout``). Everything is bounded: the duration, a timeout on every request, a
+grace period for the requests still in flight at the end.
+
+Exit status: 0 when the run completed and some requests got a 2xx, 1 when none did or the server died,
+2 for bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import contextlib
+import io
+import json
+import math
+import mimetypes
+import os
+import platform
+import resource
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+import aiohttp
+import PIL
+from multidict import MultiDict
+from PIL import Image, ImageDraw, ImageFont
+
+from optimizer.errors import OptimizerError
+from optimizer.handlers import OPTIMIZE_DEFAULTS, UPLOAD_DEFAULTS
+from optimizer.params import RouteDefaults, parse_params
+from optimizer.pipeline import Limits, Params, optimize
+from optimizer.server import build_parser as server_parser
+from optimizer.settings import Settings, SettingsError, effective_cpu_count
+
+ROOT = Path(__file__).resolve().parent.parent
+HOST = "127.0.0.1"
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
+ROUTE_DEFAULTS: dict[str, RouteDefaults] = {"/upload": UPLOAD_DEFAULTS, "/optimize": OPTIMIZE_DEFAULTS}
+RESULTS_VERSION = 1
+SAMPLE_INTERVAL = 0.1  # seconds between RSS samples of the server
+CONTROL_INTERVAL = 0.1  # seconds between adjustments of the user count to the stage target
+PROGRESS_INTERVAL = 1.0
+CONNECTION_ERROR_PAUSE = 0.05  # a user that hit a connection error waits this long before retrying
+STARTUP_TIMEOUT = 30.0
+NOISY_CORES = 0.25  # other processes' CPU (in cores) above which a phase's figures are flagged
+MB = 1_000_000
+
+SAME_MACHINE_NOTE = (
+    "the ceiling and the HTTP load ran one after the other (not concurrently) on the same machine, "
+    "in the same invocation"
+)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    file: str  # relative to the corpus
+    path: str
+    query: str
+    users: int
+    duration: float
+    on_503: str
+    description: str
+
+
+SCENARIOS: dict[str, Scenario] = {
+    "s1": Scenario(
+        file="photos/seed-loadtest-5760x3840.jpg",
+        path="/upload",
+        query="",
+        users=50,
+        duration=25.0,
+        on_503="retry-after",
+        description="the Go service's test: seed photo to POST /upload, 50 users, 25 s",
+    ),
+    "s2": Scenario(
+        file="photos/kleiber-lukas-baubkus-6028x3391.jpg",
+        path="/optimize",
+        query="width=800&quality=80",
+        users=16,
+        duration=25.0,
+        on_503="retry-after",
+        description="kleiber photo to POST /optimize?width=800&quality=80, 16 users, 25 s",
+    ),
+    "flood": Scenario(
+        file="photos/seed-loadtest-5760x3840.jpg",
+        path="/upload",
+        query="",
+        users=50,
+        duration=25.0,
+        on_503="immediate",
+        description="s1, but a 503 is retried at once (the original k6 behaviour)",
+    ),
+}
+
+
+class BenchError(Exception):
+    """A problem the user can fix (bad arguments, missing file, a server that does not start)."""
+
+
+# --- load plan -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Stage:
+    seconds: float
+    target: int
+
+
+@dataclass(frozen=True)
+class LoadPlan:
+    """Users at t=0, then stages, each a linear ramp from the previous target to its own (as k6)."""
+
+    start_users: int
+    stages: tuple[Stage, ...]
+
+    @classmethod
+    def constant(cls, users: int, seconds: float) -> LoadPlan:
+        return cls(start_users=users, stages=(Stage(seconds, users),))
+
+    @property
+    def seconds(self) -> float:
+        return sum(stage.seconds for stage in self.stages)
+
+    @property
+    def max_users(self) -> int:
+        return max([self.start_users, *(stage.target for stage in self.stages)])
+
+    def target_at(self, t: float) -> int:
+        """Users wanted ``t`` seconds into the run (rounded to the nearest whole user)."""
+        previous = float(self.start_users)
+        elapsed = 0.0
+        for stage in self.stages:
+            if t < elapsed + stage.seconds:
+                fraction = (t - elapsed) / stage.seconds if stage.seconds > 0 else 1.0
+                return round(previous + (stage.target - previous) * fraction)
+            elapsed += stage.seconds
+            previous = float(stage.target)
+        return round(previous)
+
+    def describe(self) -> str:
+        if len(self.stages) == 1 and self.stages[0].target == self.start_users:
+            return f"{self.start_users} users constant for {self.seconds:g} s"
+        steps = ", ".join(f"{stage.seconds:g}s->{stage.target}" for stage in self.stages)
+        return f"stages from {self.start_users} users: {steps} ({self.seconds:g} s)"
+
+
+def parse_duration(text: str) -> float:
+    """``25``, ``25s``, ``500ms``, ``2m`` or ``1h`` as seconds."""
+    value = text.strip().lower()
+    for suffix, scale in (("ms", 0.001), ("s", 1.0), ("m", 60.0), ("h", 3600.0)):
+        if value.endswith(suffix):
+            value, factor = value[: -len(suffix)], scale
+            break
+    else:
+        factor = 1.0
+    try:
+        seconds = float(value) * factor
+    except ValueError:
+        raise ValueError(f"not a duration: {text!r} (use e.g. 25, 25s, 500ms, 2m)") from None
+    if not (math.isfinite(seconds) and seconds >= 0):
+        raise ValueError(f"not a duration: {text!r}")
+    return seconds
+
+
+def parse_stages(text: str) -> tuple[Stage, ...]:
+    """``5s:20,10s:50,5s:0`` -> ramp to 20 users over 5 s, to 50 over the next 10 s, to 0 over 5 s."""
+    stages: list[Stage] = []
+    for part in text.split(","):
+        if not part.strip():
+            continue
+        duration, sep, target = part.partition(":")
+        if not sep:
+            raise ValueError(f"stage {part!r}: expected DURATION:USERS, e.g. 10s:50")
+        try:
+            users = int(target)
+        except ValueError:
+            raise ValueError(f"stage {part!r}: {target!r} is not a whole number of users") from None
+        if users < 0:
+            raise ValueError(f"stage {part!r}: users must be 0 or more")
+        stages.append(Stage(parse_duration(duration), users))
+    if not stages or sum(stage.seconds for stage in stages) <= 0:
+        raise ValueError("--stages needs at least one stage with a positive duration")
+    return tuple(stages)
+
+
+def parse_user_list(text: str) -> list[int]:
+    try:
+        counts = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"expected user counts like 10,50,200, got {text!r}") from None
+    if not counts or min(counts) < 1:
+        raise ValueError("user counts must be 1 or more")
+    return counts
+
+
+# --- small helpers -------------------------------------------------------------------------------------
+
+
+def percentile(ordered: Sequence[float], q: float) -> float | None:
+    """Linear-interpolated percentile (``q`` in 0..1) of an already sorted sequence."""
+    if not ordered:
+        return None
+    position = (len(ordered) - 1) * q
+    low, high = math.floor(position), math.ceil(position)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def summary(values: Sequence[float]) -> dict[str, float | int | None]:
+    ordered = sorted(values)
+    return {
+        "count": len(ordered),
+        "min": ordered[0] if ordered else None,
+        "p50": percentile(ordered, 0.50),
+        "p95": percentile(ordered, 0.95),
+        "p99": percentile(ordered, 0.99),
+        "mean": sum(ordered) / len(ordered) if ordered else None,
+        "max": ordered[-1] if ordered else None,
+    }
+
+
+def proc_status(pid: int) -> dict[str, int]:
+    """VmRSS/VmHWM (bytes) of a process from /proc; empty when it is gone."""
+    values: dict[str, int] = {}
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return values
+    for line in text.splitlines():
+        key, _, rest = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            values[key] = int(rest.split()[0]) * 1024
+    return values
+
+
+def proc_cpu_seconds(pid: int) -> float | None:
+    """utime + stime of a process, in seconds, from /proc/PID/stat."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text[text.rindex(")") + 2 :].split()  # after "pid (comm) ": state is fields[0]
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_cpu() -> tuple[float, float, float] | None:
+    """(busy, idle, steal) CPU seconds of the whole machine so far, from the first line of /proc/stat."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:9]]
+    except (OSError, ValueError, IndexError):
+        return None
+    tick = os.sysconf("SC_CLK_TCK")
+    user, nice, system, idle, iowait, irq, softirq, steal = fields
+    return (user + nice + system + irq + softirq) / tick, (idle + iowait) / tick, steal / tick
+
+
+def machine_cpu_delta(
+    before: tuple[float, float, float] | None, ours: float | None, wall: float
+) -> dict[str, float | None] | None:
+    """How busy the machine was since ``before``, and how much of it was not ours (``ours`` CPU seconds):
+    on a shared machine that is the noise the figures carry."""
+    after = machine_cpu()
+    if before is None or after is None or wall <= 0:
+        return None
+    busy, idle, steal = (a - b for a, b in zip(after, before, strict=True))
+    others = None if ours is None else max(0.0, busy - ours)
+    return {
+        "busy_seconds": busy,
+        "idle_seconds": idle,
+        "steal_seconds": steal,
+        "ours_seconds": ours,
+        "others_seconds": others,
+        "others_cores": None if others is None else others / wall,
+    }
+
+
+def children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def self_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def machine_info() -> dict[str, Any]:
+    model = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.partition(":")[2].strip()
+                break
+    loadavg = ""
+    with contextlib.suppress(OSError):
+        loadavg = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    return {
+        "nproc": os.cpu_count(),
+        "effective_cpu_count": effective_cpu_count(),
+        "cpu_model": model,
+        "loadavg_at_start": loadavg,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "aiohttp": aiohttp.__version__,
+        "pillow": PIL.__version__,
+    }
+
+
+def media_type(path: Path) -> str:
+    guessed, _ = mimetypes.guess_type(path.name)
+    return guessed or "application/octet-stream"
+
+
+def fmt_seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def fmt_mb(value: float | None) -> str:
+    return "-" if value is None else f"{value / MB:.0f} MB"
+
+
+def count_detail(counts: dict[str, int]) -> str:
+    return f" {counts}" if counts else ""
+
+
+def fmt_rate(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}/s"
+
+
+# --- settings and parameters, exactly as the server builds them ------------------------------------------
+
+
+def server_settings(server_args: Sequence[str]) -> Settings:
+    """The ``Settings`` the server will run with: its own flag parser plus this process's environment."""
+    parsed = vars(server_parser().parse_args(list(server_args)))
+    return Settings.from_env(os.environ, **parsed)
+
+
+def request_params(path: str, query: str, settings: Settings) -> Params:
+    defaults = ROUTE_DEFAULTS.get(path)
+    if defaults is None:
+        raise BenchError(f"--path {path}: the ceiling knows only {', '.join(ROUTE_DEFAULTS)}")
+    try:
+        return parse_params(MultiDict(parse_qsl(query, keep_blank_values=True)), settings, defaults)
+    except OptimizerError as exc:
+        raise BenchError(f"--query {query!r}: {exc}") from None
+
+
+# --- the ceiling: the pipeline alone, in a child process -------------------------------------------------
+
+
+def ceiling_child(spec: dict[str, Any]) -> int:
+    """Runs in the child: ``optimize`` on a pool of the server's size until the deadline; prints JSON."""
+    settings = server_settings(spec["server_args"])
+    threads = int(spec["threads"])
+    params = request_params(spec["path"], spec["query"], settings)
+    limits = Limits(
+        max_pixels=settings.max_pixels,
+        max_dimension=settings.max_dimension,
+        input_formats=settings.input_formats,
+    )
+    data = Path(spec["file"]).read_bytes()
+    seconds = float(spec["seconds"])
+    outputs: list[int] = []
+
+    def worker(deadline: float) -> list[float]:
+        latencies: list[float] = []
+        while time.perf_counter() < deadline:
+            started = time.perf_counter()
+            out = optimize(data, params, limits)
+            latencies.append(time.perf_counter() - started)
+            if not outputs:
+                outputs.append(len(out.data))
+        return latencies
+
+    cpu_before = self_cpu_seconds()
+    started = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ceiling") as pool:
+        futures = [pool.submit(worker, started + seconds) for _ in range(threads)]
+        latencies = [value for future in futures for value in future.result()]
+    elapsed = time.perf_counter() - started
+    cpu = self_cpu_seconds() - cpu_before
+    status = proc_status(os.getpid())
+    result = {
+        "images": len(latencies),
+        "seconds": elapsed,
+        "images_per_s": len(latencies) / elapsed if elapsed > 0 else None,
+        "threads": threads,
+        "params": asdict(params),
+        "output_bytes": outputs[0] if outputs else None,
+        "image_seconds": summary(latencies),
+        "cpu_seconds": cpu,
+        "cpu_seconds_per_image": cpu / len(latencies) if latencies else None,
+        "peak_rss_bytes": status.get("VmHWM"),
+        "ru_maxrss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }
+    print(json.dumps(result))
+    return 0
+
+
+def source_env(source: Path) -> dict[str, str]:
+    """The environment for a child that must import ``optimizer`` from ``source``."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(source), env.get("PYTHONPATH", "")]))
+    return env
+
+
+def source_info(source: Path) -> dict[str, Any]:
+    """Which code was measured: the folder, and its git commit and whether the tree differs from it."""
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(
+                ["git", "-C", str(source), *args], capture_output=True, text=True, timeout=10, check=False
+            )
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    status = git("status", "--porcelain", "--", "optimizer")
+    return {
+        "root": str(source),
+        "commit": git("rev-parse", "HEAD"),
+        "optimizer_modified": bool(status) if status is not None else None,
+    }
+
+
+def run_ceiling(
+    file: Path,
+    *,
+    path: str,
+    query: str,
+    server_args: Sequence[str],
+    threads: int,
+    seconds: float,
+    source: Path,
+) -> dict[str, Any]:
+    spec = {
+        "file": str(file),
+        "path": path,
+        "query": query,
+        "server_args": list(server_args),
+        "threads": threads,
+        "seconds": seconds,
+    }
+    machine_before, children_before, wall_before = machine_cpu(), children_cpu_seconds(), time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "_ceiling", json.dumps(spec)],
+        cwd=source,
+        env=source_env(source),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=seconds + 120,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise BenchError(f"the ceiling process failed (exit {done.returncode}):\n{done.stderr.strip()}")
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    result["note"] = "optimize() on a ThreadPoolExecutor, no HTTP, in a child process; " + SAME_MACHINE_NOTE
+    # The whole child (its start-up included) against the machine's CPU over the same interval.
+    result["machine_cpu"] = machine_cpu_delta(
+        machine_before, children_cpu_seconds() - children_before, time.perf_counter() - wall_before
+    )
+    return result
+
+
+# --- the server process ----------------------------------------------------------------------------------
+
+
+class ServerProcess:
+    """``python -m optimizer`` on 127.0.0.1 and a free port; its JSON log goes to a file."""
+
+    def __init__(self, server_args: Sequence[str], log_path: Path, source: Path = ROOT) -> None:
+        self.log_path = log_path
+        self.args = [*server_args, "--host", HOST, "--port", "0"]
+        self._log = log_path.open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "optimizer", *self.args],
+            cwd=source,
+            env=source_env(source),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=self._log,
+            start_new_session=True,  # a Ctrl-C reaches the harness only; it stops the server itself
+        )
+        self.port = 0
+        self.threads = 0
+        self.capacity = 0
+        self.exit_code: int | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    def wait_listening(self, timeout: float = STARTUP_TIMEOUT) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for entry in self._log_entries():
+                if entry.get("event") == "listening":
+                    self.port = int(entry["port"])
+                    self.threads = int(entry.get("threads", 0))
+                    self.capacity = int(entry.get("capacity", 0))
+                    return
+            if self.proc.poll() is not None:
+                raise BenchError(
+                    f"the server exited with code {self.proc.returncode} before listening:\n{self.log_tail()}"
+                )
+            time.sleep(0.05)
+        raise BenchError(f"the server did not log 'listening' within {timeout:g} s:\n{self.log_tail()}")
+
+    def _log_entries(self) -> Iterator[dict[str, Any]]:
+        with self.log_path.open("rb") as handle:
+            for line in handle:
+                try:
+                    entry = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(entry, dict):
+                    yield entry
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def stop(self, timeout: float) -> int:
+        """SIGTERM, then SIGKILL if it has not exited after ``timeout`` seconds; returns the exit code."""
+        try:
+            if self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGTERM)
+                try:
+                    self.proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait(10)
+        finally:
+            self._log.close()
+        self.exit_code = self.proc.returncode
+        return self.exit_code
+
+    def log_summary(self) -> dict[str, Any]:
+        """What the server said about the run: statuses and problem codes it logged, its own durations
+        for 2xx answers, the body bytes it read for refusals, and every warning or error."""
+        statuses: Counter[str] = Counter()
+        codes: Counter[str] = Counter()
+        problems: Counter[str] = Counter()
+        tracebacks: list[str] = []
+        ok_ms: list[float] = []
+        refused_bytes_in = 0
+        for entry in self._log_entries():
+            if entry.get("logger") == "optimizer.access":
+                status = int(entry.get("status", 0))
+                statuses[str(status)] += 1
+                if entry.get("code"):
+                    codes[f"{status} {entry['code']}"] += 1
+                if 200 <= status < 300:
+                    ok_ms.append(float(entry.get("duration_ms", 0.0)))
+                elif status == 503:
+                    refused_bytes_in += int(entry.get("bytes_in", 0))
+            if entry.get("level") in ("warning", "error", "critical"):
+                problems[f"{entry.get('level')}: {str(entry.get('message'))[:200]}"] += 1
+            if "traceback" in entry and len(tracebacks) < 3:
+                tracebacks.append(str(entry["traceback"])[-2000:])
+        return {
+            "statuses": dict(sorted(statuses.items())),
+            "codes": dict(sorted(codes.items())),
+            "ok_duration_ms": summary(ok_ms),
+            "refused_bytes_in": refused_bytes_in,
+            "warnings_and_errors": dict(problems.most_common(20)),
+            "tracebacks": tracebacks,
+            "exit_code": self.exit_code,
+        }
+
+
+class ServerMonitor:
+    """RSS every 100 ms (VmRSS, and VmHWM at the end) and CPU time of the server process."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.rss_at_start = proc_status(pid).get("VmRSS")
+        self.peak_rss_sampled = self.rss_at_start or 0
+        self.rss_now = self.rss_at_start
+        self.cpu_start = proc_cpu_seconds(pid)
+        self.cpu_end: float | None = None
+        self.vmhwm: int | None = None
+
+    async def sample(self) -> None:
+        while True:
+            rss = proc_status(self.pid).get("VmRSS")
+            if rss is not None:
+                self.rss_now = rss
+                self.peak_rss_sampled = max(self.peak_rss_sampled, rss)
+            await asyncio.sleep(SAMPLE_INTERVAL)
+
+    def finish(self) -> None:
+        """Read the final figures while the process is still alive (before it is stopped)."""
+        self.vmhwm = proc_status(self.pid).get("VmHWM")
+        self.cpu_end = proc_cpu_seconds(self.pid)
+
+    @property
+    def cpu_seconds(self) -> float | None:
+        if self.cpu_start is None or self.cpu_end is None:
+            return None
+        return self.cpu_end - self.cpu_start
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "pid": self.pid,
+            "rss_at_start_bytes": self.rss_at_start,
+            "peak_rss_sampled_bytes": self.peak_rss_sampled,
+            "peak_rss_vmhwm_bytes": self.vmhwm,
+            "peak_rss_bytes": max(self.vmhwm or 0, self.peak_rss_sampled) or None,
+            "cpu_seconds": self.cpu_seconds,
+        }
+
+
+# --- the load generator ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Upload:
+    """The request every user sends: the same bytes each time."""
+
+    url: str
+    body: bytes
+    headers: dict[str, str]
+    description: str
+
+    @classmethod
+    def build(cls, base_url: str, *, path: str, query: str, file: Path, field_name: str, raw: bool) -> Upload:
+        data = file.read_bytes()
+        url = base_url.rstrip("/") + path + (f"?{query}" if query else "")
+        ctype = media_type(file)
+        if raw:
+            return cls(url, data, {"Content-Type": ctype}, f"raw body ({ctype})")
+        # Built once by hand rather than with aiohttp.FormData, so that each request costs the client
+        # nothing but sending the bytes.
+        boundary = f"bench-{uuid.uuid4().hex}"
+        head = (
+            f"--{boundary}\r\n"
+            f'Content-Disposition: form-data; name="{field_name}"; filename="{file.name}"\r\n'
+            f"Content-Type: {ctype}\r\n\r\n"
+        ).encode()
+        body = head + data + f"\r\n--{boundary}--\r\n".encode()
+        headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+        return cls(url, body, headers, f'multipart field "{field_name}"')
+
+
+@dataclass
+class Tally:
+    """Everything the users observed. Counts are split at the end of the measured window."""
+
+    window_end: float  # perf_counter() at the end of the window
+    started: int = 0
+    statuses: Counter[int] = field(default_factory=Counter)  # answered within the window
+    statuses_late: Counter[int] = field(default_factory=Counter)  # answered during the grace period
+    codes: Counter[str] = field(default_factory=Counter)  # "503 overloaded"
+    ok_latencies: list[float] = field(default_factory=list)
+    refusal_latencies: list[float] = field(default_factory=list)
+    retry_after: list[float] = field(default_factory=list)
+    timing_sums: dict[str, float] = field(default_factory=dict)  # Server-Timing of 2xx, ms
+    connection_errors: Counter[str] = field(default_factory=Counter)
+    timeouts: int = 0
+    other_errors: Counter[str] = field(default_factory=Counter)
+    error_samples: dict[str, str] = field(default_factory=dict)
+    cut_off: int = 0  # still in flight when the grace period ended
+    users_seen: int = 0  # users started so far; each has an index
+    ok_by_user: Counter[int] = field(default_factory=Counter)  # 2xx per user, window and grace
+
+    def record(self, user: int, status: int, seconds: float, finished: float) -> None:
+        (self.statuses if finished <= self.window_end else self.statuses_late)[status] += 1
+        if 200 <= status < 300:
+            self.ok_latencies.append(seconds)
+            self.ok_by_user[user] += 1
+        elif status == 503:
+            self.refusal_latencies.append(seconds)
+
+    def error(self, kind: Counter[str], exc: BaseException) -> None:
+        name = type(exc).__name__
+        kind[name] += 1
+        self.error_samples.setdefault(name, str(exc)[:300])
+
+    @property
+    def answered(self) -> int:
+        return sum(self.statuses.values())
+
+    @property
+    def ok(self) -> int:
+        return sum(n for status, n in self.statuses.items() if 200 <= status < 300)
+
+    @property
+    def errors(self) -> int:
+        return sum(self.connection_errors.values()) + self.timeouts + sum(self.other_errors.values())
+
+
+class LoadRun:
+    """Closed-loop virtual users following a ``LoadPlan`` against one URL."""
+
+    def __init__(
+        self,
+        upload: Upload,
+        plan: LoadPlan,
+        *,
+        on_503: str,
+        timeout: float,
+        grace: float,
+        expect_continue: bool,
+        server: ServerProcess | None,
+        monitor: ServerMonitor | None,
+        quiet: bool,
+    ) -> None:
+        self.upload = upload
+        self.plan = plan
+        self.on_503 = on_503
+        self.timeout = aiohttp.ClientTimeout(total=timeout, connect=min(timeout, 10.0))
+        self.grace = grace
+        self.expect_continue = expect_continue
+        self.server = server
+        self.monitor = monitor
+        self.quiet = quiet
+        self.t0 = 0.0
+        self.tally = Tally(window_end=0.0)
+        self.active = 0
+        self.timeline: list[dict[str, Any]] = []
+        self.server_died: int | None = None
+        self.machine_before: tuple[float, float, float] | None = None
+
+    async def run(self) -> dict[str, Any]:
+        connector = aiohttp.TCPConnector(limit=max(1, self.plan.max_users), limit_per_host=0)
+        async with aiohttp.ClientSession(connector=connector, timeout=self.timeout) as session:
+            cpu_before, wall_before = self_cpu_seconds(), time.perf_counter()
+            self.machine_before = machine_cpu()
+            self.t0 = wall_before
+            self.tally.window_end = self.t0 + self.plan.seconds
+            background = [asyncio.create_task(self._progress())]
+            if self.monitor is not None:
+                background.append(asyncio.create_task(self.monitor.sample()))
+            try:
+                await self._control(session)
+            finally:
+                for task in background:
+                    task.cancel()
+                await asyncio.gather(*background, return_exceptions=True)
+                if not self.quiet:
+                    print(file=sys.stderr)
+            wall = time.perf_counter() - wall_before
+            client_cpu = self_cpu_seconds() - cpu_before
+        window = min(self.plan.seconds, wall)
+        return self._result(window, wall, client_cpu)
+
+    async def _control(self, session: aiohttp.ClientSession) -> None:
+        """Start and stop users to follow the plan; at the end, let in-flight requests finish."""
+        running: list[tuple[asyncio.Task[None], asyncio.Event]] = []
+        stopping: list[asyncio.Task[None]] = []
+        end = self.tally.window_end
+        while (now := time.perf_counter()) < end:
+            if self.server is not None and self.server.proc.poll() is not None:
+                self.server_died = self.server.proc.returncode
+                break
+            want = self.plan.target_at(now - self.t0)
+            while len(running) < want:
+                stop = asyncio.Event()
+                self.tally.users_seen += 1
+                user = self.tally.users_seen
+                running.append((asyncio.create_task(self._user(session, stop, user)), stop))
+            while len(running) > want:  # the newest users leave first, after their current request
+                task, stop = running.pop()
+                stop.set()
+                stopping.append(task)
+            self.active = len(running)
+            await asyncio.sleep(min(CONTROL_INTERVAL, max(0.0, end - now)))
+        for task, stop in running:
+            stop.set()
+            stopping.append(task)
+        self.active = 0
+        pending = {task for task in stopping if not task.done()}
+        if pending:
+            _, pending = await asyncio.wait(pending, timeout=self.grace)
+        for task in pending:
+            task.cancel()
+        self.tally.cut_off += len(pending)
+        await asyncio.gather(*stopping, return_exceptions=True)
+
+    async def _pause(self, stop: asyncio.Event, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await stop.wait()
+
+    async def _user(self, session: aiohttp.ClientSession, stop: asyncio.Event, user: int) -> None:
+        tally = self.tally
+        upload = self.upload
+        while not stop.is_set() and time.perf_counter() < tally.window_end:
+            tally.started += 1
+            started = time.perf_counter()
+            try:
+                async with session.post(
+                    upload.url,
+                    data=io.BytesIO(upload.body),
+                    headers=upload.headers,
+                    expect100=self.expect_continue,
+                ) as response:
+                    payload = await response.read()
+                    status = response.status
+                    retry_after = response.headers.get("Retry-After")
+                    server_timing = response.headers.get("Server-Timing", "")
+            except TimeoutError as exc:
+                tally.timeouts += 1
+                tally.error_samples.setdefault("timeout", str(exc)[:300] or type(exc).__name__)
+                continue
+            except aiohttp.ClientConnectionError as exc:
+                tally.error(tally.connection_errors, exc)
+                await self._pause(stop, CONNECTION_ERROR_PAUSE)
+                continue
+            except aiohttp.ClientError as exc:
+                tally.error(tally.other_errors, exc)
+                continue
+            finished = time.perf_counter()
+            tally.record(user, status, finished - started, finished)
+            if 200 <= status < 300:
+                for part in server_timing.split(","):
+                    name, _, duration = part.strip().partition(";dur=")
+                    with contextlib.suppress(ValueError):
+                        tally.timing_sums[name] = tally.timing_sums.get(name, 0.0) + float(duration)
+                continue
+            tally.codes[f"{status} {problem_code(payload)}"] += 1
+            if status == 503:
+                delay = 0.0
+                if retry_after is not None:
+                    with contextlib.suppress(ValueError):
+                        delay = max(0.0, float(retry_after))
+                    tally.retry_after.append(delay)
+                if self.on_503 == "retry-after" and delay > 0:
+                    await self._pause(stop, min(delay, max(0.0, tally.window_end - time.perf_counter())))
+
+    async def _progress(self) -> None:
+        last = Counter[int]()
+        last_errors = 0
+        while True:
+            await asyncio.sleep(PROGRESS_INTERVAL)
+            tally = self.tally
+            now = time.perf_counter() - self.t0
+            seen = tally.statuses + tally.statuses_late
+            delta = seen - last
+            errors = tally.errors
+            point: dict[str, Any] = {
+                "t": round(now, 2),
+                "users": self.active,
+                "ok": sum(n for s, n in delta.items() if 200 <= s < 300),
+                "refused_503": delta.get(503, 0),
+                "other": sum(n for s, n in delta.items() if not (200 <= s < 300 or s == 503)),
+                "errors": errors - last_errors,
+            }
+            if self.monitor is not None:
+                point["rss_bytes"] = self.monitor.rss_now
+                point["server_cpu_seconds"] = proc_cpu_seconds(self.monitor.pid)
+            self.timeline.append(point)
+            last, last_errors = seen, errors
+            if self.quiet:
+                continue
+            ok_total = sum(n for s, n in seen.items() if 200 <= s < 300)
+            p95 = percentile(sorted(tally.ok_latencies), 0.95)
+            rss = f"  rss {self.monitor.rss_now / MB:.0f} MB" if self.monitor and self.monitor.rss_now else ""
+            line = (
+                f"[{min(now, self.plan.seconds):5.1f}/{self.plan.seconds:g}s] users {self.active:3d}"
+                f"  2xx {ok_total}  503 {seen.get(503, 0)}  other {point['other']}  err {errors}"
+                f"  last 1s: {point['ok']} ok / {sum(delta.values())} answers"
+                f"  goodput {ok_total / max(now, 1e-9):.2f}/s  p95 {fmt_seconds(p95)} s{rss}"
+            )
+            print("\r" + line.ljust(120), end="", file=sys.stderr, flush=True)
+
+    def _machine(self, client_cpu: float, wall: float) -> dict[str, float | None] | None:
+        server_cpu = None
+        if self.monitor is not None:
+            now, start = proc_cpu_seconds(self.monitor.pid), self.monitor.cpu_start
+            server_cpu = None if now is None or start is None else now - start
+        ours = client_cpu + server_cpu if server_cpu is not None else None
+        return machine_cpu_delta(self.machine_before, ours, wall)
+
+    def _result(self, window: float, wall: float, client_cpu: float) -> dict[str, Any]:
+        tally = self.tally
+        ok = tally.ok
+        rates = {str(status): n / window for status, n in sorted(tally.statuses.items())}
+        timings = {name: total / len(tally.ok_latencies) for name, total in tally.timing_sums.items()}
+        return {
+            "users": self.plan.max_users,
+            "plan": {
+                "start_users": self.plan.start_users,
+                "stages": [asdict(stage) for stage in self.plan.stages],
+                "description": self.plan.describe(),
+            },
+            "on_503": self.on_503,
+            "window_seconds": window,
+            "wall_seconds": wall,
+            "requests_started": tally.started,
+            "responses": tally.answered,
+            "responses_by_status": {str(s): n for s, n in sorted(tally.statuses.items())},
+            "responses_per_s_by_status": rates,
+            "responses_per_s": tally.answered / window if window > 0 else None,
+            "responses_after_window_by_status": {str(s): n for s, n in sorted(tally.statuses_late.items())},
+            "non_2xx_by_code": dict(sorted(tally.codes.items())),
+            "ok": ok,
+            "ok_per_user": {
+                "users": tally.users_seen,
+                "users_without_2xx": tally.users_seen - len(tally.ok_by_user),
+                **summary([float(tally.ok_by_user.get(u, 0)) for u in range(1, tally.users_seen + 1)]),
+            },
+            "goodput_per_s": ok / window if window > 0 else None,
+            "latency_2xx_seconds": summary(tally.ok_latencies),
+            "latency_503_seconds": summary(tally.refusal_latencies),
+            "retry_after_seconds": summary(tally.retry_after),
+            "server_timing_2xx_mean_ms": timings,
+            "errors": {
+                "total": tally.errors,
+                "connection": dict(tally.connection_errors),
+                "timeouts": tally.timeouts,
+                "other": dict(tally.other_errors),
+                "samples": tally.error_samples,
+                "cut_off_at_end": tally.cut_off,
+            },
+            "server_5xx_other_than_503": sum(n for s, n in tally.statuses.items() if s >= 500 and s != 503),
+            "client_cpu_seconds": client_cpu,
+            "client_cpu_share": client_cpu / wall if wall > 0 else None,
+            "machine_cpu": self._machine(client_cpu, wall),
+            "server_died_with_code": self.server_died,
+            "timeline": self.timeline,
+        }
+
+
+def problem_code(payload: bytes) -> str:
+    """The ``code`` of a problem+json body, or ``-``."""
+    try:
+        body = json.loads(payload)
+    except ValueError:
+        return "-"
+    return str(body.get("code", "-")) if isinstance(body, dict) else "-"
+
+
+# --- one run, with or without a server of our own ---------------------------------------------------------
+
+
+@dataclass
+class Config:
+    file: Path
+    path: str
+    query: str
+    raw: bool
+    field_name: str
+    url: str | None
+    server_args: list[str]
+    on_503: str
+    timeout: float
+    grace: float
+    expect_continue: bool
+    ceiling: bool
+    ceiling_seconds: float | None
+    threads: int
+    quiet: bool
+    stop_timeout: float
+    server_log: Path | None
+    scenario: str | None
+    source: Path
+    label: str | None = None
+
+
+def load_once(config: Config, plan: LoadPlan, log_dir: Path, label: str) -> dict[str, Any]:
+    server: ServerProcess | None = None
+    monitor: ServerMonitor | None = None
+    if config.url is None:
+        log_path = (config.server_log or log_dir / "server.log").with_suffix(f".{label}.log")
+        server = ServerProcess(config.server_args, log_path, config.source)
+    try:
+        if server is not None:
+            server.wait_listening()
+            monitor = ServerMonitor(server.pid)
+            base_url = server.url
+        else:
+            assert config.url is not None
+            base_url = config.url
+        upload = Upload.build(
+            base_url,
+            path=config.path,
+            query=config.query,
+            file=config.file,
+            field_name=config.field_name,
+            raw=config.raw,
+        )
+        if not config.quiet:
+            print(f"load: {plan.describe()} -> POST {upload.url}", file=sys.stderr)
+        run = LoadRun(
+            upload,
+            plan,
+            on_503=config.on_503,
+            timeout=config.timeout,
+            grace=config.grace,
+            expect_continue=config.expect_continue,
+            server=server,
+            monitor=monitor,
+            quiet=config.quiet,
+        )
+        result = asyncio.run(run.run())
+        result["url"] = upload.url
+        result["request"] = upload.description
+        if monitor is not None:
+            monitor.finish()
+    finally:
+        if server is not None:
+            server.stop(config.stop_timeout)
+    if server is not None and monitor is not None:
+        result["server"] = {
+            **monitor.as_dict(),
+            "threads": server.threads,
+            "capacity": server.capacity,
+            "args": server.args,
+            "log_file": str(server.log_path) if config.server_log else None,
+            "log": server.log_summary(),
+        }
+    else:
+        result["server"] = None
+    return result
+
+
+def compare(result: dict[str, Any], ceiling: dict[str, Any] | None) -> None:
+    """Derived figures: goodput / ceiling, RSS difference, server CPU per response and per refusal."""
+    server = result.get("server") or {}
+    cpu = server.get("cpu_seconds")
+    refusals = result["responses_by_status"].get("503", 0) + result["responses_after_window_by_status"].get(
+        "503", 0
+    )
+    answered = result["responses"] + sum(result["responses_after_window_by_status"].values())
+    ok_all = result["ok"] + sum(
+        n for s, n in result["responses_after_window_by_status"].items() if 200 <= int(s) < 300
+    )
+    derived: dict[str, Any] = {
+        "server_cpu_seconds_per_response": cpu / answered if cpu is not None and answered else None,
+        "server_cpu_seconds_per_refusal_upper_bound": cpu / refusals
+        if cpu is not None and refusals
+        else None,
+        "server_cpu_seconds_per_refusal_estimate": None,
+        "goodput_over_ceiling": None,
+        "server_minus_ceiling_peak_rss_bytes": None,
+    }
+    if ceiling is not None:
+        per_image = ceiling.get("cpu_seconds_per_image")
+        if ceiling.get("images_per_s") and result["goodput_per_s"] is not None:
+            derived["goodput_over_ceiling"] = result["goodput_per_s"] / ceiling["images_per_s"]
+        if cpu is not None and refusals and per_image is not None:
+            # What the server spent beyond the images it delivered, spread over the refusals.
+            derived["server_cpu_seconds_per_refusal_estimate"] = max(0.0, cpu - ok_all * per_image) / refusals
+        if server.get("peak_rss_bytes") and ceiling.get("peak_rss_bytes"):
+            derived["server_minus_ceiling_peak_rss_bytes"] = (
+                server["peak_rss_bytes"] - ceiling["peak_rss_bytes"]
+            )
+    derived["noisy_phases"] = [
+        name
+        for name, part in (
+            ("ceiling", (ceiling or {}).get("machine_cpu")),
+            ("load", result.get("machine_cpu")),
+        )
+        if part and (part.get("others_cores") or 0.0) > NOISY_CORES
+    ]
+    result["derived"] = derived
+
+
+# --- report ---------------------------------------------------------------------------------------------
+
+
+def print_report(results: dict[str, Any]) -> None:
+    config = results["config"]
+    machine = results["machine"]
+    ceiling = results.get("ceiling")
+    out: list[str] = []
+    out.append(
+        f"optimizer benchmark: POST {config['path']}{'?' + config['query'] if config['query'] else ''}"
+        f"  file {Path(config['file']).name} ({config['file_bytes'] / MB:.2f} MB)"
+        + (f"  scenario {config['scenario']}" if config["scenario"] else "")
+    )
+    out.append(
+        f"machine: nproc {machine['nproc']}, usable {machine['effective_cpu_count']}, "
+        f"{machine['cpu_model'] or 'unknown CPU'}, load average at start {machine['loadavg_at_start']}"
+    )
+    code = results.get("code")
+    if code:
+        modified = {True: ", optimizer/ has uncommitted changes", False: "", None: ""}[
+            code["optimizer_modified"]
+        ]
+        out.append(f"code: {code['root']} at commit {(code['commit'] or 'unknown')[:12]}{modified}")
+    if results.get("label"):
+        out.append(f"label: {results['label']}")
+    if ceiling is not None:
+        out.append(f"note: {SAME_MACHINE_NOTE}.")
+    for run in results["runs"]:
+        out.append("")
+        out.extend(run_table(run, ceiling))
+    if len(results["runs"]) > 1:
+        out.append("")
+        out.append("sweep (constant users, server restarted for each count):")
+        out.append(
+            f"  {'users':>6} {'goodput/s':>10} {'/ceiling':>9} {'p95 2xx s':>10} {'503/s':>8}"
+            f" {'peak RSS':>10}"
+        )
+        for row in results.get("sweep", []):
+            ratio = row.get("goodput_over_ceiling")
+            out.append(
+                f"  {row['users']:>6} {row['goodput_per_s'] or 0:>10.2f} "
+                f"{'-' if ratio is None else f'{ratio:.0%}':>9} {fmt_seconds(row['p95_seconds']):>10} "
+                f"{row['refused_per_s'] or 0:>8.1f} {fmt_mb(row['peak_rss_bytes']):>10}"
+            )
+    print("\n".join(out))
+
+
+def noise_lines(run: dict[str, Any], ceiling: dict[str, Any] | None) -> list[str]:
+    """Other processes' CPU during the ceiling and the load, and a warning when it was large."""
+    lines: list[str] = []
+    noise = [
+        f"{name} {part['others_cores']:.2f} cores"
+        for name, part in (
+            ("during the ceiling", (ceiling or {}).get("machine_cpu")),
+            ("during the load", run.get("machine_cpu")),
+        )
+        if part and part.get("others_cores") is not None
+    ]
+    if noise:
+        lines.append(f"  other processes' CPU on the machine (noise, from /proc/stat): {', '.join(noise)}")
+    busy = [
+        name
+        for name, part in (("ceiling", (ceiling or {}).get("machine_cpu")), ("load", run.get("machine_cpu")))
+        if part and (part.get("others_cores") or 0.0) > NOISY_CORES
+    ]
+    if busy:
+        lines.append(
+            f"  WARNING: other work used over {NOISY_CORES} cores during the {' and the '.join(busy)}: "
+            "these figures (and the ratio) are unreliable; run again when the machine is quieter"
+        )
+    return lines
+
+
+def run_table(run: dict[str, Any], ceiling: dict[str, Any] | None) -> list[str]:
+    lat = run["latency_2xx_seconds"]
+    server = run.get("server") or {}
+    derived = run.get("derived", {})
+    rows: list[tuple[str, str, str]] = []
+    ceiling_rate = fmt_rate(ceiling["images_per_s"]) if ceiling else "-"
+    rows.append(("images/s (goodput: 2xx/s)", fmt_rate(run["goodput_per_s"]), ceiling_rate))
+    ratio = derived.get("goodput_over_ceiling")
+    rows.append(("goodput / ceiling", "-" if ratio is None else f"{ratio:.1%}", ""))
+    rows.append(
+        (
+            "2xx latency p50 / p95 / p99 s",
+            f"{fmt_seconds(lat['p50'])} / {fmt_seconds(lat['p95'])} / {fmt_seconds(lat['p99'])}",
+            f"{fmt_seconds(ceiling['image_seconds']['p50'])} per image (p50)" if ceiling else "-",
+        )
+    )
+    rows.append(
+        (
+            "peak RSS",
+            fmt_mb(server.get("peak_rss_bytes")),
+            fmt_mb(ceiling.get("peak_rss_bytes")) if ceiling else "-",
+        )
+    )
+    diff = derived.get("server_minus_ceiling_peak_rss_bytes")
+    rows.append(("server minus ceiling peak RSS", "-" if diff is None else f"{diff / MB:+.0f} MB", ""))
+    rows.append(
+        (
+            "CPU seconds",
+            "-" if server.get("cpu_seconds") is None else f"{server['cpu_seconds']:.1f} (server)",
+            f"{ceiling['cpu_seconds']:.1f}" if ceiling else "-",
+        )
+    )
+    lines = [f"run: {run['plan']['description']}, on 503: {run['on_503']}, {run['request']}"]
+    lines.append(f"  {'':34} {'HTTP':>26}   {'ceiling (no HTTP)':<26}")
+    lines.extend(f"  {name:34} {http:>26}   {ceil:<26}" for name, http, ceil in rows)
+    statuses = ", ".join(
+        f"{status}: {n} ({run['responses_per_s_by_status'][status]:.1f}/s)"
+        for status, n in run["responses_by_status"].items()
+    )
+    lines.append(f"  responses in the {run['window_seconds']:.1f} s window: {statuses or 'none'}")
+    if run["non_2xx_by_code"]:
+        lines.append(f"  non-2xx by problem code: {run['non_2xx_by_code']}")
+    if run["responses_after_window_by_status"]:
+        lines.append(f"  answered after the window (grace): {run['responses_after_window_by_status']}")
+    errors = run["errors"]
+    lines.append(
+        f"  errors: connection {sum(errors['connection'].values())}{count_detail(errors['connection'])}, "
+        f"timeouts {errors['timeouts']}, "
+        f"other {sum(errors['other'].values())}{count_detail(errors['other'])}, "
+        f"cut off at the end {errors['cut_off_at_end']}"
+    )
+    if errors["samples"]:
+        lines.append(f"  error samples: {errors['samples']}")
+    if run["server_5xx_other_than_503"]:
+        lines.append(f"  5xx other than 503: {run['server_5xx_other_than_503']}")
+    per_refusal = derived.get("server_cpu_seconds_per_refusal_estimate")
+    bound = derived.get("server_cpu_seconds_per_refusal_upper_bound")
+    if bound is not None:
+        lines.append(
+            f"  server CPU per refusal: {fmt_seconds(per_refusal)} s estimated (server CPU minus ceiling CPU"
+            f" per image x 2xx, over 503s); {bound:.4f} s upper bound (all server CPU over 503s)"
+        )
+    if run["server_timing_2xx_mean_ms"]:
+        timing = ", ".join(f"{k} {v:.0f}" for k, v in run["server_timing_2xx_mean_ms"].items())
+        lines.append(f"  Server-Timing of 2xx, mean ms: {timing}")
+    fair = run["ok_per_user"]
+    if fair["users"]:
+        lines.append(
+            f"  2xx per user: min {fair['min']:.0f}, median {fair['p50']:.0f}, "
+            f"max {fair['max']:.0f}; users that never got a 2xx: "
+            f"{fair['users_without_2xx']} of {fair['users']}"
+        )
+    lines.append(f"  client CPU share: {run['client_cpu_share']:.0%} of one core (the harness itself)")
+    lines.extend(noise_lines(run, ceiling))
+    log = server.get("log")
+    if log:
+        lines.append(f"  server log: statuses {log['statuses']}, codes {log['codes']}")
+        if log["warnings_and_errors"] or log["tracebacks"]:
+            lines.append(f"  server warnings/errors: {log['warnings_and_errors']}")
+        lines.append(f"  server exit code after SIGTERM: {log['exit_code']}")
+    if run["server_died_with_code"] is not None:
+        lines.append(f"  THE SERVER EXITED DURING THE RUN with code {run['server_died_with_code']}")
+    return lines
+
+
+# --- chart ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Series:
+    name: str
+    color: tuple[int, int, int]
+    points: list[tuple[float, float]]
+    dashed: bool = False
+
+
+def nice_ticks(high: float, count: int = 5) -> list[float]:
+    """Round tick values from 0 to at least ``high``."""
+    if high <= 0:
+        return [0.0, 1.0]
+    raw = high / count
+    magnitude = 10 ** math.floor(math.log10(raw))
+    step = next(m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw)
+    ticks = [0.0]
+    while ticks[-1] < high - 1e-9:
+        ticks.append(ticks[-1] + step)
+    return ticks
+
+
+def tick_label(value: float) -> str:
+    return f"{value:.0f}" if value >= 10 or value == int(value) else f"{value:.2g}"
+
+
+Font = ImageFont.FreeTypeFont | ImageFont.ImageFont
+
+
+def font(size: int) -> Font:
+    return ImageFont.load_default(size=size)
+
+
+def draw_panel(
+    image: Image.Image,
+    box: tuple[int, int, int, int],
+    *,
+    title: str,
+    y_label: str,
+    x_values: Sequence[float],
+    series: Sequence[Series],
+) -> None:
+    draw = ImageDraw.Draw(image)
+    left, top, right, bottom = box
+    plot = (left + 80, top + 36, right - 20, bottom - 50)
+    px0, py0, px1, py1 = plot
+    draw.text((left + 80, top + 4), title, fill="black", font=font(18))
+    values = [y for s in series for _, y in s.points]
+    y_ticks = nice_ticks(max(values, default=1.0) * 1.1)
+    y_max = y_ticks[-1]
+    x_max = max(x_values, default=1.0) * 1.08 or 1.0
+
+    def to_px(x: float, y: float) -> tuple[float, float]:
+        return px0 + (px1 - px0) * x / x_max, py1 - (py1 - py0) * y / y_max
+
+    tick_font = font(13)
+    for y in y_ticks:
+        _, py = to_px(0, y)
+        draw.line((px0, py, px1, py), fill=(225, 225, 225))
+        draw.text((px0 - 8, py), tick_label(y), fill="black", font=tick_font, anchor="rm")
+    for x in sorted({0.0, *x_values}):
+        px, _ = to_px(x, 0)
+        draw.line((px, py1, px, py1 + 5), fill="black")
+        draw.text((px, py1 + 8), tick_label(x), fill="black", font=tick_font, anchor="mt")
+    draw.rectangle(plot, outline="black")
+    draw.text(((px0 + px1) / 2, bottom - 18), "virtual users", fill="black", font=font(14), anchor="mm")
+    label = Image.new("RGBA", (int(py1 - py0), 22), (255, 255, 255, 0))
+    ImageDraw.Draw(label).text((label.width / 2, 11), y_label, fill="black", font=font(14), anchor="mm")
+    rotated = label.rotate(90, expand=True)
+    image.paste(rotated, (left + 4, py0), rotated)
+
+    legend_x = float(px1)  # legends sit on the title's line, right-aligned, never over the data
+    for s in reversed(series):
+        legend_x -= draw.textlength(s.name, font=tick_font) + 44
+        draw.line((legend_x, top + 14, legend_x + 30, top + 14), fill=s.color, width=3)
+        draw.text((legend_x + 36, top + 14), s.name, fill="black", font=tick_font, anchor="lm")
+    for s in series:
+        points = [to_px(x, y) for x, y in sorted(s.points)]
+        if s.dashed and points:
+            y = points[0][1]
+            x = float(px0)
+            while x < px1:
+                draw.line((x, y, min(x + 10, px1), y), fill=s.color, width=2)
+                x += 18
+        else:
+            if len(points) > 1:
+                draw.line(points, fill=s.color, width=3)
+            for (px, py), (_, value) in zip(points, sorted(s.points), strict=True):
+                draw.ellipse((px - 5, py - 5, px + 5, py + 5), fill=s.color)
+                draw.text((px + 8, py - 4), f"{value:.3g}", fill=s.color, font=tick_font, anchor="lb")
+
+
+def draw_chart(results: dict[str, Any], out: Path) -> None:
+    runs = sorted(results["runs"], key=lambda run: run["users"])
+    ceiling = results.get("ceiling")
+    users = [float(run["users"]) for run in runs]
+
+    def points(getter: Callable[[dict[str, Any]], Any], scale: float = 1.0) -> list[tuple[float, float]]:
+        found = [(float(run["users"]), getter(run)) for run in runs]
+        return [(x, float(y) / scale) for x, y in found if y is not None]
+
+    def flat(value: float | None, scale: float = 1.0) -> list[tuple[float, float]]:
+        return [] if value is None else [(0.0, value / scale), (max(users, default=1.0), value / scale)]
+
+    panels: list[tuple[str, str, list[Series]]] = [
+        (
+            "Goodput: 2xx responses per second",
+            "images / s",
+            [Series("HTTP goodput", (31, 119, 180), points(lambda r: r["goodput_per_s"]))],
+        ),
+        (
+            "Latency of 2xx responses",
+            "seconds",
+            [
+                Series("p95", (255, 127, 14), points(lambda r: r["latency_2xx_seconds"]["p95"])),
+                Series("p50", (148, 103, 189), points(lambda r: r["latency_2xx_seconds"]["p50"])),
+            ],
+        ),
+        (
+            "Peak RSS of the server process",
+            "MB",
+            [
+                Series(
+                    "server peak RSS",
+                    (44, 160, 44),
+                    points(lambda r: (r.get("server") or {}).get("peak_rss_bytes"), MB),
+                )
+            ],
+        ),
+        (
+            "Refusals: 503 responses per second",
+            "responses / s",
+            [
+                Series(
+                    "503 / s",
+                    (214, 39, 40),
+                    points(lambda r: r["responses_per_s_by_status"].get("503", 0.0)),
+                )
+            ],
+        ),
+    ]
+    if ceiling is not None:
+        panels[0][2].append(
+            Series(
+                f"ceiling {ceiling['images_per_s']:.2f}/s", (90, 90, 90), flat(ceiling["images_per_s"]), True
+            )
+        )
+        panels[2][2].append(
+            Series(
+                f"ceiling {ceiling['peak_rss_bytes'] / MB:.0f} MB",
+                (90, 90, 90),
+                flat(ceiling.get("peak_rss_bytes"), MB),
+                True,
+            )
+        )
+    width, panel_height, header = 1000, 300, 90
+    image = Image.new("RGB", (width, header + panel_height * len(panels)), "white")
+    draw = ImageDraw.Draw(image)
+    config, machine = results["config"], results["machine"]
+    query = f"?{config['query']}" if config["query"] else ""
+    draw.text(
+        (20, 14),
+        f"optimizer: POST {config['path']}{query}, {Path(config['file']).name}",
+        fill="black",
+        font=font(22),
+    )
+    subtitle = (
+        (f"{results['label']}; " if results.get("label") else "")
+        + f"on 503: {runs[0]['on_503'] if runs else '-'}; {len(runs)} run(s); {machine['nproc']} CPUs "
+        f"({machine['cpu_model'] or '?'}); {results['started_at'][:19]}"
+    )
+    draw.text((20, 46), subtitle, fill=(60, 60, 60), font=font(14))
+    if ceiling is not None:
+        draw.text(
+            (20, 66),
+            "ceiling: optimize() alone, same machine, same invocation",
+            fill=(60, 60, 60),
+            font=font(14),
+        )
+    noisy = sorted({phase for run in runs for phase in run.get("derived", {}).get("noisy_phases", [])})
+    if noisy:
+        draw.text(
+            (560, 66),
+            f"noisy machine during: {', '.join(noisy)} (see the JSON)",
+            fill=(200, 0, 0),
+            font=font(14),
+        )
+    for index, (title, y_label, series) in enumerate(panels):
+        top = header + index * panel_height
+        draw_panel(
+            image,
+            (0, top, width, top + panel_height),
+            title=title,
+            y_label=y_label,
+            x_values=users,
+            series=series,
+        )
+    image.save(out, "PNG")
+
+
+# --- command line ---------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bench.py",
+        description="Load-test the optimizer over HTTP and compare with the pipeline's ceiling. "
+        "Flags after -- go to the server the harness starts (e.g. -- --threads 2 --queue 4). "
+        "`bench.py chart RESULTS.json OUT.png` draws a chart from --json results.",
+        epilog="Scenarios: "
+        + "; ".join(f"{name}: {scenario.description}" for name, scenario in SCENARIOS.items()),
+    )
+    parser.add_argument(
+        "--scenario", choices=sorted(SCENARIOS), help="named preset (flags given override it)"
+    )
+    parser.add_argument(
+        "--file", type=Path, help="image to upload (relative paths are also tried in the corpus)"
+    )
+    parser.add_argument(
+        "--corpus",
+        type=Path,
+        default=Path(os.environ.get("OPTIMIZER_CORPUS", ROOT.parent / "shared" / "corpus")),
+        help="corpus folder for scenarios [default: $OPTIMIZER_CORPUS or ../shared/corpus]",
+    )
+    target = parser.add_mutually_exclusive_group()
+    target.add_argument("--start", action="store_true", help="start the server (the default without --url)")
+    target.add_argument("--url", help="target a running server at this base URL (loopback only)")
+    parser.add_argument("--path", help="route [default: /upload]")
+    parser.add_argument("--query", help="query string, e.g. width=800&quality=80")
+    parser.add_argument("--raw", action="store_true", help="send the raw file with its Content-Type")
+    parser.add_argument("--field", default="image", help="multipart field name [default: image]")
+    parser.add_argument("--users", type=int, help="constant number of users [default: 10]")
+    parser.add_argument(
+        "--duration", type=parse_duration, help="seconds of load, e.g. 25 or 25s [default: 10]"
+    )
+    parser.add_argument("--stages", type=parse_stages, help="k6-like ramp, e.g. 5s:20,10s:50,5s:0")
+    parser.add_argument(
+        "--sweep-users", type=parse_user_list, help="constant runs for each count, e.g. 10,50,200"
+    )
+    parser.add_argument(
+        "--on-503",
+        choices=("retry-after", "immediate"),
+        help="sleep Retry-After seconds (a real client) or retry at once (k6 flood) [default: retry-after]",
+    )
+    parser.add_argument(
+        "--expect-continue", action="store_true", help="send Expect: 100-continue (refusals skip the upload)"
+    )
+    parser.add_argument("--timeout", type=float, default=60.0, help="per-request timeout in seconds [60]")
+    parser.add_argument(
+        "--grace", type=float, default=10.0, help="seconds in-flight requests get at the end [10]"
+    )
+    parser.add_argument(
+        "--ceiling",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="measure the pipeline alone first [default: on when the harness starts the server]",
+    )
+    parser.add_argument("--ceiling-duration", type=parse_duration, help="[default: the load's duration]")
+    parser.add_argument("--ceiling-threads", type=int, help="[default: the server's thread count]")
+    parser.add_argument(
+        "--source",
+        type=Path,
+        default=ROOT,
+        help="optimizer checkout the server and the ceiling run from, e.g. a git worktree of another "
+        "commit [default: this repository]",
+    )
+    parser.add_argument("--label", help="free text stored with the results and shown on the chart")
+    parser.add_argument("--json", type=Path, help="write the results as JSON to this file")
+    parser.add_argument("--server-log", type=Path, help="keep the server's log (one file per run, suffixed)")
+    parser.add_argument("--stop-timeout", type=float, default=30.0, help="SIGKILL the server after [30] s")
+    parser.add_argument("--quiet", action="store_true", help="no progress line on stderr")
+    return parser
+
+
+def resolve_file(args: argparse.Namespace, scenario: Scenario | None) -> Path:
+    candidates: list[Path] = []
+    if args.file is not None:
+        candidates += [args.file, args.corpus / args.file]
+    elif scenario is not None:
+        candidates.append(args.corpus / scenario.file)
+    else:
+        raise BenchError("give --file or --scenario")
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate.resolve()
+    raise BenchError(f"no such file: {candidates[0]} (set --corpus or $OPTIMIZER_CORPUS for the corpus)")
+
+
+def make_config(args: argparse.Namespace, server_args: list[str]) -> tuple[Config, list[LoadPlan]]:
+    scenario = SCENARIOS.get(args.scenario) if args.scenario else None
+    file = resolve_file(args, scenario)
+    path = args.path or (scenario.path if scenario else "/upload")
+    if not path.startswith("/"):
+        path = "/" + path
+    query = (args.query if args.query is not None else (scenario.query if scenario else "")).lstrip("?")
+    on_503 = args.on_503 or (scenario.on_503 if scenario else "retry-after")
+    users = args.users if args.users is not None else (scenario.users if scenario else 10)
+    duration = args.duration if args.duration is not None else (scenario.duration if scenario else 10.0)
+    if users < 1 or duration <= 0:
+        raise BenchError("--users must be at least 1 and --duration positive")
+    if args.timeout <= 0 or args.grace < 0:
+        raise BenchError("--timeout must be positive and --grace 0 or more")
+
+    if not (args.source / "optimizer" / "__init__.py").is_file():
+        raise BenchError(f"--source {args.source}: no optimizer package there")
+    if args.url is not None:
+        parts = urlsplit(args.url)
+        if parts.scheme != "http" or parts.hostname not in LOOPBACK_HOSTS:
+            raise BenchError(f"--url {args.url}: only http:// on 127.0.0.1 (loopback) is allowed")
+        if server_args:
+            raise BenchError(
+                "flags after -- go to a server the harness starts; they make no sense with --url"
+            )
+    try:
+        settings = server_settings(server_args)
+    except SettingsError as exc:
+        raise BenchError(f"server flags after --: {exc}") from None
+    if any(flag == f or flag.startswith(f + "=") for flag in server_args for f in ("--host", "--port")):
+        raise BenchError(
+            "the harness binds the server to 127.0.0.1 on a free port itself; drop --host/--port"
+        )
+    ceiling = args.ceiling if args.ceiling is not None else args.url is None
+    if ceiling:
+        request_params(path, query, settings)  # a bad query fails now, not in the child
+
+    if args.sweep_users and args.stages:
+        raise BenchError("--sweep-users runs constant loads; it cannot be combined with --stages")
+    if args.sweep_users:
+        plans = [LoadPlan.constant(n, duration) for n in args.sweep_users]
+    elif args.stages:
+        plans = [LoadPlan(start_users=0, stages=args.stages)]
+    else:
+        plans = [LoadPlan.constant(users, duration)]
+    config = Config(
+        file=file,
+        path=path,
+        query=query,
+        raw=args.raw,
+        field_name=args.field,
+        url=args.url,
+        server_args=server_args,
+        on_503=on_503,
+        timeout=args.timeout,
+        grace=args.grace,
+        expect_continue=args.expect_continue,
+        ceiling=ceiling,
+        ceiling_seconds=args.ceiling_duration,
+        threads=args.ceiling_threads or settings.threads,
+        quiet=args.quiet,
+        stop_timeout=args.stop_timeout,
+        server_log=args.server_log,
+        scenario=args.scenario,
+        source=args.source.resolve(),
+        label=args.label,
+    )
+    return config, plans
+
+
+def run_bench(config: Config, plans: list[LoadPlan], command: list[str]) -> dict[str, Any]:
+    results: dict[str, Any] = {
+        "version": RESULTS_VERSION,
+        "started_at": datetime.now(UTC).isoformat(),
+        "label": config.label,
+        "command": command,
+        "machine": machine_info(),
+        "config": {
+            "scenario": config.scenario,
+            "file": str(config.file),
+            "file_bytes": config.file.stat().st_size,
+            "path": config.path,
+            "query": config.query,
+            "body": "raw" if config.raw else f"multipart:{config.field_name}",
+            "on_503": config.on_503,
+            "expect_continue": config.expect_continue,
+            "timeout_seconds": config.timeout,
+            "grace_seconds": config.grace,
+            "url": config.url,
+            "server_started_by_harness": config.url is None,
+            "server_args": config.server_args,
+            "threads": config.threads,
+        },
+        # Which code ran: the server (when the harness starts it) and the ceiling come from --source.
+        "code": source_info(config.source) if config.url is None or config.ceiling else None,
+        "ceiling": None,
+        "runs": [],
+    }
+    if config.ceiling:
+        seconds = config.ceiling_seconds or max(plan.seconds for plan in plans)
+        if not config.quiet:
+            print(
+                f"ceiling: optimize() on {config.threads} threads, no HTTP, {seconds:g} s ...",
+                file=sys.stderr,
+            )
+        results["ceiling"] = run_ceiling(
+            config.file,
+            path=config.path,
+            query=config.query,
+            server_args=config.server_args,
+            threads=config.threads,
+            seconds=seconds,
+            source=config.source,
+        )
+        results["note"] = SAME_MACHINE_NOTE
+    with tempfile.TemporaryDirectory(prefix="bench-") as log_dir:
+        for index, plan in enumerate(plans):
+            result = load_once(config, plan, Path(log_dir), f"{index + 1}-{plan.max_users}u")
+            compare(result, results["ceiling"])
+            server = result.get("server") or {}
+            if server.get("threads") and server["threads"] != config.threads and results["ceiling"]:
+                result["warning"] = (
+                    f"the server ran {server['threads']} threads but the ceiling {config.threads}"
+                )
+            results["runs"].append(result)
+    with contextlib.suppress(OSError):
+        results["machine"]["loadavg_at_end"] = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    if len(plans) > 1:
+        results["sweep"] = [
+            {
+                "users": run["users"],
+                "goodput_per_s": run["goodput_per_s"],
+                "goodput_over_ceiling": run["derived"]["goodput_over_ceiling"],
+                "p95_seconds": run["latency_2xx_seconds"]["p95"],
+                "refused_per_s": run["responses_per_s_by_status"].get("503", 0.0),
+                "peak_rss_bytes": (run.get("server") or {}).get("peak_rss_bytes"),
+                "errors": run["errors"]["total"],
+            }
+            for run in results["runs"]
+        ]
+    return results
+
+
+def chart_main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="bench.py chart", description="Draw a PNG from --json results.")
+    parser.add_argument("results", type=Path)
+    parser.add_argument("out", type=Path)
+    args = parser.parse_args(argv)
+    draw_chart(json.loads(args.results.read_text()), args.out)
+    print(f"chart written to {args.out}", file=sys.stderr)
+    return 0
+
+
+def _interrupted(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["chart"]:
+        return chart_main(argv[1:])
+    if argv[:1] == ["_ceiling"]:  # internal: the ceiling's child process
+        return ceiling_child(json.loads(argv[1]))
+    own, server_args = (
+        (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
+    )
+    # SIGTERM (a CI timeout, say) unwinds like Ctrl-C, so that the finally blocks stop the server.
+    signal.signal(signal.SIGTERM, _interrupted)
+    parser = build_parser()
+    args = parser.parse_args(own)
+    try:
+        config, plans = make_config(args, server_args)
+        results = run_bench(config, plans, ["scripts/bench.py", *argv])
+    except BenchError as exc:
+        print(f"bench.py: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nbench.py: interrupted; the server (if started) has been stopped", file=sys.stderr)
+        return 130
+    except SystemExit as exc:  # the server's own flag parser refused a flag after --
+        return exc.code if isinstance(exc.code, int) else 2
+    print_report(results)
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+        print(f"results written to {args.json}", file=sys.stderr)
+    failed = any(run["ok"] == 0 or run["server_died_with_code"] is not None for run in results["runs"])
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

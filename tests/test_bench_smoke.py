@@ -1,0 +1,122 @@
+"""``scripts/bench.py`` end to end: it starts a server, measures the ceiling, loads it, reports.
+
+Only the shape of the report is checked, and that some images came back: never how fast, since the
+machine running the tests may be shared and slow. A generated JPEG is uploaded, so no corpus is needed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from tests.conftest import ROOT, image_bytes
+
+BENCH = ROOT / "scripts" / "bench.py"
+RUN_TIMEOUT = 120.0
+
+
+def load_bench() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("bench", BENCH)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("bench", module)  # dataclasses look their module up while the file runs
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_bench(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(BENCH), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT,
+        check=False,
+    )
+
+
+def test_stages_ramp_linearly_between_targets() -> None:
+    bench = load_bench()
+    plan = bench.LoadPlan(start_users=0, stages=bench.parse_stages("5s:20,10s:50,5s:0"))
+    assert plan.seconds == 20
+    assert plan.max_users == 50
+    assert [plan.target_at(t) for t in (0, 2.5, 5, 10, 15, 17.5, 25)] == [0, 10, 20, 35, 50, 25, 0]
+    assert bench.parse_duration("500ms") == 0.5
+    with pytest.raises(ValueError, match="DURATION:USERS"):
+        bench.parse_stages("5s")
+
+
+@pytest.mark.slow
+def test_bench_runs_against_its_own_server_and_reports(tmp_path: Path) -> None:
+    photo = tmp_path / "photo.jpg"
+    photo.write_bytes(image_bytes((640, 480), quality=90))
+    results_path = tmp_path / "results.json"
+
+    done = run_bench(
+        "--file",
+        str(photo),
+        "--users",
+        "2",
+        "--duration",
+        "2",
+        "--ceiling-duration",
+        "1",
+        "--json",
+        str(results_path),
+        "--",
+        "--threads",
+        "1",
+        "--queue",
+        "1",
+    )
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "goodput / ceiling" in done.stdout  # the table on stdout
+    results: dict[str, Any] = json.loads(results_path.read_text())
+    assert {"version", "machine", "config", "code", "ceiling", "runs", "note"} <= results.keys()
+    assert results["config"]["threads"] == 1
+
+    ceiling = results["ceiling"]
+    assert ceiling["threads"] == 1
+    assert ceiling["images"] > 0
+    assert ceiling["peak_rss_bytes"] > 0
+
+    [run] = results["runs"]
+    expected = {
+        "goodput_per_s",
+        "responses_by_status",
+        "responses_per_s_by_status",
+        "latency_2xx_seconds",
+        "errors",
+        "client_cpu_share",
+        "server",
+        "derived",
+        "timeline",
+    }
+    assert expected <= run.keys()
+    assert sum(n for status, n in run["responses_by_status"].items() if status.startswith("2")) > 0
+    assert run["latency_2xx_seconds"]["p95"] is not None
+    assert {"p50", "p95", "p99"} <= run["latency_2xx_seconds"].keys()
+    assert run["server"]["peak_rss_bytes"] > 0
+    assert run["server"]["cpu_seconds"] is not None
+    assert run["server"]["threads"] == 1
+    assert run["server"]["log"]["exit_code"] == 0
+    assert {"goodput_over_ceiling", "server_minus_ceiling_peak_rss_bytes"} <= run["derived"].keys()
+    assert run["derived"]["goodput_over_ceiling"] is not None
+
+    # The chart draws from the same file, even with a single point.
+    chart = tmp_path / "chart.png"
+    drawn = run_bench("chart", str(results_path), str(chart))
+    assert drawn.returncode == 0, drawn.stderr
+    with Image.open(chart) as png:
+        assert png.format == "PNG"
+        assert png.width > 0
