@@ -23,7 +23,7 @@ from optimizer.errors import Draining, OptimizerError
 from optimizer.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from optimizer.observe import record
 from optimizer.openapi import openapi_document
-from optimizer.problems import error_response, problem_response
+from optimizer.problems import error_response, problem_response, stop_reading_unwanted_body
 from optimizer.settings import Settings
 from optimizer.state import STATE, ServiceState
 
@@ -133,6 +133,7 @@ async def _problems_and_access_log(request: web.Request, handler: Handler) -> we
     except OptimizerError as error:
         code = error.code
         response = error_response(error)
+        stop_reading_unwanted_body(request, response, request.app[STATE].settings.linger_seconds)
     except web.HTTPException as exc:
         code, title = _HTTP_CODES.get(exc.status, ("http_error", exc.reason))
         headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None

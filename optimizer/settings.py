@@ -108,6 +108,13 @@ class Settings:
     memory_wait: float = _setting(
         5.0, "OPTIMIZER_MEMORY_WAIT", "seconds an image may wait for room in the memory budget before 503"
     )
+    linger_seconds: float = _setting(
+        10.0,
+        "OPTIMIZER_LINGER_SECONDS",
+        "after refusing an upload before reading it, seconds to read and discard the rest of its body "
+        "so the client sees the answer; 0 closes the connection at once (cheaper, but the client may "
+        "see a reset instead of the 503)",
+    )
     drain_seconds: float = _setting(
         20.0, "OPTIMIZER_DRAIN_SECONDS", "on shutdown, seconds to finish the requests already admitted"
     )
@@ -178,6 +185,8 @@ class Settings:
             value = getattr(self, attr)
             if not (value > 0 and math.isfinite(value)):
                 yield f"{name(attr)}={value}: must be a positive number of seconds"
+        if not (self.linger_seconds >= 0 and math.isfinite(self.linger_seconds)):
+            yield f"{name('linger_seconds')}={self.linger_seconds}: must be 0 or more seconds"
         if not (self.shutdown_delay >= 0 and math.isfinite(self.shutdown_delay)):
             yield f"{name('shutdown_delay')}={self.shutdown_delay}: must be 0 or more seconds"
         for attr in ("jpeg_quality", "webp_quality", "avif_quality"):

@@ -6,6 +6,8 @@ A ``Blocker`` stands in for the pipeline so a test decides when a job in a worke
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import threading
 from collections.abc import Awaitable, Callable, Iterator
 
@@ -329,3 +331,48 @@ async def test_upload_arriving_at_a_hosts_shutdown_is_answered_not_hung(
     assert answer.startswith(b"HTTP/1.1 503")
     assert b"draining" in answer
     assert app[STATE].gate.in_flight == 0
+
+
+async def test_refused_upload_body_is_not_read(
+    make_client: ClientFactory, blocker: Blocker, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A client that does not use Expect: 100-continue, refused while its 20 MB upload is under way:
+    # it gets the 503 at once, the server reads only what was already in flight (not the 20 MB), and
+    # the connection is closed after the linger time.
+    client = await make_client(threads=1, queue=0, linger_seconds=0.5, max_body_bytes=50_000_000)
+    busy = asyncio.ensure_future(client.post("/optimize", data=multipart(image_bytes())))
+    await until(lambda: blocker.started == 1)
+
+    size = 20_000_000
+    assert client.server.port is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", client.server.port)
+    writer.write(
+        b"POST /optimize HTTP/1.1\r\nHost: t\r\nContent-Type: image/jpeg\r\n"
+        + f"Content-Length: {size}\r\n\r\n".encode()
+    )
+
+    async def upload() -> int:
+        sent = 0
+        with contextlib.suppress(ConnectionError):
+            while sent < size:
+                writer.write(bytes(65536))
+                await writer.drain()  # blocks once the server stops reading
+                sent += 65536
+        return sent
+
+    sending = asyncio.ensure_future(upload())
+    with caplog.at_level(logging.INFO, logger="optimizer.access"):
+        async with asyncio.timeout(10):
+            head = await reader.readuntil(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 503")
+            assert b"Connection: close" in head
+            # then the server closes the connection: EOF, or a reset since this client is still sending
+            with contextlib.suppress(ConnectionError):
+                await reader.read()
+    sending.cancel()
+    writer.close()
+    refused = [r for r in caplog.records if r.__dict__.get("fields", {}).get("code") == "overloaded"]
+    assert refused
+    assert refused[0].__dict__["fields"]["bytes_in"] < size // 2
+    blocker.open.set()
+    assert (await busy).status == 200

@@ -131,6 +131,7 @@ def test_from_env_reads_every_variable() -> None:
         "OPTIMIZER_CORS_ORIGINS": "https://a.example, https://b.example",
         "OPTIMIZER_MEMORY_BUDGET": "536870912",
         "OPTIMIZER_MEMORY_WAIT": "2.5",
+        "OPTIMIZER_LINGER_SECONDS": "3",
     }
     assert set(env) == set(ENV_NAMES)
     settings = Settings.from_env(env)
@@ -157,6 +158,7 @@ def test_from_env_reads_every_variable() -> None:
         cors_origins="https://a.example, https://b.example",
         memory_budget=536_870_912,
         memory_wait=2.5,
+        linger_seconds=3.0,
     )
     assert settings.api_key_set == {"key-one-0123456789", "key-two-0123456789"}
     assert settings.cors_origin_set == {"https://a.example", "https://b.example"}
