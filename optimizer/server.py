@@ -33,6 +33,7 @@ from optimizer import __version__
 from optimizer.app import create_app, drain
 from optimizer.settings import Settings, SettingsError, parse_value, setting_fields
 from optimizer.state import STATE
+from optimizer.supervisor import Supervisor
 
 log = logging.getLogger("optimizer")
 
@@ -51,6 +52,7 @@ class JsonFormatter(logging.Formatter):
             "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"),
             "level": record.levelname.lower(),
             "logger": record.name,
+            "pid": record.process,
             "message": record.getMessage(),
         }
         fields = getattr(record, "fields", None)
@@ -107,6 +109,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("optimizer: invalid settings:\n  " + str(exc).replace("\n", "\n  "), file=sys.stderr)
         return EXIT_BAD_SETTINGS
     configure_logging(settings.log_level)
+    if settings.processes > 1:
+        return Supervisor(settings, list(sys.argv[1:] if argv is None else argv)).run()
     code = asyncio.run(serve(settings))
     if code != 0 and any(t.name.startswith("optimizer-worker") for t in threading.enumerate()):
         # A worker is still inside Pillow and cannot be interrupted; the interpreter would wait for it
@@ -130,7 +134,7 @@ async def serve(settings: Settings) -> int:
     stop = asyncio.Event()
     _install_signal_handlers(stop)
     try:
-        site = web.TCPSite(runner, settings.host, settings.port)
+        site = web.TCPSite(runner, settings.host, settings.port, reuse_port=settings.reuse_port or None)
         await site.start()
         for address in runner.addresses:
             host, port = address[0], address[1]

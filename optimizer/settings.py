@@ -78,6 +78,14 @@ class Settings:
 
     host: str = _setting("127.0.0.1", "OPTIMIZER_HOST", "address to listen on (the container sets 0.0.0.0)")
     port: int = _setting(8080, "OPTIMIZER_PORT", "TCP port to listen on (0 picks a free port)")
+    processes: int = _setting(
+        1,
+        "OPTIMIZER_PROCESSES",
+        "server processes sharing the port (SO_REUSEPORT), each with its own loop, gate and pool",
+    )
+    reuse_port: bool = _setting(
+        False, "OPTIMIZER_REUSE_PORT", "bind with SO_REUSEPORT, so several processes can share the port"
+    )
     threads: int = field(
         default_factory=effective_cpu_count,
         metadata={"env": "OPTIMIZER_THREADS", "help": "image worker threads (default: usable CPU count)"},
@@ -164,6 +172,8 @@ class Settings:
             yield f"{name('host')}: must not be empty"
         if not 0 <= self.port <= 65535:
             yield f"{name('port')}={self.port}: must be between 0 and 65535"
+        if self.processes < 1:
+            yield f"{name('processes')}={self.processes}: must be at least 1"
         if self.threads < 1:
             yield f"{name('threads')}={self.threads}: must be at least 1"
         if self.queue is not None and self.queue < 0:
@@ -294,4 +304,11 @@ def parse_value(attr: str, text: str) -> Any:
             return float(text)
         except ValueError:
             raise ValueError("expected a number") from None
+    if kind == "bool":
+        lowered = text.lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off", ""):
+            return False
+        raise ValueError("expected 1 or 0 (true or false)")
     return text

@@ -132,6 +132,8 @@ def test_from_env_reads_every_variable() -> None:
         "OPTIMIZER_MEMORY_BUDGET": "536870912",
         "OPTIMIZER_MEMORY_WAIT": "2.5",
         "OPTIMIZER_LINGER_SECONDS": "3",
+        "OPTIMIZER_PROCESSES": "2",
+        "OPTIMIZER_REUSE_PORT": "true",
     }
     assert set(env) == set(ENV_NAMES)
     settings = Settings.from_env(env)
@@ -159,6 +161,8 @@ def test_from_env_reads_every_variable() -> None:
         memory_budget=536_870_912,
         memory_wait=2.5,
         linger_seconds=3.0,
+        processes=2,
+        reuse_port=True,
     )
     assert settings.api_key_set == {"key-one-0123456789", "key-two-0123456789"}
     assert settings.cors_origin_set == {"https://a.example", "https://b.example"}

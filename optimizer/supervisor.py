@@ -1,0 +1,124 @@
+"""``--processes N``: N server processes on one port, each with its own event loop, gate and pool.
+
+One process with N threads shares one event loop and one GIL: past a few cores, the loop thread (HTTP
+parsing, reading uploads) becomes the bottleneck and steals the GIL from the workers. N processes on
+one port (SO_REUSEPORT: the kernel spreads new connections across the listening sockets) scale the
+loop too, at the price of N interpreters' memory.
+
+The parent only supervises: it reserves the port, starts the children (``python -m optimizer`` with the
+same flags plus ``--processes 1 --reuse-port 1 --port P``), forwards SIGTERM and SIGINT to every child,
+so that each drains its own admitted work, restarts a child that dies unexpectedly, and exits with the
+worst of the children's exit codes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from types import FrameType
+
+from optimizer.budget import default_memory_budget
+from optimizer.settings import Settings, effective_cpu_count
+
+log = logging.getLogger("optimizer.supervisor")
+
+RESTART_DELAY = 1.0  # seconds before restarting a child that died on its own (avoids a crash loop spin)
+
+
+def reserve_port(host: str, port: int) -> socket.socket:
+    """A bound (not listening) SO_REUSEPORT socket: it fixes the port, even when 0 was asked for, so
+    that every child binds the same one. Kept open until the children listen."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    return sock
+
+
+def child_flags(settings: Settings, argv: Sequence[str], environ: dict[str, str], port: int) -> list[str]:
+    """The children's command line: the parent's flags, then the overrides (a later flag wins).
+
+    Unless set explicitly, the threads and the memory budget are divided among the processes, so that
+    ``--processes N`` alone does not multiply what the machine is asked to carry.
+    """
+    flags = [*argv, "--processes", "1", "--reuse-port", "1", "--port", str(port)]
+
+    def explicit(flag: str, env: str) -> bool:
+        return env in environ or any(arg == flag or arg.startswith(flag + "=") for arg in argv)
+
+    share = settings.processes
+    if not explicit("--threads", "OPTIMIZER_THREADS"):
+        flags += ["--threads", str(max(1, effective_cpu_count() // share))]
+    if not explicit("--memory-budget", "OPTIMIZER_MEMORY_BUDGET"):
+        flags += ["--memory-budget", str(max(16 * 1024 * 1024, default_memory_budget() // share))]
+    return flags
+
+
+class Supervisor:
+    def __init__(self, settings: Settings, argv: Sequence[str]) -> None:
+        self.settings = settings
+        self.argv = list(argv)
+        self.children: list[subprocess.Popen[bytes]] = []
+        self.signals_received = 0
+
+    def _start_child(self, flags: list[str]) -> subprocess.Popen[bytes]:
+        # A session of its own: a terminal's Ctrl-C reaches the whole foreground process group, and a
+        # child that got it both from the terminal and forwarded would take it as the second signal
+        # (exit at once). Only the supervisor's forwarding reaches the children.
+        return subprocess.Popen([sys.executable, "-m", "optimizer", *flags], start_new_session=True)
+
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        self.signals_received += 1
+        for child in self.children:
+            if child.poll() is None:
+                child.send_signal(signum)  # the second one makes each child exit at once
+
+    def run(self) -> int:
+        settings = self.settings
+        reserved = reserve_port(settings.host, settings.port)
+        port = reserved.getsockname()[1]
+        flags = child_flags(settings, self.argv, dict(os.environ), port)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._on_signal)
+        self.children = [self._start_child(flags) for _ in range(settings.processes)]
+        log.info(
+            "supervising %d processes on port %d",
+            settings.processes,
+            port,
+            extra={"fields": {"event": "supervising", "processes": settings.processes, "port": port}},
+        )
+        try:
+            return self._watch(flags)
+        finally:
+            reserved.close()
+
+    def _watch(self, flags: list[str]) -> int:
+        worst = 0
+        while True:
+            running = False
+            for index, child in enumerate(self.children):
+                code = child.poll()
+                if code is None:
+                    running = True
+                    continue
+                if self.signals_received:
+                    worst = max(worst, code if code >= 0 else 128 - code)
+                    continue
+                log.error(
+                    "process %d exited on its own with code %d; restarting it",
+                    child.pid,
+                    code,
+                    extra={"fields": {"event": "child_exited", "pid": child.pid, "code": code}},
+                )
+                time.sleep(RESTART_DELAY)
+                self.children[index] = self._start_child(flags)
+                running = True
+            if not running:
+                return worst
+            time.sleep(0.1)
