@@ -60,7 +60,9 @@ async def read_upload(request: web.BaseRequest, limits: IntakeLimits) -> bytes:
         return started + limits.read_timeout + stream.total_bytes / limits.min_rate
 
     try:
-        async with asyncio.timeout(deadline()) as timer:
+        # timeout_at: deadline() is a point in loop time, not a delay (asyncio.timeout would wait
+        # for uptime + read_timeout before the first chunk arrives).
+        async with asyncio.timeout_at(deadline()) as timer:
 
             def received() -> None:
                 if stream.total_bytes > limits.max_bytes:

@@ -37,6 +37,7 @@ _DECODE_ERRORS: tuple[type[BaseException], ...] = (
     KeyError,
     struct.error,
     ArithmeticError,
+    RuntimeError,  # Pillow's AVIF decoder: "Decoding of color/alpha planes failed", "Not implemented"
 )
 
 _ORIENTATION_TAG = 0x0112
@@ -247,8 +248,12 @@ def open_image(data: bytes, limits: Limits) -> Image.Image:
     try:
         # formats= restricts Pillow to the plugins of the sniffed family, so no other decoder ever runs.
         im = Image.open(io.BytesIO(data), formats=PILLOW_FORMATS[family])
-    except Image.DecompressionBombError:
-        raise TooManyPixels(f"the image declares more than {limits.max_pixels} pixels") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        # Pillow's own guard, raised before the check below can run (over ~179 Mpx; its warning from
+        # ~89 Mpx is an exception only where warnings are escalated, as in an embedding app's tests).
+        raise TooManyPixels(
+            f"the image declares more pixels than the decoder's safety limit ({limits.max_pixels} allowed)"
+        ) from None
     except _DECODE_ERRORS:
         raise CorruptImage(f"the upload looks like {family.upper()} but its header cannot be read") from None
     width, height = im.size

@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
+import ctypes.util
+import faulthandler
 import functools
 import json
 import logging
@@ -25,7 +28,7 @@ import signal
 import sys
 import threading
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TextIO
 
 from aiohttp import web
 
@@ -92,12 +95,55 @@ def _flag_value(name: str, text: str) -> Any:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def configure_logging(level: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+def configure_logging(level: str, *, capture_native: bool = True) -> None:
+    stream = _capture_native_stderr() if capture_native else sys.stderr
+    handler = logging.StreamHandler(stream)
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # Pillow reports malformed files as Python warnings; route them through the JSON log too.
+    logging.captureWarnings(True)
+
+
+def _capture_native_stderr() -> TextIO:
+    """Keep stderr JSON lines only: C libraries (libtiff, libjpeg) write their messages straight to file
+    descriptor 2. Point fd 2 at a pipe whose lines a thread logs as JSON records ("optimizer.native"),
+    and return a stream on the real stderr for the log handler. faulthandler writes to the real stderr
+    directly, so a crash's traceback never depends on that thread."""
+    real = os.fdopen(os.dup(2), "w", buffering=1, encoding="utf-8", errors="replace")
+    faulthandler.enable(file=real)
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+    sys.stderr = os.fdopen(2, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False)
+    native = logging.getLogger("optimizer.native")
+
+    def relay() -> None:
+        with os.fdopen(read_end, "r", encoding="utf-8", errors="replace") as lines:
+            for line in lines:
+                if line.strip():
+                    native.warning("%s", line.rstrip())
+
+    threading.Thread(target=relay, name="optimizer-native-stderr", daemon=True).start()
+    return real
+
+
+# glibc serves large allocations from per-thread arenas and keeps what is freed there: after a burst of
+# large decodes the process stayed 150-190 MB above idle for good (measured on the corpus). Allocations
+# from 128 KiB up are mmap()ed instead, so freeing them returns the memory to the system at once.
+_M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD_BYTES = 128 * 1024
+
+
+def return_freed_memory_to_the_system() -> None:
+    """Process-wide allocator tuning: only for the server process, never in create_app()."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return  # not glibc (musl's allocator returns large blocks by itself)
+    mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -108,7 +154,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingsError as exc:
         print("optimizer: invalid settings:\n  " + str(exc).replace("\n", "\n  "), file=sys.stderr)
         return EXIT_BAD_SETTINGS
-    configure_logging(settings.log_level)
+    # A supervisor runs no native code, and its children must inherit the real stderr, not a pipe.
+    configure_logging(settings.log_level, capture_native=settings.processes == 1)
+    return_freed_memory_to_the_system()
     if settings.processes > 1:
         return Supervisor(settings, list(sys.argv[1:] if argv is None else argv)).run()
     code = asyncio.run(serve(settings))
