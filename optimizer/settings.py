@@ -117,7 +117,7 @@ class Settings:
         5.0, "OPTIMIZER_MEMORY_WAIT", "seconds an image may wait for room in the memory budget before 503"
     )
     linger_seconds: float = _setting(
-        10.0,
+        2.0,
         "OPTIMIZER_LINGER_SECONDS",
         "after refusing an upload before reading it, seconds to read and discard the rest of its body "
         "so the client sees the answer; 0 closes the connection at once (cheaper, but the client may "
