@@ -10,6 +10,7 @@ Nothing here is a pytest fixture or asserts timings: waits are bounded, and a wa
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -133,6 +134,12 @@ class RealServer:
     def wait_for_event(self, event: str, timeout: float = LOG_TIMEOUT) -> dict[str, Any]:
         return self.wait_for(lambda record: record.get("event") == event, f"'{event}' event", timeout)
 
+    def wait_for_drain(self, timeout: float = LOG_TIMEOUT) -> dict[str, Any]:
+        """The drain has begun: the listener is closed and the gate refuses newcomers."""
+        return self.wait_for(
+            lambda record: str(record.get("message", "")).startswith("draining "), "drain log line", timeout
+        )
+
     def start(self) -> None:
         record = self.wait_for_event("listening", STARTUP_TIMEOUT)
         self.port = int(record["port"])
@@ -151,6 +158,10 @@ class RealServer:
             ) from None
         self._reader.join(LOG_TIMEOUT)
         return code
+
+    async def exit_code(self, within: float) -> int:
+        """``wait_exit`` without blocking the event loop."""
+        return await asyncio.to_thread(self.wait_exit, within)
 
     def stop(self) -> None:
         """Kill the process if it still runs, and release the pipe and the reader thread."""

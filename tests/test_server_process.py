@@ -15,11 +15,9 @@ import asyncio
 import contextlib
 import io
 import json
-import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
@@ -30,6 +28,7 @@ import aiohttp
 import pytest
 
 from tests.conftest import ROOT, corpus_dir, decode, image_bytes
+from tests.realserver import RealServer, server_env
 
 pytestmark = pytest.mark.slow
 
@@ -47,128 +46,8 @@ PROBLEM_JSON = "application/problem+json"
 # --- the server process ------------------------------------------------------------------------------
 
 
-class ServerProcess:
-    """A running ``python -m optimizer``; its stderr is read line by line on a background thread."""
-
-    def __init__(self, args: list[str], env: dict[str, str]) -> None:
-        self.args = args
-        self.proc: subprocess.Popen[str] = subprocess.Popen(
-            [sys.executable, "-m", "optimizer", *args],
-            cwd=ROOT,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-            encoding="utf-8",
-            errors="replace",
-        )
-        self.lines: list[str] = []
-        self.port = 0
-        self._eof = False
-        self._changed = threading.Condition()
-        self._reader = threading.Thread(target=self._read_stderr, name="server-stderr", daemon=True)
-        self._reader.start()
-
-    @property
-    def url(self) -> str:
-        return f"http://{HOST}:{self.port}"
-
-    def _read_stderr(self) -> None:
-        stream = self.proc.stderr
-        assert stream is not None
-        for line in stream:
-            with self._changed:
-                self.lines.append(line.rstrip("\n"))
-                self._changed.notify_all()
-        with self._changed:
-            self._eof = True
-            self._changed.notify_all()
-
-    def stderr_text(self) -> str:
-        with self._changed:
-            return "\n".join(self.lines)
-
-    def records(self) -> list[dict[str, Any]]:
-        """The stderr lines that are JSON log records."""
-        with self._changed:
-            lines = list(self.lines)
-        return [record for line in lines if (record := _json_record(line)) is not None]
-
-    def wait_for(
-        self, predicate: Callable[[dict[str, Any]], bool], what: str, timeout: float = LOG_TIMEOUT
-    ) -> dict[str, Any]:
-        """The first log record matching ``predicate``; fails on timeout or if stderr ends first."""
-        deadline = time.monotonic() + timeout
-        seen = 0
-        with self._changed:
-            while True:
-                for line in self.lines[seen:]:
-                    record = _json_record(line)
-                    if record is not None and predicate(record):
-                        return record
-                seen = len(self.lines)
-                if self._eof:
-                    pytest.fail(f"the server's stderr ended before {what}:\n{self.stderr_text()}")
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    pytest.fail(f"no {what} within {timeout:g} s; stderr so far:\n{self.stderr_text()}")
-                self._changed.wait(remaining)
-
-    def wait_for_event(self, event: str, timeout: float = LOG_TIMEOUT) -> dict[str, Any]:
-        return self.wait_for(lambda record: record.get("event") == event, f"'{event}' event", timeout)
-
-    def wait_for_drain(self, timeout: float = LOG_TIMEOUT) -> dict[str, Any]:
-        """The drain has begun: the listener is closed and the gate refuses newcomers."""
-        return self.wait_for(
-            lambda record: str(record.get("message", "")).startswith("draining "), "drain log line", timeout
-        )
-
-    def start(self) -> None:
-        record = self.wait_for_event("listening", STARTUP_TIMEOUT)
-        self.port = int(record["port"])
-        assert record["host"] == HOST
-
-    def send(self, signum: signal.Signals) -> None:
-        self.proc.send_signal(signum)
-
-    def wait_exit(self, timeout: float) -> int:
-        """The exit code; fails if the process is still running after ``timeout`` seconds."""
-        try:
-            code = self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"the server did not exit within {timeout:g} s; stderr:\n{self.stderr_text()}")
-        self._reader.join(LOG_TIMEOUT)  # every line it wrote is in self.lines from here on
-        return code
-
-    async def exit_code(self, within: float) -> int:
-        """``wait_exit`` without blocking the event loop."""
-        return await asyncio.to_thread(self.wait_exit, within)
-
-    def stop(self) -> None:
-        """Teardown: kill the process if it is still running, and release the pipe and the thread."""
-        if self.proc.poll() is None:
-            self.proc.kill()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(LOG_TIMEOUT)
-        self._reader.join(LOG_TIMEOUT)
-        if self.proc.stderr is not None:
-            self.proc.stderr.close()
-
-
-def _json_record(line: str) -> dict[str, Any] | None:
-    try:
-        record = json.loads(line)
-    except ValueError:
-        return None
-    return record if isinstance(record, dict) else None
-
-
-def server_env(**variables: str) -> dict[str, str]:
-    """This process's environment without any ``OPTIMIZER_*`` setting, plus ``variables``."""
-    env = {name: value for name, value in os.environ.items() if not name.startswith("OPTIMIZER_")}
-    env.update(variables)
-    return env
+# One launcher for every real-server test: tests/realserver.py.
+ServerProcess = RealServer
 
 
 Launch = Callable[..., ServerProcess]
@@ -180,7 +59,7 @@ def launch() -> Iterator[Launch]:
     servers: list[ServerProcess] = []
 
     def start(*flags: str, **env: str) -> ServerProcess:
-        server = ServerProcess(["--host", HOST, "--port", "0", *flags], server_env(**env))
+        server = ServerProcess(list(flags), server_env(**env))
         servers.append(server)
         server.start()
         return server
