@@ -18,13 +18,7 @@ import math
 import os
 from pathlib import Path
 
-from optimizer.errors import OptimizerError, Overloaded
-
-
-class OverMemoryBudget(OptimizerError):
-    status = 413
-    code = "over_memory_budget"
-    title = "Image needs more memory than the service may use"
+from optimizer.errors import Overloaded, OverMemoryBudget
 
 
 class Reservation:

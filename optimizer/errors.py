@@ -10,9 +10,13 @@ internals; ``optimizer.app`` turns them into RFC 9457 ``application/problem+json
      │    ├── EmptyBody            400  empty_body
      │    ├── MissingImage         400  missing_image
      │    └── MalformedUpload      400  malformed_upload
+     ├── Unauthorized              401  unauthorized        (WWW-Authenticate)
+     ├── BadSignature              403  bad_signature
+     ├── OriginNotAllowed          403  origin_not_allowed
      ├── UploadStalled             408  upload_stalled
      ├── BodyTooLarge              413  body_too_large
      ├── TooManyPixels             413  too_many_pixels
+     ├── OverMemoryBudget          413  over_memory_budget
      ├── UnsupportedFormat         415  unsupported_format
      ├── CorruptImage              422  corrupt_image
      ├── Overloaded                503  overloaded          (Retry-After)
@@ -71,6 +75,27 @@ class MalformedUpload(BadRequest):
     title = "Malformed upload"
 
 
+class Unauthorized(OptimizerError):
+    status = 401
+    code = "unauthorized"
+    title = "API key missing or not accepted"
+
+    def __init__(self, detail: str, *, header: str = "X-API-Key") -> None:
+        super().__init__(detail, headers={"WWW-Authenticate": f'ApiKey header="{header}"'})
+
+
+class BadSignature(OptimizerError):
+    status = 403
+    code = "bad_signature"
+    title = "Signature missing, invalid or expired"
+
+
+class OriginNotAllowed(OptimizerError):
+    status = 403
+    code = "origin_not_allowed"
+    title = "Cross-origin request not allowed"
+
+
 class UploadStalled(OptimizerError):
     status = 408
     code = "upload_stalled"
@@ -87,6 +112,12 @@ class TooManyPixels(OptimizerError):
     status = 413
     code = "too_many_pixels"
     title = "Image has too many pixels"
+
+
+class OverMemoryBudget(OptimizerError):
+    status = 413
+    code = "over_memory_budget"
+    title = "Image needs more memory than the service may use"
 
 
 class UnsupportedFormat(OptimizerError):

@@ -22,34 +22,13 @@ from urllib.parse import urlencode
 from aiohttp import web
 from multidict import MultiMapping
 
-from optimizer.errors import OptimizerError
+from optimizer.errors import BadSignature, OriginNotAllowed, Unauthorized
 
 API_KEY_HEADER = "X-API-Key"
 SIGNATURE_PARAM = "signature"
 EXPIRES_PARAM = "expires"
 # Query parameters consumed here, and so not passed on to the image parameters.
 SECURITY_PARAMS = frozenset({SIGNATURE_PARAM, EXPIRES_PARAM})
-
-
-class Unauthorized(OptimizerError):
-    status = 401
-    code = "unauthorized"
-    title = "API key missing or not accepted"
-
-    def __init__(self, detail: str) -> None:
-        super().__init__(detail, headers={"WWW-Authenticate": f'ApiKey header="{API_KEY_HEADER}"'})
-
-
-class BadSignature(OptimizerError):
-    status = 403
-    code = "bad_signature"
-    title = "Signature missing, invalid or expired"
-
-
-class OriginNotAllowed(OptimizerError):
-    status = 403
-    code = "origin_not_allowed"
-    title = "Cross-origin request not allowed"
 
 
 def canonical_query(path: str, params: Iterable[tuple[str, str]]) -> bytes:
@@ -67,13 +46,13 @@ def check_api_key(request: web.BaseRequest, keys: frozenset[str]) -> None:
         return
     offered = request.headers.get(API_KEY_HEADER, "")
     if not offered:
-        raise Unauthorized(f"send an API key in the {API_KEY_HEADER} header")
+        raise Unauthorized(f"send an API key in the {API_KEY_HEADER} header", header=API_KEY_HEADER)
     # Compare against every key, without stopping at the first match, so timing tells nothing.
     matched = False
     for key in keys:
         matched |= hmac.compare_digest(offered.encode(), key.encode())
     if not matched:
-        raise Unauthorized("the API key is not accepted")
+        raise Unauthorized("the API key is not accepted", header=API_KEY_HEADER)
 
 
 def check_signature(request: web.BaseRequest, key: str, now: float | None = None) -> None:

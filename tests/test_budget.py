@@ -9,8 +9,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from optimizer.budget import MemoryBudget, OverMemoryBudget, default_memory_budget, memory_limit
-from optimizer.errors import Overloaded
+from optimizer.budget import MemoryBudget, default_memory_budget, memory_limit
+from optimizer.errors import Overloaded, OverMemoryBudget
 from tests.conftest import image_bytes, multipart
 
 Client = TestClient[web.Request, web.Application]
