@@ -129,20 +129,45 @@ def _capture_native_stderr() -> TextIO:
     return real
 
 
-# glibc keeps memory freed by the worker threads in per-thread arenas: after a burst of large decodes the
-# process stayed 150-190 MB above idle (measured on the corpus). Lowering M_MMAP_THRESHOLD fixed that but
-# made every decode fault in freshly zeroed pages: S2 goodput fell from 86 % to 69 % of the ceiling. So
-# instead, once the service has gone idle after work, malloc_trim(0) hands the free memory back; under
-# sustained load it never runs, and costs nothing.
+# glibc keeps memory freed by the worker threads in its arenas, and by default serves even Pillow's 16 MiB
+# image blocks from them once one has been freed (its mmap threshold rises on the fly): after two passes of
+# the corpus the process stayed at idle + 115 MB. Measured on S2 and the corpus (docs/benchmarks.md):
+#   default allocator               22.6 images/s   RSS after the corpus idle + 115 MB
+#   M_MMAP_THRESHOLD 16 MiB         21.6 images/s   idle + 7 MB   <- this default: memory comes back
+#   ... and M_TRIM_THRESHOLD 256 MiB 23.2 images/s  idle + 86 MB  (MALLOC_TRIM_THRESHOLD_, for speed)
+#   M_MMAP_THRESHOLD 128 KiB        17.8 images/s   (every decode faults in fresh zeroed pages)
+# With 16 MiB only image-sized buffers get their own mappings, returned when freed; the small and medium
+# ones stay in the arenas. An operator's own MALLOC_MMAP_THRESHOLD_ wins. malloc_trim once idle returns
+# what the arenas hold after a burst.
+_M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD_BYTES = 16 * 1024 * 1024
+
+
+def _libc() -> ctypes.CDLL | None:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt  # noqa: B018 - only glibc has it; musl returns large blocks by itself
+        libc.malloc_trim  # noqa: B018
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+def tune_allocator() -> None:
+    """Process-wide allocator tuning: for the server process only, never in create_app()."""
+    libc = _libc()
+    if libc is not None and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+
+
 TRIM_CHECK_SECONDS = 1.0
 
 
 def _malloc_trim() -> Callable[[], object] | None:
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        trim: Callable[[int], object] = libc.malloc_trim
-    except (OSError, AttributeError):
-        return None  # not glibc: musl's allocator returns large blocks by itself
+    libc = _libc()
+    if libc is None:
+        return None
+    trim: Callable[[int], object] = libc.malloc_trim
     return lambda: trim(0)
 
 
@@ -170,6 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_BAD_SETTINGS
     # A supervisor runs no native code, and its children must inherit the real stderr, not a pipe.
     configure_logging(settings.log_level, capture_native=settings.processes == 1)
+    tune_allocator()
     if settings.processes > 1:
         return Supervisor(settings, list(sys.argv[1:] if argv is None else argv)).run()
     code = asyncio.run(serve(settings))
