@@ -19,7 +19,7 @@ from optimizer.job import Job
 from optimizer.observe import record
 from optimizer.params import RouteDefaults, parse_params
 from optimizer.pipeline import Output, inspect, optimize
-from optimizer.problems import error_response
+from optimizer.problems import error_response, stop_reading_unwanted_body
 from optimizer.security import SECURITY_PARAMS, check_api_key, check_signature
 from optimizer.state import STATE, ServiceState
 
@@ -61,8 +61,12 @@ async def expect_continue(request: web.Request) -> web.StreamResponse | None:
         _authorise(request, state)
         _refuse_early(request, state)
     except OptimizerError as error:
-        # aiohttp calls this hook before the middleware, so the refusal is logged here.
+        # aiohttp calls this hook before the middleware, so what the middleware does to a refusal is
+        # done here: no body will be read, the usual headers, the log line.
         response = error_response(error)
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        state.cors.decorate(request, response)
+        stop_reading_unwanted_body(request, response, state.settings.linger_seconds)
         record(request, response, error.code, time.perf_counter() - started, state.metrics)
         return response
     if request.version >= (1, 1) and request.headers.get("Expect", "").lower() == "100-continue":

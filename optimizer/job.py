@@ -72,9 +72,22 @@ class Job:
         return result
 
     async def reserve(self, nbytes: int) -> None:
-        """Hold ``nbytes`` of the memory budget for the rest of the job."""
+        """Hold ``nbytes`` of the memory budget for the rest of the job; gives up (503) at the drain
+        deadline like ``run``."""
         started = time.perf_counter()
-        self._reservation = await self._state.budget.reserve(nbytes, self._state.settings.memory_wait)
+        budget, wait = self._state.budget, self._state.settings.memory_wait
+        reserving = asyncio.ensure_future(budget.reserve(nbytes, wait))
+        try:
+            await asyncio.wait((reserving, self._state.abandon_signal()), return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            reserving.cancel()
+            if reserving.done() and not reserving.cancelled() and reserving.exception() is None:
+                reserving.result().release()  # granted just as the handler was cancelled
+            raise
+        if not reserving.done():
+            reserving.cancel()
+            raise ShutdownDeadline()
+        self._reservation = reserving.result()
         self.budget_wait = time.perf_counter() - started
 
     def finish(self) -> None:

@@ -54,6 +54,7 @@ def stop_reading_unwanted_body(request: web.BaseRequest, response: web.StreamRes
     transport = request.transport
     if transport is None or transport.is_closing():
         return
+    response.force_close()
     response.headers["Connection"] = "close"
     request.content.feed_eof()
     # Drop what aiohttp had already buffered of the body (up to a few hundred KB): kept until the

@@ -48,9 +48,11 @@ def check_api_key(request: web.BaseRequest, keys: frozenset[str]) -> None:
     if not offered:
         raise Unauthorized(f"send an API key in the {API_KEY_HEADER} header", header=API_KEY_HEADER)
     # Compare against every key, without stopping at the first match, so timing tells nothing.
+    # aiohttp hands undecodable header bytes over as surrogates: encode them back, never fail on them.
+    offered_bytes = offered.encode("utf-8", "surrogateescape")
     matched = False
     for key in keys:
-        matched |= hmac.compare_digest(offered.encode(), key.encode())
+        matched |= hmac.compare_digest(offered_bytes, key.encode())
     if not matched:
         raise Unauthorized("the API key is not accepted", header=API_KEY_HEADER)
 
@@ -63,7 +65,7 @@ def check_signature(request: web.BaseRequest, key: str, now: float | None = None
     if len(given) != 1:
         raise BadSignature(f"sign the query string and send one '{SIGNATURE_PARAM}' parameter")
     expected = hmac.new(key.encode(), canonical_query(request.path, query.items()), hashlib.sha256)
-    if not hmac.compare_digest(given[0].encode(), expected.hexdigest().encode()):
+    if not hmac.compare_digest(given[0].encode("utf-8", "surrogateescape"), expected.hexdigest().encode()):
         raise BadSignature("the signature does not match this path and query")
     expires = query.getall(EXPIRES_PARAM, [])
     if expires:

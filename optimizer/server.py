@@ -104,6 +104,8 @@ def configure_logging(level: str, *, capture_native: bool = True) -> None:
     root.setLevel(level.upper())
     # Pillow reports malformed files as Python warnings; route them through the JSON log too.
     logging.captureWarnings(True)
+    # A failing log write must not be reported on sys.stderr: that is the relay's own pipe.
+    logging.raiseExceptions = False
 
 
 def _capture_native_stderr() -> TextIO:

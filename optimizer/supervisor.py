@@ -66,6 +66,7 @@ class Supervisor:
         self.argv = list(argv)
         self.children: list[subprocess.Popen[bytes]] = []
         self.signals_received = 0
+        self.last_signal: int = signal.SIGTERM
 
     def _start_child(self, flags: list[str]) -> subprocess.Popen[bytes]:
         # A session of its own: a terminal's Ctrl-C reaches the whole foreground process group, and a
@@ -75,9 +76,19 @@ class Supervisor:
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         self.signals_received += 1
+        self.last_signal = signum
         for child in self.children:
             if child.poll() is None:
                 child.send_signal(signum)  # the second one makes each child exit at once
+
+    def _spawn(self, flags: list[str]) -> subprocess.Popen[bytes]:
+        """Start a child and list it at once, so a signal arriving from now on reaches it; one that
+        arrived while it was being started is passed on to it straight away."""
+        child = self._start_child(flags)
+        self.children.append(child)
+        if self.signals_received and child.poll() is None:
+            child.send_signal(self.last_signal)
+        return child
 
     def run(self) -> int:
         settings = self.settings
@@ -86,7 +97,10 @@ class Supervisor:
         flags = child_flags(settings, self.argv, dict(os.environ), port)
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._on_signal)
-        self.children = [self._start_child(flags) for _ in range(settings.processes)]
+        for _ in range(settings.processes):
+            if self.signals_received:
+                break  # stopped while starting: no more children
+            self._spawn(flags)
         log.info(
             "supervising %d processes on port %d",
             settings.processes,
@@ -102,7 +116,7 @@ class Supervisor:
         worst = 0
         while True:
             running = False
-            for index, child in enumerate(self.children):
+            for child in list(self.children):
                 code = child.poll()
                 if code is None:
                     running = True
@@ -117,7 +131,10 @@ class Supervisor:
                     extra={"fields": {"event": "child_exited", "pid": child.pid, "code": code}},
                 )
                 time.sleep(RESTART_DELAY)
-                self.children[index] = self._start_child(flags)
+                if self.signals_received:
+                    continue  # stopping: do not replace it
+                self.children.remove(child)
+                self._spawn(flags)
                 running = True
             if not running:
                 return worst

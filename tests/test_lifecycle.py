@@ -376,3 +376,39 @@ async def test_refused_upload_body_is_not_read(
     assert refused[0].__dict__["fields"]["bytes_in"] < size // 2
     blocker.open.set()
     assert (await busy).status == 200
+
+
+async def test_request_waiting_for_memory_at_the_drain_deadline_gets_503(
+    aiohttp_client: ClientFactory, blocker: Blocker
+) -> None:
+    from optimizer.pipeline import inspect
+
+    big = image_bytes((1800, 1800), "RGBA", fmt="PNG")
+    need = inspect(big, Params(), _limits()).memory
+    # Room for one such image, not two: the second waits for memory (on the loop, holding no thread).
+    app = create_app(
+        test_settings(threads=2, queue=2, drain_seconds=0.3, memory_budget=need * 3 // 2, memory_wait=30.0)
+    )
+    state = app[STATE]
+    client = await aiohttp_client(app)
+    first = asyncio.ensure_future(client.post("/optimize", data=multipart(big)))
+    await until(lambda: blocker.started == 1)
+    second = asyncio.ensure_future(client.post("/optimize", data=multipart(big)))
+    await until(lambda: state.gate.in_flight == 2)
+    await asyncio.sleep(0.1)  # the second is now waiting for room in the budget, holding no thread
+    assert blocker.started == 1
+    closing = asyncio.ensure_future(client.server.close())
+    response = await second
+    assert response.status == 503
+    assert (await response.json(content_type=None))["code"] == "shutdown_deadline"
+    blocker.open.set()
+    await first
+    await closing
+    # The first request's worker was still busy at the deadline: its slot and memory come back when
+    # that thread ends, not before.
+    await until(lambda: state.budget.in_use == 0 and state.gate.in_flight == 0)
+
+
+def _limits() -> Limits:
+    settings = test_settings()
+    return Limits(settings.max_pixels, settings.max_dimension, settings.input_formats)

@@ -172,3 +172,25 @@ def test_document_describes_access_control() -> None:
     assert "options" in optimize
     assert optimize["post"]["security"] == [{"apiKey": []}]
     assert "signature" in {p["name"] for p in optimize["post"]["parameters"]}
+
+
+@pytest.mark.parametrize("expect", [False, True], ids=["plain", "expect-100-continue"])
+async def test_undecodable_api_key_is_401_not_500(make_client: MakeClient, expect: bool) -> None:
+    import asyncio
+
+    client = await make_client(api_keys=KEY)
+    assert client.server.port is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", client.server.port)
+    extra = b"Expect: 100-continue\r\n" if expect else b""
+    writer.write(
+        b"POST /optimize HTTP/1.1\r\nHost: t\r\nContent-Type: image/jpeg\r\nX-API-Key: \xff\xfeabc\r\n"
+        + extra
+        + b"Content-Length: 4\r\n\r\n"
+        + (b"" if expect else b"\xff\xd8\xff\x00")
+    )
+    await writer.drain()
+    async with asyncio.timeout(5):
+        answer = await reader.read(4096)
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 401"), answer[:200]
+    assert b"unauthorized" in answer
