@@ -265,6 +265,21 @@ def proc_status(pid: int) -> dict[str, int]:
     return values
 
 
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its direct children: with --processes the server is a supervisor and its workers."""
+    children = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        if int(stat[stat.rindex(")") + 2 :].split()[1]) == pid:
+            children.append(int(entry.name))
+    return [pid, *children]
+
+
 def proc_cpu_seconds(pid: int) -> float | None:
     """utime + stime of a process, in seconds, from /proc/PID/stat."""
     try:
@@ -366,6 +381,18 @@ def server_settings(server_args: Sequence[str]) -> Settings:
     """The ``Settings`` the server will run with: its own flag parser plus this process's environment."""
     parsed = vars(server_parser().parse_args(list(server_args)))
     return Settings.from_env(os.environ, **parsed)
+
+
+def total_threads(settings: Settings, server_args: Sequence[str]) -> int:
+    """Worker threads of the whole server: with --processes N, N times each child's (which the supervisor
+    divides among the children unless --threads or OPTIMIZER_THREADS says)."""
+    if settings.processes == 1:
+        return settings.threads
+    explicit = "OPTIMIZER_THREADS" in os.environ or any(
+        arg == "--threads" or arg.startswith("--threads=") for arg in server_args
+    )
+    per_child = settings.threads if explicit else max(1, effective_cpu_count() // settings.processes)
+    return per_child * settings.processes
 
 
 def request_params(path: str, query: str, settings: Settings) -> Params:
@@ -612,29 +639,47 @@ class ServerProcess:
 
 
 class ServerMonitor:
-    """RSS every 100 ms (VmRSS, and VmHWM at the end) and CPU time of the server process."""
+    """RSS every 100 ms (VmRSS, and VmHWM at the end) and CPU time of the server: of its whole process
+    tree, so that a --processes supervisor and its workers are measured together (RSS summed over the
+    processes; the VmHWM sum is an upper bound of their peak together)."""
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
-        self.rss_at_start = proc_status(pid).get("VmRSS")
+        self.rss_at_start = self._rss()
         self.peak_rss_sampled = self.rss_at_start or 0
         self.rss_now = self.rss_at_start
-        self.cpu_start = proc_cpu_seconds(pid)
+        self._cpu_start = {p: proc_cpu_seconds(p) or 0.0 for p in process_tree(pid)}
+        self.cpu_start: float | None = sum(self._cpu_start.values())
         self.cpu_end: float | None = None
         self.vmhwm: int | None = None
 
+    def _rss(self) -> int | None:
+        values = [proc_status(p).get("VmRSS") for p in process_tree(self.pid)]
+        known = [v for v in values if v is not None]
+        return sum(known) if known else None
+
     async def sample(self) -> None:
         while True:
-            rss = proc_status(self.pid).get("VmRSS")
+            rss = self._rss()
             if rss is not None:
                 self.rss_now = rss
                 self.peak_rss_sampled = max(self.peak_rss_sampled, rss)
             await asyncio.sleep(SAMPLE_INTERVAL)
 
     def finish(self) -> None:
-        """Read the final figures while the process is still alive (before it is stopped)."""
-        self.vmhwm = proc_status(self.pid).get("VmHWM")
-        self.cpu_end = proc_cpu_seconds(self.pid)
+        """Read the final figures while the processes are still alive (before they are stopped)."""
+        tree = process_tree(self.pid)
+        peaks = [proc_status(p).get("VmHWM") for p in tree]
+        self.vmhwm = sum(v for v in peaks if v is not None) or None
+        # A worker that started after the monitor did counts from zero: its start-up is server work too.
+        self.cpu_end = self.cpu_now()
+
+    def cpu_now(self) -> float:
+        """CPU seconds of the whole tree so far (on the same footing as ``cpu_start``)."""
+        tree = process_tree(self.pid)
+        return sum((proc_cpu_seconds(p) or 0.0) for p in tree) + sum(
+            start for p, start in self._cpu_start.items() if p not in tree
+        )
 
     @property
     def cpu_seconds(self) -> float | None:
@@ -891,7 +936,7 @@ class LoadRun:
             }
             if self.monitor is not None:
                 point["rss_bytes"] = self.monitor.rss_now
-                point["server_cpu_seconds"] = proc_cpu_seconds(self.monitor.pid)
+                point["server_cpu_seconds"] = self.monitor.cpu_now()
             self.timeline.append(point)
             last, last_errors = seen, errors
             if self.quiet:
@@ -910,8 +955,8 @@ class LoadRun:
     def _machine(self, client_cpu: float, wall: float) -> dict[str, float | None] | None:
         server_cpu = None
         if self.monitor is not None:
-            now, start = proc_cpu_seconds(self.monitor.pid), self.monitor.cpu_start
-            server_cpu = None if now is None or start is None else now - start
+            start = self.monitor.cpu_start
+            server_cpu = None if start is None else self.monitor.cpu_now() - start
         ours = client_cpu + server_cpu if server_cpu is not None else None
         return machine_cpu_delta(self.machine_before, ours, wall)
 
@@ -1607,7 +1652,7 @@ def make_config(args: argparse.Namespace, server_args: list[str]) -> tuple[Confi
         expect_continue=args.expect_continue,
         ceiling=ceiling,
         ceiling_seconds=args.ceiling_duration,
-        threads=args.ceiling_threads or settings.threads,
+        threads=args.ceiling_threads or total_threads(settings, server_args),
         quiet=args.quiet,
         stop_timeout=args.stop_timeout,
         server_log=args.server_log,
@@ -1668,9 +1713,14 @@ def run_bench(config: Config, plans: list[LoadPlan], command: list[str]) -> dict
             result = load_once(config, plan, Path(log_dir), f"{index + 1}-{plan.max_users}u")
             compare(result, results["ceiling"])
             server = result.get("server") or {}
-            if server.get("threads") and server["threads"] != config.threads and results["ceiling"]:
+            processes = server_settings(config.server_args).processes
+            if (
+                server.get("threads")
+                and server["threads"] * processes != config.threads
+                and results["ceiling"]
+            ):
                 result["warning"] = (
-                    f"the server ran {server['threads']} threads but the ceiling {config.threads}"
+                    f"the server ran {server['threads'] * processes} threads but the ceiling {config.threads}"
                 )
             results["runs"].append(result)
     with contextlib.suppress(OSError):
