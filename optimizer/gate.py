@@ -23,10 +23,6 @@ class Slot:
         self._gate = gate
         self._released = False
 
-    @property
-    def released(self) -> bool:
-        return self._released
-
     def release(self, service_seconds: float | None = None) -> None:
         """Give the slot back; ``service_seconds`` (time spent in a worker) feeds the Retry-After estimate."""
         if self._released:
@@ -52,7 +48,6 @@ class AdmissionGate:
         self._idle.set()
         self._service_seconds = 0.0
         self.admitted_total = 0
-        self.refused_total = 0
 
     @property
     def in_flight(self) -> int:
@@ -69,7 +64,6 @@ class AdmissionGate:
     def try_enter(self) -> Slot | None:
         """A slot, or ``None`` at once when the gate is full or closed. Never waits."""
         if self._closed or self._in_flight >= self.capacity:
-            self.refused_total += 1
             return None
         self._in_flight += 1
         self.admitted_total += 1

@@ -94,8 +94,8 @@ async def _optimize(request: web.Request, defaults: RouteDefaults) -> web.Stream
         read_seconds = time.perf_counter() - read_started
         # The header alone (allowlist, pixel limit, memory estimate), then room in the memory budget,
         # waited for here on the loop so that no worker thread sits idle holding a place.
-        plan = await job.run(inspect, data, params, state.limits)
-        await job.reserve(plan.memory)
+        need = await job.run(inspect, data, params, state.limits)
+        await job.reserve(need)
         output = await job.run(optimize, data, params, state.limits)
     finally:
         job.finish()

@@ -110,29 +110,13 @@ class Output:
     timings: Timings = field(default_factory=Timings)
 
 
-@dataclass(frozen=True, slots=True)
-class Plan:
-    """What the header says, before any pixel is decoded: enough to reserve memory for the decode."""
-
-    source_format: str
-    width: int
-    height: int
-    target: tuple[int, int]
-    memory: int
-
-
-def inspect(data: bytes, params: Params, limits: Limits) -> Plan:
-    """Read the header only (allowlist and pixel limit included) and estimate the decode's memory."""
+def inspect(data: bytes, params: Params, limits: Limits) -> int:
+    """Read the header only (allowlist and pixel limit included): the bytes ``optimize`` will need at
+    its peak, to reserve before any pixel is decoded."""
     with open_image(data, limits) as im:
         orientation = read_orientation(im, loaded=False)
         target = target_size(_upright_size(im.size, orientation), params, limits.max_dimension)
-        return Plan(
-            source_format=str(im.format),
-            width=im.width,
-            height=im.height,
-            target=target,
-            memory=estimate_memory(im, _unrotate(target, orientation), params.format),
-        )
+        return estimate_memory(im, _unrotate(target, orientation), params.format)
 
 
 # Bytes per pixel of Pillow's in-memory modes (RGB is stored as 4 bytes, like RGBA).

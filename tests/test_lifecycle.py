@@ -384,7 +384,7 @@ async def test_request_waiting_for_memory_at_the_drain_deadline_gets_503(
     from optimizer.pipeline import inspect
 
     big = image_bytes((1800, 1800), "RGBA", fmt="PNG")
-    need = inspect(big, Params(), _limits()).memory
+    need = inspect(big, Params(), _limits())
     # Room for one such image, not two: the second waits for memory (on the loop, holding no thread).
     app = create_app(
         test_settings(threads=2, queue=2, drain_seconds=0.3, memory_budget=need * 3 // 2, memory_wait=30.0)

@@ -1,4 +1,4 @@
-"""The memory estimate, calibrated: for real images, ``inspect().memory`` against the peak measured.
+"""The memory estimate, calibrated: for real images, ``inspect()`` against the peak measured.
 
 Each case runs in a fresh child process: warm the libraries up on a tiny image, reset the kernel's peak
 RSS counter (``/proc/self/clear_refs``), optimize the image; the peak over the RSS before it is what the
@@ -77,7 +77,7 @@ def measured_peak(path: Path, width: str, fmt: str) -> int:
 def test_estimate_covers_the_measured_peak(name: str, width: str, fmt: str) -> None:
     path = corpus_dir() / name
     params = Params(width=int(width) if width != "-" else None, format=fmt)
-    estimate = inspect(path.read_bytes(), params, LIMITS).memory
+    estimate = inspect(path.read_bytes(), params, LIMITS)
     peak = measured_peak(path, width, fmt)
     # Not under: allow 10 % and 2 MiB of allocator noise. Not far over: at most twice, plus 8 MiB.
     assert peak <= estimate * 1.1 + 2 * MIB, f"estimate {estimate / MIB:.1f} MiB < peak {peak / MIB:.1f} MiB"
@@ -86,8 +86,8 @@ def test_estimate_covers_the_measured_peak(name: str, width: str, fmt: str) -> N
 
 def test_progressive_jpeg_costs_its_coefficients_whatever_the_scale() -> None:
     data = (corpus_dir() / "photos/seed-loadtest-5760x3840.jpg").read_bytes()
-    small = inspect(data, Params(width=100), LIMITS).memory
+    small = inspect(data, Params(width=100), LIMITS)
     # 5760 x 3840, 3 components at 4:4:4, 2 bytes per coefficient: ~133 MB even for a thumbnail
     assert small >= 5760 * 3840 * 3 * 2
     baseline = (corpus_dir() / "photos/kleiber-lukas-baubkus-6028x3391.jpg").read_bytes()
-    assert inspect(baseline, Params(width=100), LIMITS).memory < 16 * MIB
+    assert inspect(baseline, Params(width=100), LIMITS) < 16 * MIB
