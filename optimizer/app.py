@@ -23,7 +23,7 @@ from optimizer.errors import Draining, OptimizerError
 from optimizer.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from optimizer.observe import record
 from optimizer.openapi import openapi_document
-from optimizer.problems import error_response, problem_response, stop_reading_unwanted_body
+from optimizer.problems import problem_response
 from optimizer.settings import Settings
 from optimizer.state import STATE, ServiceState
 
@@ -127,13 +127,13 @@ async def _on_shutdown(app: web.Application) -> None:
 async def _problems_and_access_log(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Turn every failure into problem+json, and write one log line per request."""
     started = time.perf_counter()
+    state = request.app[STATE]
     code = ""
     try:
         response = await handler(request)
     except OptimizerError as error:
         code = error.code
-        response = error_response(error)
-        stop_reading_unwanted_body(request, response, request.app[STATE].settings.linger_seconds)
+        response = handlers.refusal(request, error, state)
     except web.HTTPException as exc:
         code, title = _HTTP_CODES.get(exc.status, ("http_error", exc.reason))
         headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
@@ -145,13 +145,10 @@ async def _problems_and_access_log(request: web.Request, handler: Handler) -> we
         # aiohttp cancels the handler when the client disconnects (handler_cancellation) or at the end
         # of the shutdown timeout; there is nobody left to answer, but the line is still logged.
         gone = web.Response(status=CLIENT_CLOSED)
-        record(request, gone, "cancelled", time.perf_counter() - started, request.app[STATE].metrics)
+        record(request, gone, "cancelled", time.perf_counter() - started, state.metrics)
         raise
     except Exception:
         log.exception("unexpected error handling %s %s", request.method, request.path)
         code = "internal_error"
         response = problem_response(500, code, "Internal Server Error", "an unexpected error occurred")
-    response.headers.setdefault("X-Content-Type-Options", "nosniff")
-    request.app[STATE].cors.decorate(request, response)
-    record(request, response, code, time.perf_counter() - started, request.app[STATE].metrics)
-    return response
+    return handlers.finish(request, response, code, started, state)

@@ -36,6 +36,23 @@ async def upload_route(request: web.Request) -> web.StreamResponse:
     return await _optimize(request, UPLOAD_DEFAULTS)
 
 
+def refusal(request: web.BaseRequest, error: OptimizerError, state: ServiceState) -> web.Response:
+    """The problem+json answer to ``error``; the rest of an unread upload is not read."""
+    response = error_response(error)
+    stop_reading_unwanted_body(request, response, state.settings.linger_seconds)
+    return response
+
+
+def finish(
+    request: web.BaseRequest, response: web.StreamResponse, code: str, started: float, state: ServiceState
+) -> web.StreamResponse:
+    """What every answer gets before it leaves, whoever made it: nosniff, CORS, its log line and metrics."""
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    state.cors.decorate(request, response)
+    record(request, response, code, time.perf_counter() - started, state.metrics)
+    return response
+
+
 def _authorise(request: web.Request, state: ServiceState) -> None:
     check_api_key(request, state.settings.api_key_set)
     check_signature(request, state.settings.signing_key)
@@ -61,14 +78,8 @@ async def expect_continue(request: web.Request) -> web.StreamResponse | None:
         _authorise(request, state)
         _refuse_early(request, state)
     except OptimizerError as error:
-        # aiohttp calls this hook before the middleware, so what the middleware does to a refusal is
-        # done here: no body will be read, the usual headers, the log line.
-        response = error_response(error)
-        response.headers.setdefault("X-Content-Type-Options", "nosniff")
-        state.cors.decorate(request, response)
-        stop_reading_unwanted_body(request, response, state.settings.linger_seconds)
-        record(request, response, error.code, time.perf_counter() - started, state.metrics)
-        return response
+        # aiohttp calls this hook before any middleware: the refusal is finished here the same way.
+        return finish(request, refusal(request, error, state), error.code, started, state)
     if request.version >= (1, 1) and request.headers.get("Expect", "").lower() == "100-continue":
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
     return None
