@@ -22,6 +22,11 @@ after ``--`` go to the server), samples its RSS every 100 ms and its CPU time, a
 (SIGKILL after ``--stop-timeout``). Everything is bounded: the duration, a timeout on every request, a
 grace period for the requests still in flight at the end.
 
+With ``--peer ipx`` or ``--peer thumbor`` (installed beforehand into ``--peer-dir``; the error message
+says how), each load is followed by the same plan against that server, started on 127.0.0.1 on a copy
+of the file: it GETs the file from its own disk while ours receive it as an upload, which the report
+says next to its figures.
+
 Exit status: 0 when the run completed and some requests got a 2xx, 1 when none did or the server died,
 2 for bad arguments.
 """
@@ -39,11 +44,15 @@ import mimetypes
 import os
 import platform
 import resource
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -51,7 +60,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, quote, urlsplit
 
 import aiohttp
 import PIL
@@ -709,6 +718,7 @@ class Upload:
     body: bytes
     headers: dict[str, str]
     description: str
+    method: str = "POST"
 
     @classmethod
     def build(cls, base_url: str, *, path: str, query: str, file: Path, field_name: str, raw: bool) -> Upload:
@@ -789,7 +799,7 @@ class LoadRun:
         timeout: float,
         grace: float,
         expect_continue: bool,
-        server: ServerProcess | None,
+        server: ServerProcess | PeerProcess | None,
         monitor: ServerMonitor | None,
         quiet: bool,
     ) -> None:
@@ -877,9 +887,10 @@ class LoadRun:
             tally.started += 1
             started = time.perf_counter()
             try:
-                async with session.post(
+                async with session.request(
+                    upload.method,
                     upload.url,
-                    data=io.BytesIO(upload.body),
+                    data=io.BytesIO(upload.body) if upload.body else None,
                     headers=upload.headers,
                     expect100=self.expect_continue,
                 ) as response:
@@ -1019,6 +1030,162 @@ def problem_code(payload: bytes) -> str:
     return str(body.get("code", "-")) if isinstance(body, dict) else "-"
 
 
+# --- a peer server, loaded with the same plan for comparison (--peer) -----------------------------------
+
+
+def ipx_path(params: Params, name: str) -> str:
+    """ipx's URL for ``params``: modifiers in the first path segment, then the file."""
+    modifiers = [f"q_{params.quality}", f"f_{params.format}"]
+    if params.width is not None:
+        modifiers.insert(0, f"w_{params.width}")
+    if params.height is not None:
+        modifiers.insert(0, f"h_{params.height}")
+    return f"/{','.join(modifiers)}/{quote(name)}"
+
+
+def thumbor_path(params: Params, name: str) -> str:
+    """thumbor's unsigned URL for ``params`` (0 for a free side keeps the aspect ratio)."""
+    return (
+        f"/unsafe/{params.width or 0}x{params.height or 0}"
+        f"/filters:quality({params.quality}):format({params.format})/{quote(name)}"
+    )
+
+
+def thumbor_config(files: Path) -> str:
+    # The file loader and no storage: every request reads and decodes the source again, as ours does.
+    return (
+        "LOADER = 'thumbor.loaders.file_loader'\n"
+        f"FILE_LOADER_ROOT_PATH = {str(files)!r}\n"
+        "STORAGE = 'thumbor.storages.no_storage'\n"
+        "RESULT_STORAGE = None\n"
+        "ALLOW_UNSAFE_URL = True\n"
+    )
+
+
+@dataclass(frozen=True)
+class Peer:
+    """How to start another image server on a folder and ask it for the same output as ours."""
+
+    name: str
+    executable: str  # relative to --peer-dir
+    install: str  # shown when the executable is missing; {dir} is --peer-dir
+    argv: Callable[[Path, Path, int], list[str]]  # (executable, folder served, port)
+    path: Callable[[Params, str], str]
+    env: Callable[[int], dict[str, str]] = lambda port: {}
+    config: Callable[[Path], str] | None = None  # written to <folder>/peer.conf
+
+
+PEERS: dict[str, Peer] = {
+    "ipx": Peer(
+        name="ipx 3 (sharp/libvips on Node.js)",
+        executable="node_modules/.bin/ipx",
+        install="npm install --prefix {dir} ipx@3",
+        argv=lambda exe, files, port: [str(exe), "serve", "--dir", str(files)],
+        env=lambda port: {"HOST": HOST, "PORT": str(port)},
+        path=ipx_path,
+    ),
+    "thumbor": Peer(
+        name="thumbor 7 (Pillow, Tornado), one process per core",
+        executable="thumbor/bin/thumbor",
+        install="python3 -m venv {dir}/thumbor && {dir}/thumbor/bin/pip install thumbor",
+        argv=lambda exe, files, port: [
+            str(exe),
+            "--ip",
+            HOST,
+            "--port",
+            str(port),
+            "--conf",
+            str(files / "peer.conf"),
+            "--processes",
+            str(effective_cpu_count()),
+        ],
+        path=thumbor_path,
+        config=thumbor_config,
+    ),
+}
+
+
+def free_port() -> int:
+    """A port nobody listens on now (the peer binds it a moment later; a clash fails its start-up)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((HOST, 0))
+        return int(probe.getsockname()[1])
+
+
+class PeerProcess:
+    """A peer serving a private copy of the file from a temporary folder on 127.0.0.1."""
+
+    def __init__(self, peer: Peer, home: Path, file: Path, log_path: Path) -> None:
+        executable = home / peer.executable  # make_config() has checked that it exists
+        self.files = Path(tempfile.mkdtemp(prefix="bench-peer-"))
+        # A copy, not a link: a server may refuse a link that leads out of the folder it serves.
+        shutil.copyfile(file, self.files / file.name)
+        if peer.config is not None:
+            (self.files / "peer.conf").write_text(peer.config(self.files))
+        self.port = free_port()
+        self.argv = peer.argv(executable, self.files, self.port)
+        self.log_path = log_path
+        self._log = log_path.open("wb")
+        self.proc = subprocess.Popen(
+            self.argv,
+            cwd=self.files,
+            env={**os.environ, **peer.env(self.port)},
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: stop() reaches forked workers too
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    def wait_ready(self, path: str, timeout: float = STARTUP_TIMEOUT) -> None:
+        """Until one GET of ``path`` answers with an image (which also warms the peer up)."""
+        deadline = time.monotonic() + timeout
+        last = "no answer"
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise BenchError(f"the peer exited with code {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                with urllib.request.urlopen(self.url + path, timeout=timeout) as response:
+                    if response.status == 200 and response.headers.get_content_maintype() == "image":
+                        return
+                    last = f"{response.status} {response.headers.get_content_type()}"
+            except urllib.error.HTTPError as exc:
+                raise BenchError(f"the peer answered {exc.code} to GET {path}:\n{self.log_tail()}") from None
+            except (OSError, urllib.error.URLError) as exc:
+                last = str(exc)
+            time.sleep(0.1)
+        raise BenchError(
+            f"the peer did not serve GET {path} within {timeout:g} s ({last}):\n{self.log_tail()}"
+        )
+
+    def log_tail(self, lines: int = 20) -> str:
+        with contextlib.suppress(OSError):
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        return ""
+
+    def stop(self, timeout: float) -> None:
+        try:
+            if self.proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGTERM)
+                try:
+                    self.proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(self.proc.pid, signal.SIGKILL)
+                    self.proc.wait(10)
+        finally:
+            self._log.close()
+            shutil.rmtree(self.files, ignore_errors=True)
+
+
 # --- one run, with or without a server of our own ---------------------------------------------------------
 
 
@@ -1044,6 +1211,8 @@ class Config:
     scenario: str | None
     source: Path
     label: str | None = None
+    peer: str | None = None
+    peer_dir: Path = Path()
 
 
 def load_once(config: Config, plan: LoadPlan, log_dir: Path, label: str) -> dict[str, Any]:
@@ -1068,24 +1237,7 @@ def load_once(config: Config, plan: LoadPlan, log_dir: Path, label: str) -> dict
             field_name=config.field_name,
             raw=config.raw,
         )
-        if not config.quiet:
-            print(f"load: {plan.describe()} -> POST {upload.url}", file=sys.stderr)
-        run = LoadRun(
-            upload,
-            plan,
-            on_503=config.on_503,
-            timeout=config.timeout,
-            grace=config.grace,
-            expect_continue=config.expect_continue,
-            server=server,
-            monitor=monitor,
-            quiet=config.quiet,
-        )
-        result = asyncio.run(run.run())
-        result["url"] = upload.url
-        result["request"] = upload.description
-        if monitor is not None:
-            monitor.finish()
+        result = drive(config, plan, upload, server, monitor)
     finally:
         if server is not None:
             server.stop(config.stop_timeout)
@@ -1100,6 +1252,53 @@ def load_once(config: Config, plan: LoadPlan, log_dir: Path, label: str) -> dict
         }
     else:
         result["server"] = None
+    return result
+
+
+def drive(
+    config: Config,
+    plan: LoadPlan,
+    upload: Upload,
+    process: ServerProcess | PeerProcess | None,
+    monitor: ServerMonitor | None,
+) -> dict[str, Any]:
+    """Run the users of ``plan`` against ``upload``; read the monitor's final figures before returning."""
+    if not config.quiet:
+        print(f"load: {plan.describe()} -> {upload.method} {upload.url}", file=sys.stderr)
+    run = LoadRun(
+        upload,
+        plan,
+        on_503=config.on_503,
+        timeout=config.timeout,
+        grace=config.grace,
+        expect_continue=config.expect_continue,
+        server=process,
+        monitor=monitor,
+        quiet=config.quiet,
+    )
+    result = asyncio.run(run.run())
+    result["url"] = upload.url
+    result["request"] = upload.description
+    if monitor is not None:
+        monitor.finish()
+    return result
+
+
+def peer_once(config: Config, plan: LoadPlan, log_dir: Path, label: str) -> dict[str, Any]:
+    """The same plan against a peer server (``--peer``), started here on 127.0.0.1."""
+    assert config.peer is not None
+    peer = PEERS[config.peer]
+    params = request_params(config.path, config.query, server_settings(config.server_args))
+    process = PeerProcess(peer, config.peer_dir, config.file, log_dir / f"peer.{label}.log")
+    try:
+        path = peer.path(params, config.file.name)
+        process.wait_ready(path)
+        monitor = ServerMonitor(process.pid)
+        upload = Upload(process.url + path, b"", {}, "GET: the peer reads the file from disk", method="GET")
+        result = drive(config, plan, upload, process, monitor)
+    finally:
+        process.stop(config.stop_timeout)
+    result["server"] = {**monitor.as_dict(), "peer": config.peer, "name": peer.name, "command": process.argv}
     return result
 
 
@@ -1300,6 +1499,28 @@ def run_table(run: dict[str, Any], ceiling: dict[str, Any] | None) -> list[str]:
         lines.append(f"  server exit code after SIGTERM: {log['exit_code']}")
     if run["server_died_with_code"] is not None:
         lines.append(f"  THE SERVER EXITED DURING THE RUN with code {run['server_died_with_code']}")
+    if run.get("peer"):
+        lines.extend(peer_lines(run["peer"], derived.get("goodput_over_peer")))
+    return lines
+
+
+def peer_lines(peer: dict[str, Any], ratio: float | None) -> list[str]:
+    """The peer's run under the same plan, right after ours."""
+    server = peer["server"]
+    lat = peer["latency_2xx_seconds"]
+    statuses = ", ".join(f"{status}: {n}" for status, n in peer["responses_by_status"].items())
+    versus = "-" if ratio is None else f"{ratio:.0%}"
+    lines = [
+        f"  peer {server['name']} under the same plan ({peer['request']}):",
+        f"    goodput {fmt_rate(peer['goodput_per_s'])}; ours / peer: {versus}",
+        f"    2xx latency p50 / p95 / p99 s: {fmt_seconds(lat['p50'])} / {fmt_seconds(lat['p95'])} / "
+        f"{fmt_seconds(lat['p99'])}",
+        f"    peak RSS {fmt_mb(server.get('peak_rss_bytes'))}, CPU "
+        + ("-" if server.get("cpu_seconds") is None else f"{server['cpu_seconds']:.1f} s")
+        + f", client CPU share {peer['client_cpu_share']:.0%}",
+        f"    responses: {statuses or 'none'}; errors {peer['errors']['total']}",
+    ]
+    lines.extend("  " + line for line in noise_lines(peer, None))
     return lines
 
 
@@ -1571,6 +1792,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="optimizer checkout the server and the ceiling run from, e.g. a git worktree of another "
         "commit [default: this repository]",
     )
+    parser.add_argument(
+        "--peer",
+        choices=sorted(PEERS),
+        help="after each load, run the same plan against this peer server (GET of the file it serves "
+        "from disk) and report both side by side",
+    )
+    parser.add_argument(
+        "--peer-dir",
+        type=Path,
+        default=Path(os.environ.get("OPTIMIZER_PEER_DIR", Path.home() / ".cache" / "optimizer-peers")),
+        help="where the peers are installed (see --peer's error for the install command) "
+        "[default: $OPTIMIZER_PEER_DIR or ~/.cache/optimizer-peers]",
+    )
     parser.add_argument("--label", help="free text stored with the results and shown on the chart")
     parser.add_argument("--json", type=Path, help="write the results as JSON to this file")
     parser.add_argument("--server-log", type=Path, help="keep the server's log (one file per run, suffixed)")
@@ -1630,6 +1864,15 @@ def make_config(args: argparse.Namespace, server_args: list[str]) -> tuple[Confi
     if ceiling:
         request_params(path, query, settings)  # a bad query fails now, not in the child
 
+    if args.peer is not None:
+        if args.url is not None:
+            raise BenchError("--peer compares with a server the harness starts; drop --url")
+        request_params(path, query, settings)  # the peer's URL is built from the same parameters
+        if not (args.peer_dir / PEERS[args.peer].executable).exists():
+            raise BenchError(
+                f"--peer {args.peer}: not installed in {args.peer_dir}; install it with: "
+                + PEERS[args.peer].install.format(dir=args.peer_dir)
+            )
     if args.sweep_users and args.stages:
         raise BenchError("--sweep-users runs constant loads; it cannot be combined with --stages")
     if args.sweep_users:
@@ -1659,6 +1902,8 @@ def make_config(args: argparse.Namespace, server_args: list[str]) -> tuple[Confi
         scenario=args.scenario,
         source=args.source.resolve(),
         label=args.label,
+        peer=args.peer,
+        peer_dir=args.peer_dir.resolve(),
     )
     return config, plans
 
@@ -1685,6 +1930,7 @@ def run_bench(config: Config, plans: list[LoadPlan], command: list[str]) -> dict
             "server_started_by_harness": config.url is None,
             "server_args": config.server_args,
             "threads": config.threads,
+            "peer": config.peer,
         },
         # Which code ran: the server (when the harness starts it) and the ceiling come from --source.
         "code": source_info(config.source) if config.url is None or config.ceiling else None,
@@ -1722,6 +1968,14 @@ def run_bench(config: Config, plans: list[LoadPlan], command: list[str]) -> dict
                 result["warning"] = (
                     f"the server ran {server['threads'] * processes} threads but the ceiling {config.threads}"
                 )
+            if config.peer is not None:
+                result["peer"] = peer_result = peer_once(
+                    config, plan, Path(log_dir), f"{index + 1}-{plan.max_users}u"
+                )
+                if result["goodput_per_s"] and peer_result["goodput_per_s"]:
+                    result["derived"]["goodput_over_peer"] = (
+                        result["goodput_per_s"] / peer_result["goodput_per_s"]
+                    )
             results["runs"].append(result)
     with contextlib.suppress(OSError):
         results["machine"]["loadavg_at_end"] = " ".join(Path("/proc/loadavg").read_text().split()[:3])

@@ -120,3 +120,75 @@ def test_bench_runs_against_its_own_server_and_reports(tmp_path: Path) -> None:
     with Image.open(chart) as png:
         assert png.format == "PNG"
         assert png.width > 0
+
+
+# A stand-in for ipx: the harness finds it where `npm install --prefix DIR ipx@3` would put it, starts it
+# with `serve --dir FOLDER` and HOST/PORT in the environment, and GETs /<modifiers>/<file>.
+FAKE_IPX = """#!{python}
+import io, os, sys, urllib.parse
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from PIL import Image
+
+folder = sys.argv[sys.argv.index("--dir") + 1]
+
+class Handler(BaseHTTPRequestHandler):
+    def do_GET(self):
+        modifiers, _, name = self.path.lstrip("/").partition("/")
+        width = int(dict(m.split("_", 1) for m in modifiers.split(","))["w"])
+        with Image.open(os.path.join(folder, urllib.parse.unquote(name))) as im:
+            im.thumbnail((width, width * 10))
+            out = io.BytesIO()
+            im.save(out, "JPEG")
+        self.send_response(200)
+        self.send_header("Content-Type", "image/jpeg")
+        self.send_header("Content-Length", str(len(out.getvalue())))
+        self.end_headers()
+        self.wfile.write(out.getvalue())
+
+    def log_message(self, *args):
+        pass
+
+ThreadingHTTPServer((os.environ["HOST"], int(os.environ["PORT"])), Handler).serve_forever()
+"""
+
+
+def test_peer_urls_ask_for_the_same_output() -> None:
+    bench = load_bench()
+    params = bench.Params(width=800, quality=80, format="jpeg")
+    assert bench.ipx_path(params, "a b.jpg") == "/w_800,q_80,f_jpeg/a%20b.jpg"
+    assert bench.thumbor_path(params, "a.jpg") == "/unsafe/800x0/filters:quality(80):format(jpeg)/a.jpg"
+
+
+def test_a_missing_peer_is_refused_with_its_install_command(tmp_path: Path) -> None:
+    photo = tmp_path / "photo.jpg"
+    photo.write_bytes(image_bytes((64, 48)))
+    done = run_bench("--file", str(photo), "--peer", "ipx", "--peer-dir", str(tmp_path / "none"))
+    assert done.returncode == 2
+    assert "npm install --prefix" in done.stderr
+
+
+@pytest.mark.slow
+def test_bench_runs_a_peer_side_by_side(tmp_path: Path) -> None:
+    photo = tmp_path / "photo.jpg"
+    photo.write_bytes(image_bytes((640, 480), quality=90))
+    fake = tmp_path / "peers" / "node_modules" / ".bin" / "ipx"
+    fake.parent.mkdir(parents=True)
+    fake.write_text(FAKE_IPX.format(python=sys.executable))
+    fake.chmod(0o755)
+    results_path = tmp_path / "results.json"
+
+    done = run_bench(
+        *("--file", str(photo), "--path", "/optimize", "--query", "width=100"),
+        *("--users", "2", "--duration", "2", "--no-ceiling", "--json", str(results_path)),
+        *("--peer", "ipx", "--peer-dir", str(fake.parents[2])),
+        *("--", "--threads", "1"),
+    )
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "ours / peer" in done.stdout
+    [run] = json.loads(results_path.read_text())["runs"]
+    peer = run["peer"]
+    assert peer["url"].endswith("/w_100,q_80,f_jpeg/photo.jpg")
+    assert peer["responses_by_status"].get("200", 0) > 0
+    assert peer["server"]["peak_rss_bytes"] > 0
+    assert run["derived"]["goodput_over_peer"] is not None
