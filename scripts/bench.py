@@ -11,7 +11,7 @@ A run has two parts, one after the other, on the same machine and in the same in
 1. the ceiling (``--ceiling``, on by default when the harness starts the server): the same image bytes
    and parameters through ``optimizer.pipeline.optimize`` on a thread pool as large as the server's,
    with no HTTP, for the same duration, in a child process whose peak RSS is measured;
-2. the HTTP load: N virtual users in a closed loop (one ``aiohttp.ClientSession``), each uploading the
+2. the HTTP load: N virtual users in a closed loop (one keep-alive connection each), each uploading the
    file again as soon as its previous answer came back, at a constant count (``--users``/``--duration``)
    or following k6-like stages (``--stages 5s:20,10s:50,5s:0``). On a 503 a user sleeps the
    ``Retry-After`` seconds (``--on-503 retry-after``) or retries at once (``--on-503 immediate``, the
@@ -37,7 +37,6 @@ import argparse
 import asyncio
 import concurrent.futures
 import contextlib
-import io
 import json
 import math
 import mimetypes
@@ -720,6 +719,18 @@ class Upload:
     description: str
     method: str = "POST"
 
+    def request_head(self, *, expect_continue: bool) -> bytes:
+        """The request line and headers, sent as they are before every body."""
+        parts = urlsplit(self.url)
+        target = parts.path + (f"?{parts.query}" if parts.query else "")
+        fields = {"Host": parts.netloc, **self.headers}
+        if self.body or self.method == "POST":
+            fields["Content-Length"] = str(len(self.body))
+        if expect_continue and self.body:
+            fields["Expect"] = "100-continue"
+        lines = [f"{self.method} {target} HTTP/1.1", *(f"{k}: {v}" for k, v in fields.items())]
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
     @classmethod
     def build(cls, base_url: str, *, path: str, query: str, file: Path, field_name: str, raw: bool) -> Upload:
         data = file.read_bytes()
@@ -738,6 +749,112 @@ class Upload:
         body = head + data + f"\r\n--{boundary}--\r\n".encode()
         headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
         return cls(url, body, headers, f'multipart field "{field_name}"')
+
+
+class ProtocolError(Exception):
+    """An answer the client cannot read as HTTP/1.1."""
+
+
+@dataclass(frozen=True)
+class Answer:
+    status: int
+    headers: dict[str, str]  # names lower-cased; a repeated header keeps its last value
+    body: bytes
+    keep_alive: bool
+
+
+class Connection:
+    """One user's keep-alive HTTP/1.1 connection, writing the prepared request as it is.
+
+    The harness shares the two cores with the server, so the client must cost as little as possible:
+    the request head and body are bytes built once, the body goes to the transport as a memoryview (one
+    copy into its buffer, none for the part the socket takes at once), and the answer is read while the
+    transport is still sending, because a refusal may come back before the upload has been sent. A
+    request that got its answer before all of its body was sent leaves the connection unusable, so it
+    is closed; so is one whose answer says ``Connection: close``.
+    """
+
+    def __init__(self, host: str, port: int, head: bytes, body: bytes, *, expect_continue: bool) -> None:
+        self.host = host
+        self.port = port
+        self.head = head
+        self.body = memoryview(body)
+        self.expect_continue = expect_continue
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def exchange(self, connect_timeout: float) -> Answer:
+        if self.writer is None or self.writer.is_closing():
+            async with asyncio.timeout(connect_timeout):
+                self.reader, self.writer = await asyncio.open_connection(self.host, self.port, limit=1 << 20)
+        reader, writer = self.reader, self.writer
+        assert reader is not None
+        try:
+            writer.write(self.head)
+            answer: Answer | None = None
+            if self.expect_continue and self.body:
+                answer = await self._read_answer(reader, interim=True)
+            if answer is None:
+                if self.body:
+                    writer.write(self.body)
+                answer = await self._read_answer(reader, interim=False)
+            assert answer is not None
+        except BaseException:
+            self.close()
+            raise
+        if not answer.keep_alive or writer.transport.get_write_buffer_size() > 0:
+            self.close()
+        return answer
+
+    async def _read_answer(self, reader: asyncio.StreamReader, *, interim: bool) -> Answer | None:
+        """The final answer; with ``interim``, ``None`` when the server said 100 Continue instead."""
+        while True:
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except asyncio.IncompleteReadError as exc:
+                raise ConnectionResetError(
+                    f"the server closed the connection ({len(exc.partial)} bytes)"
+                ) from None
+            except asyncio.LimitOverrunError:
+                raise ProtocolError("the answer's head is over 1 MiB") from None
+            status_line, *lines = head.decode("latin-1").split("\r\n")
+            version, _, rest = status_line.partition(" ")
+            code = rest[:3]
+            if not version.startswith("HTTP/1.") or not code.isdigit():
+                raise ProtocolError(f"not an HTTP/1.x status line: {status_line[:80]!r}")
+            status = int(code)
+            headers = {}
+            for line in lines:
+                name, sep, value = line.partition(":")
+                if sep:
+                    headers[name.strip().lower()] = value.strip()
+            if 100 <= status < 200:
+                if status == 100 and interim:
+                    return None
+                continue  # another interim answer (e.g. 103): the final one follows
+            break
+        keep_alive = version == "HTTP/1.1" and headers.get("connection", "").lower() != "close"
+        if headers.get("transfer-encoding", "").lower() == "chunked":
+            body = await self._read_chunked(reader)
+        elif "content-length" in headers:
+            body = await reader.readexactly(int(headers["content-length"]))
+        else:
+            body, keep_alive = await reader.read(), False
+        return Answer(status, headers, body, keep_alive)
+
+    async def _read_chunked(self, reader: asyncio.StreamReader) -> bytes:
+        parts: list[bytes] = []
+        while size := int((await reader.readuntil(b"\r\n")).split(b";")[0], 16):
+            parts.append(await reader.readexactly(size))
+            await reader.readexactly(2)
+        while await reader.readuntil(b"\r\n") != b"\r\n":  # trailer fields, if any
+            pass
+        return b"".join(parts)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.transport.abort()  # whatever is still buffered is dropped, not sent
+            self.writer = self.reader = None
 
 
 @dataclass
@@ -806,7 +923,8 @@ class LoadRun:
         self.upload = upload
         self.plan = plan
         self.on_503 = on_503
-        self.timeout = aiohttp.ClientTimeout(total=timeout, connect=min(timeout, 10.0))
+        self.timeout = timeout
+        self.connect_timeout = min(timeout, 10.0)
         self.grace = grace
         self.expect_continue = expect_continue
         self.server = server
@@ -820,29 +938,27 @@ class LoadRun:
         self.machine_before: tuple[float, float, float] | None = None
 
     async def run(self) -> dict[str, Any]:
-        connector = aiohttp.TCPConnector(limit=max(1, self.plan.max_users), limit_per_host=0)
-        async with aiohttp.ClientSession(connector=connector, timeout=self.timeout) as session:
-            cpu_before, wall_before = self_cpu_seconds(), time.perf_counter()
-            self.machine_before = machine_cpu()
-            self.t0 = wall_before
-            self.tally.window_end = self.t0 + self.plan.seconds
-            background = [asyncio.create_task(self._progress())]
-            if self.monitor is not None:
-                background.append(asyncio.create_task(self.monitor.sample()))
-            try:
-                await self._control(session)
-            finally:
-                for task in background:
-                    task.cancel()
-                await asyncio.gather(*background, return_exceptions=True)
-                if not self.quiet:
-                    print(file=sys.stderr)
-            wall = time.perf_counter() - wall_before
-            client_cpu = self_cpu_seconds() - cpu_before
+        cpu_before, wall_before = self_cpu_seconds(), time.perf_counter()
+        self.machine_before = machine_cpu()
+        self.t0 = wall_before
+        self.tally.window_end = self.t0 + self.plan.seconds
+        background = [asyncio.create_task(self._progress())]
+        if self.monitor is not None:
+            background.append(asyncio.create_task(self.monitor.sample()))
+        try:
+            await self._control()
+        finally:
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
+            if not self.quiet:
+                print(file=sys.stderr)
+        wall = time.perf_counter() - wall_before
+        client_cpu = self_cpu_seconds() - cpu_before
         window = min(self.plan.seconds, wall)
         return self._result(window, wall, client_cpu)
 
-    async def _control(self, session: aiohttp.ClientSession) -> None:
+    async def _control(self) -> None:
         """Start and stop users to follow the plan; at the end, let in-flight requests finish."""
         running: list[tuple[asyncio.Task[None], asyncio.Event]] = []
         stopping: list[asyncio.Task[None]] = []
@@ -856,7 +972,7 @@ class LoadRun:
                 stop = asyncio.Event()
                 self.tally.users_seen += 1
                 user = self.tally.users_seen
-                running.append((asyncio.create_task(self._user(session, stop, user)), stop))
+                running.append((asyncio.create_task(self._user(stop, user)), stop))
             while len(running) > want:  # the newest users leave first, after their current request
                 task, stop = running.pop()
                 stop.set()
@@ -880,35 +996,44 @@ class LoadRun:
             async with asyncio.timeout(seconds):
                 await stop.wait()
 
-    async def _user(self, session: aiohttp.ClientSession, stop: asyncio.Event, user: int) -> None:
-        tally = self.tally
+    async def _user(self, stop: asyncio.Event, user: int) -> None:
         upload = self.upload
+        parts = urlsplit(upload.url)
+        connection = Connection(
+            parts.hostname or HOST,
+            parts.port or 80,
+            upload.request_head(expect_continue=self.expect_continue),
+            upload.body,
+            expect_continue=self.expect_continue,
+        )
+        try:
+            await self._requests(stop, user, connection)
+        finally:
+            connection.close()
+
+    async def _requests(self, stop: asyncio.Event, user: int, connection: Connection) -> None:
+        tally = self.tally
         while not stop.is_set() and time.perf_counter() < tally.window_end:
             tally.started += 1
             started = time.perf_counter()
             try:
-                async with session.request(
-                    upload.method,
-                    upload.url,
-                    data=io.BytesIO(upload.body) if upload.body else None,
-                    headers=upload.headers,
-                    expect100=self.expect_continue,
-                ) as response:
-                    payload = await response.read()
-                    status = response.status
-                    retry_after = response.headers.get("Retry-After")
-                    server_timing = response.headers.get("Server-Timing", "")
+                async with asyncio.timeout(self.timeout):
+                    answer = await connection.exchange(self.connect_timeout)
             except TimeoutError as exc:
+                connection.close()
                 tally.timeouts += 1
                 tally.error_samples.setdefault("timeout", str(exc)[:300] or type(exc).__name__)
                 continue
-            except aiohttp.ClientConnectionError as exc:
+            except OSError as exc:  # refused, reset, closed before the answer
                 tally.error(tally.connection_errors, exc)
                 await self._pause(stop, CONNECTION_ERROR_PAUSE)
                 continue
-            except aiohttp.ClientError as exc:
+            except (ProtocolError, ValueError) as exc:
                 tally.error(tally.other_errors, exc)
                 continue
+            status, payload = answer.status, answer.body
+            retry_after = answer.headers.get("retry-after")
+            server_timing = answer.headers.get("server-timing", "")
             finished = time.perf_counter()
             tally.record(user, status, finished - started, finished)
             if 200 <= status < 300:
