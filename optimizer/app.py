@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +29,8 @@ from optimizer.settings import Settings
 from optimizer.state import STATE, ServiceState
 
 log = logging.getLogger("optimizer")
+
+POOL_START_SECONDS = 30.0
 
 # Status logged for a client that disconnected before it could be answered (nginx's convention).
 CLIENT_CLOSED = 499
@@ -72,7 +75,15 @@ async def _openapi(request: web.Request) -> web.Response:
 
 async def _worker_pool(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
-    state.pool = ThreadPoolExecutor(max_workers=state.settings.threads, thread_name_prefix="optimizer-worker")
+    threads = state.settings.threads
+    state.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="optimizer-worker")
+    # Start every worker now rather than on first use: no request waits for a thread to start, and the
+    # workers exist, at the start-up priority, before optimizer.server lowers the loop thread's.
+    # (The pool starts a thread per submit while none is idle; the barrier keeps them all busy.)
+    started = threading.Barrier(threads)
+    await asyncio.gather(
+        *(asyncio.wrap_future(state.pool.submit(started.wait, POOL_START_SECONDS)) for _ in range(threads))
+    )
     try:
         yield
     finally:

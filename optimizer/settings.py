@@ -91,7 +91,13 @@ class Settings:
         metadata={"env": "OPTIMIZER_THREADS", "help": "image worker threads (default: usable CPU count)"},
     )
     queue: int | None = _setting(
-        None, "OPTIMIZER_QUEUE", "admission slots beyond the threads (default: same as threads)"
+        None, "OPTIMIZER_QUEUE", "admission slots beyond the threads (default: twice the threads)"
+    )
+    loop_nice: int = _setting(
+        10,
+        "OPTIMIZER_LOOP_NICE",
+        "added to the event loop thread's nice value once the workers have started (0-19; 0 keeps it), "
+        "so that image work gets the CPU before a flood of refusals does",
     )
     max_body_bytes: int = _setting(25 * MIB, "OPTIMIZER_MAX_BODY_BYTES", "largest accepted upload, in bytes")
     max_pixels: int = _setting(
@@ -178,6 +184,8 @@ class Settings:
             yield f"{name('threads')}={self.threads}: must be at least 1"
         if self.queue is not None and self.queue < 0:
             yield f"{name('queue')}={self.queue}: must be 0 or more"
+        if not 0 <= self.loop_nice <= 19:
+            yield f"{name('loop_nice')}={self.loop_nice}: must be between 0 and 19"
         for attr in ("max_body_bytes", "max_pixels", "max_dimension", "min_upload_rate"):
             value = getattr(self, attr)
             if value < 1:
@@ -224,7 +232,10 @@ class Settings:
 
     @property
     def queue_slots(self) -> int:
-        return self.threads if self.queue is None else self.queue
+        # Twice the threads: deep enough that the workers never wait for an upload to arrive while polite
+        # clients sit out their Retry-After (S2 +2.5 % over one per thread), shallow enough for p95 (S1
+        # 0.86 s, S2 0.27 s; docs/benchmarks.md).
+        return 2 * self.threads if self.queue is None else self.queue
 
     @property
     def capacity(self) -> int:

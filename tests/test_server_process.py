@@ -321,6 +321,30 @@ def test_sigint_stops_an_idle_server_with_exit_0(launch: Launch) -> None:
     assert "Traceback" not in server.stderr_text()
 
 
+def thread_nice_values(pid: int) -> dict[int, int]:
+    """Each thread's nice value (field 19 of /proc/PID/task/TID/stat, after the parenthesised name)."""
+    values = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        fields = (task / "stat").read_text().rpartition(")")[2].split()
+        values[int(task.name)] = int(fields[16])
+    return values
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="per-thread nice values are a Linux feature")
+@pytest.mark.parametrize(
+    ("flags", "raised"), [((), 10), (("--loop-nice", "4"), 4), (("--loop-nice", "0"), 0)]
+)
+def test_the_event_loop_yields_the_cpu_to_the_workers(
+    launch: Launch, flags: tuple[str, ...], raised: int
+) -> None:
+    server = launch("--threads", "3", *flags)
+    assert server.wait_for_event("listening")["loop_nice"] == raised
+    nice = thread_nice_values(server.pid)
+    loop = nice.pop(server.pid)  # the main thread runs the event loop
+    # The workers were started before the loop's priority was lowered, and keep the start-up value.
+    assert sum(1 for value in nice.values() if value == loop - raised) >= 3
+
+
 def run_cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "optimizer", *args],

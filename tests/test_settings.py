@@ -58,14 +58,16 @@ def test_default_threads_is_the_usable_cpu_count() -> None:
     assert Settings().threads == effective_cpu_count() >= 1
 
 
-def test_queue_none_means_as_many_as_threads() -> None:
+def test_queue_none_means_twice_the_threads() -> None:
     settings = Settings(threads=3)
     assert settings.queue is None
-    assert settings.queue_slots == 3
-    assert settings.capacity == 6
+    assert settings.queue_slots == 6
+    assert settings.capacity == 9
 
 
-@pytest.mark.parametrize(("threads", "queue", "capacity"), [(1, None, 2), (4, None, 8), (3, 0, 3), (2, 5, 7)])
+@pytest.mark.parametrize(
+    ("threads", "queue", "capacity"), [(1, None, 3), (4, None, 12), (3, 0, 3), (2, 5, 7)]
+)
 def test_capacity_is_threads_plus_queue(threads: int, queue: int | None, capacity: int) -> None:
     assert Settings(threads=threads, queue=queue).capacity == capacity
 
@@ -134,6 +136,7 @@ def test_from_env_reads_every_variable() -> None:
         "OPTIMIZER_LINGER_SECONDS": "3",
         "OPTIMIZER_PROCESSES": "2",
         "OPTIMIZER_REUSE_PORT": "true",
+        "OPTIMIZER_LOOP_NICE": "0",
     }
     assert set(env) == set(ENV_NAMES)
     settings = Settings.from_env(env)
@@ -163,6 +166,7 @@ def test_from_env_reads_every_variable() -> None:
         linger_seconds=3.0,
         processes=2,
         reuse_port=True,
+        loop_nice=0,
     )
     assert settings.api_key_set == {"key-one-0123456789", "key-two-0123456789"}
     assert settings.cors_origin_set == {"https://a.example", "https://b.example"}
@@ -233,6 +237,8 @@ def test_unparsable_variables_are_listed_together() -> None:
         ("OPTIMIZER_PORT", "65536"),
         ("OPTIMIZER_THREADS", "0"),
         ("OPTIMIZER_QUEUE", "-1"),
+        ("OPTIMIZER_LOOP_NICE", "-1"),
+        ("OPTIMIZER_LOOP_NICE", "20"),
         ("OPTIMIZER_MAX_BODY_BYTES", "0"),
         ("OPTIMIZER_MAX_PIXELS", "0"),
         ("OPTIMIZER_MAX_DIMENSION", "-5"),
