@@ -7,6 +7,7 @@ AVIF are lossy, so exact equality is never asked of them.
 from __future__ import annotations
 
 import io
+import math
 import struct
 import zlib
 from collections.abc import Iterator
@@ -996,3 +997,61 @@ def test_every_corpus_file_gets_an_acceptable_answer(corpus: Path, row: dict[str
         if expected.startswith("ok-rotate-exif-") and int(expected.rsplit("-", 1)[1]) >= 5:
             stored = (stored[1], stored[0])
         assert (out.source_width, out.source_height) == stored
+
+
+# ------------------------------------------------- quality against a full-resolution Lanczos reference
+
+# The pipeline decodes large JPEGs at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling) before its Lanczos
+# resize. That must not cost visible quality: its pixels are compared with a Lanczos resize of the fully
+# decoded photo. For scale, a JPEG at quality 80 of the reference itself is ~38-39 dB away from it.
+MIN_PSNR_DB = 46.0  # the pipeline measures 48 (S2 photo, 800 px) and 54 (S1 photo, 300 px)
+MAX_TAIL_ERROR = 8  # the error only 0.1 % of the pixel values exceed; the pipeline measures 6 and 2
+QUALITY_CASES = [
+    ("photos/kleiber-lukas-baubkus-6028x3391.jpg", 800),  # S2: decoded at 1/4, then 1507 -> 800
+    ("photos/seed-loadtest-5760x3840.jpg", 300),  # S1: progressive 4:4:4, decoded at 1/8
+]
+
+
+def psnr(a: Image.Image, b: Image.Image) -> float:
+    rms = ImageStat.Stat(ImageChops.difference(a, b)).rms
+    mse = sum(r * r for r in rms) / len(rms)
+    return 10 * math.log10(255**2 / mse) if mse else math.inf
+
+
+def tail_error(a: Image.Image, b: Image.Image, share: float = 0.001) -> int:
+    """The smallest per-channel error that at most ``share`` of the channel values exceed."""
+    histogram = ImageChops.difference(a, b).histogram()  # 256 bins per band, bands concatenated
+    counts = [sum(histogram[level::256]) for level in range(256)]
+    allowed, above = share * sum(counts), 0
+    for level in range(255, -1, -1):
+        above += counts[level]
+        if above > allowed:
+            return level
+    return 0
+
+
+def full_resolution_reference(data: bytes, size: tuple[int, int]) -> Image.Image:
+    with Image.open(io.BytesIO(data)) as source:
+        return source.convert("RGB").resize(size, Image.Resampling.LANCZOS)
+
+
+@pytest.mark.parametrize(("name", "width"), QUALITY_CASES)
+def test_scaled_decoding_matches_a_full_resolution_lanczos(corpus: Path, name: str, width: int) -> None:
+    data = (corpus / name).read_bytes()
+    # PNG output: the pipeline's own pixels, without JPEG's error on top.
+    _, image = run(data, Params(width=width, format="png"))
+    reference = full_resolution_reference(data, image.size)
+    assert psnr(image.convert("RGB"), reference) >= MIN_PSNR_DB
+    assert tail_error(image.convert("RGB"), reference) <= MAX_TAIL_ERROR
+
+
+def test_the_quality_check_fails_a_decode_scaled_too_far(corpus: Path) -> None:
+    # The check must be able to fail: decoding at 1/8 (754 px wide) and enlarging to 800, which is what
+    # choosing the DCT scale from the wrong size would do, is far below the thresholds.
+    data = (corpus / QUALITY_CASES[0][0]).read_bytes()
+    with Image.open(io.BytesIO(data)) as source:
+        source.draft("RGB", (700, 400))  # libjpeg gives 754x424 at 1/8
+        degraded = source.convert("RGB").resize((800, 450), Image.Resampling.LANCZOS)
+    reference = full_resolution_reference(data, degraded.size)
+    assert psnr(degraded, reference) < MIN_PSNR_DB
+    assert tail_error(degraded, reference) > MAX_TAIL_ERROR
