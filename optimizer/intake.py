@@ -23,6 +23,8 @@ from optimizer.errors import BodyTooLarge, EmptyBody, MalformedUpload, MissingIm
 
 FIELD_NAME = "image"
 CHUNK_BYTES = 256 * 1024
+# asyncio's own read size; optimizer.server lowers it for connections not yet admitted.
+UPLOAD_READ_BYTES = 256 * 1024
 
 # What aiohttp's multipart reader raises on a malformed body: a missing or overlong boundary, a bad
 # part header, an unknown transfer encoding, a body that ends in the middle of a part.
@@ -53,6 +55,9 @@ def refuse_declared_length(request: web.BaseRequest, max_bytes: int) -> None:
 async def read_upload(request: web.BaseRequest, limits: IntakeLimits) -> bytes:
     """The uploaded image's bytes, or an ``OptimizerError`` (400, 408, 413)."""
     refuse_declared_length(request, limits.max_bytes)
+    transport = request.transport
+    if transport is not None and getattr(transport, "max_size", UPLOAD_READ_BYTES) < UPLOAD_READ_BYTES:
+        transport.max_size = UPLOAD_READ_BYTES  # type: ignore[attr-defined]  # see small_first_reads()
     stream = request.content
     started = asyncio.get_running_loop().time()
 
