@@ -535,7 +535,30 @@ def run_ceiling(
 # --- the server process ----------------------------------------------------------------------------------
 
 
-class ServerProcess:
+class ChildServer:
+    """A server process the harness started on 127.0.0.1, writing its output to a log file."""
+
+    proc: subprocess.Popen[bytes]
+    port: int
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+
+class ServerProcess(ChildServer):
     """``python -m optimizer`` on 127.0.0.1 and a free port; its JSON log goes to a file."""
 
     def __init__(self, server_args: Sequence[str], log_path: Path, source: Path = ROOT) -> None:
@@ -555,14 +578,6 @@ class ServerProcess:
         self.threads = 0
         self.capacity = 0
         self.exit_code: int | None = None
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    @property
-    def url(self) -> str:
-        return f"http://{HOST}:{self.port}"
 
     def wait_listening(self, timeout: float = STARTUP_TIMEOUT) -> None:
         deadline = time.monotonic() + timeout
@@ -589,13 +604,6 @@ class ServerProcess:
                     continue
                 if isinstance(entry, dict):
                     yield entry
-
-    def log_tail(self, lines: int = 20) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
 
     def stop(self, timeout: float) -> int:
         """SIGTERM, then SIGKILL if it has not exited after ``timeout`` seconds; returns the exit code."""
@@ -916,7 +924,7 @@ class LoadRun:
         timeout: float,
         grace: float,
         expect_continue: bool,
-        server: ServerProcess | PeerProcess | None,
+        server: ChildServer | None,
         monitor: ServerMonitor | None,
         quiet: bool,
     ) -> None:
@@ -1237,7 +1245,7 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-class PeerProcess:
+class PeerProcess(ChildServer):
     """A peer serving a private copy of the file from a temporary folder on 127.0.0.1."""
 
     def __init__(self, peer: Peer, home: Path, file: Path, log_path: Path) -> None:
@@ -1261,14 +1269,6 @@ class PeerProcess:
             start_new_session=True,  # its own process group: stop() reaches forked workers too
         )
 
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    @property
-    def url(self) -> str:
-        return f"http://{HOST}:{self.port}"
-
     def wait_ready(self, path: str, timeout: float = STARTUP_TIMEOUT) -> None:
         """Until one GET of ``path`` answers with an image (which also warms the peer up)."""
         deadline = time.monotonic() + timeout
@@ -1289,11 +1289,6 @@ class PeerProcess:
         raise BenchError(
             f"the peer did not serve GET {path} within {timeout:g} s ({last}):\n{self.log_tail()}"
         )
-
-    def log_tail(self, lines: int = 20) -> str:
-        with contextlib.suppress(OSError):
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        return ""
 
     def stop(self, timeout: float) -> None:
         try:
@@ -1384,7 +1379,7 @@ def drive(
     config: Config,
     plan: LoadPlan,
     upload: Upload,
-    process: ServerProcess | PeerProcess | None,
+    process: ChildServer | None,
     monitor: ServerMonitor | None,
 ) -> dict[str, Any]:
     """Run the users of ``plan`` against ``upload``; read the monitor's final figures before returning."""
