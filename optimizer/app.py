@@ -81,10 +81,13 @@ async def _worker_pool(app: web.Application) -> AsyncIterator[None]:
     # workers exist, at the start-up priority, before optimizer.server lowers the loop thread's.
     # (The pool starts a thread per submit while none is idle; the barrier keeps them all busy.)
     started = threading.Barrier(threads)
-    await asyncio.gather(
-        *(asyncio.wrap_future(state.pool.submit(started.wait, POOL_START_SECONDS)) for _ in range(threads))
-    )
     try:
+        await asyncio.gather(
+            *(
+                asyncio.wrap_future(state.pool.submit(started.wait, POOL_START_SECONDS))
+                for _ in range(threads)
+            )
+        )
         yield
     finally:
         # Runs after the drain: anything still queued was abandoned, so drop it; a job still running in a

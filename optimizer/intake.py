@@ -13,6 +13,7 @@ slot instead of holding it for ever, while a large upload on a slow but honest l
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -57,7 +58,18 @@ async def read_upload(request: web.BaseRequest, limits: IntakeLimits) -> bytes:
     refuse_declared_length(request, limits.max_bytes)
     transport = request.transport
     if transport is not None and getattr(transport, "max_size", UPLOAD_READ_BYTES) < UPLOAD_READ_BYTES:
-        transport.max_size = UPLOAD_READ_BYTES  # type: ignore[attr-defined]  # see small_first_reads()
+        # Large reads for this upload only (see optimizer.server.small_first_reads): the next request on
+        # the connection is read with the class's small size again, until it is admitted in turn.
+        transport.max_size = UPLOAD_READ_BYTES  # type: ignore[attr-defined]
+        try:
+            return await _read_upload(request, limits)
+        finally:
+            with contextlib.suppress(AttributeError):
+                del transport.max_size  # type: ignore[attr-defined]
+    return await _read_upload(request, limits)
+
+
+async def _read_upload(request: web.BaseRequest, limits: IntakeLimits) -> bytes:
     stream = request.content
     started = asyncio.get_running_loop().time()
 

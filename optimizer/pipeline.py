@@ -65,7 +65,8 @@ PROGRESSIVE_MIN_PIXELS = 160 * 160
 REDUCING_GAP = 3.0
 # Compressed bytes handed to the decoder per call (Pillow's default is 64 KiB). Each call releases and
 # retakes the GIL, and retaking it can wait a switch interval (5 ms) when the event loop is busy: 1 MiB
-# makes that 5 crossings for a 4 MB photo instead of 67, for about 2 MiB more memory per worker.
+# makes that 5 crossings for a 4 MB photo instead of 67, for about 2 MiB more memory per worker
+# (counted by estimate_memory).
 DECODE_BLOCK = 1 << 20
 # AVIF encodes are slow at libavif's default speed 6; 8 costs a little size for several times the speed.
 # One encoder thread: parallelism comes from the service's pool, not from inside one request.
@@ -120,7 +121,7 @@ def inspect(data: bytes, params: Params, limits: Limits) -> int:
     with open_image(data, limits) as im:
         orientation = read_orientation(im, loaded=False)
         target = target_size(_upright_size(im.size, orientation), params, limits.max_dimension)
-        return estimate_memory(im, _unrotate(target, orientation), params.format)
+        return estimate_memory(im, _unrotate(target, orientation), params.format, compressed=len(data))
 
 
 # Bytes per pixel of Pillow's in-memory modes (RGB is stored as 4 bytes, like RGBA).
@@ -135,11 +136,14 @@ _FIXED_OVERHEAD = 2 * 1024 * 1024
 _ENCODER_BYTES_PER_PIXEL = {"jpeg": 3, "png": 0, "webp": 6, "avif": 6}
 
 
-def estimate_memory(im: Image.Image, size: tuple[int, int], output_format: str = "jpeg") -> int:
+def estimate_memory(
+    im: Image.Image, size: tuple[int, int], output_format: str = "jpeg", *, compressed: int = 0
+) -> int:
     """Peak bytes ``optimize`` will allocate for ``im`` (header read, nothing decoded) to reach ``size``.
 
     Two phases, and the peak is the larger: decoding (libjpeg's whole-image coefficient buffer for a
-    progressive JPEG, 2 bytes per coefficient whatever the draft scale, plus the decoded frame) and
+    progressive JPEG, 2 bytes per coefficient whatever the draft scale, plus the decoded frame, plus up
+    to two blocks of the ``compressed`` bytes being fed to the decoder) and
     the work after it (the frame, a converted copy, Lanczos's intermediate, the output and the
     encoder's buffers). Calibrated against measured peaks: see tests/test_memory_estimate.py.
     """
@@ -159,7 +163,8 @@ def estimate_memory(im: Image.Image, size: tuple[int, int], output_format: str =
     if has_alpha and output_format == "jpeg":
         work += target_w * target_h * 6  # flattening: an RGB copy and the inverted alpha
     work += target_w * target_h * _ENCODER_BYTES_PER_PIXEL.get(output_format, 6)
-    return max(coefficients + decoded, work) + _FIXED_OVERHEAD
+    feeding = min(compressed, 2 * DECODE_BLOCK)  # a block read, and the unconsumed rest joined to it
+    return max(coefficients + decoded + feeding, work) + _FIXED_OVERHEAD
 
 
 def _draft_scale(im: Image.Image, size: tuple[int, int]) -> int:

@@ -178,8 +178,8 @@ def small_first_reads() -> None:
 
     asyncio reads up to 256 KiB per recv(), and in one turn of the loop it reads every connection that
     has data before any handler runs: under a burst of uploads that will mostly be refused, each one held
-    a quarter megabyte first. With 200 users on S1, peak RSS 386 MB, against 360 MB with 64 KiB first
-    reads (and goodput 6.6 -> 7.0 images/s: less read per refusal). An admitted upload is read in 256 KiB
+    a quarter megabyte first. With 200 users on S1, peak RSS 386 MB, against 361 MB with 64 KiB first
+    reads (and goodput 6.6 -> 6.9 images/s: less read per refusal). An admitted upload is read in 256 KiB
     steps again (``optimizer.intake.read_upload``), so large uploads cost no more reads.
     """
     transport = getattr(asyncio.selector_events, "_SelectorSocketTransport", None)
@@ -201,7 +201,7 @@ def lower_loop_priority(increment: int) -> None:
     if not increment:
         return
     if sys.platform != "linux":
-        log.info("OPTIMIZER_LOOP_NICE is ignored here: per-thread nice values are a Linux feature")
+        log.debug("OPTIMIZER_LOOP_NICE is ignored here: per-thread nice values are a Linux feature")
         return
     thread = threading.get_native_id()
     try:
@@ -233,7 +233,9 @@ async def trim_memory_when_idle(app: web.Application) -> None:
         await asyncio.sleep(TRIM_CHECK_SECONDS)
         if gate.in_flight == 0 and gate.admitted_total != trimmed_at:
             trimmed_at = gate.admitted_total
-            await asyncio.to_thread(trim)
+            # In a worker, not asyncio's default executor: a thread started now would inherit the loop's
+            # lowered priority and could hold the allocator's locks while workers wait for them.
+            await asyncio.get_running_loop().run_in_executor(app[STATE].pool, trim)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -58,7 +58,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 from urllib.parse import parse_qsl, quote, urlsplit
 
 import aiohttp
@@ -557,6 +557,28 @@ class ChildServer:
             return ""
         return "\n".join(text.splitlines()[-lines:])
 
+    def _terminate(self, log: IO[bytes], timeout: float, *, group: bool) -> None:
+        """SIGTERM (to its whole process group with ``group``), SIGKILL after ``timeout`` seconds; then
+        the log is closed."""
+
+        def send(signum: signal.Signals) -> None:
+            with contextlib.suppress(ProcessLookupError):
+                if group:
+                    os.killpg(self.proc.pid, signum)
+                else:
+                    self.proc.send_signal(signum)
+
+        try:
+            if self.proc.poll() is None:
+                send(signal.SIGTERM)
+                try:
+                    self.proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    send(signal.SIGKILL)
+                    self.proc.wait(10)
+        finally:
+            log.close()
+
 
 class ServerProcess(ChildServer):
     """``python -m optimizer`` on 127.0.0.1 and a free port; its JSON log goes to a file."""
@@ -606,17 +628,8 @@ class ServerProcess(ChildServer):
                     yield entry
 
     def stop(self, timeout: float) -> int:
-        """SIGTERM, then SIGKILL if it has not exited after ``timeout`` seconds; returns the exit code."""
-        try:
-            if self.proc.poll() is None:
-                self.proc.send_signal(signal.SIGTERM)
-                try:
-                    self.proc.wait(timeout)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait(10)
-        finally:
-            self._log.close()
+        """SIGTERM (a --processes supervisor forwards it), SIGKILL after ``timeout`` s; the exit code."""
+        self._terminate(self._log, timeout, group=False)
         self.exit_code = self.proc.returncode
         return self.exit_code
 
@@ -792,11 +805,18 @@ class Connection:
         self.writer: asyncio.StreamWriter | None = None
 
     async def exchange(self, connect_timeout: float) -> Answer:
-        if self.writer is None or self.writer.is_closing():
+        # A connection the server has closed while it sat idle is replaced, not written to.
+        if (
+            self.writer is None
+            or self.writer.is_closing()
+            or (self.reader is not None and self.reader.at_eof())
+        ):
+            self.close()
             async with asyncio.timeout(connect_timeout):
                 self.reader, self.writer = await asyncio.open_connection(self.host, self.port, limit=1 << 20)
         reader, writer = self.reader, self.writer
         assert reader is not None
+        body_sent = not self.body
         try:
             writer.write(self.head)
             answer: Answer | None = None
@@ -805,26 +825,32 @@ class Connection:
             if answer is None:
                 if self.body:
                     writer.write(self.body)
+                    body_sent = True
                 answer = await self._read_answer(reader, interim=False)
             assert answer is not None
         except BaseException:
             self.close()
             raise
-        if not answer.keep_alive or writer.transport.get_write_buffer_size() > 0:
+        # Only a request that went out whole leaves the connection in a known state: a body refused
+        # after Expect, or still in the buffer when the answer came, would be read as the next request.
+        if not answer.keep_alive or not body_sent or writer.transport.get_write_buffer_size() > 0:
             self.close()
         return answer
 
     async def _read_answer(self, reader: asyncio.StreamReader, *, interim: bool) -> Answer | None:
         """The final answer; with ``interim``, ``None`` when the server said 100 Continue instead."""
+        try:
+            return await self._read_message(reader, interim=interim)
+        except asyncio.IncompleteReadError as exc:
+            raise ConnectionResetError(
+                f"the server closed the connection mid-answer ({len(exc.partial)} bytes of a part)"
+            ) from None
+        except asyncio.LimitOverrunError:
+            raise ProtocolError("a line of the answer is over 1 MiB") from None
+
+    async def _read_message(self, reader: asyncio.StreamReader, *, interim: bool) -> Answer | None:
         while True:
-            try:
-                head = await reader.readuntil(b"\r\n\r\n")
-            except asyncio.IncompleteReadError as exc:
-                raise ConnectionResetError(
-                    f"the server closed the connection ({len(exc.partial)} bytes)"
-                ) from None
-            except asyncio.LimitOverrunError:
-                raise ProtocolError("the answer's head is over 1 MiB") from None
+            head = await reader.readuntil(b"\r\n\r\n")
             status_line, *lines = head.decode("latin-1").split("\r\n")
             version, _, rest = status_line.partition(" ")
             code = rest[:3]
@@ -842,7 +868,9 @@ class Connection:
                 continue  # another interim answer (e.g. 103): the final one follows
             break
         keep_alive = version == "HTTP/1.1" and headers.get("connection", "").lower() != "close"
-        if headers.get("transfer-encoding", "").lower() == "chunked":
+        if status in (204, 304):
+            body = b""  # never a body, whatever the headers say
+        elif headers.get("transfer-encoding", "").lower() == "chunked":
             body = await self._read_chunked(reader)
         elif "content-length" in headers:
             body = await reader.readexactly(int(headers["content-length"]))
@@ -854,7 +882,8 @@ class Connection:
         parts: list[bytes] = []
         while size := int((await reader.readuntil(b"\r\n")).split(b";")[0], 16):
             parts.append(await reader.readexactly(size))
-            await reader.readexactly(2)
+            if await reader.readexactly(2) != b"\r\n":
+                raise ProtocolError("a chunk of the answer does not end with CRLF")
         while await reader.readuntil(b"\r\n") != b"\r\n":  # trailer fields, if any
             pass
         return b"".join(parts)
@@ -1259,15 +1288,20 @@ class PeerProcess(ChildServer):
         self.argv = peer.argv(executable, self.files, self.port)
         self.log_path = log_path
         self._log = log_path.open("wb")
-        self.proc = subprocess.Popen(
-            self.argv,
-            cwd=self.files,
-            env={**os.environ, **peer.env(self.port)},
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group: stop() reaches forked workers too
-        )
+        try:
+            self.proc = subprocess.Popen(
+                self.argv,
+                cwd=self.files,
+                env={**os.environ, **peer.env(self.port)},
+                stdin=subprocess.DEVNULL,
+                stdout=self._log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own process group: stop() reaches forked workers too
+            )
+        except OSError as exc:
+            self._log.close()
+            shutil.rmtree(self.files, ignore_errors=True)
+            raise BenchError(f"--peer: cannot start {self.argv[0]}: {exc}") from None
 
     def wait_ready(self, path: str, timeout: float = STARTUP_TIMEOUT) -> None:
         """Until one GET of ``path`` answers with an image (which also warms the peer up)."""
@@ -1292,17 +1326,8 @@ class PeerProcess(ChildServer):
 
     def stop(self, timeout: float) -> None:
         try:
-            if self.proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.proc.pid, signal.SIGTERM)
-                try:
-                    self.proc.wait(timeout)
-                except subprocess.TimeoutExpired:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.killpg(self.proc.pid, signal.SIGKILL)
-                    self.proc.wait(10)
+            self._terminate(self._log, timeout, group=True)
         finally:
-            self._log.close()
             shutil.rmtree(self.files, ignore_errors=True)
 
 
@@ -1981,13 +2006,13 @@ def make_config(args: argparse.Namespace, server_args: list[str]) -> tuple[Confi
             "the harness binds the server to 127.0.0.1 on a free port itself; drop --host/--port"
         )
     ceiling = args.ceiling if args.ceiling is not None else args.url is None
-    if ceiling:
-        request_params(path, query, settings)  # a bad query fails now, not in the child
+    if ceiling or args.peer is not None:
+        # A bad query fails now, not in the ceiling's child, nor when the peer's URL is built from it.
+        request_params(path, query, settings)
 
     if args.peer is not None:
         if args.url is not None:
             raise BenchError("--peer compares with a server the harness starts; drop --url")
-        request_params(path, query, settings)  # the peer's URL is built from the same parameters
         if not (args.peer_dir / PEERS[args.peer].executable).exists():
             raise BenchError(
                 f"--peer {args.peer}: not installed in {args.peer_dir}; install it with: "

@@ -6,10 +6,13 @@ machine running the tests may be shared and slow. A generated JPEG is uploaded, 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import importlib.util
 import json
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -192,3 +195,59 @@ def test_bench_runs_a_peer_side_by_side(tmp_path: Path) -> None:
     assert peer["responses_by_status"].get("200", 0) > 0
     assert peer["server"]["peak_rss_bytes"] > 0
     assert run["derived"]["goodput_over_peer"] is not None
+
+
+@contextlib.asynccontextmanager
+async def serve_once(answer: bytes) -> AsyncIterator[tuple[int, list[bytes]]]:
+    """A server that answers every request head with ``answer`` (and hangs up after one ending in
+    ``cut``); yields its port and the heads it read."""
+    heads: list[bytes] = []
+    writers: list[asyncio.StreamWriter] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            while head := await reader.readuntil(b"\r\n\r\n"):
+                heads.append(head)
+                writer.write(answer)
+                await writer.drain()
+                if answer.endswith(b"cut"):
+                    break
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1], heads
+    finally:
+        server.close()
+        for writer in writers:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+        await server.wait_closed()
+
+
+async def test_the_client_reports_an_answer_cut_short_as_a_connection_error() -> None:
+    bench = load_bench()
+    async with serve_once(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\ncut") as (port, _):
+        connection = bench.Connection(
+            "127.0.0.1", port, b"GET / HTTP/1.1\r\n\r\n", b"", expect_continue=False
+        )
+        with pytest.raises(ConnectionResetError):
+            await connection.exchange(5.0)
+        connection.close()
+
+
+async def test_a_body_refused_after_expect_closes_the_connection() -> None:
+    # The server answers the head at once, without Connection: close; the body was never sent, so the
+    # connection cannot carry another request.
+    bench = load_bench()
+    async with serve_once(b"HTTP/1.1 413 Too Large\r\nContent-Length: 0\r\n\r\n") as (port, heads):
+        head = b"POST / HTTP/1.1\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n"
+        connection = bench.Connection("127.0.0.1", port, head, b"12345", expect_continue=True)
+        first = await connection.exchange(5.0)
+        assert first.status == 413
+        assert connection.writer is None  # closed: the next exchange opens a new connection
+        assert (await connection.exchange(5.0)).status == 413
+        assert len(heads) == 2
+        connection.close()
