@@ -1697,6 +1697,11 @@ def tick_label(value: float) -> str:
     return f"{value:.0f}" if value >= 10 or value == int(value) else f"{value:.2g}"
 
 
+def point_label(value: float) -> str:
+    """Three significant digits, but never in exponent form (1763 MB, not 1.76e+03)."""
+    return f"{value:.0f}" if value >= 100 else f"{value:.3g}"
+
+
 Font = ImageFont.FreeTypeFont | ImageFont.ImageFont
 
 
@@ -1760,7 +1765,7 @@ def draw_panel(
                 draw.line(points, fill=s.color, width=3)
             for (px, py), (_, value) in zip(points, sorted(s.points), strict=True):
                 draw.ellipse((px - 5, py - 5, px + 5, py + 5), fill=s.color)
-                draw.text((px + 8, py - 4), f"{value:.3g}", fill=s.color, font=tick_font, anchor="lb")
+                draw.text((px + 8, py - 4), point_label(value), fill=s.color, font=tick_font, anchor="lb")
 
 
 def draw_chart(results: dict[str, Any], out: Path) -> None:
@@ -1824,6 +1829,22 @@ def draw_chart(results: dict[str, Any], out: Path) -> None:
                 (90, 90, 90),
                 flat(ceiling.get("peak_rss_bytes"), MB),
                 True,
+            )
+        )
+    peer = results["config"].get("peer")
+    if peer is not None:  # the same plan against the peer: its goodput, p95 and RSS beside ours
+        brown = (140, 86, 75)
+
+        def of_peer(getter: Callable[[dict[str, Any]], Any]) -> Callable[[dict[str, Any]], Any]:
+            return lambda run: getter(run["peer"]) if run.get("peer") else None
+
+        panels[0][2].append(Series(f"{peer} (GET)", brown, points(of_peer(lambda r: r["goodput_per_s"]))))
+        panels[1][2].append(
+            Series(f"{peer} p95", brown, points(of_peer(lambda r: r["latency_2xx_seconds"]["p95"])))
+        )
+        panels[2][2].append(
+            Series(
+                f"{peer} peak RSS", brown, points(of_peer(lambda r: r["server"].get("peak_rss_bytes")), MB)
             )
         )
     width, panel_height, header = 1000, 300, 90

@@ -196,6 +196,11 @@ def test_bench_runs_a_peer_side_by_side(tmp_path: Path) -> None:
     assert peer["server"]["peak_rss_bytes"] > 0
     assert run["derived"]["goodput_over_peer"] is not None
 
+    chart = tmp_path / "chart.png"  # the peer is drawn beside the optimizer
+    assert run_bench("chart", str(results_path), str(chart)).returncode == 0
+    with Image.open(chart) as png:
+        assert png.format == "PNG"
+
 
 @contextlib.asynccontextmanager
 async def serve_once(answer: bytes) -> AsyncIterator[tuple[int, list[bytes]]]:
