@@ -86,7 +86,7 @@ async def _read_upload(request: web.BaseRequest, limits: IntakeLimits) -> bytes:
                     raise BodyTooLarge(f"the upload is larger than the limit of {limits.max_bytes} bytes")
                 timer.reschedule(deadline())
 
-            if request.content_type.startswith("multipart/"):
+            if _is_form(request):
                 data = await _read_multipart(request, received)
             else:
                 data = await _read_stream(stream, received)
@@ -102,6 +102,15 @@ async def _read_upload(request: web.BaseRequest, limits: IntakeLimits) -> bytes:
     if not data:
         raise EmptyBody("the uploaded image is empty")
     return data
+
+
+def _is_form(request: web.BaseRequest) -> bool:
+    try:
+        return request.content_type.startswith("multipart/")
+    except (IndexError, ValueError):
+        # aiohttp parses Content-Type with CPython's email header parser, which raises on some parameter
+        # syntax (IndexError for "image/jpeg;a*", found by the hostile-header fuzz test).
+        raise MalformedUpload("the Content-Type header cannot be parsed") from None
 
 
 async def _read_stream(stream: StreamReader, received: Callable[[], None]) -> bytes:

@@ -200,6 +200,14 @@ async def test_multipart_problems(make_client: MakeClient) -> None:
     await problem(response, 400, "malformed_upload")
 
 
+@pytest.mark.parametrize("content_type", ["image/jpeg;a*", "multipart/form-data; a*"])
+async def test_an_unparseable_content_type_is_a_400(make_client: MakeClient, content_type: str) -> None:
+    # CPython's email parser, behind aiohttp's request.content_type, raises IndexError on these.
+    client = await make_client()
+    response = await client.post("/optimize", data=image_bytes(), headers={"Content-Type": content_type})
+    await problem(response, 400, "malformed_upload")
+
+
 async def test_other_form_fields_are_ignored(make_client: MakeClient) -> None:
     client = await make_client()
     form = aiohttp.FormData()
