@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from PIL import Image, ImageChops, ImageCms, ImageFile, ImageMath
 
+from optimizer import vips
 from optimizer.errors import CorruptImage, EmptyBody, TooManyPixels, UnsupportedFormat
 from optimizer.sniff import PILLOW_FORMATS, sniff
 
@@ -75,11 +76,13 @@ AVIF_SPEED = 8
 
 @dataclass(frozen=True, slots=True)
 class Limits:
-    """What an upload may be: decided by the operator, the same for every request."""
+    """What an upload may be and how it is processed: decided by the operator, the same for every
+    request."""
 
     max_pixels: int
     max_dimension: int
     input_formats: frozenset[str]
+    resizer: str = "pillow"
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,7 +124,9 @@ def inspect(data: bytes, params: Params, limits: Limits) -> int:
     with open_image(data, limits) as im:
         orientation = read_orientation(im, loaded=False)
         target = target_size(_upright_size(im.size, orientation), params, limits.max_dimension)
-        return estimate_memory(im, _unrotate(target, orientation), params.format, compressed=len(data))
+        return estimate_memory(
+            im, _unrotate(target, orientation), params.format, compressed=len(data), resizer=limits.resizer
+        )
 
 
 # Bytes per pixel of Pillow's in-memory modes (RGB is stored as 4 bytes, like RGBA).
@@ -137,7 +142,12 @@ _ENCODER_BYTES_PER_PIXEL = {"jpeg": 3, "png": 0, "webp": 6, "avif": 6}
 
 
 def estimate_memory(
-    im: Image.Image, size: tuple[int, int], output_format: str = "jpeg", *, compressed: int = 0
+    im: Image.Image,
+    size: tuple[int, int],
+    output_format: str = "jpeg",
+    *,
+    compressed: int = 0,
+    resizer: str = "pillow",
 ) -> int:
     """Peak bytes ``optimize`` will allocate for ``im`` (header read, nothing decoded) to reach ``size``.
 
@@ -160,6 +170,10 @@ def estimate_memory(
         work += dec_w * dec_h * 4 if has_alpha else 0  # resize premultiplies alpha into a copy
         work += target_w * dec_h * 4  # the horizontal pass of the resize
         work += target_w * target_h * 4  # the output
+        if resizer == "vips":
+            # The packed copy handed to libvips (twice for a moment: tobytes() joins its chunks), and
+            # libvips's output before Pillow takes it back.
+            work += 2 * dec_w * dec_h * 4 + target_w * target_h * 4
     if has_alpha and output_format == "jpeg":
         work += target_w * target_h * 6  # flattening: an RGB copy and the inverted alpha
     work += target_w * target_h * _ENCODER_BYTES_PER_PIXEL.get(output_format, 6)
@@ -207,7 +221,7 @@ def optimize(data: bytes, params: Params, limits: Limits) -> Output:
         timings.decode = (mid := time.perf_counter()) - started
 
         out = normalise_mode(im)
-        out = resize(out, _unrotate(target, orientation))
+        out = resize(out, _unrotate(target, orientation), limits.resizer)
         out = orient(out, orientation)
         out = to_srgb(out, icc if isinstance(icc, bytes) else None)
         out = fit_mode_to_format(out, params)
@@ -362,9 +376,11 @@ def _deep_to_l(im: Image.Image, has_alpha: bool) -> Image.Image:
     return gray
 
 
-def resize(im: Image.Image, size: tuple[int, int]) -> Image.Image:
+def resize(im: Image.Image, size: tuple[int, int], resizer: str = "pillow") -> Image.Image:
     if im.size == size:
         return im
+    if resizer == "vips" and vips.supports(im, size):
+        return vips.resize(im, size, reducing_gap=REDUCING_GAP)
     # Pillow premultiplies alpha during the resize, so transparent pixels do not bleed their colour.
     return im.resize(size, Image.Resampling.LANCZOS, reducing_gap=REDUCING_GAP)
 

@@ -292,6 +292,7 @@ async def serve(settings: Settings) -> int:
                         "threads": settings.threads,
                         "capacity": settings.capacity,
                         "loop_nice": settings.loop_nice,
+                        "resizer": settings.resizer,
                     }
                 },
             )

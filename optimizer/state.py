@@ -53,11 +53,7 @@ class ServiceState:
             metrics=ServiceMetrics(gate, budget),
             cors=Cors(settings.cors_origin_set),
             budget=budget,
-            limits=Limits(
-                max_pixels=settings.max_pixels,
-                max_dimension=settings.max_dimension,
-                input_formats=settings.input_formats,
-            ),
+            limits=pipeline_limits(settings),
             intake=IntakeLimits(
                 max_bytes=settings.max_body_bytes,
                 read_timeout=settings.read_timeout,
@@ -75,6 +71,16 @@ class ServiceState:
         signal = self.abandon_signal()
         if not signal.done():
             signal.set_result(None)
+
+
+def pipeline_limits(settings: Settings) -> Limits:
+    """What the pipeline is told by the settings (the benchmark's ceiling builds it the same way)."""
+    return Limits(
+        max_pixels=settings.max_pixels,
+        max_dimension=settings.max_dimension,
+        input_formats=settings.input_formats,
+        resizer=settings.resizer,
+    )
 
 
 STATE = web.AppKey("optimizer_state", ServiceState)

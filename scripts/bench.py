@@ -69,9 +69,10 @@ from PIL import Image, ImageDraw, ImageFont
 from optimizer.errors import OptimizerError
 from optimizer.handlers import OPTIMIZE_DEFAULTS, UPLOAD_DEFAULTS
 from optimizer.params import RouteDefaults, parse_params
-from optimizer.pipeline import Limits, Params, optimize
+from optimizer.pipeline import Params, optimize
 from optimizer.server import build_parser as server_parser
 from optimizer.settings import Settings, SettingsError, effective_cpu_count
+from optimizer.state import pipeline_limits
 
 ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
@@ -421,11 +422,7 @@ def ceiling_child(spec: dict[str, Any]) -> int:
     settings = server_settings(spec["server_args"])
     threads = int(spec["threads"])
     params = request_params(spec["path"], spec["query"], settings)
-    limits = Limits(
-        max_pixels=settings.max_pixels,
-        max_dimension=settings.max_dimension,
-        input_formats=settings.input_formats,
-    )
+    limits = pipeline_limits(settings)
     data = Path(spec["file"]).read_bytes()
     seconds = float(spec["seconds"])
     outputs: list[int] = []

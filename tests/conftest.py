@@ -7,6 +7,7 @@ import io
 import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from types import ModuleType
 
 import aiohttp
 import pytest
@@ -14,7 +15,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from PIL import Image
 
-from optimizer import Settings, create_app
+from optimizer import Settings, create_app, vips
 
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS = Path(os.environ.get("OPTIMIZER_CORPUS", ROOT.parent / "shared" / "corpus"))
@@ -44,6 +45,17 @@ def manifest() -> list[dict[str, str]]:
 @pytest.fixture
 def corpus() -> Path:
     return corpus_dir()
+
+
+def vips_or_skip() -> ModuleType:
+    """libvips, loaded as the service loads it (OPTIMIZER_RESIZER=vips). The test extra installs it, so
+    it is skipped where absent but fails under CI."""
+    try:
+        return vips.load()
+    except vips.VipsUnavailable as exc:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{exc}; CI installs the test extra, which includes it")
+        pytest.skip(str(exc))
 
 
 def image_bytes(

@@ -6,6 +6,7 @@ AVIF are lossy, so exact equality is never asked of them.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 import struct
@@ -36,8 +37,8 @@ from optimizer.pipeline import (
     target_size,
     to_srgb,
 )
-from optimizer.settings import KNOWN_INPUT_FORMATS, OUTPUT_FORMATS, Settings
-from tests.conftest import CORPUS, image_bytes, manifest
+from optimizer.settings import KNOWN_INPUT_FORMATS, OUTPUT_FORMATS, RESIZERS, Settings
+from tests.conftest import CORPUS, image_bytes, manifest, vips_or_skip
 
 # The limits the service builds from its default settings (see ServiceState.from_settings).
 _DEFAULTS = Settings(threads=1)
@@ -1035,11 +1036,16 @@ def full_resolution_reference(data: bytes, size: tuple[int, int]) -> Image.Image
         return source.convert("RGB").resize(size, Image.Resampling.LANCZOS)
 
 
+@pytest.mark.parametrize("resizer", RESIZERS)
 @pytest.mark.parametrize(("name", "width"), QUALITY_CASES)
-def test_scaled_decoding_matches_a_full_resolution_lanczos(corpus: Path, name: str, width: int) -> None:
+def test_scaled_decoding_matches_a_full_resolution_lanczos(
+    corpus: Path, name: str, width: int, resizer: str
+) -> None:
     data = (corpus / name).read_bytes()
+    if resizer == "vips":
+        vips_or_skip()
     # PNG output: the pipeline's own pixels, without JPEG's error on top.
-    _, image = run(data, Params(width=width, format="png"))
+    _, image = run(data, Params(width=width, format="png"), dataclasses.replace(LIMITS, resizer=resizer))
     reference = full_resolution_reference(data, image.size)
     assert psnr(image.convert("RGB"), reference) >= MIN_PSNR_DB
     assert tail_error(image.convert("RGB"), reference) <= MAX_TAIL_ERROR

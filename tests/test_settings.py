@@ -135,6 +135,7 @@ def test_from_env_reads_every_variable() -> None:
         "OPTIMIZER_PROCESSES": "2",
         "OPTIMIZER_REUSE_PORT": "true",
         "OPTIMIZER_LOOP_NICE": "0",
+        "OPTIMIZER_RESIZER": "vips",  # the test extra installs it
     }
     assert set(env) == set(ENV_NAMES)
     settings = Settings.from_env(env)
@@ -143,6 +144,7 @@ def test_from_env_reads_every_variable() -> None:
         port=9000,
         threads=3,
         queue=5,
+        resizer="vips",
         max_body_bytes=1_048_576,
         max_pixels=1_000_000,
         max_dimension=4096,

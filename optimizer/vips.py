@@ -1,0 +1,91 @@
+"""Lanczos resizing through libvips: the optional resize engine (``OPTIMIZER_RESIZER=vips``).
+
+Pillow's resampler is scalar C; libvips's lanczos3 reduce is vectorised. On the S2 photo (decoded at 1/4
+to 1507x848, resized to 800x450) Pillow's resize takes 17.4 ms and this one 5.2 ms including both copies,
+which makes the whole pipeline (Pillow decode + this + Pillow encode) faster than libvips's own
+thumbnail pipeline. The pixels agree with Pillow's to ~54 dB PSNR (tests/test_vips.py).
+
+Pillow still decodes, converts and encodes everything: libvips is handed decoded pixels in memory and
+never an upload's bytes, and every libvips loader is blocked besides, so none of its file parsers is
+reachable from a request. It comes from wheels (``pip install 'optimizer[vips]'``: pyvips and
+pyvips-binary, which bundles libvips; no system packages) and is imported only when chosen.
+"""
+
+from __future__ import annotations
+
+import threading
+from types import ModuleType
+from typing import Any
+
+from PIL import Image
+
+# Pillow mode -> (the mode whose raw bytes libvips resizes, its bands). Alpha is premultiplied first, as
+# Pillow's own resize does, so transparent pixels do not bleed their colour into their neighbours.
+_WORKING_MODES: dict[str, tuple[str, int]] = {
+    "L": ("L", 1),
+    "LA": ("La", 2),
+    "RGB": ("RGB", 3),
+    "RGBA": ("RGBa", 4),
+    "CMYK": ("CMYK", 4),
+}
+INSTALL_HINT = "pip install 'optimizer[vips]'"
+
+_lock = threading.Lock()
+_module: ModuleType | None = None
+
+
+class VipsUnavailable(RuntimeError):
+    """libvips cannot be loaded: the message says why and how to install it."""
+
+
+def load() -> ModuleType:
+    """Import and configure pyvips once per process (idempotent, thread-safe)."""
+    global _module  # noqa: PLW0603 - one libvips per process: its settings are process-wide anyway
+    with _lock:
+        if _module is not None:
+            return _module
+        try:
+            import pyvips  # noqa: PLC0415 - optional: only a process that chose the engine loads libvips
+        except (ImportError, OSError) as exc:  # OSError: the wheel's shared library failed to load
+            raise VipsUnavailable(
+                f"libvips cannot be loaded ({exc}); install it with: {INSTALL_HINT}"
+            ) from None
+        # No operation cache: every request's pixels are different, and a cache would only hold memory.
+        pyvips.cache_set_max(0)
+        pyvips.cache_set_max_mem(0)
+        pyvips.cache_set_max_files(0)
+        # One thread per resize: parallelism comes from the service's pool, sized to the cores.
+        pyvips.concurrency_set(1)
+        # Only pixels in memory ever reach libvips; refuse every file loader outright.
+        pyvips.operation_block_set("VipsForeignLoad", True)
+        module: ModuleType = pyvips
+        _module = module
+        return module
+
+
+def supports(im: Image.Image, size: tuple[int, int]) -> bool:
+    """Whether ``resize`` handles this image: the modes above, and reductions only (enlarging, rare
+    here, stays with Pillow, whose Lanczos the tests hold as the reference)."""
+    return im.mode in _WORKING_MODES and size[0] <= im.width and size[1] <= im.height
+
+
+def resize(im: Image.Image, size: tuple[int, int], *, reducing_gap: float) -> Image.Image:
+    """Lanczos-3 resize of ``im`` to exactly ``size`` (see ``supports``).
+
+    ``reducing_gap`` has Pillow's meaning: a box shrink by an integer factor first, as long as the image
+    stays that many times the target.
+    """
+    vips = load()
+    mode, bands = _WORKING_MODES[im.mode]
+    working = im if mode == im.mode else im.convert(mode)
+    source: Any = vips.Image.new_from_memory(working.tobytes(), im.width, im.height, bands, "uchar")
+    del working  # the packed copy is all libvips needs; the premultiplied one can go now
+    target_w, target_h = size
+    scaled = source.resize(
+        target_w / im.width, vscale=target_h / im.height, kernel="lanczos3", gap=reducing_gap
+    )
+    if (scaled.width, scaled.height) != size:  # libvips rounds the scaled size; never off by one here
+        scaled = scaled.crop(0, 0, min(target_w, scaled.width), min(target_h, scaled.height))
+        scaled = scaled.embed(0, 0, target_w, target_h, extend="copy")
+    out = Image.frombytes(mode, size, scaled.write_to_memory())
+    return out if mode == im.mode else out.convert(im.mode)
