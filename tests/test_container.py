@@ -5,7 +5,9 @@
   only, a non-root user, tini, exec-form commands, the health check and the environment.
 * ``requirements/container.txt`` is checked against ``pyproject.toml`` offline, and (``slow``) resolved
   with pip for the image's platform (CPython 3.11 on musl): every pin must come as a musllinux or
-  pure-Python wheel, and the set must be closed under the wheels' own dependencies.
+  pure-Python wheel, and the set must be closed under the wheels' own dependencies. The same for
+  ``requirements/container-vips.txt`` (``--build-arg RESIZER=vips``), where only pure-Python pyvips
+  comes as a source archive.
 * From those wheels, an estimate of the image size is printed and bounded.
 """
 
@@ -18,6 +20,7 @@ import re
 import shlex
 import subprocess
 import sys
+import tarfile
 import tomllib
 import warnings
 import zipfile
@@ -38,6 +41,10 @@ from tests.conftest import ROOT
 DOCKERFILE = ROOT / "Dockerfile.alpine"
 DOCKERIGNORE = ROOT / ".dockerignore"
 REQUIREMENTS = ROOT / "requirements" / "container.txt"
+# The optional libvips resize engine, on top of REQUIREMENTS when built with --build-arg RESIZER=vips.
+VIPS_REQUIREMENTS = ROOT / "requirements" / "container-vips.txt"
+# Published as a source archive only (pure Python); the image builds its wheel without a compiler.
+SOURCE_ONLY = frozenset({canonicalize_name("pyvips")})
 PYPROJECT = ROOT / "pyproject.toml"
 
 # The image's interpreter and platform, as pip names them. They must agree with the base image.
@@ -142,6 +149,14 @@ def final_stage() -> Stage:
     return dockerfile_stages()[-1]
 
 
+def root_image(stage: Stage, stages: list[Stage]) -> str:
+    """The image a stage finally builds on, following ``FROM <earlier stage>``."""
+    named = {s.name: s for s in stages if s.name}
+    while stage.base in named:
+        stage = named[stage.base]
+    return stage.base
+
+
 def exec_form(instruction: Instruction) -> list[str]:
     """The JSON array of an exec-form instruction; fails if it is in shell form."""
     assert instruction.args.startswith("["), f"{instruction.keyword} is in shell form: {instruction.args}"
@@ -205,7 +220,8 @@ def test_multi_stage_on_official_python_alpine() -> None:
     # stage's interpreter and C library, so every stage that installs Python packages shares the base.
     for stage in stages:
         if any("pip" in i.args for i in stage.all("RUN")):
-            assert stage.base == final.base, f"stage {stage.name} builds on {stage.base}, not {final.base}"
+            root = root_image(stage, stages)
+            assert root == final.base, f"stage {stage.name} builds on {root}, not {final.base}"
     copies = final.all("COPY")
     assert copies, "the final stage copies nothing from the build stage"
     assert all(i.args.startswith("--from=") for i in copies), "the final stage must take only build output"
@@ -344,9 +360,9 @@ def test_dockerignore_keeps_out_local_state_but_not_build_inputs() -> None:
 # --- Pinned runtime requirements -----------------------------------------------------------------------
 
 
-def pinned_requirements() -> dict[NormalizedName, Version]:
+def pinned_requirements(path: Path = REQUIREMENTS) -> dict[NormalizedName, Version]:
     pins: dict[NormalizedName, Version] = {}
-    for raw in REQUIREMENTS.read_text().splitlines():
+    for raw in path.read_text().splitlines():
         line = raw.split("#", 1)[0].strip()
         if not line:
             continue
@@ -359,6 +375,37 @@ def pinned_requirements() -> dict[NormalizedName, Version]:
         assert name not in pins, f"{name} is pinned twice"
         pins[name] = Version(specifiers[0].version)
     return pins
+
+
+def test_vips_pins_satisfy_the_extra_and_add_to_the_base_set() -> None:
+    base, extra = pinned_requirements(), pinned_requirements(VIPS_REQUIREMENTS)
+    assert not base.keys() & extra.keys(), "a package is pinned in both requirement files"
+    for text in tomllib.loads(PYPROJECT.read_text())["project"]["optional-dependencies"]["vips"]:
+        requirement = Requirement(text)
+        name = canonicalize_name(requirement.name)
+        assert name in extra, f"{requirement.name} (the vips extra) is not pinned in {VIPS_REQUIREMENTS.name}"
+        assert requirement.specifier.contains(extra[name], prereleases=True), (
+            f"{name}=={extra[name]} vs {text}"
+        )
+
+
+def test_the_resizer_build_argument_picks_the_venv_and_sets_the_engine() -> None:
+    stages = dockerfile_stages()
+    text = DOCKERFILE.read_text()
+    assert re.search(r"^ARG RESIZER=pillow$", text, re.MULTILINE), "the default image uses Pillow's resize"
+    names = {s.name for s in stages}
+    assert {"build-pillow", "build-vips"} <= names
+    # FROM build-${RESIZER} AS venv, with the default substituted
+    assert any(s.name == "venv" and s.base == "build-pillow" for s in stages)
+    copies = [i.args for i in final_stage().all("COPY")]
+    assert "--from=venv /opt/venv /opt/venv" in copies
+    assert env_values(final_stage()).get("OPTIMIZER_RESIZER") == "${RESIZER}"
+    vips_stage = next(s for s in stages if s.name == "build-vips")
+    sources = [i.args.split()[0] for i in vips_stage.all("COPY")]
+    assert str(VIPS_REQUIREMENTS.relative_to(ROOT)) in sources
+    runs = " ".join(i.args for i in vips_stage.all("RUN"))
+    assert "--only-binary=:all:" in runs and "--no-binary=pyvips" in runs  # only the pure-Python one built
+    assert "Settings(resizer='vips')" in runs  # libvips is loaded once at build time
 
 
 def _applies(requirement: Requirement) -> bool:
@@ -405,17 +452,14 @@ _CONNECTION_ERRORS = (
 DOWNLOAD_TIMEOUT = 50.0
 
 
-@pytest.fixture(scope="module")
-def image_wheels(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+def download_for_image(requirements: Path, target: Path, *extra: str) -> list[Path]:
     """The pinned set, downloaded as pip would pick it for the image; skips when no index is reachable."""
-    target = tmp_path_factory.mktemp("container-wheels")
     command = [
-        sys.executable, "-m", "pip", "download",
-        "--only-binary=:all:", "--no-deps",
+        sys.executable, "-m", "pip", "download", "--no-deps",
         "--platform", IMAGE_PLATFORM, "--python-version", IMAGE_PYTHON,
         "--implementation", "cp", "--abi", "cp" + IMAGE_PYTHON.replace(".", ""),
         "--timeout", "15", "--retries", "1", "--disable-pip-version-check", "--no-input",
-        "-r", str(REQUIREMENTS), "-d", str(target),
+        *extra, "-r", str(requirements), "-d", str(target),
     ]  # fmt: skip
     try:
         result = subprocess.run(
@@ -430,8 +474,26 @@ def image_wheels(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
         reached = [line.strip() for line in output.splitlines() if any(e in line for e in _CONNECTION_ERRORS)]
         if reached:
             pytest.skip(f"no package index is reachable: {reached[-1][:200]}")
-        pytest.fail(f"pip could not resolve {REQUIREMENTS.name} for {IMAGE_PLATFORM}:\n{output[-4000:]}")
+        pytest.fail(f"pip could not resolve {requirements.name} for {IMAGE_PLATFORM}:\n{output[-4000:]}")
     return sorted(target.iterdir())
+
+
+@pytest.fixture(scope="module")
+def image_wheels(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    return download_for_image(
+        REQUIREMENTS, tmp_path_factory.mktemp("container-wheels"), "--only-binary=:all:"
+    )
+
+
+@pytest.fixture(scope="module")
+def vips_distributions(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """The vips engine's pins as the image's build stage gets them: wheels, and pyvips's source archive."""
+    return download_for_image(
+        VIPS_REQUIREMENTS,
+        tmp_path_factory.mktemp("container-vips"),
+        "--only-binary=:all:",
+        "--no-binary=" + ",".join(sorted(SOURCE_ONLY)),
+    )
 
 
 @pytest.mark.slow
@@ -453,10 +515,42 @@ def test_pins_resolve_to_musllinux_or_pure_python_wheels(image_wheels: list[Path
 
 
 def _wheel_requirements(path: Path) -> list[Requirement]:
-    with zipfile.ZipFile(path) as wheel:
-        metadata = next(n for n in wheel.namelist() if n.endswith(".dist-info/METADATA"))
-        lines = wheel.read(metadata).decode().splitlines()
+    if path.name.endswith(".tar.gz"):
+        with tarfile.open(path) as archive:
+            member = next(
+                m for m in archive.getmembers() if m.name.count("/") == 1 and m.name.endswith("/PKG-INFO")
+            )
+            handle = archive.extractfile(member)
+            assert handle is not None
+            lines = handle.read().decode().splitlines()
+    else:
+        with zipfile.ZipFile(path) as wheel:
+            metadata = next(n for n in wheel.namelist() if n.endswith(".dist-info/METADATA"))
+            lines = wheel.read(metadata).decode().splitlines()
     return [Requirement(line.partition(":")[2]) for line in lines if line.startswith("Requires-Dist:")]
+
+
+@pytest.mark.slow
+def test_vips_pins_resolve_for_the_image_and_close_over_both_sets(vips_distributions: list[Path]) -> None:
+    pins = pinned_requirements() | pinned_requirements(VIPS_REQUIREMENTS)
+    found: dict[NormalizedName, Version] = {}
+    for path in vips_distributions:
+        if path.name.endswith(".tar.gz"):
+            name = canonicalize_name(path.name.removesuffix(".tar.gz").rpartition("-")[0])
+            assert name in SOURCE_ONLY, f"{path.name}: only {sorted(SOURCE_ONLY)} may come as source"
+            found[name] = Version(path.name.removesuffix(".tar.gz").rpartition("-")[2])
+        else:
+            name, version, _, tags = parse_wheel_filename(path.name)
+            platforms = {tag.platform for tag in tags}
+            assert any(
+                p == "any" or (p.startswith("musllinux_") and p.endswith("_x86_64")) for p in platforms
+            )
+            found[name] = version
+        for requirement in filter(_applies, _wheel_requirements(path)):
+            needed = canonicalize_name(requirement.name)
+            assert needed in pins, f"{path.name} needs {requirement}, which is not pinned"
+            assert requirement.specifier.contains(pins[needed], prereleases=True), (path.name, requirement)
+    assert found == pinned_requirements(VIPS_REQUIREMENTS)
 
 
 @pytest.mark.slow
