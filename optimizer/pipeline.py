@@ -83,6 +83,7 @@ class Limits:
     max_dimension: int
     input_formats: frozenset[str]
     resizer: str = "pillow"
+    jpeg_progressive: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,7 +228,7 @@ def optimize(data: bytes, params: Params, limits: Limits) -> Output:
         out = fit_mode_to_format(out, params)
         timings.resize = (encode_started := time.perf_counter()) - mid
 
-        payload = encode(out, params)
+        payload = encode(out, params, progressive=limits.jpeg_progressive)
         timings.encode = time.perf_counter() - encode_started
         return Output(
             data=payload,
@@ -436,8 +437,11 @@ def fit_mode_to_format(im: Image.Image, params: Params) -> Image.Image:
     return im
 
 
-def encode(im: Image.Image, params: Params) -> bytes:
-    """Encode freshly: no EXIF, XMP, ICC or trailing data of the upload can reach the output."""
+def encode(im: Image.Image, params: Params, *, progressive: bool = True) -> bytes:
+    """Encode freshly: no EXIF, XMP, ICC or trailing data of the upload can reach the output.
+
+    ``progressive=False`` makes every JPEG baseline (the operator's choice, ``OPTIMIZER_JPEG_PROGRESSIVE``).
+    """
     # resize()/convert() copy ``info`` to the new image, and the PNG and AVIF writers fall back to it for
     # the ICC profile and EXIF, so the metadata is dropped here explicitly.
     im.info = {}
@@ -448,7 +452,7 @@ def encode(im: Image.Image, params: Params) -> bytes:
             "JPEG",
             quality=params.quality,
             optimize=True,
-            progressive=im.width * im.height >= PROGRESSIVE_MIN_PIXELS,
+            progressive=progressive and im.width * im.height >= PROGRESSIVE_MIN_PIXELS,
         )
     elif params.format == "png":
         im.save(buffer, "PNG", optimize=True)

@@ -148,6 +148,12 @@ class Settings:
         "on shutdown, seconds /readyz answers 503 while the listener stays open, before the drain",
     )
     jpeg_quality: int = _setting(80, "OPTIMIZER_JPEG_QUALITY", "default JPEG quality (1-100)")
+    jpeg_progressive: bool = _setting(
+        True,
+        "OPTIMIZER_JPEG_PROGRESSIVE",
+        "encode JPEG output progressive from 160x160 px up (about 2 percent smaller, shown coarse to fine); "
+        "0 encodes baseline, as ipx and imgproxy do, ~2 ms less per 800 px image",
+    )
     webp_quality: int = _setting(80, "OPTIMIZER_WEBP_QUALITY", "default WebP quality (1-100)")
     avif_quality: int = _setting(60, "OPTIMIZER_AVIF_QUALITY", "default AVIF quality (1-100)")
     background: str = _setting(

@@ -80,6 +80,7 @@ def pipeline_limits(settings: Settings) -> Limits:
         max_dimension=settings.max_dimension,
         input_formats=settings.input_formats,
         resizer=settings.resizer,
+        jpeg_progressive=settings.jpeg_progressive,
     )
 
 

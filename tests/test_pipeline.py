@@ -827,6 +827,18 @@ def test_large_jpeg_output_is_progressive() -> None:
     assert large.info.get("progressive")
 
 
+def test_the_operator_can_choose_baseline_jpeg() -> None:
+    baseline_limits = dataclasses.replace(LIMITS, jpeg_progressive=False)
+    data = encoded(gradient((400, 300)), "PNG")
+    _, large = run(data, limits=baseline_limits)
+    assert not large.info.get("progressive")
+    assert large.size == (400, 300)
+    progressive, _ = run(data)
+    # The same pixels either way: only the order of the coefficients in the file differs.
+    with Image.open(io.BytesIO(progressive.data)) as other:
+        assert mad(large.convert("RGB"), other.convert("RGB")) < 0.5
+
+
 def test_animated_input_yields_the_first_frame(corpus: Path) -> None:
     for name in (
         "valid/animated-42frames.gif",

@@ -136,6 +136,7 @@ def test_from_env_reads_every_variable() -> None:
         "OPTIMIZER_REUSE_PORT": "true",
         "OPTIMIZER_LOOP_NICE": "0",
         "OPTIMIZER_RESIZER": "vips",  # the test extra installs it
+        "OPTIMIZER_JPEG_PROGRESSIVE": "0",
     }
     assert set(env) == set(ENV_NAMES)
     settings = Settings.from_env(env)
@@ -145,6 +146,7 @@ def test_from_env_reads_every_variable() -> None:
         threads=3,
         queue=5,
         resizer="vips",
+        jpeg_progressive=False,
         max_body_bytes=1_048_576,
         max_pixels=1_000_000,
         max_dimension=4096,
