@@ -167,19 +167,28 @@ def estimate_memory(
     has_alpha = "A" in im.mode or "transparency" in im.info
     kept = im.mode in _KEPT_MODES and not ("transparency" in im.info and im.mode in ("L", "RGB"))
     work = decoded + (0 if kept else dec_w * dec_h * 4)  # the frame, and normalise_mode's copy
+    stored = 1 if _packed_bands(im.mode, has_alpha) == 1 else 4  # bytes per pixel from here on
     if (dec_w, dec_h) != (target_w, target_h):
         work += dec_w * dec_h * 4 if has_alpha else 0  # resize premultiplies alpha into a copy
-        work += target_w * dec_h * 4  # the horizontal pass of the resize
-        work += target_w * target_h * 4  # the output
-        if resizer == "vips":
+        if resizer == "vips" and target_w <= dec_w and target_h <= dec_h:  # see vips.supports
             # The packed copy handed to libvips (twice for a moment: tobytes() joins its chunks), and
-            # libvips's output before Pillow takes it back.
-            work += 2 * dec_w * dec_h * 4 + target_w * target_h * 4
+            # libvips's output before Pillow takes it back. libvips itself works in strips.
+            packed = _packed_bands(im.mode, has_alpha)
+            work += 2 * dec_w * dec_h * packed + target_w * target_h * packed
+        else:
+            work += target_w * dec_h * stored  # the horizontal pass of Pillow's resize
+        work += target_w * target_h * stored  # the output
     if has_alpha and output_format == "jpeg":
         work += target_w * target_h * 6  # flattening: an RGB copy and the inverted alpha
     work += target_w * target_h * _ENCODER_BYTES_PER_PIXEL.get(output_format, 6)
     feeding = min(compressed, 2 * DECODE_BLOCK)  # a block read, and the unconsumed rest joined to it
     return max(coefficients + decoded + feeding, work) + _FIXED_OVERHEAD
+
+
+def _packed_bands(mode: str, has_alpha: bool) -> int:
+    """Bytes per pixel of the packed copy of the normalised image (see normalise_mode)."""
+    grey = mode in ("1", "L", "LA", "La", "F") or mode.startswith("I")
+    return (1 if grey else 4 if mode == "CMYK" else 3) + (1 if has_alpha and mode != "CMYK" else 0)
 
 
 def _draft_scale(im: Image.Image, size: tuple[int, int]) -> int:

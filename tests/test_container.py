@@ -400,6 +400,8 @@ def test_the_resizer_build_argument_picks_the_venv_and_sets_the_engine() -> None
     copies = [i.args for i in final_stage().all("COPY")]
     assert "--from=venv /opt/venv /opt/venv" in copies
     assert env_values(final_stage()).get("OPTIMIZER_RESIZER") == "${RESIZER}"
+    # Without its own ARG the final stage would expand ${RESIZER} to "" and the service refuse to start.
+    assert any(i.args.split("=")[0].strip() == "RESIZER" for i in final_stage().all("ARG"))
     vips_stage = next(s for s in stages if s.name == "build-vips")
     sources = [i.args.split()[0] for i in vips_stage.all("COPY")]
     assert str(VIPS_REQUIREMENTS.relative_to(ROOT)) in sources

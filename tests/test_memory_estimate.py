@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from optimizer.pipeline import Limits, Params, inspect
 from optimizer.settings import KNOWN_INPUT_FORMATS
@@ -97,6 +98,28 @@ def test_estimate_covers_the_measured_peak(name: str, width: str, fmt: str, resi
     # Not under: allow 10 % and 2 MiB of allocator noise. Not far over: at most twice, plus 8 MiB.
     assert peak <= estimate * 1.1 + 2 * MIB, f"estimate {estimate / MIB:.1f} MiB < peak {peak / MIB:.1f} MiB"
     assert estimate <= peak * 2 + 8 * MIB, f"estimate {estimate / MIB:.1f} MiB >> peak {peak / MIB:.1f} MiB"
+
+
+# Large lossless inputs are decoded whole, so the copies around the resize weigh most: (mode, size, width)
+GENERATED_CASES = [("L", (6000, 4000), 3000), ("RGB", (5000, 3500), 3000), ("RGBA", (4000, 3000), 300)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("resizer", ["pillow", "vips"])
+@pytest.mark.parametrize(("mode", "size", "width"), GENERATED_CASES)
+def test_estimate_covers_large_pngs(
+    tmp_path: Path, mode: str, size: tuple[int, int], width: int, resizer: str
+) -> None:
+    if resizer == "vips":
+        vips_or_skip()
+    path = tmp_path / "large.png"
+    gradient = Image.linear_gradient("L").resize(size)
+    Image.merge(mode, [gradient] * len(mode)).save(path, compress_level=1)
+    params = Params(width=width, format="jpeg")
+    estimate = inspect(path.read_bytes(), params, dataclasses.replace(LIMITS, resizer=resizer))
+    peak = measured_peak(path, str(width), "jpeg", resizer)
+    assert peak <= estimate * 1.1 + 2 * MIB, f"estimate {estimate / MIB:.1f} MiB < peak {peak / MIB:.1f} MiB"
+    assert estimate <= peak * 2.5 + 8 * MIB, f"estimate {estimate / MIB:.1f} MiB >> peak {peak / MIB:.1f} MiB"
 
 
 def test_progressive_jpeg_costs_its_coefficients_whatever_the_scale() -> None:

@@ -1017,8 +1017,11 @@ def test_every_corpus_file_gets_an_acceptable_answer(corpus: Path, row: dict[str
 # The pipeline decodes large JPEGs at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling) before its Lanczos
 # resize. That must not cost visible quality: its pixels are compared with a Lanczos resize of the fully
 # decoded photo. For scale, a JPEG at quality 80 of the reference itself is ~38-39 dB away from it.
-MIN_PSNR_DB = 46.0  # the pipeline measures 48 (S2 photo, 800 px) and 54 (S1 photo, 300 px)
-MAX_TAIL_ERROR = 8  # the error only 0.1 % of the pixel values exceed; the pipeline measures 6 and 2
+# Measured with the Pillow / the libvips resize: 48.0 / 47.9 dB (S2 photo, 800 px), 54.1 / 53.5 (S1, 300 px).
+MIN_PSNR_DB = 46.0
+# The error only 0.1 % of the pixel values exceed: 8 (S2) and 2 (S1) with either engine; the negative
+# control below measures 26.
+MAX_TAIL_ERROR = 10
 QUALITY_CASES = [
     ("photos/kleiber-lukas-baubkus-6028x3391.jpg", 800),  # S2: decoded at 1/4, then 1507 -> 800
     ("photos/seed-loadtest-5760x3840.jpg", 300),  # S1: progressive 4:4:4, decoded at 1/8

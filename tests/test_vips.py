@@ -91,12 +91,28 @@ def test_transparent_pixels_do_not_bleed(pyvips: ModuleType) -> None:
             assert red <= 2, (x, red, blue, alpha)
 
 
-def test_large_reductions_use_the_reducing_gap_like_pillow(pyvips: ModuleType) -> None:
-    # 4000 -> 150 is shrunk by a box first (gap 3); the result must stay as close to Pillow's.
-    source = detailed((4000, 3000), "RGB", seed=3)
-    ours = resize(source, (150, 113), "vips")
-    pillows = source.resize((150, 113), Image.Resampling.LANCZOS, reducing_gap=GAP)
-    assert mean_error(ours, pillows) < 1.5
+@pytest.mark.parametrize("size", [(4000, 3000), (4003, 3001)])
+def test_large_reductions_use_the_reducing_gap_like_pillow(pyvips: ModuleType, size: tuple[int, int]) -> None:
+    # 4000 -> 150 is shrunk by a box first (gap 3: by 8); the result must stay as close to Pillow's
+    # (measured 0.22; without the gap libvips is 1.4 away, with gap 2 0.4). Odd sizes leave a partial block.
+    source = detailed(size, "RGB", seed=3)
+    target = (150, round(150 * size[1] / size[0]))
+    ours = resize(source, target, "vips")
+    pillows = source.resize(target, Image.Resampling.LANCZOS, reducing_gap=GAP)
+    assert mean_error(ours, pillows) < 0.35
+
+
+@pytest.mark.parametrize("width", [300, 150, 97])
+def test_large_reductions_of_a_photo_match_a_full_lanczos(
+    pyvips: ModuleType, corpus: Path, width: int
+) -> None:
+    # A whole 13 Mpx photo reduced 14-44x: the box shrink before the Lanczos step must not cost visible
+    # quality (measured 49-54 dB; a reduce() done by Pillow and scaled by libvips gave 33-39).
+    with Image.open(corpus / "photos/dragonfly-bolly-4224x3168.jpg") as photo:
+        source = photo.convert("RGB")
+    target = (width, round(width * source.height / source.width))
+    reference = source.resize(target, Image.Resampling.LANCZOS)
+    assert psnr(resize(source, target, "vips"), reference) > 45
 
 
 def test_enlarging_stays_with_pillow(pyvips: ModuleType) -> None:
@@ -174,6 +190,26 @@ def test_a_missing_libvips_is_refused_at_start_with_the_install_command(
     ):
         Settings(resizer="vips")
     assert Settings().resizer == "pillow"  # the default never needs it
+
+
+def test_a_too_old_libvips_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    pyvips = vips_or_skip()
+    monkeypatch.setattr(vips, "_module", None)
+    monkeypatch.setattr(pyvips, "at_least_libvips", lambda major, minor: False)
+    with pytest.raises(vips.VipsUnavailable, match=r"libvips \d+\.\d+\.\d+ is too old \(at least 8\.13"):
+        vips.load()
+
+
+def test_a_libvips_that_cannot_resize_is_refused_at_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    pyvips = vips_or_skip()
+    monkeypatch.setattr(vips, "_module", None)
+
+    def broken(*args: object, **kwargs: object) -> object:
+        raise pyvips.Error("resize does not support optional argument gap")
+
+    monkeypatch.setattr(pyvips.Image, "resize", broken)
+    with pytest.raises(SettingsError, match=r"OPTIMIZER_RESIZER='vips': libvips cannot resize"):
+        Settings(resizer="vips")
 
 
 async def test_the_service_serves_with_the_vips_engine(pyvips: ModuleType, make_client) -> None:  # type: ignore[no-untyped-def]
