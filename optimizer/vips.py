@@ -13,6 +13,7 @@ pyvips-binary, which bundles libvips; no system packages) and is imported only w
 
 from __future__ import annotations
 
+import logging
 import threading
 from types import ModuleType
 from typing import Any
@@ -46,6 +47,10 @@ def load() -> ModuleType:
     with _lock:
         if _module is not None:
             return _module
+        # libvips reports every resize's plan ("residual reducev by 0.53", ...) as GLib info messages,
+        # which pyvips forwards to this logger: seven lines per image in the service's log at info level.
+        # Its warnings and errors still come through.
+        logging.getLogger("pyvips").setLevel(logging.WARNING)
         try:
             import pyvips  # noqa: PLC0415 - optional: only a process that chose the engine loads libvips
         except Exception as exc:  # ImportError, OSError (a shared library), pyvips's own "unable to init"

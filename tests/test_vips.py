@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import logging
 import random
 import sys
 from pathlib import Path
@@ -122,6 +123,16 @@ def test_enlarging_stays_with_pillow(pyvips: ModuleType) -> None:
     assert vips.supports(source, (50, 39))
     assert not vips.supports(source.convert("P"), (10, 8))
     assert resize(source, (100, 80), "vips").tobytes() == resize(source, (100, 80)).tobytes()
+
+
+def test_libvips_does_not_write_its_resize_plans_into_the_log(
+    pyvips: ModuleType, caplog: pytest.LogCaptureFixture
+) -> None:
+    # libvips sends "residual reducev by ..." and the like as info messages for every resize.
+    caplog.set_level(logging.DEBUG)
+    resize(detailed((900, 600), "RGB"), (300, 200), "vips")
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("pyvips")] == []
+    assert logging.getLogger("pyvips").getEffectiveLevel() == logging.WARNING
 
 
 def test_no_libvips_file_loader_is_reachable(pyvips: ModuleType) -> None:
