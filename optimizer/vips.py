@@ -88,19 +88,13 @@ def supports(im: Image.Image, size: tuple[int, int]) -> bool:
     return im.mode in _WORKING_MODES and size[0] <= im.width and size[1] <= im.height
 
 
-def bands(mode: str) -> int:
-    """Bytes per pixel of the packed copy libvips receives for an image of ``mode``."""
-    return _WORKING_MODES[mode][1]
-
-
 def resize(im: Image.Image, size: tuple[int, int], *, reducing_gap: float) -> Image.Image:
     """Lanczos-3 resize of ``im`` to exactly ``size`` (see ``supports``).
 
     ``reducing_gap`` has Pillow's meaning, and libvips's ``gap`` the same: a box shrink by an integer
     factor first, as long as the image stays that many times the target. (Doing that step with Pillow's
-    ``reduce()`` instead, to hand libvips fewer pixels, was measured and is worse: libvips then scales
-    the rounded-up reduced size, and large reductions came out at 33-39 dB against a full Lanczos
-    instead of 49-54.)
+    ``reduce()`` instead, to hand libvips fewer pixels, was measured and is worse: large reductions of a
+    photo came out at 33-39 dB against a full Lanczos instead of 49-54.)
     """
     return _resize_with(load(), im, size, reducing_gap=reducing_gap)
 
