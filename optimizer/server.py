@@ -25,10 +25,11 @@ import functools
 import json
 import logging
 import os
+import platform
 import signal
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TextIO
 
 from aiohttp import web
@@ -145,6 +146,14 @@ def _capture_native_stderr() -> TextIO:
 # faulted its pages in again: M_TRIM_THRESHOLD 16 MiB as well took S2 from 22.4 to 24.1 images/s with the
 # same peak RSS (back to back, twice). An operator's own MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_
 # win. malloc_trim once idle returns what the arenas hold after a burst.
+# The buffers of that size are mapped fresh for every image and the kernel faults them in 4 KiB at a time:
+# a progressive 22 Mpx JPEG (S1) keeps ~133 MB of coefficients per decode, and 75 of its 245 ms of CPU
+# went to those faults. glibc's hugetlb tunable marks its mappings for transparent huge pages (2 MiB;
+# the kernel's "madvise" mode, the common default, honours it): S1's pipeline then spends 19 ms in the
+# kernel per image and runs 8.0 -> 10.7 images/s on 2 threads, at the same peak RSS (scripts/engines.py
+# style loop, docs/benchmarks.md). glibc reads tunables only when a process starts, so the server
+# re-executes itself once with them set. An operator's own GLIBC_TUNABLES (even empty) is left alone.
+GLIBC_TUNABLES = "glibc.malloc.hugetlb=1"
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD_BYTES = 16 * 1024 * 1024
@@ -171,6 +180,25 @@ def tune_allocator() -> None:
         libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
     if "MALLOC_TRIM_THRESHOLD_" not in os.environ:
         libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)
+
+
+def allocator_environment(environ: Mapping[str, str]) -> dict[str, str] | None:
+    """The environment the server re-executes itself with (see GLIBC_TUNABLES), or None to run as is:
+    not glibc, or the operator already chose the tunables."""
+    if "GLIBC_TUNABLES" in environ or sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    return {**environ, "GLIBC_TUNABLES": GLIBC_TUNABLES}
+
+
+def reexec_with_allocator_tunables() -> None:
+    """Replace this process with itself under ``allocator_environment`` (same pid, same arguments)."""
+    environ = allocator_environment(os.environ)
+    if environ is None:
+        return
+    try:
+        os.execve(sys.executable, sys.orig_argv, environ)
+    except OSError as exc:  # the service still works, only with slower page faults
+        print(f"optimizer: could not restart with {GLIBC_TUNABLES} ({exc}); running without", file=sys.stderr)
 
 
 def small_first_reads() -> None:
@@ -239,6 +267,8 @@ async def trim_memory_when_idle(app: web.Application) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if argv is None:  # run as a program (not called from an embedding application or a test)
+        reexec_with_allocator_tunables()
     parser = build_parser()
     args = vars(parser.parse_args(argv))
     try:

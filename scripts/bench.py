@@ -70,6 +70,7 @@ from optimizer.errors import OptimizerError
 from optimizer.handlers import OPTIMIZE_DEFAULTS, UPLOAD_DEFAULTS
 from optimizer.params import RouteDefaults, parse_params
 from optimizer.pipeline import Params, optimize
+from optimizer.server import allocator_environment, tune_allocator
 from optimizer.server import build_parser as server_parser
 from optimizer.settings import Settings, SettingsError, effective_cpu_count
 from optimizer.state import pipeline_limits
@@ -419,6 +420,7 @@ def request_params(path: str, query: str, settings: Settings) -> Params:
 
 def ceiling_child(spec: dict[str, Any]) -> int:
     """Runs in the child: ``optimize`` on a pool of the server's size until the deadline; prints JSON."""
+    tune_allocator()  # the server's allocator settings: the same pipeline under the same conditions
     settings = server_settings(spec["server_args"])
     threads = int(spec["threads"])
     params = request_params(spec["path"], spec["query"], settings)
@@ -463,8 +465,9 @@ def ceiling_child(spec: dict[str, Any]) -> int:
 
 
 def source_env(source: Path) -> dict[str, str]:
-    """The environment for a child that must import ``optimizer`` from ``source``."""
-    env = dict(os.environ)
+    """The environment for a child that must import ``optimizer`` from ``source``, with the allocator
+    tunables the server would restart itself with, so that the ceiling's pipeline runs under the same."""
+    env = allocator_environment(os.environ) or dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(source), env.get("PYTHONPATH", "")]))
     return env
 

@@ -33,10 +33,15 @@ class ServerError(AssertionError):
     """The server did not do what a test waited for (start, log an event, exit) in time."""
 
 
-def server_env(**variables: str) -> dict[str, str]:
-    """This process's environment without any ``OPTIMIZER_*`` setting, plus ``variables``."""
+def server_env(**variables: str | None) -> dict[str, str]:
+    """This process's environment without any ``OPTIMIZER_*`` setting, plus ``variables`` (None removes
+    one)."""
     env = {name: value for name, value in os.environ.items() if not name.startswith("OPTIMIZER_")}
-    env.update(variables)
+    for name, value in variables.items():
+        if value is None:
+            env.pop(name, None)
+        else:
+            env[name] = value
     return env
 
 

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import io
 import json
+import platform
 import signal
 import subprocess
 import sys
@@ -27,6 +28,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from optimizer.server import GLIBC_TUNABLES, allocator_environment
 from tests.conftest import ROOT, corpus_dir, decode, image_bytes
 from tests.realserver import RealServer, server_env
 
@@ -58,7 +60,7 @@ def launch() -> Iterator[Launch]:
     """``launch(*flags, **env)``: a listening server; every one is killed at teardown."""
     servers: list[ServerProcess] = []
 
-    def start(*flags: str, **env: str) -> ServerProcess:
+    def start(*flags: str, **env: str | None) -> ServerProcess:
         server = ServerProcess(list(flags), server_env(**env))
         servers.append(server)
         server.start()
@@ -343,6 +345,39 @@ def test_the_event_loop_yields_the_cpu_to_the_workers(
     loop = nice.pop(server.pid)  # the main thread runs the event loop
     # The workers were started before the loop's priority was lowered, and keep the start-up value.
     assert sum(1 for value in nice.values() if value == loop - raised) >= 3
+
+
+GLIBC = sys.platform == "linux" and platform.libc_ver()[0] == "glibc"
+
+
+def process_environment(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(item.decode().partition("=")[::2] for item in raw if item)
+
+
+@pytest.mark.skipif(not GLIBC, reason="the huge-page tunable is glibc's")
+def test_the_server_restarts_itself_once_with_huge_pages_for_large_buffers(launch: Launch) -> None:
+    # The launcher's own child: execve keeps the pid, so the process it started is the one serving.
+    server = launch(GLIBC_TUNABLES=None)
+    server.wait_for_event("listening")
+    assert process_environment(server.pid).get("GLIBC_TUNABLES") == GLIBC_TUNABLES
+
+
+@pytest.mark.skipif(not GLIBC, reason="the huge-page tunable is glibc's")
+@pytest.mark.parametrize("chosen", ["", "glibc.malloc.arena_max=2"])
+def test_an_operators_own_glibc_tunables_are_kept(launch: Launch, chosen: str) -> None:
+    server = launch(GLIBC_TUNABLES=chosen)
+    server.wait_for_event("listening")
+    assert process_environment(server.pid)["GLIBC_TUNABLES"] == chosen
+
+
+def test_the_allocator_environment_only_adds_the_tunable_where_it_applies() -> None:
+    assert allocator_environment({"GLIBC_TUNABLES": ""}) is None
+    added = allocator_environment({"PATH": "/bin"})
+    if GLIBC:
+        assert added == {"PATH": "/bin", "GLIBC_TUNABLES": GLIBC_TUNABLES}
+    else:
+        assert added is None
 
 
 def run_cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
