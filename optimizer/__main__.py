@@ -1,5 +1,5 @@
 """``python -m optimizer``: the same as the ``optimizer`` console script."""
 
-from optimizer.server import main
+from optimizer.server import run
 
-raise SystemExit(main())
+raise SystemExit(run())

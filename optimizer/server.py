@@ -18,23 +18,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import asyncio.selector_events
-import ctypes
-import ctypes.util
 import faulthandler
 import functools
 import json
 import logging
 import os
-import platform
 import signal
 import sys
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any, TextIO
 
 from aiohttp import web
 
-from optimizer import __version__
+from optimizer import __version__, allocator
 from optimizer.app import create_app, drain
 from optimizer.settings import Settings, SettingsError, parse_value, setting_fields
 from optimizer.state import STATE
@@ -133,72 +130,7 @@ def _capture_native_stderr() -> TextIO:
     return real
 
 
-# glibc keeps memory freed by the worker threads in its arenas, and by default serves even Pillow's 16 MiB
-# image blocks from them once one has been freed (its mmap threshold rises on the fly): after two passes of
-# the corpus the process stayed at idle + 115 MB. Measured on S2 and the corpus (docs/benchmarks.md):
-#   default allocator               22.6 images/s   RSS after the corpus idle + 115 MB
-#   M_MMAP_THRESHOLD 16 MiB         21.6 images/s   idle + 7 MB   <- this default: memory comes back
-#   ... and M_TRIM_THRESHOLD 256 MiB 23.2 images/s  idle + 86 MB  (MALLOC_TRIM_THRESHOLD_, for speed)
-#   M_MMAP_THRESHOLD 128 KiB        17.8 images/s   (every decode faults in fresh zeroed pages)
-# With 16 MiB only image-sized buffers get their own mappings, returned when freed; the small and medium
-# ones stay in the arenas. Setting the mmap threshold also pins the trim threshold at glibc's 128 KiB,
-# though, so each 4 MB upload freed at the top of the heap was handed back to the kernel and the next one
-# faulted its pages in again: M_TRIM_THRESHOLD 16 MiB as well took S2 from 22.4 to 24.1 images/s with the
-# same peak RSS (back to back, twice). An operator's own MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_
-# win. malloc_trim once idle returns what the arenas hold after a burst.
-# The buffers of that size are mapped fresh for every image and the kernel faults them in 4 KiB at a time:
-# a progressive 22 Mpx JPEG (S1) keeps ~133 MB of coefficients per decode, and 75 of its 245 ms of CPU
-# went to those faults. glibc's hugetlb tunable marks its mappings for transparent huge pages (2 MiB;
-# the kernel's "madvise" mode, the common default, honours it): S1's pipeline then spends 19 ms in the
-# kernel per image and runs 8.0 -> 10.7 images/s on 2 threads, at the same peak RSS (scripts/engines.py
-# style loop, docs/benchmarks.md). glibc reads tunables only when a process starts, so the server
-# re-executes itself once with them set. An operator's own GLIBC_TUNABLES (even empty) is left alone.
-GLIBC_TUNABLES = "glibc.malloc.hugetlb=1"
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_THRESHOLD = -3
-MMAP_THRESHOLD_BYTES = 16 * 1024 * 1024
-TRIM_THRESHOLD_BYTES = 16 * 1024 * 1024
 FIRST_READ_BYTES = 64 * 1024
-
-
-def _libc() -> ctypes.CDLL | None:
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt  # noqa: B018 - only glibc has it; musl returns large blocks by itself
-        libc.malloc_trim  # noqa: B018
-    except (OSError, AttributeError):
-        return None
-    return libc
-
-
-def tune_allocator() -> None:
-    """Process-wide allocator tuning: for the server process only, never in create_app()."""
-    libc = _libc()
-    if libc is None:
-        return
-    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
-        libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
-    if "MALLOC_TRIM_THRESHOLD_" not in os.environ:
-        libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)
-
-
-def allocator_environment(environ: Mapping[str, str]) -> dict[str, str] | None:
-    """The environment the server re-executes itself with (see GLIBC_TUNABLES), or None to run as is:
-    not glibc, or the operator already chose the tunables."""
-    if "GLIBC_TUNABLES" in environ or sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
-        return None
-    return {**environ, "GLIBC_TUNABLES": GLIBC_TUNABLES}
-
-
-def reexec_with_allocator_tunables() -> None:
-    """Replace this process with itself under ``allocator_environment`` (same pid, same arguments)."""
-    environ = allocator_environment(os.environ)
-    if environ is None:
-        return
-    try:
-        os.execve(sys.executable, sys.orig_argv, environ)
-    except OSError as exc:  # the service still works, only with slower page faults
-        print(f"optimizer: could not restart with {GLIBC_TUNABLES} ({exc}); running without", file=sys.stderr)
 
 
 def small_first_reads() -> None:
@@ -242,17 +174,9 @@ def lower_loop_priority(increment: int) -> None:
 TRIM_CHECK_SECONDS = 1.0
 
 
-def _malloc_trim() -> Callable[[], object] | None:
-    libc = _libc()
-    if libc is None:
-        return None
-    trim: Callable[[int], object] = libc.malloc_trim
-    return lambda: trim(0)
-
-
 async def trim_memory_when_idle(app: web.Application) -> None:
     """Runs for the server's lifetime: after work, once nothing is in flight, trim the allocator."""
-    trim = _malloc_trim()
+    trim = allocator.malloc_trim()
     if trim is None:
         return
     gate = app[STATE].gate
@@ -266,9 +190,14 @@ async def trim_memory_when_idle(app: web.Application) -> None:
             await asyncio.get_running_loop().run_in_executor(app[STATE].pool, trim)
 
 
+def run() -> int:
+    """The program's entry point (the ``optimizer`` command, ``python -m optimizer``): ``main`` in a
+    process that has first restarted itself with the allocator's start-up tunables."""
+    allocator.restart_with_tunables()
+    return main()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    if argv is None:  # run as a program (not called from an embedding application or a test)
-        reexec_with_allocator_tunables()
     parser = build_parser()
     args = vars(parser.parse_args(argv))
     try:
@@ -278,7 +207,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_BAD_SETTINGS
     # A supervisor runs no native code, and its children must inherit the real stderr, not a pipe.
     configure_logging(settings.log_level, capture_native=settings.processes == 1)
-    tune_allocator()
+    allocator.report_restart()
+    allocator.tune()
     small_first_reads()
     if settings.processes > 1:
         return Supervisor(settings, list(sys.argv[1:] if argv is None else argv)).run()

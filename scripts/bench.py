@@ -66,11 +66,11 @@ import PIL
 from multidict import MultiDict
 from PIL import Image, ImageDraw, ImageFont
 
+from optimizer.allocator import start_environment
 from optimizer.errors import OptimizerError
 from optimizer.handlers import OPTIMIZE_DEFAULTS, UPLOAD_DEFAULTS
 from optimizer.params import RouteDefaults, parse_params
 from optimizer.pipeline import Params, optimize
-from optimizer.server import allocator_environment, tune_allocator
 from optimizer.server import build_parser as server_parser
 from optimizer.settings import Settings, SettingsError, effective_cpu_count
 from optimizer.state import pipeline_limits
@@ -464,10 +464,20 @@ def ceiling_child(spec: dict[str, Any]) -> int:
     return 0
 
 
+def tune_allocator() -> None:
+    """The server's allocator thresholds, where the measured code has them (``--source`` may be older)."""
+    try:
+        from optimizer import allocator  # noqa: PLC0415
+    except ImportError:
+        return
+    allocator.tune()
+
+
 def source_env(source: Path) -> dict[str, str]:
     """The environment for a child that must import ``optimizer`` from ``source``, with the allocator
-    tunables the server would restart itself with, so that the ceiling's pipeline runs under the same."""
-    env = allocator_environment(os.environ) or dict(os.environ)
+    tunables the server restarts itself with, so that the ceiling's pipeline runs under the same. (An
+    older ``--source`` gets them too; ``GLIBC_TUNABLES=`` set empty measures without them.)"""
+    env = start_environment(os.environ) or dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(source), env.get("PYTHONPATH", "")]))
     return env
 

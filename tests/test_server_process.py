@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import io
 import json
-import platform
+import os
 import signal
 import subprocess
 import sys
@@ -28,7 +28,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from optimizer.server import GLIBC_TUNABLES, allocator_environment
+from optimizer.allocator import GLIBC_TUNABLES, RESTARTED, is_glibc, start_environment
 from tests.conftest import ROOT, corpus_dir, decode, image_bytes
 from tests.realserver import RealServer, server_env
 
@@ -347,12 +347,12 @@ def test_the_event_loop_yields_the_cpu_to_the_workers(
     assert sum(1 for value in nice.values() if value == loop - raised) >= 3
 
 
-GLIBC = sys.platform == "linux" and platform.libc_ver()[0] == "glibc"
+GLIBC = is_glibc()
 
 
 def process_environment(pid: int) -> dict[str, str]:
     raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-    return dict(item.decode().partition("=")[::2] for item in raw if item)
+    return dict(os.fsdecode(item).partition("=")[::2] for item in raw if item)
 
 
 @pytest.mark.skipif(not GLIBC, reason="the huge-page tunable is glibc's")
@@ -360,7 +360,20 @@ def test_the_server_restarts_itself_once_with_huge_pages_for_large_buffers(launc
     # The launcher's own child: execve keeps the pid, so the process it started is the one serving.
     server = launch(GLIBC_TUNABLES=None)
     server.wait_for_event("listening")
-    assert process_environment(server.pid).get("GLIBC_TUNABLES") == GLIBC_TUNABLES
+    environment = process_environment(server.pid)  # as the restart was given it
+    assert environment.get("GLIBC_TUNABLES") == GLIBC_TUNABLES
+    assert environment.get(RESTARTED)  # the marker that stops a second restart
+
+
+@pytest.mark.skipif(not GLIBC, reason="the huge-page tunable is glibc's")
+def test_the_supervisors_children_inherit_the_tunable_and_do_not_restart(launch: Launch) -> None:
+    server = launch("--processes", "2", "--threads", "1", GLIBC_TUNABLES=None)
+    server.wait_for_event("listening")
+    children = Path(f"/proc/{server.pid}/task/{server.pid}/children").read_text().split()
+    assert len(children) == 2
+    for child in children:
+        assert process_environment(int(child)).get("GLIBC_TUNABLES") == GLIBC_TUNABLES
+        assert RESTARTED not in process_environment(int(child))  # started with it: nothing to restart
 
 
 @pytest.mark.skipif(not GLIBC, reason="the huge-page tunable is glibc's")
@@ -368,16 +381,18 @@ def test_the_server_restarts_itself_once_with_huge_pages_for_large_buffers(launc
 def test_an_operators_own_glibc_tunables_are_kept(launch: Launch, chosen: str) -> None:
     server = launch(GLIBC_TUNABLES=chosen)
     server.wait_for_event("listening")
-    assert process_environment(server.pid)["GLIBC_TUNABLES"] == chosen
+    environment = process_environment(server.pid)
+    assert environment["GLIBC_TUNABLES"] == chosen
+    assert RESTARTED not in environment
 
 
-def test_the_allocator_environment_only_adds_the_tunable_where_it_applies() -> None:
-    assert allocator_environment({"GLIBC_TUNABLES": ""}) is None
-    added = allocator_environment({"PATH": "/bin"})
+def test_the_start_environment_adds_the_tunable_only_where_it_applies() -> None:
+    assert start_environment({"GLIBC_TUNABLES": ""}) is None  # the operator's choice
+    assert start_environment({RESTARTED: "optimizer"}) is None  # never twice, even if glibc dropped it
     if GLIBC:
-        assert added == {"PATH": "/bin", "GLIBC_TUNABLES": GLIBC_TUNABLES}
+        assert start_environment({"PATH": "/bin"}) == {"PATH": "/bin", "GLIBC_TUNABLES": GLIBC_TUNABLES}
     else:
-        assert added is None
+        assert start_environment({"PATH": "/bin"}) is None
 
 
 def run_cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
