@@ -368,12 +368,22 @@ def test_the_server_restarts_itself_once_with_huge_pages_for_large_buffers(launc
 @pytest.mark.skipif(not GLIBC, reason="the huge-page tunable is glibc's")
 def test_the_supervisors_children_inherit_the_tunable_and_do_not_restart(launch: Launch) -> None:
     server = launch("--processes", "2", "--threads", "1", GLIBC_TUNABLES=None)
-    server.wait_for_event("listening")
+
+    def both_listening(_record: dict[str, object]) -> bool:
+        return len({r["pid"] for r in server.records() if r.get("event") == "listening"}) >= 2
+
+    server.wait_for(both_listening, "two processes listening", 20)
     children = Path(f"/proc/{server.pid}/task/{server.pid}/children").read_text().split()
     assert len(children) == 2
-    for child in children:
-        assert process_environment(int(child)).get("GLIBC_TUNABLES") == GLIBC_TUNABLES
-        assert RESTARTED not in process_environment(int(child))  # started with it: nothing to restart
+    try:
+        for child in children:
+            assert process_environment(int(child)).get("GLIBC_TUNABLES") == GLIBC_TUNABLES
+            assert RESTARTED not in process_environment(int(child))  # started with it: no restart
+    finally:
+        # SIGTERM, not the launcher's SIGKILL: the supervisor stops its children, which would otherwise
+        # outlive it holding the log pipe open.
+        server.send(signal.SIGTERM)
+        assert server.wait_exit(30) == 0
 
 
 @pytest.mark.skipif(not GLIBC, reason="the huge-page tunable is glibc's")
