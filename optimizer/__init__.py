@@ -2,12 +2,43 @@
 
 from optimizer import create_app, Settings
 parent.add_subapp("/img", create_app(Settings(threads=4)))
+
+The names below are imported on first use (PEP 562): the ``optimizer`` command restarts itself once for
+the allocator (``optimizer.entry``), and a package that imported aiohttp and Pillow up front would make
+it load them twice, doubling the start-up time.
 """
 
-__version__ = "0.1.0"  # before the imports below: optimizer.openapi reads it
+from __future__ import annotations
 
-from optimizer.app import create_app, drain
-from optimizer.gate import AdmissionGate
-from optimizer.settings import Settings, SettingsError
+import importlib
+from typing import TYPE_CHECKING
+
+__version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from optimizer.app import create_app, drain
+    from optimizer.gate import AdmissionGate
+    from optimizer.settings import Settings, SettingsError
 
 __all__ = ["AdmissionGate", "Settings", "SettingsError", "__version__", "create_app", "drain"]
+
+_HOMES = {
+    "create_app": "optimizer.app",
+    "drain": "optimizer.app",
+    "AdmissionGate": "optimizer.gate",
+    "Settings": "optimizer.settings",
+    "SettingsError": "optimizer.settings",
+}
+
+
+def __getattr__(name: str) -> object:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'optimizer' has no attribute {name!r}")
+    value = getattr(importlib.import_module(home), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

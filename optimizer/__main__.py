@@ -1,5 +1,5 @@
 """``python -m optimizer``: the same as the ``optimizer`` console script."""
 
-from optimizer.server import run
+from optimizer.entry import run
 
 raise SystemExit(run())

@@ -190,13 +190,6 @@ async def trim_memory_when_idle(app: web.Application) -> None:
             await asyncio.get_running_loop().run_in_executor(app[STATE].pool, trim)
 
 
-def run() -> int:
-    """The program's entry point (the ``optimizer`` command, ``python -m optimizer``): ``main`` in a
-    process that has first restarted itself with the allocator's start-up tunables."""
-    allocator.restart_with_tunables()
-    return main()
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = vars(parser.parse_args(argv))

@@ -396,6 +396,16 @@ def test_an_operators_own_glibc_tunables_are_kept(launch: Launch, chosen: str) -
     assert RESTARTED not in environment
 
 
+def test_the_restart_comes_before_the_heavy_imports() -> None:
+    # What the entry point loads before it restarts is loaded twice; aiohttp and Pillow are most of a
+    # start-up, so they must wait for the process that stays.
+    probe = "import sys, optimizer.entry; print(sorted(m for m in ('aiohttp', 'PIL') if m in sys.modules))"
+    loaded = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=STARTUP_TIMEOUT
+    )
+    assert loaded.stdout.strip() == "[]"
+
+
 def test_the_start_environment_adds_the_tunable_only_where_it_applies() -> None:
     assert start_environment({"GLIBC_TUNABLES": ""}) is None  # the operator's choice
     assert start_environment({RESTARTED: "optimizer"}) is None  # never twice, even if glibc dropped it
