@@ -43,6 +43,8 @@ DOCKERIGNORE = ROOT / ".dockerignore"
 REQUIREMENTS = ROOT / "requirements" / "container.txt"
 # The optional libvips resize engine, on top of REQUIREMENTS when built with --build-arg RESIZER=vips.
 VIPS_REQUIREMENTS = ROOT / "requirements" / "container-vips.txt"
+# What building pyvips's wheel in that stage needs, pinned (its source archive's [build-system]).
+VIPS_BUILD_REQUIREMENTS = ROOT / "requirements" / "container-vips-build.txt"
 # Published as a source archive only (pure Python); the image builds its wheel without a compiler.
 SOURCE_ONLY = frozenset({canonicalize_name("pyvips")})
 PYPROJECT = ROOT / "pyproject.toml"
@@ -403,10 +405,13 @@ def test_the_resizer_build_argument_picks_the_venv_and_sets_the_engine() -> None
     # Without its own ARG the final stage would expand ${RESIZER} to "" and the service refuse to start.
     assert any(i.args.split("=")[0].strip() == "RESIZER" for i in final_stage().all("ARG"))
     vips_stage = next(s for s in stages if s.name == "build-vips")
-    sources = [i.args.split()[0] for i in vips_stage.all("COPY")]
+    sources = [word for i in vips_stage.all("COPY") for word in i.args.split()[:-1]]
     assert str(VIPS_REQUIREMENTS.relative_to(ROOT)) in sources
+    assert str(VIPS_BUILD_REQUIREMENTS.relative_to(ROOT)) in sources
     runs = " ".join(i.args for i in vips_stage.all("RUN"))
     assert "--only-binary=:all:" in runs and "--no-binary=pyvips" in runs  # only the pure-Python one built
+    # built with the pinned build requirements, not with whatever build isolation would fetch
+    assert "--no-build-isolation" in runs and "-r /tmp/container-vips-build.txt" in runs
     assert "Settings(resizer='vips')" in runs  # libvips is loaded once at build time
 
 
@@ -553,6 +558,35 @@ def test_vips_pins_resolve_for_the_image_and_close_over_both_sets(vips_distribut
             assert needed in pins, f"{path.name} needs {requirement}, which is not pinned"
             assert requirement.specifier.contains(pins[needed], prereleases=True), (path.name, requirement)
     assert found == pinned_requirements(VIPS_REQUIREMENTS)
+
+
+def test_vips_build_pins_agree_with_the_engines_pins() -> None:
+    build, engine = pinned_requirements(VIPS_BUILD_REQUIREMENTS), pinned_requirements(VIPS_REQUIREMENTS)
+    for name in build.keys() & engine.keys():  # cffi, pycparser: one version in the build and the image
+        assert build[name] == engine[name], f"{name}: {build[name]} to build, {engine[name]} in the image"
+
+
+@pytest.mark.slow
+def test_vips_build_pins_cover_the_source_archives_build_requirements(
+    vips_distributions: list[Path], tmp_path: Path
+) -> None:
+    archive = next(path for path in vips_distributions if path.name.endswith(".tar.gz"))
+    with tarfile.open(archive) as contents:
+        member = next(
+            m for m in contents.getmembers() if m.name.count("/") == 1 and m.name.endswith("/pyproject.toml")
+        )
+        handle = contents.extractfile(member)
+        assert handle is not None
+        needed = tomllib.loads(handle.read().decode())["build-system"]["requires"]
+    pins = pinned_requirements(VIPS_BUILD_REQUIREMENTS)
+    for text in needed:
+        requirement = Requirement(text)
+        name = canonicalize_name(requirement.name)
+        assert name in pins, f"{archive.name} builds with {text}, which is not pinned"
+        assert requirement.specifier.contains(pins[name], prereleases=True), (text, str(pins[name]))
+    # and they install in the image as wheels (the stage uses --only-binary=:all: for them)
+    wheels = download_for_image(VIPS_BUILD_REQUIREMENTS, tmp_path, "--only-binary=:all:")
+    assert {parse_wheel_filename(path.name)[0] for path in wheels} == pins.keys()
 
 
 @pytest.mark.slow
