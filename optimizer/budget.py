@@ -45,13 +45,22 @@ class MemoryBudget:
         self.peak = 0
         self._waiters: set[asyncio.Future[None]] = set()
 
-    async def reserve(self, nbytes: int, wait: float) -> Reservation:
-        """Hold ``nbytes``; waits up to ``wait`` seconds for room (503), refuses what cannot fit (413)."""
+    def try_reserve(self, nbytes: int) -> Reservation | None:
+        """Hold ``nbytes`` now if there is room, else ``None``; refuses what can never fit (413)."""
         if nbytes > self.total:
             raise OverMemoryBudget(
                 f"decoding this image needs about {_mib(nbytes)} MiB; the service's memory budget is "
                 f"{_mib(self.total)} MiB"
             )
+        if self.in_use + nbytes > self.total:
+            return None
+        return self._hold(nbytes)
+
+    async def reserve(self, nbytes: int, wait: float) -> Reservation:
+        """Hold ``nbytes``; waits up to ``wait`` seconds for room (503), refuses what cannot fit (413)."""
+        granted = self.try_reserve(nbytes)
+        if granted is not None:
+            return granted
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
         # Not first-come-first-served on purpose: a small image that fits goes ahead of a large one
@@ -72,6 +81,9 @@ class MemoryBudget:
                 pass
             finally:
                 self._waiters.discard(waiter)
+        return self._hold(nbytes)
+
+    def _hold(self, nbytes: int) -> Reservation:
         self.in_use += nbytes
         self.peak = max(self.peak, self.in_use)
         return Reservation(self, nbytes)

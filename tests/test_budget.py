@@ -31,6 +31,19 @@ async def test_reserve_and_release() -> None:
     assert budget.peak == 100
 
 
+def test_try_reserve_holds_only_what_fits_now() -> None:
+    # The job's fast path: no waiting, so no event loop is needed at all.
+    budget = MemoryBudget(100)
+    held = budget.try_reserve(70)
+    assert held is not None and budget.in_use == 70
+    assert budget.try_reserve(31) is None  # no room now: the caller waits with reserve()
+    assert budget.in_use == 70
+    with pytest.raises(OverMemoryBudget):
+        budget.try_reserve(101)  # never fits: 413 at once, as reserve() does
+    held.release()
+    assert budget.in_use == 0
+
+
 async def test_what_can_never_fit_is_413() -> None:
     with pytest.raises(OverMemoryBudget) as caught:
         await MemoryBudget(100).reserve(101, wait=10)
