@@ -8,7 +8,10 @@ when the worker is done. A request that does not fit waits (on the event loop, h
 smaller images keep flowing past it) for up to ``wait`` seconds, then gets 503; one that could never fit
 gets 413.
 
-Loop-thread only, like the gate: releases from worker threads are marshalled by the caller.
+``try_reserve`` may be called from any thread: a worker that has just read an image's header claims its
+memory there and goes straight on to decode it, without handing the job back to the event loop first
+(``optimizer.handlers``). Waiting (``reserve``) and releasing happen on the event loop's thread only;
+releases from worker threads are marshalled by the caller.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import math
 import os
+import threading
 from pathlib import Path
 
 from optimizer.errors import Overloaded, OverMemoryBudget
@@ -44,6 +48,7 @@ class MemoryBudget:
         self.in_use = 0
         self.peak = 0
         self._waiters: set[asyncio.Future[None]] = set()
+        self._lock = threading.Lock()  # in_use and peak, for try_reserve from worker threads
 
     def try_reserve(self, nbytes: int) -> Reservation | None:
         """Hold ``nbytes`` now if there is room, else ``None``; refuses what can never fit (413)."""
@@ -52,20 +57,20 @@ class MemoryBudget:
                 f"decoding this image needs about {_mib(nbytes)} MiB; the service's memory budget is "
                 f"{_mib(self.total)} MiB"
             )
-        if self.in_use + nbytes > self.total:
-            return None
-        return self._hold(nbytes)
+        with self._lock:
+            if self.in_use + nbytes > self.total:
+                return None
+            self.in_use += nbytes
+            self.peak = max(self.peak, self.in_use)
+        return Reservation(self, nbytes)
 
     async def reserve(self, nbytes: int, wait: float) -> Reservation:
         """Hold ``nbytes``; waits up to ``wait`` seconds for room (503), refuses what cannot fit (413)."""
-        granted = self.try_reserve(nbytes)
-        if granted is not None:
-            return granted
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
         # Not first-come-first-served on purpose: a small image that fits goes ahead of a large one
         # that is waiting for room, rather than queueing behind it.
-        while self.in_use + nbytes > self.total:
+        while (granted := self.try_reserve(nbytes)) is None:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 raise Overloaded(
@@ -81,15 +86,11 @@ class MemoryBudget:
                 pass
             finally:
                 self._waiters.discard(waiter)
-        return self._hold(nbytes)
-
-    def _hold(self, nbytes: int) -> Reservation:
-        self.in_use += nbytes
-        self.peak = max(self.peak, self.in_use)
-        return Reservation(self, nbytes)
+        return granted
 
     def _give_back(self, nbytes: int) -> None:
-        self.in_use -= nbytes
+        with self._lock:
+            self.in_use -= nbytes
         for waiter in self._waiters:
             if not waiter.done():
                 waiter.set_result(None)

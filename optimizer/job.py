@@ -71,16 +71,20 @@ class Job:
         self.queued += queued
         return result
 
+    def claim_now(self, nbytes: int) -> bool:
+        """From the worker thread running this job: hold ``nbytes`` of the memory budget if there is
+        room right now (``False``: the handler waits for room with ``reserve``). Raises 413 for what can
+        never fit. Set before the thread's work ends, the hold is released with the rest of the claim."""
+        if self._reservation is not None:
+            raise RuntimeError("the job already holds memory")
+        self._reservation = self._state.budget.try_reserve(nbytes)
+        return self._reservation is not None
+
     async def reserve(self, nbytes: int) -> None:
         """Hold ``nbytes`` of the memory budget for the rest of the job; gives up (503) at the drain
         deadline like ``run``."""
         started = time.perf_counter()
         budget, wait = self._state.budget, self._state.settings.memory_wait
-        # Room now (the usual case): no task, so the job goes to its worker without waiting for another
-        # turn of the event loop, which under a flood of refusals takes ~20 ms.
-        self._reservation = budget.try_reserve(nbytes)
-        if self._reservation is not None:
-            return
         reserving = asyncio.ensure_future(budget.reserve(nbytes, wait))
         try:
             await asyncio.wait((reserving, self._state.abandon_signal()), return_when=asyncio.FIRST_COMPLETED)

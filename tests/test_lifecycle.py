@@ -176,10 +176,12 @@ async def test_slot_held_until_the_thread_ends_when_client_leaves_mid_processing
     await until(lambda: blocker.started == 1)
     writer.close()
     await asyncio.sleep(0.2)  # give the server time to notice the disconnect
-    # The job is still running in its thread: its slot must still count.
+    # The job is still running in its thread: its slot must still count, and so must the memory its
+    # worker claimed for it after reading the header.
     assert in_flight(client) == 1
+    assert app[STATE].budget.in_use > 0
     blocker.open.set()
-    await until(lambda: blocker.finished == 1 and in_flight(client) == 0)
+    await until(lambda: blocker.finished == 1 and in_flight(client) == 0 and app[STATE].budget.in_use == 0)
 
 
 async def test_queued_job_of_a_departed_client_is_dropped(
