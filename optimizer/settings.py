@@ -250,8 +250,13 @@ class Settings:
         if self.resizer not in RESIZERS:
             return f"choose one of {', '.join(RESIZERS)}"
         if self.resizer == "vips":
+            # Here, so that a missing wheel stops the start, not the first request. A supervisor
+            # (processes > 1) resizes nothing: it checks in a child and stays without libvips.
             try:
-                vips.load()  # here, so that a missing wheel stops the start, not the first request
+                if self.processes > 1:
+                    vips.check_in_child()
+                else:
+                    vips.load()
             except vips.VipsUnavailable as exc:
                 return str(exc)
         return None

@@ -14,6 +14,8 @@ pyvips-binary, which bundles libvips; no system packages) and is imported only w
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 import threading
 from types import ModuleType
 from typing import Any
@@ -80,6 +82,39 @@ def load() -> ModuleType:
         module: ModuleType = pyvips
         _module = module
         return module
+
+
+# What a check in a child may take: an interpreter start, the import and one tiny resize (~0.5 s).
+CHECK_SECONDS = 60.0
+_CHECK_CODE = """
+import sys
+from optimizer import vips
+try:
+    vips.load()
+except vips.VipsUnavailable as exc:
+    sys.exit(str(exc))
+"""
+
+
+def check_in_child() -> None:
+    """``load()`` in a short-lived interpreter, for a process that will not resize itself (the
+    ``--processes`` supervisor): libvips takes ~14 MB once loaded, and cannot be unloaded."""
+    try:
+        result = subprocess.run(
+            [sys.executable, "-c", _CHECK_CODE],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=CHECK_SECONDS,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise VipsUnavailable(
+            f"libvips could not be checked ({exc}); install it with: {INSTALL_HINT}"
+        ) from None
+    if result.returncode != 0:
+        lines = result.stderr.strip().splitlines()
+        raise VipsUnavailable(lines[-1] if lines else f"the libvips check exited with {result.returncode}")
 
 
 def supports(im: Image.Image, size: tuple[int, int]) -> bool:

@@ -8,6 +8,7 @@ import dataclasses
 import io
 import logging
 import random
+import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -221,6 +222,27 @@ def test_a_libvips_that_cannot_resize_is_refused_at_start(monkeypatch: pytest.Mo
     monkeypatch.setattr(pyvips.Image, "resize", broken)
     with pytest.raises(SettingsError, match=r"OPTIMIZER_RESIZER='vips': libvips cannot resize"):
         Settings(resizer="vips")
+
+
+def test_a_supervisor_checks_libvips_in_a_child_and_does_not_load_it() -> None:
+    vips_or_skip()
+    probe = (
+        "import sys; from optimizer.settings import Settings; "
+        "Settings(resizer='vips', processes=2); print('pyvips' in sys.modules)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert result.stdout.strip() == "False"
+
+
+def test_a_failed_check_in_a_child_stops_the_start_with_its_message(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(vips, "_CHECK_CODE", "import sys; sys.exit('libvips cannot be loaded (gone)')")
+    with pytest.raises(SettingsError, match=r"OPTIMIZER_RESIZER='vips': libvips cannot be loaded \(gone\)"):
+        Settings(resizer="vips", processes=2)
+    monkeypatch.setattr(sys, "executable", "/nonexistent/python")
+    with pytest.raises(SettingsError, match=r"libvips could not be checked .*optimizer\[vips\]"):
+        Settings(resizer="vips", processes=2)
 
 
 async def test_the_service_serves_with_the_vips_engine(pyvips: ModuleType, make_client) -> None:  # type: ignore[no-untyped-def]
