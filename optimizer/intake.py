@@ -63,14 +63,19 @@ async def read_upload(request: web.BaseRequest, limits: IntakeLimits) -> bytes:
     refuse_declared_length(request, limits.max_bytes)
     transport = request.transport
     if transport is not None and getattr(transport, "max_size", UPLOAD_READ_BYTES) < UPLOAD_READ_BYTES:
-        # Large reads for this upload only (see optimizer.server.small_first_reads): the next request on
-        # the connection is read with the class's small size again, until it is admitted in turn.
+        # Large reads for this upload only (see optimizer.server.small_first_reads): afterwards the
+        # connection reads with its previous size again, the class's small one unless the host (an
+        # application embedding this one) had set its own, until its next request is admitted in turn.
+        own = getattr(transport, "__dict__", {}).get("max_size")
         transport.max_size = UPLOAD_READ_BYTES  # type: ignore[attr-defined]
         try:
             return await _read_upload(request, limits)
         finally:
-            with contextlib.suppress(AttributeError):
-                del transport.max_size  # type: ignore[attr-defined]
+            if own is not None:
+                transport.max_size = own  # type: ignore[attr-defined]
+            else:
+                with contextlib.suppress(AttributeError):
+                    del transport.max_size  # type: ignore[attr-defined]
     return await _read_upload(request, limits)
 
 

@@ -77,14 +77,25 @@ class Job:
         never fit. Set before the thread's work ends, the hold is released with the rest of the claim."""
         if self._reservation is not None:
             raise RuntimeError("the job already holds memory")
+        if self._handler_done or self._state.abandoning:
+            # Nobody will read the image (the client left, or the drain deadline passed): not worth a
+            # decode. Plain reads of values the loop sets; at worst one more decode, as before.
+            return False
         self._reservation = self._state.budget.try_reserve(nbytes)
         return self._reservation is not None
 
     async def reserve(self, nbytes: int) -> None:
         """Hold ``nbytes`` of the memory budget for the rest of the job; gives up (503) at the drain
         deadline like ``run``."""
+        if self._state.abandoning:
+            raise ShutdownDeadline()
         started = time.perf_counter()
         budget, wait = self._state.budget, self._state.settings.memory_wait
+        # Room by now (freed since the worker looked): no task, and no extra turn of the event loop,
+        # which under a flood of refusals takes ~20 ms.
+        self._reservation = budget.try_reserve(nbytes)
+        if self._reservation is not None:
+            return
         reserving = asyncio.ensure_future(budget.reserve(nbytes, wait))
         try:
             await asyncio.wait((reserving, self._state.abandon_signal()), return_when=asyncio.FIRST_COMPLETED)

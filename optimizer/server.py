@@ -139,8 +139,8 @@ def small_first_reads() -> None:
     asyncio reads up to 256 KiB per recv(), and in one turn of the loop it reads every connection that
     has data before any handler runs: under a burst of uploads that will mostly be refused, each one held
     a quarter megabyte first. With 200 users on S1, peak RSS 386 MB, against 361 MB with 64 KiB first
-    reads (and goodput 6.6 -> 6.9 images/s: less read per refusal). An admitted upload is read in 256 KiB
-    steps again (``optimizer.intake.read_upload``), so large uploads cost no more reads.
+    reads (and goodput 6.6 -> 6.9 images/s: less read per refusal). An admitted upload is read in steps
+    of up to 4 MiB (``optimizer.intake.read_upload``), so large uploads cost no more reads.
     """
     transport = getattr(asyncio.selector_events, "_SelectorSocketTransport", None)
     if transport is not None and isinstance(getattr(transport, "max_size", None), int):

@@ -67,6 +67,11 @@ class ServiceState:
             self._abandon = asyncio.get_running_loop().create_future()
         return self._abandon
 
+    @property
+    def abandoning(self) -> bool:
+        """Whether the drain deadline has passed; readable from a worker thread."""
+        return self._abandon is not None and self._abandon.done()
+
     def abandon_waiting_work(self) -> None:
         signal = self.abandon_signal()
         if not signal.done():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Awaitable, Callable
 
 import pytest
@@ -42,6 +43,43 @@ def test_try_reserve_holds_only_what_fits_now() -> None:
         budget.try_reserve(101)  # never fits: 413 at once, as reserve() does
     held.release()
     assert budget.in_use == 0
+
+
+async def test_workers_claiming_while_the_loop_reserves_and_releases_never_overcommit() -> None:
+    # Workers claim with try_reserve in their own threads; the loop waits with reserve() and releases.
+    budget = MemoryBudget(1000)
+    loop = asyncio.get_running_loop()
+    stop = threading.Event()
+    over: list[int] = []
+
+    def worker() -> None:
+        while not stop.is_set():
+            held = budget.try_reserve(7)
+            if held is not None:
+                if budget.in_use > budget.total:
+                    over.append(budget.in_use)
+                loop.call_soon_threadsafe(held.release)  # releases happen on the loop
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    try:
+        for _ in range(200):
+            held = await budget.reserve(300, wait=5)
+            await asyncio.sleep(0)
+            held.release()
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    await until_released(budget)
+    assert not over and budget.peak <= budget.total
+
+
+async def until_released(budget: MemoryBudget) -> None:
+    async with asyncio.timeout(5):
+        while budget.in_use:  # noqa: ASYNC110 - the releases are queued on this loop
+            await asyncio.sleep(0.01)
 
 
 async def test_what_can_never_fit_is_413() -> None:

@@ -22,6 +22,7 @@ from tests.conftest import decode, image_bytes, multipart, test_settings
 
 Client = TestClient[web.Request, web.Application]
 ClientFactory = Callable[..., Awaitable[Client]]
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class Blocker:
@@ -289,6 +290,37 @@ async def test_embedded_as_sub_app(aiohttp_client: ClientFactory, blocker: Block
     assert image_app[STATE].abandoned == 0
 
 
+async def test_an_upload_leaves_the_hosts_own_read_size_on_its_connection(
+    aiohttp_client: ClientFactory,
+) -> None:
+    # The service reads admitted uploads in large steps, then puts back what the connection had: here
+    # a host application that chose its own read size per connection.
+    own_size = 1024 * 1024
+    seen: list[int] = []
+    configured: set[int] = set()
+
+    @web.middleware
+    async def own_read_size(request: web.Request, handler: Handler) -> web.StreamResponse:
+        transport = request.transport
+        assert transport is not None
+        if id(transport) not in configured:  # once per connection, as a host would on connect
+            configured.add(id(transport))
+            transport.max_size = own_size  # type: ignore[attr-defined]
+        seen.append(transport.max_size)  # type: ignore[attr-defined]
+        return await handler(request)
+
+    async def probe(request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    parent = web.Application(middlewares=[own_read_size])
+    parent.router.add_get("/probe", probe)
+    parent.add_subapp("/img", create_app(test_settings()))
+    client = await aiohttp_client(TestServer(parent))
+    assert (await client.post("/img/optimize", data=multipart(image_bytes()))).status == 200
+    assert (await client.get("/probe")).status == 200  # the same keep-alive connection
+    assert seen == [own_size, own_size]
+
+
 async def test_two_instances_share_nothing(aiohttp_client: ClientFactory, blocker: Blocker) -> None:
     parent = web.Application()
     first = create_app(test_settings(threads=1, queue=0))
@@ -414,3 +446,125 @@ async def test_request_waiting_for_memory_at_the_drain_deadline_gets_503(
 def _limits() -> Limits:
     settings = test_settings()
     return Limits(settings.max_pixels, settings.max_dimension, settings.input_formats)
+
+
+# --- The memory claim: made in the worker after the header, or waited for on the loop ----------------
+
+
+def _room_for_one(big: bytes, **settings: object) -> web.Application:
+    """An app whose memory budget holds one ``big`` image, not two."""
+    from optimizer.pipeline import inspect
+
+    need = inspect(big, Params(), _limits())
+    return create_app(
+        test_settings(threads=2, queue=2, memory_budget=need * 3 // 2, memory_wait=30.0, **settings)
+    )
+
+
+async def test_an_image_without_room_waits_on_the_loop_then_is_served(
+    aiohttp_client: ClientFactory, blocker: Blocker
+) -> None:
+    big = image_bytes((1800, 1800), "RGBA", fmt="PNG")
+    app = _room_for_one(big)
+    state = app[STATE]
+    client = await aiohttp_client(app)
+    first = asyncio.ensure_future(client.post("/optimize", data=multipart(big)))
+    await until(lambda: blocker.started == 1)
+    need = state.budget.in_use  # claimed by the first request's worker
+    second = asyncio.ensure_future(client.post("/optimize", data=multipart(big)))
+    await until(lambda: len(state.budget._waiters) == 1)  # its worker found no room and handed it back
+    assert blocker.started == 1 and state.budget.in_use == need
+    blocker.open.set()
+    responses = await asyncio.gather(first, second)
+    assert [r.status for r in responses] == [200, 200]
+    assert blocker.started == 2
+    await until(lambda: state.budget.in_use == 0 and state.gate.in_flight == 0)
+    assert state.budget.peak == need  # never both at once
+
+
+async def test_a_client_leaving_while_its_image_waits_for_memory_leaves_nothing_behind(
+    aiohttp_client: ClientFactory, blocker: Blocker
+) -> None:
+    big = image_bytes((1800, 1800), "RGBA", fmt="PNG")
+    app = _room_for_one(big)
+    state = app[STATE]
+    client = await aiohttp_client(app, server_kwargs={"handler_cancellation": True})
+    first = asyncio.ensure_future(client.post("/optimize", data=multipart(big)))
+    await until(lambda: blocker.started == 1)
+    need = state.budget.in_use
+    head = (
+        b"POST /optimize HTTP/1.1\r\nHost: test\r\nContent-Type: image/png\r\n"
+        + f"Content-Length: {len(big)}\r\n\r\n".encode()
+    )
+    assert client.server.port is not None
+    _reader, writer = await asyncio.open_connection("127.0.0.1", client.server.port)
+    writer.write(head + big)
+    await writer.drain()
+    await until(lambda: len(state.budget._waiters) == 1)
+    writer.close()
+    await until(lambda: state.gate.in_flight == 1)
+    assert not state.budget._waiters and state.budget.in_use == need
+    blocker.open.set()
+    assert (await first).status == 200
+    await until(lambda: state.budget.in_use == 0 and state.gate.in_flight == 0)
+    assert blocker.started == 1  # the departed request was never decoded
+
+
+@pytest.mark.parametrize("failure", ["corrupt", "bug"])
+async def test_memory_claimed_in_the_worker_comes_back_when_the_image_fails(
+    make_client: ClientFactory, monkeypatch: pytest.MonkeyPatch, failure: str
+) -> None:
+    from optimizer.errors import CorruptImage
+
+    held_while_failing: list[int] = []
+
+    def failing(data: bytes, params: Params, limits: Limits) -> Output:
+        held_while_failing.append(state.budget.in_use)
+        raise CorruptImage("does not decode") if failure == "corrupt" else ValueError("a bug")
+
+    monkeypatch.setattr(handlers, "optimize", failing)
+    client = await make_client()
+    assert client.app is not None
+    state = client.app[STATE]
+    response = await client.post("/optimize", data=multipart(image_bytes()))
+    assert response.status == (422 if failure == "corrupt" else 500)
+    assert response.headers["Content-Type"].startswith("application/problem+json")
+    assert held_while_failing and held_while_failing[0] > 0
+    assert state.budget.in_use == 0 and state.gate.in_flight == 0
+
+
+async def test_a_client_gone_before_its_header_was_read_is_not_decoded(
+    aiohttp_client: ClientFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    header_read = threading.Event()
+    decoded: list[bytes] = []
+    from optimizer.pipeline import inspect
+
+    def slow_inspect(data: bytes, params: Params, limits: Limits) -> int:
+        header_read.wait(10)
+        return inspect(data, params, limits)
+
+    def recording_optimize(data: bytes, params: Params, limits: Limits) -> Output:
+        decoded.append(data)
+        return optimize(data, params, limits)
+
+    monkeypatch.setattr(handlers, "inspect", slow_inspect)
+    monkeypatch.setattr(handlers, "optimize", recording_optimize)
+    app = create_app(test_settings(threads=1, queue=1))
+    state = app[STATE]
+    client = await aiohttp_client(app, server_kwargs={"handler_cancellation": True})
+    data = image_bytes()
+    head = (
+        b"POST /optimize HTTP/1.1\r\nHost: test\r\nContent-Type: image/jpeg\r\n"
+        + f"Content-Length: {len(data)}\r\n\r\n".encode()
+    )
+    assert client.server.port is not None
+    _reader, writer = await asyncio.open_connection("127.0.0.1", client.server.port)
+    writer.write(head + data)
+    await writer.drain()
+    await until(lambda: state.gate.in_flight == 1)
+    writer.close()
+    await asyncio.sleep(0.3)  # the server notices the disconnect and cancels the handler
+    header_read.set()
+    await until(lambda: state.gate.in_flight == 0 and state.budget.in_use == 0)
+    assert decoded == []  # its worker read the header, found nobody waiting, and stopped there
