@@ -58,14 +58,16 @@ def test_default_threads_is_the_usable_cpu_count() -> None:
     assert Settings().threads == effective_cpu_count() >= 1
 
 
-def test_queue_none_means_as_many_as_threads() -> None:
+def test_queue_none_means_twice_the_threads() -> None:
     settings = Settings(threads=3)
     assert settings.queue is None
-    assert settings.queue_slots == 3
-    assert settings.capacity == 6
+    assert settings.queue_slots == 6
+    assert settings.capacity == 9
 
 
-@pytest.mark.parametrize(("threads", "queue", "capacity"), [(1, None, 2), (4, None, 8), (3, 0, 3), (2, 5, 7)])
+@pytest.mark.parametrize(
+    ("threads", "queue", "capacity"), [(1, None, 3), (4, None, 12), (3, 0, 3), (2, 5, 7)]
+)
 def test_capacity_is_threads_plus_queue(threads: int, queue: int | None, capacity: int) -> None:
     assert Settings(threads=threads, queue=queue).capacity == capacity
 
