@@ -80,6 +80,20 @@ async def raw_request(client: Client, head: bytes, body: bytes = b"") -> tuple[b
     return answer, writer
 
 
+async def send_upload(client: Client, data: bytes, content_type: str = "image/jpeg") -> asyncio.StreamWriter:
+    """Upload ``data`` as a raw body on a fresh connection, without reading the answer: the test decides
+    when the client leaves (``writer.close()``)."""
+    assert client.server.port is not None
+    _reader, writer = await asyncio.open_connection("127.0.0.1", client.server.port)
+    writer.write(
+        f"POST /optimize HTTP/1.1\r\nHost: test\r\nContent-Type: {content_type}\r\n"
+        f"Content-Length: {len(data)}\r\n\r\n".encode()
+        + data
+    )
+    await writer.drain()
+    return writer
+
+
 async def test_full_gate_answers_503_at_once(make_client: ClientFactory, blocker: Blocker) -> None:
     client = await make_client(threads=1, queue=1)
     first = asyncio.ensure_future(client.post("/optimize", data=multipart(image_bytes())))
@@ -166,14 +180,7 @@ async def test_slot_held_until_the_thread_ends_when_client_leaves_mid_processing
     app = create_app(test_settings(threads=1, queue=1))
     client = await aiohttp_client(app, server_kwargs={"handler_cancellation": cancellation})
     data = image_bytes()
-    head = (
-        b"POST /optimize HTTP/1.1\r\nHost: test\r\nContent-Type: image/jpeg\r\n"
-        + f"Content-Length: {len(data)}\r\n\r\n".encode()
-    )
-    assert client.server.port is not None
-    _reader, writer = await asyncio.open_connection("127.0.0.1", client.server.port)
-    writer.write(head + data)
-    await writer.drain()
+    writer = await send_upload(client, data)
     await until(lambda: blocker.started == 1)
     writer.close()
     await asyncio.sleep(0.2)  # give the server time to notice the disconnect
@@ -193,14 +200,7 @@ async def test_queued_job_of_a_departed_client_is_dropped(
     running = asyncio.ensure_future(client.post("/optimize", data=multipart(image_bytes())))
     await until(lambda: blocker.started == 1)
     data = image_bytes()
-    head = (
-        b"POST /optimize HTTP/1.1\r\nHost: test\r\nContent-Type: image/jpeg\r\n"
-        + f"Content-Length: {len(data)}\r\n\r\n".encode()
-    )
-    assert client.server.port is not None
-    _reader, writer = await asyncio.open_connection("127.0.0.1", client.server.port)
-    writer.write(head + data)
-    await writer.drain()
+    writer = await send_upload(client, data)
     await until(lambda: in_flight(client) == 2)
     writer.close()
     await until(lambda: in_flight(client) == 1)  # the queued job was cancelled before it ran
@@ -451,14 +451,12 @@ def _limits() -> Limits:
 # --- The memory claim: made in the worker after the header, or waited for on the loop ----------------
 
 
-def _room_for_one(big: bytes, **settings: object) -> web.Application:
+def _room_for_one(big: bytes) -> web.Application:
     """An app whose memory budget holds one ``big`` image, not two."""
     from optimizer.pipeline import inspect
 
     need = inspect(big, Params(), _limits())
-    return create_app(
-        test_settings(threads=2, queue=2, memory_budget=need * 3 // 2, memory_wait=30.0, **settings)
-    )
+    return create_app(test_settings(threads=2, queue=2, memory_budget=need * 3 // 2, memory_wait=30.0))
 
 
 async def test_an_image_without_room_waits_on_the_loop_then_is_served(
@@ -492,14 +490,7 @@ async def test_a_client_leaving_while_its_image_waits_for_memory_leaves_nothing_
     first = asyncio.ensure_future(client.post("/optimize", data=multipart(big)))
     await until(lambda: blocker.started == 1)
     need = state.budget.in_use
-    head = (
-        b"POST /optimize HTTP/1.1\r\nHost: test\r\nContent-Type: image/png\r\n"
-        + f"Content-Length: {len(big)}\r\n\r\n".encode()
-    )
-    assert client.server.port is not None
-    _reader, writer = await asyncio.open_connection("127.0.0.1", client.server.port)
-    writer.write(head + big)
-    await writer.drain()
+    writer = await send_upload(client, big, "image/png")
     await until(lambda: len(state.budget._waiters) == 1)
     writer.close()
     await until(lambda: state.gate.in_flight == 1)
@@ -554,14 +545,7 @@ async def test_a_client_gone_before_its_header_was_read_is_not_decoded(
     state = app[STATE]
     client = await aiohttp_client(app, server_kwargs={"handler_cancellation": True})
     data = image_bytes()
-    head = (
-        b"POST /optimize HTTP/1.1\r\nHost: test\r\nContent-Type: image/jpeg\r\n"
-        + f"Content-Length: {len(data)}\r\n\r\n".encode()
-    )
-    assert client.server.port is not None
-    _reader, writer = await asyncio.open_connection("127.0.0.1", client.server.port)
-    writer.write(head + data)
-    await writer.drain()
+    writer = await send_upload(client, data)
     await until(lambda: state.gate.in_flight == 1)
     writer.close()
     await asyncio.sleep(0.3)  # the server notices the disconnect and cancels the handler
