@@ -341,6 +341,31 @@ def self_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+# Virtual machines that hand free memory back to their host (virtio-balloon free page reporting) make
+# the first 20-30 s of work after an idle spell slower, the ceiling included: memory the host took back is
+# faulted in again there (docs/benchmarks.md, "Running it"). Present when this file exists.
+PAGE_REPORTING = Path("/sys/module/page_reporting/parameters/reported_kib")
+# A 1-minute load average below this at the start means the machine was mostly idle before the run.
+IDLE_LOADAVG = 0.5
+
+
+def cold_start_warning(machine: dict[str, Any]) -> str | None:
+    """A note when the run began on an idle machine that reports free memory to its host."""
+    if not machine.get("host_reclaims_free_memory"):
+        return None
+    try:
+        recent = float(str(machine.get("loadavg_at_start", "")).split()[0])
+    except (IndexError, ValueError):
+        return None
+    if recent >= IDLE_LOADAVG:
+        return None
+    return (
+        f"NOTE: the machine was idle before this run (load average {recent:.2f}) and hands free memory back "
+        "to its host (virtio-balloon free page reporting): the first 20-30 s of work run slower, the "
+        "ceiling included; run again and compare before trusting these figures"
+    )
+
+
 def machine_info() -> dict[str, Any]:
     model = ""
     with contextlib.suppress(OSError):
@@ -356,6 +381,7 @@ def machine_info() -> dict[str, Any]:
         "effective_cpu_count": effective_cpu_count(),
         "cpu_model": model,
         "loadavg_at_start": loadavg,
+        "host_reclaims_free_memory": PAGE_REPORTING.exists(),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "aiohttp": aiohttp.__version__,
@@ -1516,6 +1542,8 @@ def print_report(results: dict[str, Any]) -> None:
         f"machine: nproc {machine['nproc']}, usable {machine['effective_cpu_count']}, "
         f"{machine['cpu_model'] or 'unknown CPU'}, load average at start {machine['loadavg_at_start']}"
     )
+    if warning := cold_start_warning(machine):
+        out.append(warning)
     code = results.get("code")
     if code:
         modified = {True: ", optimizer/ has uncommitted changes", False: "", None: ""}[

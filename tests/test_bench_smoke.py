@@ -47,6 +47,16 @@ def run_bench(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def test_an_idle_start_on_a_memory_reporting_machine_is_flagged() -> None:
+    bench = load_bench()
+    reporting = {"host_reclaims_free_memory": True}
+    idle = bench.cold_start_warning({**reporting, "loadavg_at_start": "0.12 0.40 0.61"})
+    assert idle is not None and "idle before this run" in idle
+    assert bench.cold_start_warning({**reporting, "loadavg_at_start": "1.80 1.20 0.90"}) is None  # busy
+    assert bench.cold_start_warning({"host_reclaims_free_memory": False, "loadavg_at_start": "0.01"}) is None
+    assert bench.cold_start_warning({**reporting, "loadavg_at_start": ""}) is None  # unknown: no guess
+
+
 def test_stages_ramp_linearly_between_targets() -> None:
     bench = load_bench()
     plan = bench.LoadPlan(start_users=0, stages=bench.parse_stages("5s:20,10s:50,5s:0"))
