@@ -13,10 +13,12 @@ pyvips-binary, which bundles libvips; no system packages) and is imported only w
 
 from __future__ import annotations
 
+import functools
 import logging
 import subprocess
 import sys
 import threading
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -84,10 +86,13 @@ def load() -> ModuleType:
         return module
 
 
-# What a check in a child may take: an interpreter start, the import and one tiny resize (~0.5 s).
+# What a check in a child may take: an interpreter start, the import and one tiny resize (~0.1 s).
 CHECK_SECONDS = 60.0
+# The child imports this very package (its folder first on the path), not whatever "optimizer" its own
+# path would find first (the current directory, PYTHONPATH).
 _CHECK_CODE = """
 import sys
+sys.path.insert(0, {root!r})
 from optimizer import vips
 try:
     vips.load()
@@ -96,19 +101,23 @@ except vips.VipsUnavailable as exc:
 """
 
 
+@functools.cache  # once per process: a failure raises, and is not cached
 def check_in_child() -> None:
     """``load()`` in a short-lived interpreter, for a process that will not resize itself (the
     ``--processes`` supervisor): libvips takes ~14 MB once loaded, and cannot be unloaded."""
+    code = _CHECK_CODE.format(root=str(Path(__file__).resolve().parents[1]))
     try:
         result = subprocess.run(
-            [sys.executable, "-c", _CHECK_CODE],
+            [sys.executable, "-c", code],
             stdin=subprocess.DEVNULL,
             capture_output=True,
             text=True,
             timeout=CHECK_SECONDS,
             check=False,
         )
-    except (OSError, subprocess.TimeoutExpired) as exc:
+    except subprocess.TimeoutExpired:
+        raise VipsUnavailable(f"the libvips check did not finish within {CHECK_SECONDS:g} s") from None
+    except OSError as exc:
         raise VipsUnavailable(
             f"libvips could not be checked ({exc}); install it with: {INSTALL_HINT}"
         ) from None

@@ -237,12 +237,37 @@ def test_a_supervisor_checks_libvips_in_a_child_and_does_not_load_it() -> None:
 
 
 def test_a_failed_check_in_a_child_stops_the_start_with_its_message(monkeypatch: pytest.MonkeyPatch) -> None:
+    vips.check_in_child.cache_clear()  # a success earlier in this process would be remembered
     monkeypatch.setattr(vips, "_CHECK_CODE", "import sys; sys.exit('libvips cannot be loaded (gone)')")
     with pytest.raises(SettingsError, match=r"OPTIMIZER_RESIZER='vips': libvips cannot be loaded \(gone\)"):
         Settings(resizer="vips", processes=2)
     monkeypatch.setattr(sys, "executable", "/nonexistent/python")
     with pytest.raises(SettingsError, match=r"libvips could not be checked .*optimizer\[vips\]"):
         Settings(resizer="vips", processes=2)
+
+
+def test_the_check_in_a_child_imports_this_package_not_one_of_the_same_name(tmp_path: Path) -> None:
+    vips_or_skip()
+    impostor = tmp_path / "optimizer"
+    impostor.mkdir()
+    (impostor / "__init__.py").write_text("raise SystemExit('the wrong optimizer')")
+    root = str(Path(vips.__file__).resolve().parents[1])
+    probe = (
+        f"import sys; sys.path.insert(0, {root!r}); from optimizer.settings import Settings; "
+        "Settings(resizer='vips', processes=2); print('checked')"
+    )
+    # The probe imports the real package; its check child starts in tmp_path too, where the impostor
+    # comes first on a plain "python -c" path.
+    result = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "checked"
 
 
 async def test_the_service_serves_with_the_vips_engine(pyvips: ModuleType, make_client) -> None:  # type: ignore[no-untyped-def]
