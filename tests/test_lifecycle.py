@@ -7,17 +7,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import threading
 from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
 
 import pytest
-from aiohttp import web
+from aiohttp import ClientResponse, web
 from aiohttp.test_utils import TestClient, TestServer
 
 from optimizer import create_app, handlers
 from optimizer.pipeline import Limits, Output, Params, optimize
-from optimizer.state import STATE
+from optimizer.state import STATE, ServiceState
 from tests.conftest import decode, image_bytes, multipart, test_settings
 
 Client = TestClient[web.Request, web.Application]
@@ -451,29 +453,45 @@ def _limits() -> Limits:
 # --- The memory claim: made in the worker after the header, or waited for on the loop ----------------
 
 
-def _room_for_one(big: bytes) -> web.Application:
-    """An app whose memory budget holds one ``big`` image, not two."""
+@functools.cache
+def big_png() -> bytes:
+    """An image whose decode needs a sizeable share of memory (1800 x 1800 RGBA PNG)."""
+    return image_bytes((1800, 1800), "RGBA", fmt="PNG")
+
+
+@dataclass
+class MemoryHeld:
+    """A service whose memory budget holds one ``big_png()``, not two, with a first one in its worker."""
+
+    client: Client
+    state: ServiceState
+    first: asyncio.Future[ClientResponse]
+    need: int  # what the first one's worker claimed
+
+
+async def _first_holds_the_memory(
+    aiohttp_client: ClientFactory, blocker: Blocker, **server_kwargs: object
+) -> MemoryHeld:
     from optimizer.pipeline import inspect
 
-    need = inspect(big, Params(), _limits())
-    return create_app(test_settings(threads=2, queue=2, memory_budget=need * 3 // 2, memory_wait=30.0))
+    need = inspect(big_png(), Params(), _limits())
+    app = create_app(test_settings(threads=2, queue=2, memory_budget=need * 3 // 2, memory_wait=30.0))
+    client = await aiohttp_client(app, server_kwargs=server_kwargs)
+    first = asyncio.ensure_future(client.post("/optimize", data=multipart(big_png())))
+    await until(lambda: blocker.started == 1)
+    return MemoryHeld(client, app[STATE], first, app[STATE].budget.in_use)
 
 
 async def test_an_image_without_room_waits_on_the_loop_then_is_served(
     aiohttp_client: ClientFactory, blocker: Blocker
 ) -> None:
-    big = image_bytes((1800, 1800), "RGBA", fmt="PNG")
-    app = _room_for_one(big)
-    state = app[STATE]
-    client = await aiohttp_client(app)
-    first = asyncio.ensure_future(client.post("/optimize", data=multipart(big)))
-    await until(lambda: blocker.started == 1)
-    need = state.budget.in_use  # claimed by the first request's worker
-    second = asyncio.ensure_future(client.post("/optimize", data=multipart(big)))
+    held = await _first_holds_the_memory(aiohttp_client, blocker)
+    state, need = held.state, held.need
+    second = asyncio.ensure_future(held.client.post("/optimize", data=multipart(big_png())))
     await until(lambda: len(state.budget._waiters) == 1)  # its worker found no room and handed it back
     assert blocker.started == 1 and state.budget.in_use == need
     blocker.open.set()
-    responses = await asyncio.gather(first, second)
+    responses = await asyncio.gather(held.first, second)
     assert [r.status for r in responses] == [200, 200]
     assert blocker.started == 2
     await until(lambda: state.budget.in_use == 0 and state.gate.in_flight == 0)
@@ -483,20 +501,15 @@ async def test_an_image_without_room_waits_on_the_loop_then_is_served(
 async def test_a_client_leaving_while_its_image_waits_for_memory_leaves_nothing_behind(
     aiohttp_client: ClientFactory, blocker: Blocker
 ) -> None:
-    big = image_bytes((1800, 1800), "RGBA", fmt="PNG")
-    app = _room_for_one(big)
-    state = app[STATE]
-    client = await aiohttp_client(app, server_kwargs={"handler_cancellation": True})
-    first = asyncio.ensure_future(client.post("/optimize", data=multipart(big)))
-    await until(lambda: blocker.started == 1)
-    need = state.budget.in_use
-    writer = await send_upload(client, big, "image/png")
+    held = await _first_holds_the_memory(aiohttp_client, blocker, handler_cancellation=True)
+    state, need = held.state, held.need
+    writer = await send_upload(held.client, big_png(), "image/png")
     await until(lambda: len(state.budget._waiters) == 1)
     writer.close()
     await until(lambda: state.gate.in_flight == 1)
     assert not state.budget._waiters and state.budget.in_use == need
     blocker.open.set()
-    assert (await first).status == 200
+    assert (await held.first).status == 200
     await until(lambda: state.budget.in_use == 0 and state.gate.in_flight == 0)
     assert blocker.started == 1  # the departed request was never decoded
 
