@@ -66,7 +66,7 @@ import PIL
 from multidict import MultiDict
 from PIL import Image, ImageDraw, ImageFont
 
-from optimizer import vips
+from optimizer import allocator, vips
 from optimizer.allocator import start_environment
 from optimizer.errors import OptimizerError
 from optimizer.handlers import OPTIMIZE_DEFAULTS, UPLOAD_DEFAULTS
@@ -456,7 +456,7 @@ def request_params(path: str, query: str, settings: Settings) -> Params:
 
 def ceiling_child(spec: dict[str, Any]) -> int:
     """Runs in the child: ``optimize`` on a pool of the server's size until the deadline; prints JSON."""
-    tune_allocator()  # the server's allocator settings: the same pipeline under the same conditions
+    allocator.tune()  # the server's allocator settings: the same pipeline under the same conditions
     settings = server_settings(spec["server_args"])
     threads = int(spec["threads"])
     params = request_params(spec["path"], spec["query"], settings)
@@ -502,19 +502,10 @@ def ceiling_child(spec: dict[str, Any]) -> int:
     return 0
 
 
-def tune_allocator() -> None:
-    """The server's allocator thresholds, where the measured code has them (``--source`` may be older)."""
-    try:
-        from optimizer import allocator  # noqa: PLC0415
-    except ImportError:
-        return
-    allocator.tune()
-
-
 def source_env(source: Path) -> dict[str, str]:
     """The environment for a child that must import ``optimizer`` from ``source``, with the allocator
-    tunables the server restarts itself with, so that the ceiling's pipeline runs under the same. (An
-    older ``--source`` gets them too; ``GLIBC_TUNABLES=`` set empty measures without them.)"""
+    tunables the server restarts itself with, so that the ceiling's pipeline runs under the same
+    (``GLIBC_TUNABLES=`` set empty measures without them)."""
     env = start_environment(os.environ) or dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(source), env.get("PYTHONPATH", "")]))
     return env
@@ -2006,7 +1997,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         default=ROOT,
         help="optimizer checkout the server and the ceiling run from, e.g. a git worktree of another "
-        "commit [default: this repository]",
+        "commit; the ceiling imports this harness's helpers from it, so it must be commit 97c6f55 or "
+        "later [default: this repository]",
     )
     parser.add_argument(
         "--peer",
