@@ -1,9 +1,11 @@
 """Read one upload into memory, under a byte cap and a read deadline.
 
 The body is either multipart/form-data with a file part named ``image`` (the Go service's contract) or
-the raw image bytes. It is streamed in chunks (``request.post()`` and ``part.read()`` would buffer it
-whole, and aiohttp's ``client_max_size`` does not limit ``read_chunk()``), counting every byte of the
-request body, so an oversized upload is refused as soon as it crosses the cap.
+the raw image bytes. It is streamed chunk by chunk (``request.post()`` would buffer it whole, and
+aiohttp's ``client_max_size`` does not limit a streamed read), counting every byte of the request
+body, so an oversized upload is refused as soon as it crosses the cap. A form is parsed by
+``optimizer.formdata``, which copies the image's bytes once where aiohttp's reader copies them three
+to four times.
 
 The read deadline works like Apache's mod_reqtimeout: the body has ``read_timeout`` seconds, and every
 ``min_upload_rate`` bytes received buy one more second. A stalled or trickling client therefore loses its
@@ -17,13 +19,13 @@ import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from aiohttp import BodyPartReader, MultipartReader, StreamReader, web
+from aiohttp import StreamReader, hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from optimizer.errors import BodyTooLarge, EmptyBody, MalformedUpload, MissingImage, UploadStalled
+from optimizer.errors import BodyTooLarge, EmptyBody, MalformedUpload, UploadStalled
+from optimizer.formdata import FormReader, Pieces, boundary_of
 
 FIELD_NAME = "image"
-CHUNK_BYTES = 256 * 1024
 # What one recv() may take for an admitted upload (asyncio's default is 256 KiB; optimizer.server lowers
 # it to 64 KiB for connections not yet admitted). Under a flood of refusals each turn of the event loop
 # takes ~20 ms and an upload gets one recv() per turn: with 4 MiB a 2.5 MB upload arrives in a turn or
@@ -31,17 +33,6 @@ CHUNK_BYTES = 256 * 1024
 # images/s (S1 and S2 with polite clients unchanged; docs/benchmarks.md). CPython shrinks the buffer to
 # what arrived.
 UPLOAD_READ_BYTES = 4 * 1024 * 1024
-
-# What aiohttp's multipart reader raises on a malformed body: a missing or overlong boundary, a bad
-# part header, an unknown transfer encoding, a body that ends in the middle of a part.
-_MULTIPART_ERRORS = (
-    ValueError,
-    RuntimeError,
-    AssertionError,
-    LookupError,
-    HttpProcessingError,
-    web.RequestPayloadError,
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,39 +115,14 @@ def _is_form(request: web.BaseRequest) -> bool:
 
 
 async def _read_stream(stream: StreamReader, received: Callable[[], None]) -> bytes:
-    chunks: list[bytes] = []
-    while chunk := await stream.read(CHUNK_BYTES):
-        chunks.append(chunk)
+    # readany() hands over each chunk as the HTTP parser made it; read(n) would slice (copy) them.
+    pieces = Pieces()
+    while chunk := await stream.readany():
+        pieces.add(chunk)
         received()
-    return b"".join(chunks)
+    return pieces.join()
 
 
 async def _read_multipart(request: web.BaseRequest, received: Callable[[], None]) -> bytes:
-    image: bytes | None = None
-    try:
-        reader = await request.multipart()
-        while (part := await reader.next()) is not None:
-            if isinstance(part, MultipartReader):
-                raise MalformedUpload("nested multipart bodies are not accepted")
-            if part.name != FIELD_NAME:
-                # Other form fields are read, so that they count against the cap, and dropped.
-                await _read_part(part, received, keep=False)
-                continue
-            data = await _read_part(part, received, keep=True)
-            if image is not None:
-                raise MalformedUpload(f"the form has more than one '{FIELD_NAME}' part")
-            image = data
-    except _MULTIPART_ERRORS:
-        raise MalformedUpload("the multipart/form-data body is malformed") from None
-    if image is None:
-        raise MissingImage(f"the form has no file part named '{FIELD_NAME}'")
-    return image
-
-
-async def _read_part(part: BodyPartReader, received: Callable[[], None], *, keep: bool) -> bytes:
-    chunks: list[bytes] = []
-    while chunk := await part.read_chunk(CHUNK_BYTES):
-        if keep:
-            chunks.append(chunk)
-        received()
-    return b"".join(chunks)
+    boundary = boundary_of(request.headers.get(hdrs.CONTENT_TYPE, ""))
+    return await FormReader(request.content, boundary, received).read_field(FIELD_NAME)

@@ -1,0 +1,206 @@
+"""The multipart/form-data parser on its own: every way a body can be cut into chunks, and bad bodies."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import Sequence
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from optimizer.errors import MalformedUpload, MissingImage, OptimizerError
+from optimizer.formdata import MAX_PART_HEADERS, FormReader, Pieces, boundary_of
+
+BOUNDARY = b"bench-0123456789abcdef0123456789abcdef"
+
+
+class Chunks:
+    """A ``readany()`` source that hands out the body in the given pieces."""
+
+    def __init__(self, pieces: Sequence[bytes]) -> None:
+        self.pieces = list(pieces)
+        self.reads = 0
+
+    async def readany(self) -> bytes:
+        self.reads += 1
+        return self.pieces.pop(0) if self.pieces else b""
+
+
+def split(body: bytes, cuts: Sequence[int]) -> list[bytes]:
+    points = sorted({0, len(body), *(c % (len(body) + 1) for c in cuts)})
+    return [body[a:b] for a, b in itertools.pairwise(points)]
+
+
+def part(name: str, content: bytes, boundary: bytes = BOUNDARY, extra: str = "") -> bytes:
+    head = f'Content-Disposition: form-data; name="{name}"; filename="x.bin"\r\n{extra}\r\n'
+    return b"--" + boundary + b"\r\n" + head.encode() + content + b"\r\n"
+
+
+def form(*parts: bytes, boundary: bytes = BOUNDARY, preamble: bytes = b"", epilogue: bytes = b"") -> bytes:
+    return preamble + b"".join(parts) + b"--" + boundary + b"--" + epilogue
+
+
+def read(pieces: Sequence[bytes], boundary: bytes = BOUNDARY, field: str = "image") -> bytes:
+    received: list[int] = []
+    source = Chunks(pieces)
+    reader = FormReader(source, boundary, lambda: received.append(1))
+    data = asyncio.run(reader.read_field(field))
+    # the whole body is read, epilogue included, and every chunk was reported to the byte counter
+    assert not source.pieces
+    assert len(received) == len([p for p in pieces if p])
+    return data
+
+
+# Content that looks like the delimiter's start, so that the search must not stop early.
+TRICKY = st.lists(
+    st.sampled_from([b"\r", b"\n", b"-", b"\r\n", b"\r\n--", b"\r\n--bench", b"--" + BOUNDARY, b"\xff\xd8"])
+    | st.binary(max_size=40),
+    max_size=30,
+).map(b"".join)
+DELIMITER = b"\r\n--" + BOUNDARY
+
+
+def clean(content: bytes) -> bool:
+    """Content that does not itself hold a delimiter (a client must pick a boundary that is not in it)."""
+    return (content + DELIMITER).find(DELIMITER) == len(content)
+
+
+CONTENT = TRICKY.filter(clean)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    image=CONTENT,
+    other=CONTENT,
+    preamble=st.sampled_from([b"", b"junk before the form\r\n", b"\r\n"]),
+    epilogue=st.sampled_from([b"", b"\r\n", b"\r\ntrailing words\r\n"]),
+    order=st.sampled_from([(0, 1), (1, 0)]),
+    cuts=st.lists(st.integers(min_value=0, max_value=10_000), max_size=12),
+)
+def test_any_chunking_gives_the_image_back(
+    *, image: bytes, other: bytes, preamble: bytes, epilogue: bytes, order: tuple[int, int], cuts: list[int]
+) -> None:
+    parts = [part("image", image), part("note", other)]
+    body = form(*(parts[i] for i in order), preamble=preamble, epilogue=epilogue)
+    assert read(split(body, cuts)) == image
+
+
+def test_one_byte_chunks() -> None:
+    image = bytes(range(256)) * 300 + b"\r\n--bench-0123"
+    body = form(part("note", b"hello"), part("image", image), epilogue=b"\r\n")
+    assert read([body[i : i + 1] for i in range(len(body))]) == image
+
+
+def test_large_chunks_are_kept_without_a_copy() -> None:
+    image = bytes(range(256)) * 4096  # 1 MiB
+    body = form(part("image", image))
+    cut = len(body) // 2
+    assert read([body[:cut], body[cut:]]) == image
+
+
+@pytest.mark.parametrize(
+    "boundary",
+    [b"a", b"X" * 70, b"with space inside", b"'()+_,-./:=?"],
+)
+def test_boundaries_of_every_allowed_length_and_character(boundary: bytes) -> None:
+    image = b"\r\n--" + boundary[:-1] + b"\r\n-- \r\n"
+    body = form(part("image", image, boundary), boundary=boundary)
+    assert read(split(body, [3, 50, 51]), boundary) == image
+
+
+def test_transport_padding_after_a_boundary_is_allowed() -> None:
+    padded = b"--" + BOUNDARY + b" \t\r\n" + part("image", b"data")[len(BOUNDARY) + 4 :]
+    body = padded + b"--" + BOUNDARY + b"--"
+    assert read([body]) == b"data"
+
+
+def test_part_headers_in_any_case_and_other_headers_ignored() -> None:
+    body = (
+        b"--" + BOUNDARY + b"\r\ncontent-type: image/png\r\nX-Other: 1\r\n"
+        b"CONTENT-DISPOSITION: form-data; name=image\r\n\r\npng!\r\n--" + BOUNDARY + b"--\r\n"
+    )
+    assert read(split(body, [10, 60])) == b"png!"
+
+
+def bad(pieces: Sequence[bytes], error: type[OptimizerError] = MalformedUpload) -> str:
+    with pytest.raises(error) as caught:
+        asyncio.run(FormReader(Chunks(pieces), BOUNDARY, lambda: None).read_field("image"))
+    return str(caught.value)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    image=CONTENT,
+    at=st.integers(min_value=0),
+    cuts=st.lists(st.integers(min_value=0, max_value=500), max_size=6),
+)
+def test_a_body_cut_short_is_malformed(image: bytes, at: int, cuts: list[int]) -> None:
+    body = form(part("note", b"n"), part("image", image))
+    cut = body[: at % (len(body) - 1)]  # anything short of the close delimiter's last dash
+    bad(split(cut, cuts))
+
+
+def test_bad_forms() -> None:
+    image = part("image", b"one")
+    assert "more than one" in bad([form(image, image)])
+    assert "nested" in bad([form(part("image", b"x", extra="Content-Type: multipart/mixed; boundary=z\r\n"))])
+    assert "text after the boundary" in bad([b"--" + BOUNDARY + b"x\r\n" + image])
+    assert "has no ':'" in bad([b"--" + BOUNDARY + b"\r\nno colon here\r\n\r\nx\r\n--" + BOUNDARY + b"--"])
+    disposition = b'--%s\r\nContent-Disposition: form-data; name="a"; name="b"\r\n\r\nx\r\n--%s--'
+    assert "Content-Disposition" in bad([disposition % (BOUNDARY, BOUNDARY)])
+    bad([form(part("file", b"x"))], MissingImage)
+    bad([form()], MissingImage)
+    bad([b""])
+
+
+def test_endless_part_headers_are_refused_without_gathering_them() -> None:
+    source = Chunks([b"--" + BOUNDARY + b"\r\n"] + [b"X-Long: " + b"a" * 4000] * 100)
+    with pytest.raises(MalformedUpload, match="headers are too long"):
+        asyncio.run(FormReader(source, BOUNDARY, lambda: None).read_field("image"))
+    assert source.reads <= MAX_PART_HEADERS // 4000 + 3
+
+
+def test_a_part_without_headers_is_not_the_image() -> None:
+    body = b"--" + BOUNDARY + b"\r\n\r\nanonymous\r\n" + form(part("image", b"img"))
+    assert read([body]) == b"img"
+
+
+@pytest.mark.parametrize(
+    ("header", "boundary"),
+    [
+        ("multipart/form-data; boundary=abc", b"abc"),
+        ('multipart/form-data; boundary="a b;c"', b"a b;c"),
+        ("multipart/form-data; charset=utf-8; BOUNDARY=xyz", b"xyz"),
+        ("multipart/form-data; boundary*=UTF-8''r%C3%A9", "ré".encode()),
+    ],
+)
+def test_boundary_of(header: str, boundary: bytes) -> None:
+    assert boundary_of(header) == boundary
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        "multipart/form-data",
+        "multipart/form-data; boundary=",
+        'multipart/form-data; boundary=""',
+        "multipart/form-data; boundary=" + "b" * 71,
+    ],
+)
+def test_boundary_of_refuses(header: str) -> None:
+    with pytest.raises(MalformedUpload):
+        boundary_of(header)
+
+
+def test_pieces_gather_small_chunks_and_keep_large_ones() -> None:
+    pieces = Pieces()
+    large = bytes(Pieces.SMALL)
+    chunks: list[bytes | memoryview] = [b"a", b"b", large, memoryview(b"xcdx")[1:3], large]
+    for chunk in chunks:
+        pieces.add(chunk)
+    assert pieces.join() == b"ab" + large + b"cd" + large
+    single = Pieces()
+    single.add(large)
+    assert single.join() is large
