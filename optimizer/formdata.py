@@ -10,20 +10,24 @@ in place, and the only copy is the final ``join``.
 
 What is parsed (RFC 7578 and RFC 2046 section 5.1.1): a preamble, then parts each introduced by
 ``--boundary`` plus optional transport padding and CRLF, their header block up to an empty line, and
-a close delimiter ``--boundary--`` after which the epilogue is read and dropped. Part headers other
-than ``Content-Disposition`` and ``Content-Type`` are ignored, ``Content-Transfer-Encoding`` included,
-as RFC 7578 deprecates it; a part's bytes are what lies between its header block and the next
-delimiter. The transfer and content encodings of the request itself are undone by aiohttp below this.
+a close delimiter ``--boundary--`` after which the epilogue is read (it counts against the byte cap)
+and dropped. Part headers other than ``Content-Disposition`` and ``Content-Type`` are ignored,
+``Content-Transfer-Encoding`` included, as RFC 7578 deprecates it; a part's bytes are what lies
+between its header block and the next delimiter. The transfer and content encodings of the request
+itself are undone by aiohttp below this.
+
+Stricter than aiohttp's reader, on purpose: lines end in CRLF; a folded header line, a space before
+a colon, two Content-Disposition headers or two ``name`` parameters are refused, since a proxy in
+front could read such a part differently; a boundary is printable ASCII; at most ``MAX_PARTS`` parts.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Awaitable, Callable
 from email.parser import HeaderParser
 from email.utils import collapse_rfc2231_value
 from typing import Protocol
-
-from aiohttp.multipart import BadContentDispositionHeader, parse_content_disposition
 
 from optimizer.errors import MalformedUpload, MissingImage
 
@@ -34,6 +38,18 @@ MAX_BOUNDARY = 70
 MAX_PART_HEADERS = 16 * 1024
 # Transport padding after a delimiter (RFC 2046 allows linear white space before the CRLF).
 MAX_PADDING = 1024
+# A form here is one image and perhaps a few fields; parts beyond this are refused rather than parsed.
+MAX_PARTS = 64
+
+# One ``; name=value`` parameter of Content-Disposition: a token, then a quoted string, or one with a
+# bare quote inside (some clients send filename="a"b.jpg" unescaped: it ends at the first quote that
+# is followed by ';' or the end), or a token.
+_PARAMETER = re.compile(
+    r"""\s*;\s*([!#$%&'*+.^_`|~0-9A-Za-z-]+)\s*=\s*"""
+    r"""(?:"((?:[^"\\]|\\.)*)"(?=\s*(?:;|$))|"(.*?)"(?=\s*(?:;|$))|([^;"\s]*))\s*"""
+)
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_QUOTED_PAIR = re.compile(r"\\(.)")
 
 
 class ChunkSource(Protocol):
@@ -45,14 +61,16 @@ class ChunkSource(Protocol):
 def boundary_of(content_type: str) -> bytes:
     """The boundary named by a multipart ``Content-Type`` header, or ``MalformedUpload``."""
     try:
-        # The same parser aiohttp's request.content_type uses, so both read the header alike.
         value = HeaderParser().parsestr("Content-Type: " + content_type).get_param("boundary")
         boundary = collapse_rfc2231_value(value) if value is not None else ""
-    except (IndexError, ValueError, TypeError, LookupError):
+    except (IndexError, ValueError, TypeError, LookupError):  # UnicodeError is a ValueError
         raise MalformedUpload("the Content-Type header cannot be parsed") from None
-    if not 0 < len(boundary) <= MAX_BOUNDARY:
-        raise MalformedUpload(f"a multipart body needs a boundary of 1 to {MAX_BOUNDARY} characters")
-    return boundary.encode("utf-8", "surrogateescape")
+    # RFC 2046: 1 to 70 characters, all of them printable ASCII.
+    if not 0 < len(boundary) <= MAX_BOUNDARY or not boundary.isascii() or not boundary.isprintable():
+        raise MalformedUpload(
+            f"a multipart body needs a boundary of 1 to {MAX_BOUNDARY} printable ASCII characters"
+        )
+    return boundary.encode("ascii")
 
 
 class FormReader:
@@ -72,7 +90,11 @@ class FormReader:
     async def read_field(self, field: str) -> bytes:
         kept: bytes | None = None
         await self._skip_preamble()
+        parts = 0
         while not await self._at_close_delimiter():
+            parts += 1
+            if parts > MAX_PARTS:
+                raise MalformedUpload(f"the form has more than {MAX_PARTS} parts")
             name, content_type = await self._part_headers()
             if content_type.startswith("multipart/"):
                 raise MalformedUpload("nested multipart bodies are not accepted")
@@ -104,7 +126,9 @@ class FormReader:
     async def _ensure(self, size: int) -> bytes:
         """At least ``size`` unread bytes in the buffer (fewer only at the end of the body): its head.
 
-        Only ever asked for a few bytes, so the rare join with the next chunk is the only copy."""
+        Asked for two bytes after a delimiter, or the boundary's length at the start of the body. When
+        a chunk ends that close to a delimiter, the next chunk is copied whole to join them: rare, and
+        one copy more for that chunk."""
         while len(self._buf) - self._pos < size:
             rest = self._buf[self._pos :]
             if not await self._next_chunk(required=False):
@@ -125,9 +149,9 @@ class FormReader:
         if await self._ensure(2) == b"--":
             self._pos += 2
             return True
-        padding = await self._until(b"\r\n", MAX_PADDING)
+        padding = await self._until(b"\r\n", MAX_PADDING, "a multipart boundary line")
         if padding.strip(b" \t"):
-            raise MalformedUpload("a multipart boundary line has text after the boundary")
+            raise MalformedUpload("a multipart boundary line must end with CRLF, after at most white space")
         return False
 
     async def _part_headers(self) -> tuple[str, str]:
@@ -135,30 +159,37 @@ class FormReader:
         if await self._ensure(2) == b"\r\n":  # a part without headers
             self._pos += 2
             return "", ""
-        block = await self._until(b"\r\n\r\n", MAX_PART_HEADERS)
-        name, content_type = "", ""
+        block = await self._until(b"\r\n\r\n", MAX_PART_HEADERS, "a multipart part's header block")
+        name: str | None = None
+        content_type = ""
         for line in block.decode("utf-8", "surrogateescape").split("\r\n"):
             key, colon, value = line.partition(":")
-            if not colon:
-                raise MalformedUpload("a multipart part header has no ':'")
-            key = key.strip().lower()
+            # No folded lines and no space before the colon (RFC 9112 5.1-5.2): a header this parser
+            # read differently from a proxy in front of it could smuggle a part past that proxy.
+            if not colon or not _TOKEN.fullmatch(key):
+                raise MalformedUpload("a multipart part has a malformed header line")
+            key = key.lower()
             if key == "content-disposition":
+                if name is not None:
+                    raise MalformedUpload("a multipart part has two Content-Disposition headers")
                 name = _field_name(value)
             elif key == "content-type":
                 content_type = value.strip().lower()
-        return name, content_type
+        return name or "", content_type
 
-    async def _until(self, marker: bytes, limit: int) -> bytes:
-        """The bytes before the next ``marker``, which is consumed too; at most ``limit`` of them."""
+    async def _until(self, marker: bytes, limit: int, what: str) -> bytes:
+        """The bytes before the next ``marker``, which is consumed too; at most ``limit`` of them
+        (the marker must start within ``limit`` bytes, however the body is cut into chunks)."""
         seen = b""
         while True:
-            window = seen + self._buf[self._pos : self._pos + limit + len(marker)]
+            room = limit + len(marker) - len(seen)
+            window = seen + self._buf[self._pos : self._pos + room]
             found = window.find(marker, max(0, len(seen) - len(marker) + 1))
             if found >= 0:
                 self._pos += found + len(marker) - len(seen)
                 return window[:found]
             if len(window) >= limit + len(marker):
-                raise MalformedUpload("a multipart part's headers are too long")
+                raise MalformedUpload(f"{what} is longer than {limit} bytes")
             seen = window
             await self._next_chunk()
 
@@ -236,8 +267,28 @@ class Pieces:
 
 
 def _field_name(header: str) -> str:
-    try:
-        disposition, params = parse_content_disposition(header)
-    except (BadContentDispositionHeader, ValueError, LookupError):
-        raise MalformedUpload("a multipart part's Content-Disposition cannot be parsed") from None
-    return params.get("name", "") if disposition == "form-data" else ""
+    """The ``name`` parameter of a ``form-data`` disposition, or ``""`` for any other disposition.
+
+    Parsed here rather than with aiohttp's ``parse_content_disposition``, which reports a bad header
+    with ``warnings.warn``: each distinct warning text stays in the module's warning registry for the
+    life of the process, so a body of many bad headers grew the server's memory by its own size.
+    ``name*`` (RFC 2231 encoding) is not read: RFC 7578 sends non-ASCII names as raw UTF-8."""
+    disposition, _, rest = header.strip().partition(";")
+    rest = rest.rstrip()
+    if rest.endswith(";"):
+        rest = rest[:-1]
+    parameters: dict[str, str] = {}
+    position, text = 0, ";" + rest if rest else ""
+    while position < len(text):
+        match = _PARAMETER.match(text, position)
+        if match is None:
+            raise MalformedUpload("a multipart part's Content-Disposition cannot be parsed")
+        key, quoted, loose, token = match.groups()[0:4]
+        if key.lower() in parameters:
+            raise MalformedUpload(f"a multipart part's Content-Disposition has two '{key}' parameters")
+        value = (
+            _QUOTED_PAIR.sub(r"\1", quoted) if quoted is not None else loose if loose is not None else token
+        )
+        parameters[key.lower()] = value
+        position = match.end()
+    return parameters.get("name", "") if disposition.strip().lower() == "form-data" else ""
