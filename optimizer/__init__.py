@@ -11,6 +11,7 @@ it load them twice, doubling the start-up time.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
@@ -35,9 +36,14 @@ if not TYPE_CHECKING:  # type checkers see the imports above, and still catch a 
 
     def __getattr__(name: str) -> object:
         home = _HOMES.get(name)
-        if home is None:
+        if home is not None:
+            value = getattr(importlib.import_module(home), name)
+        elif not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+            # ``import optimizer; optimizer.settings`` worked while the package imported everything up
+            # front; importing the submodule here keeps it working.
+            value = importlib.import_module(f"{__name__}.{name}")
+        else:
             raise AttributeError(f"module 'optimizer' has no attribute {name!r}")
-        value = getattr(importlib.import_module(home), name)
         globals()[name] = value  # later lookups skip this function
         return value
 

@@ -447,3 +447,19 @@ def test_help_exits_0_and_lists_the_environment_variables() -> None:
     assert result.returncode == 0, result
     assert "OPTIMIZER_DRAIN_SECONDS" in result.stdout
     assert "OPTIMIZER_SHUTDOWN_DELAY" in result.stdout
+
+
+def test_submodules_are_attributes_of_the_lazy_package() -> None:
+    probe = (
+        "import optimizer\n"
+        "assert optimizer.settings.Settings is optimizer.Settings\n"
+        "assert callable(optimizer.app.create_app)\n"
+        "for missing in ('nope', '_private'):\n"
+        "    try:\n"
+        "        getattr(optimizer, missing)\n"
+        "    except AttributeError:\n"
+        "        pass\n"
+        "    else:\n"
+        "        raise SystemExit(missing)\n"
+    )
+    subprocess.run([sys.executable, "-c", probe], check=True, timeout=STARTUP_TIMEOUT)
