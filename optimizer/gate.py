@@ -3,7 +3,16 @@
 A request takes a slot before its body is read and gives it back when its work has really ended: for
 work handed to a thread, that is when the thread finishes, not when a cancelled handler stops waiting
 (``optimizer.job`` enforces that). A full gate refuses at once rather than queueing without bound: the
-caller answers 503 with a ``Retry-After`` estimated from the recent service times.
+caller answers 503 with a ``Retry-After`` from ``refuse()``.
+
+**Taking turns.** Fail-fast admission is not fair on its own: a client whose image comes back asks for
+the next one at once, on the same connection, and takes the slot it just freed before any refused client
+is back; under a sustained overload of S1 (50 users, 6 slots), 13-20 of the 50 never got an image in
+25 s. So the gate remembers when each refused client was told to return (its Retry-After), and
+``turn_owed()`` says when enough of them will be back before the queued work runs out that the next
+free slot can be left to one of them: the handler then refuses a connection it has just served instead
+(``optimizer.handlers``). Retry-After grows with the clients waiting, so that they return about three
+times as fast as slots free up rather than all within the next second.
 
 All methods must be called on the event loop's thread.
 """
@@ -11,7 +20,18 @@ All methods must be called on the event loop's thread.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import math
+import time
+
+# Retry-After tells the waiting clients to return this many times faster, together, than slots free up:
+# enough that a free slot rarely waits for one of them, few enough that most come back to a slot.
+RETURN_SURPLUS = 3
+# The longest Retry-After the count of waiting clients can make (the service-time estimate has its own).
+MAX_WAITING_RETRY_AFTER = 10
+# A turn is owed only when this many refused clients are due back before the queued work runs out, so
+# that a slot left free is taken again before the workers could run dry.
+RETURNS_FOR_A_TURN = 3
 
 
 class Slot:
@@ -48,6 +68,8 @@ class AdmissionGate:
         self._idle.set()
         self._service_seconds = 0.0
         self.admitted_total = 0
+        # When each refused client was told to come back (monotonic, sorted); the past ones are dropped.
+        self._returns: list[float] = []
 
     @property
     def in_flight(self) -> int:
@@ -90,6 +112,39 @@ class AdmissionGate:
             return 1
         backlog = self._in_flight / self.workers * self._service_seconds
         return max(1, min(60, math.ceil(backlog)))
+
+    def refuse(self) -> int:
+        """Record a refusal; its Retry-After in whole seconds: at least ``retry_after()``, and longer
+        when many refused clients are waiting, so that together they return ``RETURN_SURPLUS`` times as
+        fast as the workers free slots."""
+        now = time.monotonic()
+        waiting = self._waiting(now)
+        seconds = self.retry_after()
+        if self._service_seconds > 0:
+            slots_per_second = self.workers / self._service_seconds
+            spread = math.ceil((waiting + 1) / (RETURN_SURPLUS * slots_per_second))
+            seconds = max(seconds, min(MAX_WAITING_RETRY_AFTER, spread))
+        bisect.insort(self._returns, now + seconds)
+        return seconds
+
+    def turn_owed(self) -> bool:
+        """Whether the next free slot should go to a refused client: at least ``RETURNS_FOR_A_TURN`` of
+        them are due back before the work already queued would run out."""
+        if self._service_seconds <= 0:
+            return False
+        now = time.monotonic()
+        self._waiting(now)
+        # The work that keeps the workers busy meanwhile: the requests inside beyond one per worker.
+        queued = max(0, self._in_flight - self.workers)
+        horizon = now + queued * self._service_seconds / self.workers
+        return bisect.bisect_right(self._returns, horizon) >= RETURNS_FOR_A_TURN
+
+    def _waiting(self, now: float) -> int:
+        """Refused clients not yet due back; forgets the ones that are."""
+        due = bisect.bisect_right(self._returns, now)
+        if due:
+            del self._returns[:due]
+        return len(self._returns)
 
     def _leave(self, service_seconds: float | None) -> None:
         self._in_flight -= 1

@@ -27,6 +27,8 @@ from optimizer.state import STATE, ServiceState
 OPTIMIZE_DEFAULTS = RouteDefaults()
 # The Go service's contract: a 300 px wide JPEG at quality 80, whatever the configured defaults.
 UPLOAD_DEFAULTS = RouteDefaults(width=300, format="jpeg", quality=80)
+# A request on a connection answered this recently is the same client asking again at once.
+JUST_SERVED_SECONDS = 0.25
 
 
 async def optimize_route(request: web.Request) -> web.StreamResponse:
@@ -66,9 +68,18 @@ def _refuse_early(request: web.Request, state: ServiceState) -> None:
     refuse_declared_length(request, state.settings.max_body_bytes)
     if state.gate.full:
         raise Overloaded(
-            f"all {state.gate.capacity} slots are busy; retry later",
-            retry_after=state.gate.retry_after(),
+            f"all {state.gate.capacity} slots are busy; retry later", retry_after=state.gate.refuse()
         )
+    if _just_served(request, state) and state.gate.turn_owed():
+        # This connection's last image has just come back, and refused clients are due back: the free
+        # slot is theirs (see optimizer.gate, "Taking turns").
+        raise Overloaded("other clients are waiting their turn; retry later", retry_after=state.gate.refuse())
+
+
+def _just_served(request: web.BaseRequest, state: ServiceState) -> bool:
+    transport = request.transport
+    served = state.served_at.get(transport) if transport is not None else None
+    return served is not None and time.monotonic() - served < JUST_SERVED_SECONDS
 
 
 async def expect_continue(request: web.Request) -> web.StreamResponse | None:
@@ -94,7 +105,7 @@ async def _optimize(request: web.Request, defaults: RouteDefaults) -> web.Stream
     _refuse_early(request, state)
     slot = state.gate.try_enter()
     if slot is None:  # lost the race for the last slot since _refuse_early
-        raise Overloaded("all slots are busy; retry later", retry_after=state.gate.retry_after())
+        raise Overloaded("all slots are busy; retry later", retry_after=state.gate.refuse())
     job = Job(slot, state)
     try:
         read_started = time.perf_counter()
@@ -115,6 +126,8 @@ async def _optimize(request: web.Request, defaults: RouteDefaults) -> web.Stream
             output = await job.run(optimize, data, params, state.limits)
     finally:
         job.finish()
+        if request.transport is not None:
+            state.served_at[request.transport] = time.monotonic()
     timing = {
         "read": read_seconds,
         "queue": job.queued,

@@ -7,6 +7,7 @@ process (say, two sub-apps with different settings) share nothing.
 from __future__ import annotations
 
 import asyncio
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -39,6 +40,11 @@ class ServiceState:
     drain_deadline: float | None = None
     # Body streams of admitted requests still being read (see app._on_shutdown for why they are tracked).
     reading: set[StreamReader] = field(default_factory=set, repr=False)
+    # When each connection's last admitted request ended (the gate's "Taking turns"); weak, so that a
+    # closed connection's entry goes with it.
+    served_at: weakref.WeakKeyDictionary[asyncio.BaseTransport, float] = field(
+        default_factory=weakref.WeakKeyDictionary, repr=False
+    )
     _abandon: asyncio.Future[None] | None = field(default=None, repr=False)
 
     @classmethod

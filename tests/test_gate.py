@@ -1,0 +1,115 @@
+"""The admission gate's turns: Retry-After from the refused clients waiting, and when a slot is theirs."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from optimizer.gate import MAX_WAITING_RETRY_AFTER, RETURN_SURPLUS, RETURNS_FOR_A_TURN, AdmissionGate
+from optimizer.state import STATE
+from tests.conftest import image_bytes, multipart
+
+MakeClient = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    clock = Clock()
+    monkeypatch.setattr(time, "monotonic", clock)
+    return clock
+
+
+def served_gate(
+    service_seconds: float, *, capacity: int = 6, workers: int = 2, inside: int = 0
+) -> AdmissionGate:
+    """A gate whose service-time estimate is ``service_seconds``, with ``inside`` requests in flight."""
+    gate = AdmissionGate(capacity, workers=workers)
+    slot = gate.try_enter()
+    assert slot is not None
+    slot.release(service_seconds)
+    for _ in range(inside):
+        assert gate.try_enter() is not None
+    return gate
+
+
+def test_retry_after_grows_with_the_clients_waiting_and_is_capped(clock: Clock) -> None:
+    gate = served_gate(0.2)  # 2 workers: 10 slots free up per second
+    answers = [gate.refuse() for _ in range(400)]
+    assert answers[0] == 1
+    assert answers == sorted(answers)  # more waiting, never a shorter wait
+    # Together the waiting clients return RETURN_SURPLUS times as fast as slots free up.
+    assert answers[100] == -(-101 // (RETURN_SURPLUS * 10))
+    assert max(answers) == MAX_WAITING_RETRY_AFTER
+
+
+def test_clients_due_back_no_longer_count_as_waiting(clock: Clock) -> None:
+    gate = served_gate(0.2)
+    for _ in range(100):
+        gate.refuse()
+    assert gate.refuse() > 1
+    clock.now += MAX_WAITING_RETRY_AFTER + 1  # every one of them is due back by now
+    assert gate.refuse() == 1
+
+
+def test_without_a_service_time_the_answer_is_one_second(clock: Clock) -> None:
+    gate = AdmissionGate(6, workers=2)
+    assert [gate.refuse() for _ in range(50)] == [1] * 50
+    assert not gate.turn_owed()
+
+
+def test_a_turn_is_owed_only_to_clients_due_back_before_the_queue_runs_out(clock: Clock) -> None:
+    # 6 inside, 2 workers, 1 s per image: the 4 queued requests keep both workers busy for 2 s.
+    gate = served_gate(1.0, capacity=8, inside=6)
+    for _ in range(RETURNS_FOR_A_TURN):
+        assert gate.refuse() == 3  # the slot estimate: 6 inside / 2 workers x 1 s
+    assert not gate.turn_owed()  # due back in 3 s: the workers would run dry first
+    clock.now += 1.5
+    assert gate.turn_owed()  # due back in 1.5 s, within the 2 s of queued work
+    clock.now += 2
+    assert not gate.turn_owed()  # due back already: they are no longer waiting
+
+
+def test_no_turn_is_owed_with_no_queued_work(clock: Clock) -> None:
+    gate = served_gate(1.0, inside=2)  # both workers busy, nothing queued
+    for _ in range(10):
+        gate.refuse()
+    clock.now += 0.99
+    assert not gate.turn_owed()
+
+
+async def test_a_connection_just_served_gives_its_turn_to_waiting_clients(
+    make_client: MakeClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = await make_client()
+    state = client.app[STATE]
+    owed = False
+    monkeypatch.setattr(state.gate, "turn_owed", lambda: owed)
+
+    assert (await client.post("/optimize", data=multipart(image_bytes()))).status == 200
+    owed = True
+    again = await client.post("/optimize", data=multipart(image_bytes()))  # the same connection
+    assert again.status == 503
+    body = await again.json(content_type="application/problem+json")
+    assert body["code"] == "overloaded"
+    assert "waiting their turn" in body["detail"]
+    assert int(again.headers["Retry-After"]) >= 1
+
+    # A client on another connection (one coming back after its Retry-After) takes the slot.
+    async with aiohttp.ClientSession() as other:
+        response = await other.post(client.make_url("/optimize"), data=multipart(image_bytes()))
+        assert response.status == 200
+    owed = False
+    assert (await client.post("/optimize", data=multipart(image_bytes()))).status == 200
