@@ -28,7 +28,9 @@ import time
 # enough that a free slot rarely waits for one of them, few enough that most come back to a slot.
 RETURN_SURPLUS = 3
 # The longest Retry-After the count of waiting clients can make (the service-time estimate has its own).
-MAX_WAITING_RETRY_AFTER = 10
+# The count is of refusals, not of clients: clients that retry early or give up stay counted until
+# they were due, and would pin every answer at this cap, so it is kept short.
+MAX_WAITING_RETRY_AFTER = 5
 # A turn is owed only when this many refused clients are due back before the queued work runs out, so
 # that a slot left free is taken again before the workers could run dry.
 RETURNS_FOR_A_TURN = 3

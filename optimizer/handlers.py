@@ -77,6 +77,12 @@ def _refuse_early(request: web.Request, state: ServiceState) -> None:
 
 
 def _just_served(request: web.BaseRequest, state: ServiceState) -> bool:
+    """Whether this connection's last image came back moments ago: the same client asking again.
+
+    Not behind a proxy (``Forwarded`` / ``X-Forwarded-For``): a proxy's pooled connection carries many
+    clients, and would refuse whichever came next, often one returning for its turn."""
+    if "Forwarded" in request.headers or "X-Forwarded-For" in request.headers:
+        return False
     transport = request.transport
     served = state.served_at.get(transport) if transport is not None else None
     return served is not None and time.monotonic() - served < JUST_SERVED_SECONDS
@@ -126,8 +132,8 @@ async def _optimize(request: web.Request, defaults: RouteDefaults) -> web.Stream
             output = await job.run(optimize, data, params, state.limits)
     finally:
         job.finish()
-        if request.transport is not None:
-            state.served_at[request.transport] = time.monotonic()
+    if request.transport is not None:  # only an image marks the connection as served, not a 4xx
+        state.served_at[request.transport] = time.monotonic()
     timing = {
         "read": read_seconds,
         "queue": job.queued,

@@ -113,3 +113,18 @@ async def test_a_connection_just_served_gives_its_turn_to_waiting_clients(
         assert response.status == 200
     owed = False
     assert (await client.post("/optimize", data=multipart(image_bytes()))).status == 200
+
+
+async def test_only_an_image_marks_the_connection_and_not_behind_a_proxy(
+    make_client: MakeClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = await make_client()
+    monkeypatch.setattr(client.app[STATE].gate, "turn_owed", lambda: True)
+    # A failed request (422) does not make its connection's next request wait its turn.
+    assert (await client.post("/optimize", data=multipart(b"\xff\xd8\xff" + bytes(100)))).status == 422
+    assert (await client.post("/optimize", data=multipart(image_bytes()))).status == 200
+    # Behind a proxy the connection is not one client: no turns.
+    proxied = {"X-Forwarded-For": "203.0.113.7"}
+    assert (await client.post("/optimize", data=multipart(image_bytes()), headers=proxied)).status == 200
+    assert (await client.post("/optimize", data=multipart(image_bytes()), headers=proxied)).status == 200
+    assert (await client.post("/optimize", data=multipart(image_bytes()))).status == 503
