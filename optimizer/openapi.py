@@ -108,7 +108,8 @@ def _image_operation(summary: str, description: str, settings: Settings, upload:
             "401": _problem("unauthorized: API keys are configured and none valid was sent"),
             "403": _problem("bad_signature: URL signing is configured and the signature is not valid"),
             "503": _problem(
-                "overloaded (with Retry-After), draining or shutdown_deadline (Connection: close)",
+                "overloaded (every slot busy, or this connection was just served while refused clients are "
+                "due back; with Retry-After), draining or shutdown_deadline (Connection: close)",
                 retry_after,
             ),
         },
