@@ -129,6 +129,10 @@ class AdmissionGate:
         bisect.insort(self._returns, now + seconds)
         return seconds
 
+    def waiting(self) -> int:
+        """Refused clients told to come back later than now (the ``optimizer_waiting_clients`` gauge)."""
+        return self._waiting(time.monotonic())
+
     def turn_owed(self) -> bool:
         """Whether the next free slot should go to a refused client: at least ``RETURNS_FOR_A_TURN`` of
         them are due back before the work already queued would run out."""

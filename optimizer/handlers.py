@@ -73,6 +73,7 @@ def _refuse_early(request: web.Request, state: ServiceState) -> None:
     if _just_served(request, state) and state.gate.turn_owed():
         # This connection's last image has just come back, and refused clients are due back: the free
         # slot is theirs (see optimizer.gate, "Taking turns").
+        state.metrics.turns.inc()
         raise Overloaded("other clients are waiting their turn; retry later", retry_after=state.gate.refuse())
 
 

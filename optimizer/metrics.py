@@ -55,6 +55,18 @@ class ServiceMetrics:
             ("reason",),
             registry=registry,
         )
+        self.turns = Counter(
+            "optimizer_turns_given",
+            "Requests refused (503 overloaded) on a connection just served, so that refused clients due "
+            "back could take the slot.",
+            registry=registry,
+        )
+        waiting = Gauge(
+            "optimizer_waiting_clients",
+            "Refused clients told to come back later than now (counted per refusal).",
+            registry=registry,
+        )
+        waiting.set_function(gate.waiting)
         self.bytes_in = Counter("optimizer_received_bytes", "Request body bytes received.", registry=registry)
         self.bytes_out = Counter("optimizer_sent_bytes", "Response body bytes sent.", registry=registry)
         in_flight = Gauge(

@@ -60,7 +60,9 @@ def test_clients_due_back_no_longer_count_as_waiting(clock: Clock) -> None:
     for _ in range(100):
         gate.refuse()
     assert gate.refuse() > 1
+    assert gate.waiting() == 101
     clock.now += MAX_WAITING_RETRY_AFTER + 1  # every one of them is due back by now
+    assert gate.waiting() == 0
     assert gate.refuse() == 1
 
 
@@ -113,6 +115,10 @@ async def test_a_connection_just_served_gives_its_turn_to_waiting_clients(
         assert response.status == 200
     owed = False
     assert (await client.post("/optimize", data=multipart(image_bytes()))).status == 200
+    metrics = await (await client.get("/metrics")).text()
+    assert "optimizer_turns_given_total 1.0" in metrics.splitlines()
+    # The gauge is there (its value, the refusal above until it is due back, depends on timing).
+    assert any(line.startswith("optimizer_waiting_clients ") for line in metrics.splitlines())
 
 
 async def test_only_an_image_marks_the_connection_and_not_behind_a_proxy(
