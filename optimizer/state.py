@@ -40,8 +40,8 @@ class ServiceState:
     drain_deadline: float | None = None
     # Body streams of admitted requests still being read (see app._on_shutdown for why they are tracked).
     reading: set[StreamReader] = field(default_factory=set, repr=False)
-    # When each connection's last admitted request ended (the gate's "Taking turns"); weak, so that a
-    # closed connection's entry goes with it.
+    # When each connection's last image came back (the gate's "Taking turns"; a 4xx does not count);
+    # weak, so that a closed connection's entry goes with it.
     served_at: weakref.WeakKeyDictionary[asyncio.BaseTransport, float] = field(
         default_factory=weakref.WeakKeyDictionary, repr=False
     )
