@@ -46,6 +46,7 @@ import resource
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -1397,6 +1398,7 @@ class Config:
     label: str | None = None
     peer: str | None = None
     peer_dir: Path = Path()
+    rounds: int = 1
 
 
 def load_once(config: Config, plan: LoadPlan, log_dir: Path, label: str) -> dict[str, Any]:
@@ -1505,6 +1507,7 @@ def compare(result: dict[str, Any], ceiling: dict[str, Any] | None) -> None:
         "server_cpu_seconds_per_refusal_estimate": None,
         "goodput_over_ceiling": None,
         "server_minus_ceiling_peak_rss_bytes": None,
+        "ceiling_images_per_s": None if ceiling is None else ceiling.get("images_per_s"),
     }
     if ceiling is not None:
         per_image = ceiling.get("cpu_seconds_per_image")
@@ -1557,10 +1560,18 @@ def print_report(results: dict[str, Any]) -> None:
         out.append(f"label: {results['label']}")
     if ceiling is not None:
         out.append(f"note: {SAME_MACHINE_NOTE}.")
+    ceilings = results.get("ceilings") or []
     for run in results["runs"]:
         out.append("")
-        out.extend(run_table(run, ceiling))
-    if len(results["runs"]) > 1:
+        if config.get("rounds", 1) > 1:
+            out.append(f"round {run['round']} of {config['rounds']}:")
+        # Each round's load against the ceiling measured just before it.
+        own = ceilings[run["round"] - 1] if "round" in run and len(ceilings) >= run["round"] else ceiling
+        out.extend(run_table(run, own))
+    if results.get("rounds"):
+        out.append("")
+        out.extend(rounds_lines(results["rounds"]))
+    elif len(results["runs"]) > 1:
         out.append("")
         out.append("sweep (constant users, server restarted for each count):")
         out.append(
@@ -1575,6 +1586,27 @@ def print_report(results: dict[str, Any]) -> None:
                 f"{row['refused_per_s'] or 0:>8.1f} {fmt_mb(row['peak_rss_bytes']):>10}"
             )
     print("\n".join(out))
+
+
+def rounds_lines(summary: dict[str, Any]) -> list[str]:
+    """The rounds side by side, and the median of each figure (``--rounds``)."""
+    rows = (
+        ("goodput images/s", "goodput_per_s", "{:.2f}"),
+        ("ceiling images/s", "ceiling_images_per_s", "{:.2f}"),
+        ("goodput / ceiling", "goodput_over_ceiling", "{:.1%}"),
+        ("p95 of 2xx, s", "p95_seconds", "{:.3f}"),
+        ("server - ceiling peak RSS, MB", "server_minus_ceiling_peak_rss_bytes", "{:+.0f}"),
+        ("ours / peer", "goodput_over_peer", "{:.0%}"),
+    )
+    lines = [f"{summary['rounds']} rounds, each a ceiling then a load (median, then each round):"]
+    for name, key, fmt in rows:
+        figure = summary.get(key)
+        if figure is None:
+            continue
+        scale = MB if key.endswith("_bytes") else 1.0
+        each = ", ".join("-" if v is None else fmt.format(v / scale) for v in figure["each"])
+        lines.append(f"  {name:30} {fmt.format(figure['median'] / scale):>8}   ({each})")
+    return lines
 
 
 def noise_lines(run: dict[str, Any], ceiling: dict[str, Any] | None) -> list[str]:
@@ -1991,6 +2023,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="measure the pipeline alone first [default: on when the harness starts the server]",
     )
     parser.add_argument("--ceiling-duration", type=parse_duration, help="[default: the load's duration]")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="measure the ceiling and the load this many times, alternating, and report the median "
+        "ratio: the machine's own speed drifts by a few percent between runs [default: 1]",
+    )
     parser.add_argument("--ceiling-threads", type=int, help="[default: the server's thread count]")
     parser.add_argument(
         "--source",
@@ -2081,6 +2120,10 @@ def make_config(args: argparse.Namespace, server_args: list[str]) -> tuple[Confi
                 f"--peer {args.peer}: not installed in {args.peer_dir}; install it with: "
                 + PEERS[args.peer].install.format(dir=args.peer_dir)
             )
+    if args.rounds < 1:
+        raise BenchError("--rounds must be at least 1")
+    if args.rounds > 1 and args.sweep_users:
+        raise BenchError("--rounds repeats one load; run a sweep once per round instead")
     if args.sweep_users and args.stages:
         raise BenchError("--sweep-users runs constant loads; it cannot be combined with --stages")
     if args.sweep_users:
@@ -2112,8 +2155,69 @@ def make_config(args: argparse.Namespace, server_args: list[str]) -> tuple[Confi
         label=args.label,
         peer=args.peer,
         peer_dir=args.peer_dir.resolve(),
+        rounds=args.rounds,
     )
     return config, plans
+
+
+def measure_ceiling(config: Config, plans: list[LoadPlan]) -> dict[str, Any]:
+    seconds = config.ceiling_seconds or max(plan.seconds for plan in plans)
+    if not config.quiet:
+        print(f"ceiling: optimize() on {config.threads} threads, no HTTP, {seconds:g} s ...", file=sys.stderr)
+    return run_ceiling(
+        config.file,
+        path=config.path,
+        query=config.query,
+        server_args=config.server_args,
+        threads=config.threads,
+        seconds=seconds,
+        source=config.source,
+    )
+
+
+def load_run(
+    config: Config, plan: LoadPlan, log_dir: Path, name: str, ceiling: dict[str, Any] | None
+) -> dict[str, Any]:
+    """One load on a fresh server, compared with ``ceiling``, and the peer under the same plan."""
+    result = load_once(config, plan, log_dir, name)
+    compare(result, ceiling)
+    server = result.get("server") or {}
+    processes = server_settings(config.server_args).processes
+    if server.get("threads") and server["threads"] * processes != config.threads and ceiling:
+        result["warning"] = (
+            f"the server ran {server['threads'] * processes} threads but the ceiling {config.threads}"
+        )
+    if config.peer is not None:
+        result["peer"] = peer_result = peer_once(config, plan, log_dir, name)
+        if result["goodput_per_s"] and peer_result["goodput_per_s"]:
+            result["derived"]["goodput_over_peer"] = result["goodput_per_s"] / peer_result["goodput_per_s"]
+    return result
+
+
+def rounds_summary(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Median, lowest and highest of each round's figures (``--rounds``), for one repeated load."""
+
+    def spread(values: Sequence[float | None]) -> dict[str, Any] | None:
+        known = sorted(v for v in values if v is not None)
+        if not known:
+            return None
+        return {"median": statistics.median(known), "min": known[0], "max": known[-1], "each": list(values)}
+
+    def of(getter: Callable[[dict[str, Any]], float | None]) -> dict[str, Any] | None:
+        return spread([getter(run) for run in runs])
+
+    def derived(key: str) -> dict[str, Any] | None:
+        return of(lambda run: run["derived"].get(key))
+
+    return {
+        "rounds": len(runs),
+        "goodput_per_s": of(lambda r: r["goodput_per_s"]),
+        "ceiling_images_per_s": derived("ceiling_images_per_s"),
+        "goodput_over_ceiling": derived("goodput_over_ceiling"),
+        "p95_seconds": of(lambda r: r["latency_2xx_seconds"]["p95"]),
+        "server_minus_ceiling_peak_rss_bytes": derived("server_minus_ceiling_peak_rss_bytes"),
+        "goodput_over_peer": derived("goodput_over_peer"),
+    }
 
 
 def run_bench(config: Config, plans: list[LoadPlan], command: list[str]) -> dict[str, Any]:
@@ -2139,52 +2243,32 @@ def run_bench(config: Config, plans: list[LoadPlan], command: list[str]) -> dict
             "server_args": config.server_args,
             "threads": config.threads,
             "peer": config.peer,
+            "rounds": config.rounds,
         },
         # Which code ran: the server (when the harness starts it) and the ceiling come from --source.
         "code": source_info(config.source) if config.url is None or config.ceiling else None,
-        "ceiling": None,
+        "ceiling": None,  # the first round's, for readers of a single round
+        "ceilings": [],  # one per round
         "runs": [],
     }
-    if config.ceiling:
-        seconds = config.ceiling_seconds or max(plan.seconds for plan in plans)
-        if not config.quiet:
-            print(
-                f"ceiling: optimize() on {config.threads} threads, no HTTP, {seconds:g} s ...",
-                file=sys.stderr,
-            )
-        results["ceiling"] = run_ceiling(
-            config.file,
-            path=config.path,
-            query=config.query,
-            server_args=config.server_args,
-            threads=config.threads,
-            seconds=seconds,
-            source=config.source,
-        )
-        results["note"] = SAME_MACHINE_NOTE
     with tempfile.TemporaryDirectory(prefix="bench-") as log_dir:
-        for index, plan in enumerate(plans):
-            result = load_once(config, plan, Path(log_dir), f"{index + 1}-{plan.max_users}u")
-            compare(result, results["ceiling"])
-            server = result.get("server") or {}
-            processes = server_settings(config.server_args).processes
-            if (
-                server.get("threads")
-                and server["threads"] * processes != config.threads
-                and results["ceiling"]
-            ):
-                result["warning"] = (
-                    f"the server ran {server['threads'] * processes} threads but the ceiling {config.threads}"
-                )
-            if config.peer is not None:
-                result["peer"] = peer_result = peer_once(
-                    config, plan, Path(log_dir), f"{index + 1}-{plan.max_users}u"
-                )
-                if result["goodput_per_s"] and peer_result["goodput_per_s"]:
-                    result["derived"]["goodput_over_peer"] = (
-                        result["goodput_per_s"] / peer_result["goodput_per_s"]
-                    )
-            results["runs"].append(result)
+        for round_index in range(config.rounds):
+            # Each round measures its own ceiling right before its load: the machine's speed drifts by
+            # a few percent over minutes, and a ratio is only as good as the two figures being adjacent.
+            ceiling = measure_ceiling(config, plans) if config.ceiling else None
+            if ceiling is not None:
+                results["ceilings"].append(ceiling)
+                results["ceiling"] = results["ceiling"] or ceiling
+                results["note"] = SAME_MACHINE_NOTE
+            for index, plan in enumerate(plans):
+                name = f"{index + 1}-{plan.max_users}u"
+                if config.rounds > 1:
+                    name += f"-r{round_index + 1}"
+                result = load_run(config, plan, Path(log_dir), name, ceiling)
+                result["round"] = round_index + 1
+                results["runs"].append(result)
+    if config.rounds > 1:
+        results["rounds"] = rounds_summary(results["runs"])
     with contextlib.suppress(OSError):
         results["machine"]["loadavg_at_end"] = " ".join(Path("/proc/loadavg").read_text().split()[:3])
     if len(plans) > 1:

@@ -57,6 +57,17 @@ def test_an_idle_start_on_a_memory_reporting_machine_is_flagged() -> None:
     assert bench.cold_start_warning({**reporting, "loadavg_at_start": ""}) is None  # unknown: no guess
 
 
+def test_rounds_do_not_combine_with_a_sweep(tmp_path: Path) -> None:
+    photo = tmp_path / "photo.jpg"
+    photo.write_bytes(image_bytes((64, 48)))
+    done = run_bench("--file", str(photo), "--sweep-users", "1,2", "--rounds", "2", "--no-ceiling")
+    assert done.returncode == 2
+    assert "--rounds repeats one load" in done.stderr
+    done = run_bench("--file", str(photo), "--rounds", "0")
+    assert done.returncode == 2
+    assert "--rounds must be at least 1" in done.stderr
+
+
 def test_stages_ramp_linearly_between_targets() -> None:
     bench = load_bench()
     plan = bench.LoadPlan(start_users=0, stages=bench.parse_stages("5s:20,10s:50,5s:0"))
@@ -83,6 +94,8 @@ def test_bench_runs_against_its_own_server_and_reports(tmp_path: Path) -> None:
         "2",
         "--ceiling-duration",
         "1",
+        "--rounds",
+        "2",
         "--json",
         str(results_path),
         "--",
@@ -94,16 +107,29 @@ def test_bench_runs_against_its_own_server_and_reports(tmp_path: Path) -> None:
 
     assert done.returncode == 0, done.stdout + done.stderr
     assert "goodput / ceiling" in done.stdout  # the table on stdout
+    assert "2 rounds, each a ceiling then a load" in done.stdout
     results: dict[str, Any] = json.loads(results_path.read_text())
-    assert {"version", "machine", "config", "code", "ceiling", "runs", "note"} <= results.keys()
+    assert {"version", "machine", "config", "code", "ceiling", "ceilings", "runs", "note"} <= results.keys()
     assert results["config"]["threads"] == 1
 
-    ceiling = results["ceiling"]
-    assert ceiling["threads"] == 1
-    assert ceiling["images"] > 0
-    assert ceiling["peak_rss_bytes"] > 0
+    # Each round measured its own ceiling, and its load is compared with that one.
+    assert len(results["ceilings"]) == 2
+    assert results["ceiling"] == results["ceilings"][0]
+    for ceiling in results["ceilings"]:
+        assert ceiling["threads"] == 1
+        assert ceiling["images"] > 0
+        assert ceiling["peak_rss_bytes"] > 0
+    assert [run["round"] for run in results["runs"]] == [1, 2]
+    for run, ceiling in zip(results["runs"], results["ceilings"], strict=True):
+        assert run["derived"]["ceiling_images_per_s"] == ceiling["images_per_s"]
+        assert run["derived"]["goodput_over_ceiling"] == pytest.approx(
+            run["goodput_per_s"] / ceiling["images_per_s"]
+        )
+    ratios = results["rounds"]["goodput_over_ceiling"]
+    assert ratios["each"] == [run["derived"]["goodput_over_ceiling"] for run in results["runs"]]
+    assert ratios["min"] <= ratios["median"] <= ratios["max"]
 
-    [run] = results["runs"]
+    run = results["runs"][0]
     expected = {
         "goodput_per_s",
         "responses_by_status",
