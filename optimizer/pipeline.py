@@ -22,6 +22,7 @@ from PIL import Image, ImageChops, ImageCms, ImageFile, ImageMath
 
 from optimizer import vips
 from optimizer.errors import CorruptImage, EmptyBody, TooManyPixels, UnsupportedFormat
+from optimizer.jpegscans import decode_dc_scans_only
 from optimizer.sniff import PILLOW_FORMATS, sniff
 
 # Every exception type Pillow's decoders are known to raise on bad data (measured over the corpus and
@@ -332,6 +333,7 @@ def decode(im: Image.Image, size: tuple[int, int]) -> None:
         if im.format in ("JPEG", "MPO") and size != im.size:
             # Picks the smallest DCT scale that still covers ``size``: about 5x faster on a large photo.
             im.draft(None, size)
+            decode_dc_scans_only(im)
         if isinstance(im, ImageFile.ImageFile):  # always, for an image from Image.open()
             im.decodermaxblock = max(im.decodermaxblock, DECODE_BLOCK)
         im.load()

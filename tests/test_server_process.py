@@ -266,14 +266,14 @@ async def test_shutdown_delay_keeps_serving_while_readyz_says_draining(launch: L
 
 async def test_drain_deadline_answers_unfinished_work_503_and_exits_1(launch: Launch) -> None:
     seed = seed_photo()
-    # One thread, four uploads of ~0.2-0.5 s each: far more work than a 0.3 s deadline allows.
-    server = launch("--threads", "1", "--queue", "3", "--drain-seconds", "0.3")
+    # One thread, four uploads of ~0.06-0.2 s of work each: more than a 0.05 s deadline allows.
+    server = launch("--threads", "1", "--queue", "3", "--drain-seconds", "0.05")
     async with (
         aiohttp.ClientSession() as session,
         uploads_in_flight(session, server.url, seed, 4) as (tasks, hold),
     ):
         hold.set()
-        await first_done(tasks)  # all read; three left, 0.6 s or more of work for the one thread
+        await first_done(tasks)  # all read; three left, 0.15 s or more of work for the one thread
         server.send(signal.SIGTERM)
         replies = await finish(tasks)
 
@@ -289,7 +289,7 @@ async def test_drain_deadline_answers_unfinished_work_503_and_exits_1(launch: La
             abandoned.append(reply)
     assert abandoned, f"no request was answered 503 shutdown_deadline: {replies}"
 
-    assert await server.exit_code(0.3 + EXIT_GRACE) == 1
+    assert await server.exit_code(0.05 + EXIT_GRACE) == 1
     stopped = server.wait_for_event("stopped", 0)
     assert stopped["abandoned"] >= len(abandoned)
 
