@@ -11,8 +11,8 @@ is back; under a sustained overload of S1 (50 users, 6 slots), 13-20 of the 50 n
 25 s. So the gate remembers when each refused client was told to return (its Retry-After), and
 ``turn_owed()`` says when enough of them will be back before the queued work runs out that the next
 free slot can be left to one of them: the handler then refuses a connection it has just served instead
-(``optimizer.handlers``). Retry-After grows with the clients waiting, so that they return about three
-times as fast as slots free up rather than all within the next second.
+(``optimizer.handlers``). Retry-After grows with the clients waiting, so that together they return
+about as fast as slots free up rather than all within the next second.
 
 All methods must be called on the event loop's thread.
 """
@@ -24,9 +24,12 @@ import bisect
 import math
 import time
 
-# Retry-After tells the waiting clients to return this many times faster, together, than slots free up:
-# enough that a free slot rarely waits for one of them, few enough that most come back to a slot.
-RETURN_SURPLUS = 3
+# Retry-After tells the waiting clients to return this many times faster, together, than slots free up.
+# 1: a slot nobody is back for goes to the client just served (no turn is owed then), so the workers do
+# not run dry, and every return beyond the free slots is one more refusal: each costs the server and
+# the client a connection and part of an upload. On S1 with the DC-scan decode (~26 images/s), 3
+# instead of 1 made 43 refusals/s instead of 23 and 25.2 images/s instead of 26.3 (docs/benchmarks.md).
+RETURN_SURPLUS = 1
 # The longest Retry-After the count of waiting clients can make (the service-time estimate has its own).
 # The count is of refusals, not of clients: clients that retry early or give up stay counted until
 # they were due, and would pin every answer at this cap, so it is kept short.
