@@ -7,19 +7,23 @@ Huffman-decodes every one of them into its whole-image coefficient buffer first.
 load-test photo (5760x3840, progressive 4:4:4) asked for 300 px wide decodes in 174 ms that way, and
 in 59 ms from its DC scans alone, with the same pixels.
 
-Two details keep the pixels the same, and are checked by ``tests/test_jpegscans.py`` against a full
-decode for every sampling layout:
+The pixels stay the same because the rewrite follows libjpeg-turbo exactly, and refuses (returns
+``None``, and the file is decoded as it is) wherever it cannot be sure:
 
 - A component that libjpeg scales up by IDCT rather than by upsampling (the chroma of 4:2:0 gets a 2x2
-  IDCT at 1/8) does read AC coefficients; its AC scans are kept. The rule is libjpeg-turbo's
-  (``jdmaster.c``): a component's DCT size doubles while the maximum sampling factors divide evenly.
-- With AC coefficients missing, libjpeg would "smooth" the blocks (``decompress_smooth_data``), which
-  also changes DC values. It does so only when the first AC quantizers are non-zero, so the second
-  entry of each quantization table used only by DC-only components is set to 0: it multiplies AC
-  coefficients that are now all 0 anyway.
+  IDCT at 1/8) does read AC coefficients; its AC scans are kept. The rule is ``jdmaster.c``'s.
+- libjpeg "smooths" blocks whose first AC coefficients (zigzag 1-9) it has not fully received, which
+  changes DC values too. So the file must send every bit of coefficients 0-9 of every component (the
+  untouched file is then not smoothed either), and the second entry of each quantization table used
+  only by DC-only components is set to 0, which keeps smoothing off for the rewritten stream: that entry
+  multiplies AC coefficients that are now all 0.
+- Every dropped scan must be one libjpeg would have accepted (header, progression, Huffman table), so
+  a file that fails as it is still fails; each component's DC scan comes first, so a file that decodes
+  as it is still decodes.
+- Only with libjpeg-turbo (IJG libjpeg 8 and 9 size the IDCTs differently).
 
-Anything unexpected (another frame type, a table redefined between scans, a truncated stream, a DNL
-marker) leaves the stream as it is, so damaged files fail or decode exactly as before.
+``tests/test_jpegscans.py`` checks the pixels against the untouched decode for each sampling layout,
+the corpus's JPEGs, and mutated files; the work is linear in the size of the file.
 """
 
 from __future__ import annotations
@@ -27,20 +31,23 @@ from __future__ import annotations
 import io
 import re
 import struct
-from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from PIL import Image, JpegImagePlugin
+from PIL import Image, JpegImagePlugin, features
 
 # libjpeg scales by 1/8 when Pillow's draft asks for it: the only scale where a component may need DC alone.
 DC_ONLY_SCALE = 8
-_SOI, _EOI, _SOS, _DQT, _DNL = 0xD8, 0xD9, 0xDA, 0xDB, 0xDC
+# Coefficients (zigzag order) whose precision decides whether libjpeg-turbo smooths (SAVED_COEFS - 1).
+_SMOOTHED_COEFFICIENTS = 10
+_SOI, _EOI, _SOS, _DQT, _DHT, _DNL = 0xD8, 0xD9, 0xDA, 0xDB, 0xC4, 0xDC
 _SOF_PROGRESSIVE_HUFFMAN = 0xC2
 # Every other start-of-frame marker: baseline, extended, lossless, arithmetic, hierarchical.
 _OTHER_SOF = frozenset({0xC0, 0xC1, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
 # The end of a scan's entropy-coded data: 0xFF followed by anything but a stuffed 0x00 or a restart
 # marker (0xFF fill bytes before the next marker end it too).
 _END_OF_ENTROPY = re.compile(rb"\xff[^\x00\xd0-\xd7]")
+_FILL = re.compile(rb"\xff+")
+_IS_TURBO = bool(features.check_feature("libjpeg_turbo"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +58,14 @@ class _Component:
     table: int
 
 
+@dataclass(slots=True)
+class _Tables:
+    """One DQT segment's tables: (table id, offset of its zigzag entry 1 in the segment, entry width)."""
+
+    piece: int  # its index among the output pieces
+    entries: list[tuple[int, int, int]] = field(default_factory=list)
+
+
 class _Unsupported(Exception):
     """The stream is not one this rewrite is known to be exact for: leave it alone."""
 
@@ -59,7 +74,8 @@ def decode_dc_scans_only(im: Image.Image) -> None:
     """After ``draft``: if libjpeg will decode ``im`` at 1/8 scale, give it the stream without the AC
     scans that decode would ignore. Pixels, and errors on damaged files, stay what they were."""
     if (
-        type(im) is not JpegImagePlugin.JpegImageFile  # not an MPO, whose frames are found by offset
+        not _IS_TURBO
+        or type(im) is not JpegImagePlugin.JpegImageFile  # not an MPO, whose frames are found by offset
         or im.decoderconfig[:1] != (DC_ONLY_SCALE,)
         or not im.info.get("progressive")
         or not isinstance(im.fp, io.BytesIO)
@@ -71,85 +87,115 @@ def decode_dc_scans_only(im: Image.Image) -> None:
 
 
 def dc_scans_only(data: bytes) -> bytes | None:
-    """``data`` without the AC scans a 1/8-scale decode ignores, or ``None`` to decode it as it is."""
+    """``data`` without the AC scans a 1/8-scale decode ignores, or ``None`` to decode it as it is.
+
+    The result is at most as long as ``data`` (``estimate_memory`` counts it)."""
     try:
-        return _rewrite(data)
+        return _Rewrite(data).run()
     except (_Unsupported, struct.error, IndexError):
         return None
 
 
-def _segments(data: bytes) -> Iterator[tuple[int, int, int]]:
-    """Each marker segment after SOI up to EOI: (marker, start, end); a scan's end is that of its data."""
-    if data[:2] != b"\xff\xd8":
-        raise _Unsupported
-    pos = 2
-    while True:
-        if data[pos] != 0xFF:
-            raise _Unsupported
-        while data[pos + 1] == 0xFF:  # fill bytes before a marker
-            pos += 1
-        marker = data[pos + 1]
-        if marker == _EOI:
-            yield marker, pos, len(data)  # the EOI, and whatever follows it
-            return
-        if marker == _SOI or 0xD0 <= marker <= 0xD7 or marker in (0x01, _DNL) or marker in _OTHER_SOF:
-            raise _Unsupported
-        (length,) = struct.unpack_from(">H", data, pos + 2)
-        end = pos + 2 + length
-        if length < 2 or end > len(data):
-            raise _Unsupported
-        if marker == _SOS:
-            found = _END_OF_ENTROPY.search(data, end)
-            if found is None:  # truncated: no marker after the scan's data
-                raise _Unsupported
-            end = found.start()
-        yield marker, pos, end
-        pos = end
+class _Rewrite:
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.view = memoryview(data)
+        self.pieces: list[bytes | memoryview] = [self.view[:2]]
+        self.components: dict[int, _Component] = {}
+        self.dc_only: set[int] = set()  # component ids whose AC coefficients the decode never reads
+        # libjpeg's coef_bits: per component and coefficient (zigzag), the bits still to come; -1: none yet.
+        self.coef_bits: dict[int, list[int]] = {}
+        self.ac_tables: set[int] = set()  # AC Huffman tables defined so far
+        self.quant: list[_Tables] = []
+        self.scanned = self.dropped = False
 
-
-def _rewrite(data: bytes) -> bytes | None:
-    pieces: list[bytes] = []
-    components: dict[int, _Component] = {}
-    dc_only: set[int] = set()  # component ids whose AC coefficients the decode never reads
-    tables: list[tuple[int, int, int]] = []  # (table id, offset of its zigzag entry 1, bytes per entry)
-    dqt_pieces: list[tuple[int, int]] = []  # (index in ``pieces``, offset in ``data``) of each DQT segment
-    scanned = dropped = False
-    for marker, pos, end in _segments(data):
-        if marker == _SOF_PROGRESSIVE_HUFFMAN:
-            if components:
+    def run(self) -> bytes | None:
+        data = self.data
+        if data[:2] != b"\xff\xd8":
+            raise _Unsupported
+        pos = 2
+        while True:
+            if data[pos] != 0xFF:
                 raise _Unsupported
-            components = _frame_components(data, pos)
-            dc_only = _dc_only_components(list(components.values()))
-        elif marker == _DQT:
-            if scanned:  # libjpeg latches tables per scan: keep to files that define them once, first
+            fill = _FILL.match(data, pos)
+            assert fill is not None
+            pos = fill.end() - 1  # the last 0xFF: the marker's own
+            marker = data[pos + 1]
+            if marker == _EOI:
+                self.pieces.append(self.view[pos : pos + 2])  # nothing after it is read
+                break
+            if marker == _SOI or 0xD0 <= marker <= 0xD7 or marker in (0x01, _DNL) or marker in _OTHER_SOF:
                 raise _Unsupported
-            dqt_pieces.append((len(pieces), pos))
-            tables.extend(_table_entries(data, pos, end))
-        elif marker == _SOS:
-            if not components:
+            (length,) = struct.unpack_from(">H", data, pos + 2)
+            end = pos + 2 + length
+            if length < 2 or end > len(data):
                 raise _Unsupported
-            scanned = True
-            if _droppable(data, pos, components, dc_only):
-                dropped = True
+            if marker == _SOS:
+                pos = self._scan(pos, end)
                 continue
-        pieces.append(data[pos:end])
-    patched = _tables_to_patch(components, dc_only)
-    if not dropped or not patched:
-        return None
-    for index, start in dqt_pieces:
-        pieces[index] = _zero_second_entries(pieces[index], start, tables, patched)
-    return data[:2] + b"".join(pieces)
+            self._segment(marker, pos, end)
+            pos = end
+        return self._result()
 
+    def _segment(self, marker: int, pos: int, end: int) -> None:
+        if marker == _SOF_PROGRESSIVE_HUFFMAN:
+            if self.components:
+                raise _Unsupported
+            self.components = _frame_components(self.data, pos)
+            self.dc_only = _dc_only_components(list(self.components.values()))
+            self.coef_bits = {ident: [-1] * 64 for ident in self.components}
+        elif marker == _DQT:
+            if self.scanned:  # libjpeg latches tables per scan: keep to files that define them first
+                raise _Unsupported
+            self.quant.append(_Tables(len(self.pieces), _table_entries(self.data, pos, end)))
+        elif marker == _DHT:
+            self.ac_tables |= _huffman_tables(self.data, pos, end)
+        self.pieces.append(self.view[pos:end])
 
-def _zero_second_entries(
-    segment: bytes, start: int, tables: list[tuple[int, int, int]], patched: set[int]
-) -> bytes:
-    """The DQT ``segment`` (found at ``start``) with the second entry of each ``patched`` table at 0."""
-    edited = bytearray(segment)
-    for table, offset, width in tables:
-        if table in patched and start <= offset < start + len(segment):
-            edited[offset - start : offset - start + width] = bytes(width)
-    return bytes(edited)
+    def _scan(self, pos: int, end: int) -> int:
+        """Checks a scan as libjpeg would, notes what it sends, keeps or drops it; returns its end."""
+        if not self.components:
+            raise _Unsupported
+        self.scanned = True
+        idents, start, stop, high, low, ac_table = _scan_header(self.data, pos, end, self.components)
+        for ident in idents:
+            bits = self.coef_bits[ident]
+            if start > 0 and bits[0] < 0:  # AC before DC: libjpeg warns and decodes something else
+                raise _Unsupported
+            for k in range(start, stop + 1):
+                if bits[k] != (-1 if high == 0 else high):  # a bogus progression: libjpeg warns
+                    raise _Unsupported
+                bits[k] = low
+        found = _END_OF_ENTROPY.search(self.data, end)
+        if found is None:  # truncated: no marker after the scan's data
+            raise _Unsupported
+        if start > 0 and idents[0] in self.dc_only:
+            if ac_table not in self.ac_tables:  # libjpeg fails on such a scan, so must the rewrite
+                raise _Unsupported
+            self.dropped = True
+        else:
+            self.pieces.append(self.view[pos : found.start()])
+        return found.start()
+
+    def _result(self) -> bytes | None:
+        # Untouched, libjpeg would smooth an image whose first coefficients are not all complete:
+        # the rewrite, which cannot be smoothed, would then differ.
+        if any(
+            bits[:_SMOOTHED_COEFFICIENTS] != [0] * _SMOOTHED_COEFFICIENTS for bits in self.coef_bits.values()
+        ):
+            return None
+        patched = {c.table for c in self.components.values() if c.ident in self.dc_only}
+        if patched & {c.table for c in self.components.values() if c.ident not in self.dc_only}:
+            return None  # a table shared with a component that reads AC: its entry must stay
+        if not self.dropped or not patched:
+            return None
+        for tables in self.quant:
+            segment = bytearray(self.pieces[tables.piece])
+            for table, offset, width in tables.entries:
+                if table in patched:
+                    segment[offset : offset + width] = bytes(width)
+            self.pieces[tables.piece] = bytes(segment)
+        return b"".join(self.pieces)
 
 
 def _frame_components(data: bytes, pos: int) -> dict[int, _Component]:
@@ -185,7 +231,8 @@ def _dc_only_components(components: list[_Component]) -> set[int]:
 
 
 def _table_entries(data: bytes, pos: int, end: int) -> list[tuple[int, int, int]]:
-    """Each table in a DQT segment: its id, the offset of its second (zigzag) entry, its entry width."""
+    """Each table in a DQT segment: its id, the offset of its second (zigzag) entry in the segment, its
+    entry width."""
     entries = []
     at = pos + 4
     while at < end:
@@ -193,29 +240,54 @@ def _table_entries(data: bytes, pos: int, end: int) -> list[tuple[int, int, int]
         if precision > 1 or table > 3:
             raise _Unsupported
         width = precision + 1
-        entries.append((table, at + 1 + width, width))
+        entries.append((table, at + 1 + width - pos, width))
         at += 1 + 64 * width
     if at != end:
         raise _Unsupported
     return entries
 
 
-def _droppable(data: bytes, pos: int, components: dict[int, _Component], dc_only: set[int]) -> bool:
-    """An AC scan (spectral start above 0) of a component the decode reads DC alone from."""
+def _huffman_tables(data: bytes, pos: int, end: int) -> set[int]:
+    """The AC table ids a DHT segment defines; ``_Unsupported`` for one libjpeg would reject."""
+    defined = set()
+    at = pos + 4
+    while at < end:
+        index = data[at]
+        counts = data[at + 1 : at + 17]
+        total = sum(counts)
+        if len(counts) != 16 or total > 256 or at + 17 + total > end or (index & 0x0F) > 3 or index >> 4 > 1:
+            raise _Unsupported
+        # jpeg_make_d_derived_tbl: canonical codes must fit their lengths.
+        code = 0
+        for length, count in enumerate(counts, start=1):
+            code += count
+            if code >= 1 << length:  # the all-ones code is not allowed either
+                raise _Unsupported
+            code <<= 1
+        if index >> 4 == 1:
+            defined.add(index & 0x0F)
+        at += 17 + total
+    if at != end:
+        raise _Unsupported
+    return defined
+
+
+def _scan_header(
+    data: bytes, pos: int, end: int, components: dict[int, _Component]
+) -> tuple[list[int], int, int, int, int, int]:
+    """A progressive SOS header checked as libjpeg checks it: (component ids, Ss, Se, Ah, Al, the
+    first component's AC table)."""
     count = data[pos + 4]
-    spectral_start = data[pos + 5 + 2 * count]
-    if spectral_start == 0:
-        return False
-    if count != 1:  # AC scans carry one component (ITU T.81, G.1.1.1.1)
+    if not 1 <= count <= 4 or end - pos != 2 + 6 + 2 * count:
         raise _Unsupported
-    ident = data[pos + 5]
-    if ident not in components:
+    idents = [data[pos + 5 + 2 * i] for i in range(count)]
+    ac_table = data[pos + 6] & 0x0F
+    start, stop, approximation = data[pos + 5 + 2 * count : pos + 8 + 2 * count]
+    high, low = approximation >> 4, approximation & 0x0F
+    if len(set(idents)) != count or any(ident not in components for ident in idents):
         raise _Unsupported
-    return ident in dc_only
-
-
-def _tables_to_patch(components: dict[int, _Component], dc_only: set[int]) -> set[int]:
-    """The tables of DC-only components; none if one is shared with a component that reads AC."""
-    patched = {c.table for c in components.values() if c.ident in dc_only}
-    shared = {c.table for c in components.values() if c.ident not in dc_only}
-    return set() if patched & shared else patched
+    # A DC scan covers the DC alone; an AC scan carries one component and a band within 1-63.
+    bad = stop != 0 if start == 0 else count != 1 or not start <= stop <= 63
+    if bad or low > 13 or (high != 0 and low != high - 1):
+        raise _Unsupported
+    return idents, start, stop, high, low, ac_table

@@ -23,7 +23,7 @@ from PIL import Image, ImageChops, ImageCms, ImageFile, ImageMath
 
 from optimizer import vips
 from optimizer.errors import CorruptImage, EmptyBody, TooManyPixels, UnsupportedFormat
-from optimizer.jpegscans import decode_dc_scans_only
+from optimizer.jpegscans import DC_ONLY_SCALE, decode_dc_scans_only
 from optimizer.sniff import PILLOW_FORMATS, sniff
 
 # Every exception type Pillow's decoders are known to raise on bad data (measured over the corpus and
@@ -184,6 +184,8 @@ def estimate_memory(
         work += target_w * target_h * 6  # flattening: an RGB copy and the inverted alpha
     work += target_w * target_h * _ENCODER_BYTES_PER_PIXEL.get(output_format, 6)
     feeding = min(compressed, 2 * DECODE_BLOCK)  # a block read, and the unconsumed rest joined to it
+    if coefficients and scale == DC_ONLY_SCALE:
+        feeding += compressed  # the stream without its AC scans (optimizer.jpegscans), at most as long
     return max(coefficients + decoded + feeding, work) + _FIXED_OVERHEAD
 
 

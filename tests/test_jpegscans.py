@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import random
+from collections.abc import Callable
 
 import pytest
 from multidict import MultiDict
@@ -42,6 +43,38 @@ def jpeg(image: Image.Image, **options: object) -> bytes:
     out = io.BytesIO()
     image.save(out, "JPEG", quality=88, **options)
     return out.getvalue()
+
+
+def scans(data: bytes) -> list[tuple[int, int, int, int, int, int]]:
+    """Each scan of ``data``: (start, end of its data, first component, Ss, Se, Ah)."""
+    found = []
+    pos = data.find(b"\xff\xda")
+    while pos >= 0:
+        count = data[pos + 4]
+        start, stop, approximation = data[pos + 5 + 2 * count : pos + 8 + 2 * count]
+        end = pos + 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+        while not (data[end] == 0xFF and data[end + 1] not in (0, *range(0xD0, 0xD8))):
+            end += 1
+        found.append((pos, end, data[pos + 5], start, stop, approximation >> 4))
+        pos = data.find(b"\xff\xda", end)
+    return found
+
+
+def without_scans(data: bytes, drop: Callable[[int, int, int, int], bool]) -> bytes:
+    """``data`` without the scans for which ``drop(component, Ss, Se, Ah)`` is true."""
+    out, last = [], 0
+    for start, end, component, first, last_coefficient, high in scans(data):
+        if drop(component, first, last_coefficient, high):
+            out.append(data[last:start])
+            last = end
+    return b"".join([*out, data[last:]])
+
+
+def first_scan_header(data: bytes, which: Callable[[int, int, int], bool]) -> int:
+    """The offset of the first scan's SOS marker for which ``which(component, Ss, Ah)`` is true."""
+    return next(
+        start for start, _end, component, first, _stop, high in scans(data) if which(component, first, high)
+    )
 
 
 def decoded_at_eighth(data: bytes) -> Image.Image:
@@ -170,3 +203,89 @@ def test_other_scales_are_decoded_as_they_are() -> None:
         before = im.fp
         jpegscans.decode_dc_scans_only(im)
         assert im.fp is not before
+
+
+def outcome_at_eighth(data: bytes) -> tuple[str, bytes | str]:
+    """The pixels of the 1/8 decode, or the kind of failure."""
+    try:
+        image = decoded_at_eighth(data)
+    except Exception as exc:
+        return "failed", type(exc).__name__
+    return image.mode + str(image.size), image.tobytes()
+
+
+def test_files_that_leave_coefficients_unrefined_are_left_alone() -> None:
+    """libjpeg smooths such files as they are (changing DC too); the rewrite could not be, so it would
+    differ. Here the chroma's refinement scans are missing, as in a cut and re-terminated upload."""
+    data = jpeg(photo((640, 480)), progressive=True, subsampling=2)
+    unrefined = without_scans(data, lambda component, first, stop, high: component != 1 and high > 0)
+    assert unrefined != data
+    decoded_at_eighth(unrefined)  # a valid file
+    assert jpegscans.dc_scans_only(unrefined) is None
+
+
+@pytest.mark.parametrize("edit", ["stop-64", "undefined-table", "header-length", "no-dc-scan"])
+def test_scans_libjpeg_would_refuse_are_not_dropped_silently(edit: str) -> None:
+    """A file that fails (or decodes) as it is must do the same: the scans dropped are checked as libjpeg
+    checks them, and a component must have its DC scan before its AC scans."""
+    data = bytearray(jpeg(photo((640, 480)), progressive=True, subsampling=0))
+    ac_scan = first_scan_header(bytes(data), lambda component, first, high: first > 0)
+    if edit == "stop-64":
+        data[ac_scan + 7] = 64  # Se of a one-component scan
+    elif edit == "undefined-table":
+        data[ac_scan + 6] = (data[ac_scan + 6] & 0xF0) | 3  # AC table 3, never defined
+    elif edit == "header-length":
+        data[ac_scan + 3] += 2
+    else:
+        data = bytearray(without_scans(bytes(data), lambda component, first, stop, high: first == 0))
+    assert jpegscans.dc_scans_only(bytes(data)) is None
+
+
+def test_trailing_bytes_and_many_tables_cost_nothing_more() -> None:
+    """What follows the EOI is not copied (libjpeg never reads it), and many DQT segments are one pass."""
+    data = jpeg(photo((640, 480)), progressive=True, subsampling=0)
+    rewritten = jpegscans.dc_scans_only(data + b"\0" * 1_000_000)
+    assert rewritten is not None
+    assert rewritten.endswith(b"\xff\xd9") and len(rewritten) < len(data)
+    first_dqt = data.find(b"\xff\xdb")
+    segment = data[first_dqt : first_dqt + 2 + int.from_bytes(data[first_dqt + 2 : first_dqt + 4], "big")]
+    many = data[:first_dqt] + segment * 2000 + data[first_dqt:]
+    rewritten = jpegscans.dc_scans_only(many)
+    assert rewritten is not None
+    assert_same_pixels(many, rewritten)
+
+
+def test_damaged_files_decode_or_fail_as_before() -> None:
+    """Seeded mutations of progressive files (bytes changed, cut, a scan header altered): wherever the
+    rewrite applies, the 1/8 decode gives the same pixels, or fails the same way."""
+    sources = [
+        jpeg(photo((256, 192), seed=2), progressive=True, subsampling=0),
+        jpeg(photo((256, 192), seed=3), progressive=True, subsampling=2),
+        jpeg(photo((200, 136), "L", seed=4), progressive=True),
+    ]
+    rng = random.Random(11)
+    rewritten = 0
+    for _ in range(600):
+        damaged = bytearray(rng.choice(sources))
+        for _ in range(rng.randrange(1, 4)):
+            damaged[rng.randrange(len(damaged))] = rng.randrange(256)
+        if rng.random() < 0.3:
+            damaged = damaged[: rng.randrange(2, len(damaged))] + b"\xff\xd9"
+        sample = bytes(damaged)
+        stream = jpegscans.dc_scans_only(sample)
+        if stream is None:
+            continue
+        rewritten += 1
+        assert outcome_at_eighth(stream) == outcome_at_eighth(sample)
+    assert rewritten > 100  # most damage falls in scans the decode never needed
+
+
+def test_only_with_libjpeg_turbo(monkeypatch: pytest.MonkeyPatch) -> None:
+    """IJG libjpeg sizes the IDCTs differently (4:2:2 chroma reads AC there): no rewrite."""
+    monkeypatch.setattr(jpegscans, "_IS_TURBO", False)
+    data = jpeg(photo((640, 480)), progressive=True)
+    with Image.open(io.BytesIO(data)) as im:
+        im.draft(None, (im.width // 8, im.height // 8))
+        before = im.fp
+        jpegscans.decode_dc_scans_only(im)
+        assert im.fp is before
