@@ -103,7 +103,8 @@ class _Rewrite:
         self.pieces: list[bytes | memoryview] = [self.view[:2]]
         self.components: dict[int, _Component] = {}
         self.dc_only: set[int] = set()  # component ids whose AC coefficients the decode never reads
-        # libjpeg's coef_bits: per component and coefficient (zigzag), the bits still to come; -1: none yet.
+        # libjpeg's coef_bits: per component and coefficient (zigzag), the low bit sent last (its point
+        # transform): 0 when the coefficient is complete, -1 before any scan sent it.
         self.coef_bits: dict[int, list[int]] = {}
         self.ac_tables: set[int] = set()  # AC Huffman tables defined so far
         self.quant: list[_Tables] = []
@@ -170,7 +171,7 @@ class _Rewrite:
         if found is None:  # truncated: no marker after the scan's data
             raise _Unsupported
         if start > 0 and idents[0] in self.dc_only:
-            if ac_table not in self.ac_tables:  # libjpeg fails on such a scan, so must the rewrite
+            if ac_table not in self.ac_tables:  # libjpeg fails on such a scan: let the file fail as it is
                 raise _Unsupported
             self.dropped = True
         else:
