@@ -278,7 +278,30 @@ def proc_status(pid: int) -> dict[str, int]:
 
 
 def process_tree(pid: int) -> list[int]:
-    """``pid`` and its direct children: with --processes the server is a supervisor and its workers."""
+    """``pid`` and its direct children: with --processes the server is a supervisor and its workers.
+
+    The monitor asks ten times a second, so the children come from ``/proc/PID/task/*/children`` (one
+    small file per thread) rather than from every process's ``stat``: that scan cost ~1.5 ms each time
+    with 67 processes, 0.7 % of the two cores the harness shares with the server."""
+    children: list[int] = []
+    try:
+        threads = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return [pid]
+    for thread in threads:
+        try:
+            children.extend(int(child) for child in (thread / "children").read_text().split())
+        except FileNotFoundError:
+            if not thread.exists():
+                continue  # the thread ended meanwhile
+            return [pid, *children_by_scan(pid)]  # a kernel without CONFIG_PROC_CHILDREN
+        except OSError:
+            continue
+    return [pid, *children]
+
+
+def children_by_scan(pid: int) -> list[int]:
+    """The direct children of ``pid``, from every process's ``/proc/N/stat``."""
     children = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -289,7 +312,7 @@ def process_tree(pid: int) -> list[int]:
             continue
         if int(stat[stat.rindex(")") + 2 :].split()[1]) == pid:
             children.append(int(entry.name))
-    return [pid, *children]
+    return children
 
 
 def proc_cpu_seconds(pid: int) -> float | None:

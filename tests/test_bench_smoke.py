@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -66,6 +67,23 @@ def test_rounds_do_not_combine_with_a_sweep(tmp_path: Path) -> None:
     done = run_bench("--file", str(photo), "--rounds", "0")
     assert done.returncode == 2
     assert "--rounds must be at least 1" in done.stderr
+
+
+def test_the_monitor_finds_a_supervisor_s_children_cheaply() -> None:
+    """With --processes the server is a supervisor: its workers are its children. They are read from
+    /proc/PID/task/*/children, and agree with a scan of every process."""
+    bench = load_bench()
+    children = [subprocess.Popen(["sleep", "30"]) for _ in range(2)]
+    try:
+        tree = bench.process_tree(os.getpid())
+        assert tree[0] == os.getpid()
+        assert sorted(tree[1:]) == sorted(child.pid for child in children)
+        assert sorted(bench.children_by_scan(os.getpid())) == sorted(tree[1:])
+        assert bench.process_tree(2**22 + 1) == [2**22 + 1]  # no such process: itself only
+    finally:
+        for child in children:
+            child.kill()
+            child.wait()
 
 
 def test_stages_ramp_linearly_between_targets() -> None:
