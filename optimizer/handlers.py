@@ -17,10 +17,11 @@ from aiohttp import web
 from optimizer.errors import Draining, OptimizerError, Overloaded
 from optimizer.intake import read_upload, refuse_declared_length
 from optimizer.job import Job
+from optimizer.linger import stop_reading_unwanted_body
 from optimizer.observe import record
 from optimizer.params import RouteDefaults, parse_params
 from optimizer.pipeline import Limits, Output, Params, inspect, optimize
-from optimizer.problems import error_response, stop_reading_unwanted_body
+from optimizer.problems import error_response
 from optimizer.security import SECURITY_PARAMS, check_api_key, check_signature
 from optimizer.state import STATE, ServiceState
 
@@ -42,7 +43,7 @@ async def upload_route(request: web.Request) -> web.StreamResponse:
 def refusal(request: web.BaseRequest, error: OptimizerError, state: ServiceState) -> web.Response:
     """The problem+json answer to ``error``; the rest of an unread upload is not read."""
     response = error_response(error)
-    stop_reading_unwanted_body(request, response, state.settings.linger_seconds)
+    stop_reading_unwanted_body(request, response, state.lingering)
     return response
 
 

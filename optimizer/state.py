@@ -16,6 +16,7 @@ from aiohttp import StreamReader, web
 from optimizer.budget import MemoryBudget, default_memory_budget
 from optimizer.gate import AdmissionGate
 from optimizer.intake import IntakeLimits
+from optimizer.linger import Lingering
 from optimizer.metrics import ServiceMetrics
 from optimizer.pipeline import Limits
 from optimizer.security import Cors
@@ -31,6 +32,8 @@ class ServiceState:
     metrics: ServiceMetrics
     cors: Cors
     budget: MemoryBudget
+    # Refused connections waiting to be closed, their uploads unread (bounded: see optimizer.linger).
+    lingering: Lingering
     pool: ThreadPoolExecutor | None = None
     # False from the moment shutdown begins: /readyz answers 503 so load balancers stop sending.
     ready: bool = True
@@ -59,6 +62,7 @@ class ServiceState:
             metrics=ServiceMetrics(gate, budget),
             cors=Cors(settings.cors_origin_set),
             budget=budget,
+            lingering=Lingering(settings.linger_seconds),
             limits=pipeline_limits(settings),
             intake=IntakeLimits(
                 max_bytes=settings.max_body_bytes,

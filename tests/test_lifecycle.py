@@ -414,6 +414,47 @@ async def test_refused_upload_body_is_not_read(
     assert (await busy).status == 200
 
 
+async def test_refused_connections_beyond_the_lingering_limit_close_early(
+    make_client: ClientFactory, blocker: Blocker
+) -> None:
+    # Each refused upload's connection is kept (its body unread) for the linger time, but never more
+    # than the limit of them: the oldest are closed early. Every client still gets its 503 first.
+    client = await make_client(threads=1, queue=0, linger_seconds=60.0, max_body_bytes=50_000_000)
+    assert client.app is not None
+    lingering = client.app[STATE].lingering
+    lingering.limit = 2
+    busy = asyncio.ensure_future(client.post("/optimize", data=multipart(image_bytes())))
+    await until(lambda: blocker.started == 1)
+
+    assert client.server.port is not None
+    connections = []
+    for _ in range(4):
+        reader, writer = await asyncio.open_connection("127.0.0.1", client.server.port)
+        writer.write(
+            b"POST /optimize HTTP/1.1\r\nHost: t\r\nContent-Type: image/jpeg\r\n"
+            b"Content-Length: 20000000\r\n\r\n" + bytes(65536)
+        )
+        await writer.drain()
+        async with asyncio.timeout(10):
+            head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 503")
+        connections.append((reader, writer))
+
+    async def closed_by_server(reader: asyncio.StreamReader) -> bool:
+        with contextlib.suppress(ConnectionError):
+            async with asyncio.timeout(10):  # far below the 60 s linger time
+                await reader.read()  # the rest of the 503's body, then EOF (or a reset)
+        return True
+
+    for reader, _writer in connections[:2]:
+        assert await closed_by_server(reader)
+    assert len(lingering) == 2
+    for _reader, writer in connections:
+        writer.close()
+    blocker.open.set()
+    assert (await busy).status == 200
+
+
 async def test_request_waiting_for_memory_at_the_drain_deadline_gets_503(
     aiohttp_client: ClientFactory, blocker: Blocker
 ) -> None:
