@@ -1,7 +1,7 @@
 """Refused uploads: answer at once, never read the rest of the body, close the connection a little later.
 
 aiohttp would read and discard the rest of a refused body ("lingering") to keep the connection usable:
-~4 ms of event loop CPU per refused 2.5 MB upload, which under a flood of clients retrying at once
+~1.5 ms of event loop CPU per refused 2.5 MB upload, which under a flood of clients retrying at once
 starves the requests being served. Instead the socket is no longer read (the client's upload stalls on
 TCP flow control), the answer says ``Connection: close``, and the socket is closed ``seconds`` later.
 Clients that read the answer while they send (Go's net/http, aiohttp, curl) see the 503 or 413 at once
@@ -9,52 +9,129 @@ and hang up themselves; one whose small upload fits in the socket buffers reads 
 
 **Bounded.** Until it is closed, each such connection keeps in the kernel what its client sent before
 it was refused: ~170 KB on average under the original k6 flood (50 clients retrying at once), where
-~340 refusals a second, each kept 2 s, held 130-156 MB of socket receive buffers. That memory is outside
-the process's RSS but inside its container's memory limit (cgroup socket accounting). So at most
-``limit`` connections linger; a newer refusal closes the oldest early. Its answer was written long before
-(a reset does not take back what the client's kernel has received: it can still read the 503), and a
-client whose upload is larger than the buffers could not have read the answer after sending anyway:
-its send stalls until the close.
+~340 refusals a second, each kept 2 s, held 130-176 MB of socket receive buffers. That memory is outside
+the process's RSS but inside its container's memory limit (cgroup socket accounting). So once ``limit``
+connections linger, a newer refusal closes the oldest early, but only one whose answer the client's
+kernel has acknowledged: the close sends a reset (the upload is unread), and the kernel then drops what
+it has not yet delivered, so a lost segment of the 503 could not be sent again. Linux says how much of
+a socket's output is unacknowledged (``SIOCOUTQ``); elsewhere the answer must have been handed to the
+socket (an application embedding this one may await between the handler and the write) and ``min_age``
+seconds must have passed. What the client's kernel has received stays readable after the reset; and a
+client whose upload is larger than the buffers could not have read the answer after sending anyway: its
+send stalls until the close.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import struct
+import sys
 from collections import OrderedDict
+from dataclasses import dataclass
 
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
 
-# At most this many refused connections wait to be closed (per application). Measured on the k6 flood
-# (docs/benchmarks.md): unbounded, ~700 of them held 130-170 MB of socket buffers, and with the clients'
-# own unsent uploads the machine's TCP memory passed the kernel's pressure mark, where it prunes receive
-# queues and every connection slows down: 16-17.5 images/s. With 64: 17-36 MB, no pressure, 19-20 images/s
-# (16 and 256 measured the same). Polite clients (~23 refusals/s on S1) stay below it for the 2 s.
+# At most this many refused connections wait to be closed (per application, so per server process).
+# Measured on the k6 flood (docs/benchmarks.md): unbounded, ~700 of them held 130-176 MB of socket
+# buffers, and with the clients' own unsent uploads the machine's TCP memory passed the kernel's pressure
+# mark, where it prunes receive queues and every connection slows down: 15.7-19.2 images/s (mean 17.7).
+# With 64: 14-32 MB, no pressure, 17.5-20.3 images/s (mean 19.4); 16 and 256 measured the same. Polite
+# clients (~23 refusals/s on S1) stay below it for the 2 s.
 MAX_LINGERING = 64
+# Where the kernel cannot say whether the answer was acknowledged: no connection is closed early before
+# this, longer than Linux's minimum retransmission timeout (0.2 s), so a lost segment is sent again first.
+MIN_LINGER_SECONDS = 0.5
+# The oldest connections looked at per refusal: clients that never acknowledge (their own timers close
+# them) cost at most this many ioctl calls each time.
+_LOOK_AT = 16
+
+if sys.platform == "linux":
+    import fcntl
+    import termios
+
+    _SIOCOUTQ: int | None = termios.TIOCOUTQ  # the same request number for sockets: bytes not yet acked
+else:
+    _SIOCOUTQ = None
+
+
+def unacknowledged(transport: asyncio.BaseTransport) -> int | None:
+    """Bytes written to ``transport`` that its peer has not acknowledged, asyncio's own buffer included;
+    ``None`` where the kernel cannot be asked."""
+    sock = transport.get_extra_info("socket")
+    if _SIOCOUTQ is None or sock is None:
+        return None
+    try:
+        raw = fcntl.ioctl(sock.fileno(), _SIOCOUTQ, b"\0\0\0\0")
+    except (OSError, ValueError):
+        return None
+    pending: int = struct.unpack("i", raw)[0]
+    with contextlib.suppress(AttributeError, NotImplementedError):
+        pending += transport.get_write_buffer_size()  # type: ignore[attr-defined]
+    return pending
+
+
+@dataclass(slots=True)
+class _Waiting:
+    timer: asyncio.TimerHandle
+    since: float
+    writer: AbstractStreamWriter | None
+    written_before: int
+
+    def answered(self) -> bool:
+        """Whether the answer has been handed to the transport (the writer's output grew since)."""
+        return self.writer is None or self.writer.output_size > self.written_before
 
 
 class Lingering:
-    """The refused connections waiting to be closed: each for ``seconds`` at most, ``limit`` at most."""
+    """The refused connections waiting to be closed: each for ``seconds`` at most, and no more than
+    ``limit`` of them once their answers have arrived."""
 
-    def __init__(self, seconds: float, limit: int = MAX_LINGERING) -> None:
+    def __init__(
+        self, seconds: float, limit: int = MAX_LINGERING, min_age: float = MIN_LINGER_SECONDS
+    ) -> None:
         if limit < 1:
             raise ValueError("limit must be at least 1")
         self.seconds = seconds
         self.limit = limit
-        self._open: OrderedDict[asyncio.BaseTransport, asyncio.TimerHandle] = OrderedDict()
+        self.min_age = min_age
+        self._open: OrderedDict[asyncio.BaseTransport, _Waiting] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._open)
 
-    def add(self, transport: asyncio.BaseTransport) -> None:
-        """Close ``transport`` ``seconds`` from now, or sooner when ``limit`` newer ones are waiting."""
+    def add(self, transport: asyncio.BaseTransport, writer: AbstractStreamWriter | None = None) -> None:
+        """Close ``transport`` ``seconds`` from now, or sooner once ``limit`` newer ones wait.
+        ``writer`` is the request's, whose output shows when the answer has been written."""
         if transport in self._open:
             return
-        while len(self._open) >= self.limit:
-            oldest, timer = self._open.popitem(last=False)
-            timer.cancel()
-            oldest.close()  # asyncio still sends what is buffered for writing, then closes
-        timer = asyncio.get_running_loop().call_later(self.seconds, self._close, transport)
-        self._open[transport] = timer
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        self._close_oldest(now)
+        timer = loop.call_later(self.seconds, self._close, transport)
+        written = writer.output_size if writer is not None else 0
+        self._open[transport] = _Waiting(timer, now, writer, written)
+
+    def _close_oldest(self, now: float) -> None:
+        """Make room for one more: close the oldest connections whose answer has arrived."""
+        excess = len(self._open) - self.limit + 1
+        done: list[asyncio.BaseTransport] = []
+        for looked, (transport, waiting) in enumerate(self._open.items()):  # oldest first
+            if excess <= 0 or looked == _LOOK_AT:
+                break
+            if waiting.answered() and self._delivered(transport, waiting, now):
+                done.append(transport)
+                excess -= 1
+        for transport in done:
+            self._open.pop(transport).timer.cancel()
+            transport.close()
+
+    def _delivered(self, transport: asyncio.BaseTransport, waiting: _Waiting, now: float) -> bool:
+        pending = unacknowledged(transport)
+        if pending is None:
+            return now - waiting.since >= self.min_age
+        return pending == 0
 
     def _close(self, transport: asyncio.BaseTransport) -> None:
         self._open.pop(transport, None)
@@ -81,4 +158,4 @@ def stop_reading_unwanted_body(
     if request.content.exception() is None:  # a failed stream (shutdown, reset) would re-raise here
         request.content.read_nowait()
     transport.pause_reading()
-    lingering.add(transport)
+    lingering.add(transport, request.writer)

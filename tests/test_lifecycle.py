@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import sys
 import threading
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -414,41 +415,85 @@ async def test_refused_upload_body_is_not_read(
     assert (await busy).status == 200
 
 
-async def test_refused_connections_beyond_the_lingering_limit_close_early(
-    make_client: ClientFactory, blocker: Blocker
-) -> None:
-    # Each refused upload's connection is kept (its body unread) for the linger time, but never more
-    # than the limit of them: the oldest are closed early. Every client still gets its 503 first.
-    client = await make_client(threads=1, queue=0, linger_seconds=60.0, max_body_bytes=50_000_000)
-    assert client.app is not None
-    lingering = client.app[STATE].lingering
-    lingering.limit = 2
-    busy = asyncio.ensure_future(client.post("/optimize", data=multipart(image_bytes())))
-    await until(lambda: blocker.started == 1)
+async def refused_uploads(
+    port: int, path: str, count: int
+) -> list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    """``count`` connections, all at once, each starting a 20 MB raw upload that the full gate refuses;
+    each must get its 503 (read up to the end of its head)."""
 
-    assert client.server.port is not None
-    connections = []
-    for _ in range(4):
-        reader, writer = await asyncio.open_connection("127.0.0.1", client.server.port)
+    async def one() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(
-            b"POST /optimize HTTP/1.1\r\nHost: t\r\nContent-Type: image/jpeg\r\n"
-            b"Content-Length: 20000000\r\n\r\n" + bytes(65536)
+            f"POST {path} HTTP/1.1\r\nHost: t\r\nContent-Type: image/jpeg\r\n".encode()
+            + b"Content-Length: 20000000\r\n\r\n"
+            + bytes(65536)
         )
         await writer.drain()
         async with asyncio.timeout(10):
             head = await reader.readuntil(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 503")
-        connections.append((reader, writer))
+        return reader, writer
 
-    async def closed_by_server(reader: asyncio.StreamReader) -> bool:
-        with contextlib.suppress(ConnectionError):
-            async with asyncio.timeout(10):  # far below the 60 s linger time
-                await reader.read()  # the rest of the 503's body, then EOF (or a reset)
-        return True
+    return list(await asyncio.gather(*(one() for _ in range(count))))
 
+
+async def closed_by_server(reader: asyncio.StreamReader) -> None:
+    """Returns once the server has closed the connection (EOF, or a reset: this client still sends)."""
+    with contextlib.suppress(ConnectionError):
+        async with asyncio.timeout(10):  # far below the tests' 60 s linger time
+            await reader.read()  # the rest of the 503's body, then EOF
+
+
+async def test_refused_connections_beyond_the_lingering_limit_close_early(
+    make_client: ClientFactory, blocker: Blocker
+) -> None:
+    # Each refused upload's connection is kept (its body unread) for the linger time, but once more
+    # than the limit of them wait, the oldest are closed early. Every client still gets its 503 first.
+    client = await make_client(threads=1, queue=0, linger_seconds=60.0, max_body_bytes=50_000_000)
+    assert client.app is not None
+    lingering = client.app[STATE].lingering
+    # On Linux a connection closes early once its 503 is acknowledged, however young; elsewhere after
+    # ``min_age``.
+    lingering.limit, lingering.min_age = 2, (60.0 if sys.platform == "linux" else 0.0)
+    busy = asyncio.ensure_future(client.post("/optimize", data=multipart(image_bytes())))
+    await until(lambda: blocker.started == 1)
+
+    assert client.server.port is not None
+    connections = []
+    for _ in range(4):  # one after another: the first two are the oldest
+        connections += await refused_uploads(client.server.port, "/optimize", 1)
     for reader, _writer in connections[:2]:
-        assert await closed_by_server(reader)
+        await closed_by_server(reader)
     assert len(lingering) == 2
+    assert not any(transport.is_closing() for transport in lingering._open)
+    for _reader, writer in connections:
+        writer.close()
+    blocker.open.set()
+    assert (await busy).status == 200
+
+
+async def test_embedded_refusals_are_answered_before_an_early_close(
+    aiohttp_client: ClientFactory, blocker: Blocker
+) -> None:
+    # A host whose middleware awaits after the handler delays the write of each 503: a burst of refusals
+    # beyond the lingering limit must still answer every one before closing it.
+    @web.middleware
+    async def audit(request: web.Request, handler: Handler) -> web.StreamResponse:
+        response = await handler(request)
+        await asyncio.sleep(0)
+        return response
+
+    parent = web.Application(middlewares=[audit])
+    image_app = create_app(test_settings(threads=1, queue=0, linger_seconds=60.0, max_body_bytes=50_000_000))
+    parent.add_subapp("/img", image_app)
+    client = await aiohttp_client(TestServer(parent))
+    lingering = image_app[STATE].lingering
+    lingering.limit, lingering.min_age = 2, 0.0
+    busy = asyncio.ensure_future(client.post("/img/optimize", data=multipart(image_bytes())))
+    await until(lambda: blocker.started == 1)
+
+    assert client.server.port is not None
+    connections = await refused_uploads(client.server.port, "/img/optimize", 12)
     for _reader, writer in connections:
         writer.close()
     blocker.open.set()

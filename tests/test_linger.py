@@ -1,22 +1,40 @@
-"""``Lingering``: refused connections are closed after the linger time, and never more than ``limit``
-of them wait (each keeps what its client sent in the kernel's socket buffers until then)."""
+"""``Lingering``: refused connections are closed after the linger time, and once more than ``limit`` of
+them wait, the oldest answered ones close early (each keeps what its client sent in the kernel's socket
+buffers until then)."""
 
 from __future__ import annotations
 
 import asyncio
+import socket
+import sys
+import time
 
 import pytest
 
-from optimizer.linger import Lingering
+from optimizer.linger import Lingering, unacknowledged
 
 
 class FakeTransport(asyncio.BaseTransport):
-    def __init__(self) -> None:
-        super().__init__()
+    """No socket: ``Lingering`` falls back on the answer having been written and ``min_age``."""
+
+    def __init__(self, sock: socket.socket | None = None) -> None:
+        super().__init__({"socket": sock} if sock is not None else None)
         self.closes = 0
 
     def close(self) -> None:
         self.closes += 1
+
+
+class FakeWriter:
+    """Stands for the request's ``AbstractStreamWriter``: only its output size is read."""
+
+    output_size = 0
+
+
+async def wait_empty(lingering: Lingering) -> None:
+    async with asyncio.timeout(10):
+        while len(lingering):  # noqa: ASYNC110 - timers close them; there is no event to await
+            await asyncio.sleep(0.01)
 
 
 async def test_connections_close_after_the_linger_time() -> None:
@@ -26,14 +44,12 @@ async def test_connections_close_after_the_linger_time() -> None:
         lingering.add(transport)
     assert len(lingering) == 3
     assert all(t.closes == 0 for t in transports)
-    async with asyncio.timeout(10):
-        while len(lingering):  # noqa: ASYNC110 - timers close them; there is no event to await
-            await asyncio.sleep(0.01)
+    await wait_empty(lingering)
     assert [t.closes for t in transports] == [1, 1, 1]
 
 
 async def test_the_oldest_closes_early_when_the_limit_is_reached() -> None:
-    lingering = Lingering(60.0, limit=2)
+    lingering = Lingering(60.0, limit=2, min_age=0.0)
     first, second, third, fourth = (FakeTransport() for _ in range(4))
     lingering.add(first)
     lingering.add(second)
@@ -43,16 +59,45 @@ async def test_the_oldest_closes_early_when_the_limit_is_reached() -> None:
     lingering.add(fourth)
     assert (second.closes, third.closes, fourth.closes) == (1, 0, 0)
     assert len(lingering) == 2
-    # closed early means closed once: the cancelled timer does not close it again later
-    lingering.seconds = 0.0
+
+
+async def test_a_connection_closed_early_is_not_closed_again_by_its_timer() -> None:
+    lingering = Lingering(0.05, limit=1, min_age=0.0)
+    first, second = FakeTransport(), FakeTransport()
+    lingering.add(first)
+    lingering.add(second)  # closes ``first`` early
+    assert first.closes == 1
+    await wait_empty(lingering)
+    await asyncio.sleep(0.1)  # past the time ``first``'s own timer was set for
+    assert (first.closes, second.closes) == (1, 1)
+
+
+async def test_young_connections_are_not_closed_early() -> None:
+    # A burst of refusals: none is closed before it has lingered ``min_age``, whatever the limit.
+    lingering = Lingering(60.0, limit=2, min_age=60.0)
+    transports = [FakeTransport() for _ in range(5)]
+    for transport in transports:
+        lingering.add(transport)
+    assert len(lingering) == 5
+    assert all(t.closes == 0 for t in transports)
+
+
+async def test_a_connection_whose_answer_is_not_written_yet_is_not_closed_early() -> None:
+    # An embedding application may await between the handler and the write: the answer comes first.
+    lingering = Lingering(60.0, limit=1, min_age=0.0)
+    unanswered, answered = FakeTransport(), FakeTransport()
+    writer = FakeWriter()
+    lingering.add(unanswered, writer)  # type: ignore[arg-type]
+    lingering.add(answered)
     lingering.add(FakeTransport())
+    assert (unanswered.closes, answered.closes) == (0, 1)
+    writer.output_size = 120  # the 503 has been handed to the transport
     lingering.add(FakeTransport())
-    await asyncio.sleep(0.05)
-    assert (first.closes, second.closes, third.closes, fourth.closes) == (1, 1, 1, 1)
+    assert unanswered.closes == 1
 
 
 async def test_a_connection_added_twice_lingers_once() -> None:
-    lingering = Lingering(60.0, limit=2)
+    lingering = Lingering(60.0, limit=2, min_age=0.0)
     transport = FakeTransport()
     lingering.add(transport)
     lingering.add(transport)
@@ -64,3 +109,28 @@ async def test_a_connection_added_twice_lingers_once() -> None:
 def test_the_limit_is_at_least_one() -> None:
     with pytest.raises(ValueError, match="at least 1"):
         Lingering(1.0, limit=0)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="SIOCOUTQ is asked on Linux only")
+def test_unacknowledged_output_is_read_from_the_kernel() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        sender = socket.create_connection(server.getsockname())
+        receiver, _ = server.accept()
+        with sender, receiver:
+            sender.sendall(b"HTTP/1.1 503 Service Unavailable\r\n\r\n")
+            receiver.recv(100)  # arrived; its acknowledgement follows at once on loopback
+            for _ in range(200):  # a bounded poll, not a timing assertion
+                if unacknowledged(FakeTransport(sender)) == 0:
+                    break
+                time.sleep(0.01)
+            assert unacknowledged(FakeTransport(sender)) == 0
+            # The receiver stops reading: what does not fit its window stays unacknowledged.
+            sender.setblocking(False)
+            try:
+                while True:
+                    sender.send(bytes(1 << 20))
+            except BlockingIOError:
+                pass
+            pending = unacknowledged(FakeTransport(sender))
+            assert pending is not None and pending > 0
+    assert unacknowledged(FakeTransport()) is None
