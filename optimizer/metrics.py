@@ -14,6 +14,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from optimizer.budget import MemoryBudget
 from optimizer.gate import AdmissionGate
+from optimizer.linger import Lingering
 
 # Seconds. Requests span a 1 ms refusal to a multi-second decode of a large photo.
 _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -25,7 +26,7 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 class ServiceMetrics:
     """The service's metrics and the few calls that record them."""
 
-    def __init__(self, gate: AdmissionGate, budget: MemoryBudget) -> None:
+    def __init__(self, gate: AdmissionGate, budget: MemoryBudget, lingering: Lingering) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         registry = self.registry
         self.requests = Counter(
@@ -77,6 +78,13 @@ class ServiceMetrics:
         in_flight.set_function(lambda: gate.in_flight)
         capacity = Gauge("optimizer_capacity", "Admission slots (worker threads + queue).", registry=registry)
         capacity.set_function(lambda: gate.capacity)
+        # Each holds what its client sent in the kernel's socket buffers, outside the RSS (optimizer.linger).
+        lingering_gauge = Gauge(
+            "optimizer_lingering_connections",
+            "Refused connections waiting to be closed, the rest of their uploads unread.",
+            registry=registry,
+        )
+        lingering_gauge.set_function(lambda: len(lingering))
         budget_total = Gauge(
             "optimizer_memory_budget_bytes", "Decode memory the workers may hold.", registry=registry
         )

@@ -56,13 +56,14 @@ class ServiceState:
         budget = MemoryBudget(
             settings.memory_budget if settings.memory_budget is not None else default_memory_budget()
         )
+        lingering = Lingering(settings.linger_seconds)
         return cls(
             settings=settings,
             gate=gate,
-            metrics=ServiceMetrics(gate, budget),
+            metrics=ServiceMetrics(gate, budget, lingering),
             cors=Cors(settings.cors_origin_set),
             budget=budget,
-            lingering=Lingering(settings.linger_seconds),
+            lingering=lingering,
             limits=pipeline_limits(settings),
             intake=IntakeLimits(
                 max_bytes=settings.max_body_bytes,

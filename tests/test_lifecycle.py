@@ -466,6 +466,8 @@ async def test_refused_connections_beyond_the_lingering_limit_close_early(
         await closed_by_server(reader)
     assert len(lingering) == 2
     assert not any(transport.is_closing() for transport in lingering._open)
+    metrics = await (await client.get("/metrics")).text()
+    assert "optimizer_lingering_connections 2.0" in metrics.splitlines()
     for _reader, writer in connections:
         writer.close()
     blocker.open.set()

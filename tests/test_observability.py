@@ -44,6 +44,7 @@ async def test_metrics_count_requests_stages_and_refusals(make_client: MakeClien
     assert sample(text, "optimizer_request_duration_seconds_count", route="/optimize") == 2
     assert sample(text, "optimizer_in_flight") == 0
     assert sample(text, "optimizer_capacity") == 3
+    assert sample(text, "optimizer_lingering_connections") == 0
     received = sample(text, "optimizer_received_bytes_total")
     sent = sample(text, "optimizer_sent_bytes_total")
     assert received is not None and received > 0
