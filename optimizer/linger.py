@@ -11,20 +11,25 @@ and hang up themselves; one whose small upload fits in the socket buffers reads 
 it was refused: ~170 KB on average under the original k6 flood (50 clients retrying at once), where
 ~340 refusals a second, each kept 2 s, held 130-176 MB of socket receive buffers. That memory is outside
 the process's RSS but inside its container's memory limit (cgroup socket accounting). So once ``limit``
-connections linger, a newer refusal closes the oldest early, but only one whose answer the client's
-kernel has acknowledged: the close sends a reset (the upload is unread), and the kernel then drops what
-it has not yet delivered, so a lost segment of the 503 could not be sent again. Linux says how much of
-a socket's output is unacknowledged (``SIOCOUTQ``); elsewhere the answer must have been handed to the
-socket (an application embedding this one may await between the handler and the write) and ``min_age``
-seconds must have passed. What the client's kernel has received stays readable after the reset; and a
-client whose upload is larger than the buffers could not have read the answer after sending anyway: its
-send stalls until the close.
+connections linger, a newer refusal closes the oldest early, but only one whose answer has been handed
+to the socket (an application embedding this one may await between the handler and the write) and
+acknowledged by the client's kernel: the close sends a reset (the upload is unread), and the kernel then
+drops what it has not yet delivered, so a lost segment of the 503 could not be sent again. Linux says
+how much of a TCP socket's output is unacknowledged (``SIOCOUTQ``); elsewhere ``min_age`` seconds must
+pass after the answer is seen written. A Linux client can still read what it received after the reset
+(other stacks were not checked); and a client whose upload is larger than the buffers could not have
+read the answer after sending anyway: its send stalls until the close. Connections that are not ready go
+to the back, so a few clients that never acknowledge cannot switch the bound off; those close on their
+own timer.
+
+Behind TLS (an application embedding this one may serve it), pausing the transport pauses only the TLS
+layer: asyncio goes on reading the raw socket into the process, up to ~256 KiB a connection.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import socket
 import struct
 import sys
 from collections import OrderedDict
@@ -57,27 +62,28 @@ else:
 
 
 def unacknowledged(transport: asyncio.BaseTransport) -> int | None:
-    """Bytes written to ``transport`` that its peer has not acknowledged, asyncio's own buffer included;
-    ``None`` where the kernel cannot be asked."""
-    sock = transport.get_extra_info("socket")
-    if _SIOCOUTQ is None or sock is None:
+    """Bytes written to ``transport`` over TCP that its peer has not acknowledged, asyncio's own buffer
+    included; ``None`` where the kernel cannot be asked (not Linux, not TCP, no socket any more)."""
+    if _SIOCOUTQ is None:
         return None
     try:
+        sock = transport.get_extra_info("socket")
+        if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+            return None  # on a Unix socket SIOCOUTQ counts what the peer has not *read*
         raw = fcntl.ioctl(sock.fileno(), _SIOCOUTQ, b"\0\0\0\0")
-    except (OSError, ValueError):
-        return None
-    pending: int = struct.unpack("i", raw)[0]
-    with contextlib.suppress(AttributeError, NotImplementedError):
+        pending: int = struct.unpack("i", raw)[0]
         pending += transport.get_write_buffer_size()  # type: ignore[attr-defined]
+    except Exception:  # a closed socket (fileno -1), or a TLS transport closed twice (3.11-3.13)
+        return None
     return pending
 
 
 @dataclass(slots=True)
 class _Waiting:
     timer: asyncio.TimerHandle
-    since: float
     writer: AbstractStreamWriter | None
     written_before: int
+    answered_at: float | None = None  # when the answer was first seen written (for ``min_age``)
 
     def answered(self) -> bool:
         """Whether the answer has been handed to the transport (the writer's output grew since)."""
@@ -107,35 +113,42 @@ class Lingering:
         if transport in self._open:
             return
         loop = asyncio.get_running_loop()
-        now = loop.time()
-        self._close_oldest(now)
+        self._close_oldest(loop.time())
         timer = loop.call_later(self.seconds, self._close, transport)
         written = writer.output_size if writer is not None else 0
-        self._open[transport] = _Waiting(timer, now, writer, written)
+        self._open[transport] = _Waiting(timer, writer, written)
 
     def _close_oldest(self, now: float) -> None:
-        """Make room for one more: close the oldest connections whose answer has arrived."""
+        """Make room for one more: forget the connections already closed (by their clients or by the
+        host), and close the oldest whose answer has arrived. Those not ready yet go to the back, so that
+        a few that never will (a client that does not acknowledge) do not hide the others."""
         excess = len(self._open) - self.limit + 1
-        done: list[asyncio.BaseTransport] = []
-        for looked, (transport, waiting) in enumerate(self._open.items()):  # oldest first
-            if excess <= 0 or looked == _LOOK_AT:
-                break
-            if waiting.answered() and self._delivered(transport, waiting, now):
-                done.append(transport)
+        for _ in range(min(_LOOK_AT, len(self._open))):
+            if excess <= 0:
+                return
+            transport, waiting = next(iter(self._open.items()))  # the oldest
+            if transport.is_closing():
+                self._open.pop(transport).timer.cancel()
                 excess -= 1
-        for transport in done:
-            self._open.pop(transport).timer.cancel()
-            transport.close()
+            elif waiting.answered() and self._delivered(transport, waiting, now):
+                self._open.pop(transport).timer.cancel()
+                transport.close()
+                excess -= 1
+            else:
+                self._open.move_to_end(transport)
 
     def _delivered(self, transport: asyncio.BaseTransport, waiting: _Waiting, now: float) -> bool:
         pending = unacknowledged(transport)
-        if pending is None:
-            return now - waiting.since >= self.min_age
-        return pending == 0
+        if pending is not None:
+            return pending == 0
+        if waiting.answered_at is None:
+            waiting.answered_at = now
+        return now - waiting.answered_at >= self.min_age
 
     def _close(self, transport: asyncio.BaseTransport) -> None:
         self._open.pop(transport, None)
-        transport.close()
+        if not transport.is_closing():
+            transport.close()
 
 
 def stop_reading_unwanted_body(

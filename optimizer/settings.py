@@ -135,10 +135,10 @@ class Settings:
     linger_seconds: float = _setting(
         2.0,
         "OPTIMIZER_LINGER_SECONDS",
-        "after refusing an upload before reading it, seconds before its connection is closed, the rest of "
-        "its body unread, so that the client sees the answer first (beyond 64 such connections, the oldest "
-        "closes once its answer is acknowledged); 0 closes at once (the client may see a reset instead "
-        "of the 503)",
+        "after refusing an upload before reading all of it, seconds before its connection is closed, the "
+        "rest of its body unread, so that the client sees the answer first (beyond 64 such connections, "
+        "the oldest closes once its answer is acknowledged); 0 closes at once (the client may see a reset "
+        "instead of the 503)",
     )
     drain_seconds: float = _setting(
         20.0, "OPTIMIZER_DRAIN_SECONDS", "on shutdown, seconds to finish the requests already admitted"

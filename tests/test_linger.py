@@ -20,9 +20,26 @@ class FakeTransport(asyncio.BaseTransport):
     def __init__(self, sock: socket.socket | None = None) -> None:
         super().__init__({"socket": sock} if sock is not None else None)
         self.closes = 0
+        self.closed_by_peer = False
 
     def close(self) -> None:
         self.closes += 1
+
+    def is_closing(self) -> bool:
+        return self.closes > 0 or self.closed_by_peer
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+
+class ClosedTlsTransport(FakeTransport):
+    """What asyncio's TLS transport becomes once closed twice (Python 3.11-3.13): asking it raises."""
+
+    def is_closing(self) -> bool:
+        return True
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        raise AttributeError("'NoneType' object has no attribute '_get_extra_info'")
 
 
 class FakeWriter:
@@ -134,3 +151,60 @@ def test_unacknowledged_output_is_read_from_the_kernel() -> None:
             pending = unacknowledged(FakeTransport(sender))
             assert pending is not None and pending > 0
     assert unacknowledged(FakeTransport()) is None
+
+
+async def test_connections_closed_meanwhile_are_forgotten_not_closed_again() -> None:
+    # A client that reset, or a host that closed the connection: it makes room without a close() call,
+    # even where asking the transport anything would raise.
+    lingering = Lingering(60.0, limit=2, min_age=60.0)
+    gone, tls_gone, waiting = FakeTransport(), ClosedTlsTransport(), FakeTransport()
+    lingering.add(gone)
+    lingering.add(tls_gone)
+    gone.closed_by_peer = True
+    lingering.add(waiting)
+    assert (gone.closes, waiting.closes) == (0, 0)
+    lingering.add(FakeTransport())
+    assert tls_gone.closes == 0
+    assert len(lingering) == 2
+    assert unacknowledged(tls_gone) is None
+
+
+async def test_clients_that_never_acknowledge_do_not_switch_the_bound_off() -> None:
+    # The connections looked at first but not ready go to the back: the ones behind them still close.
+    lingering = Lingering(60.0, limit=4, min_age=0.0)
+    stuck = [FakeTransport() for _ in range(20)]
+    writer = FakeWriter()  # never writes: these answers never leave
+    for transport in stuck:
+        lingering.add(transport, writer)  # type: ignore[arg-type]
+    ready = [FakeTransport() for _ in range(200)]
+    for transport in ready:
+        lingering.add(transport)
+    assert all(t.closes == 0 for t in stuck)
+    assert sum(t.closes for t in ready) >= 190
+    assert len(lingering) <= 20 + 10
+
+
+async def test_the_fallback_age_counts_from_the_answer() -> None:
+    # Where the kernel cannot be asked, a connection closes early only ``min_age`` after its answer
+    # was first seen written, not after the refusal.
+    lingering = Lingering(60.0, limit=1, min_age=0.2)
+    writer = FakeWriter()
+    first = FakeTransport()
+    lingering.add(first, writer)  # type: ignore[arg-type]
+    await asyncio.sleep(0.3)  # older than min_age, but not answered
+    lingering.add(FakeTransport())
+    assert first.closes == 0
+    writer.output_size = 120
+    lingering.add(FakeTransport())  # answered now: the age starts here
+    assert first.closes == 0
+    await asyncio.sleep(0.3)
+    lingering.add(FakeTransport())
+    assert first.closes == 1
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="SIOCOUTQ is asked on Linux only")
+def test_a_unix_socket_is_not_asked() -> None:
+    # SIOCOUTQ on a Unix socket counts what the peer has not read, not what it has not acknowledged.
+    left, right = socket.socketpair()
+    with left, right:
+        assert unacknowledged(FakeTransport(left)) is None
