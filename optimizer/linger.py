@@ -46,10 +46,11 @@ from aiohttp.abc import AbstractStreamWriter
 # clients (~23 refusals/s on S1) stay below it for the 2 s.
 MAX_LINGERING = 64
 # Where the kernel cannot say whether the answer was acknowledged: no connection is closed early before
-# this, longer than Linux's minimum retransmission timeout (0.2 s), so a lost segment is sent again first.
+# this long after its answer was written, longer than Linux's minimum retransmission timeout (0.2 s), so
+# that a lost segment is sent again first.
 MIN_LINGER_SECONDS = 0.5
-# The oldest connections looked at per refusal: clients that never acknowledge (their own timers close
-# them) cost at most this many ioctl calls each time.
+# Connections looked at per refusal, oldest first; those not ready go to the back. Clients that never
+# acknowledge (their own timers close them) cost at most this many checks per refusal.
 _LOOK_AT = 16
 
 if sys.platform == "linux":
