@@ -654,6 +654,40 @@ def test_encode_drops_info_of_the_image_it_is_given() -> None:
         assert_no_metadata(data, b"SecretComment")
 
 
+def test_jpeg_encode_is_the_same_without_a_memory_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The JPEG is written to a memfd so that libjpeg runs without the GIL; where memfd_create is
+    # missing or refused, a BytesIO takes its place and the bytes must not change.
+    image = gradient((640, 360))
+    params = Params(format="jpeg", quality=75)
+    through_memfd = encode(image, params)
+
+    def refused(*_args: object) -> int:
+        raise PermissionError("memfd_create refused by a seccomp profile")
+
+    monkeypatch.setattr("optimizer.pipeline.os.memfd_create", refused, raising=False)
+    assert encode(image, params) == through_memfd
+    with Image.open(io.BytesIO(through_memfd)) as out:
+        assert (out.format, out.size) == ("JPEG", (640, 360))
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc/self/fd to count descriptors")
+def test_jpeg_encode_leaves_no_descriptor_open(monkeypatch: pytest.MonkeyPatch) -> None:
+    image = gradient((64, 48))
+    params = Params(format="jpeg")
+    before = len(list(Path("/proc/self/fd").iterdir()))
+    for _ in range(20):
+        encode(image, params)
+
+    def broken(*_args: object, **_kwargs: object) -> None:
+        raise OSError("encoder error -2")
+
+    monkeypatch.setattr(Image.Image, "save", broken)
+    for _ in range(5):
+        with pytest.raises(OSError, match="encoder error"):
+            encode(image, params)
+    assert len(list(Path("/proc/self/fd").iterdir())) == before
+
+
 # ----------------------------------------------------------------------------------------- deep images
 
 
