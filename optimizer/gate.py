@@ -3,7 +3,8 @@
 A request takes a slot before its body is read and gives it back when its work has really ended: for
 work handed to a thread, that is when the thread finishes, not when a cancelled handler stops waiting
 (``optimizer.job`` enforces that). A full gate refuses at once rather than queueing without bound: the
-caller answers 503 with a ``Retry-After`` from ``refuse()``.
+caller answers 503 with a ``Retry-After`` from ``refuse()``. Only while uploads are slow to arrive does
+it let in up to one request per worker more (``read_ahead``, see ``full``).
 
 **Taking turns.** Fail-fast admission is not fair on its own: a client whose image comes back asks for
 the next one at once, on the same connection, and takes the slot it just freed before any refused client
@@ -42,16 +43,25 @@ RETURNS_FOR_A_TURN = 3
 class Slot:
     """One admitted request's place in the gate. Releasing it twice is harmless."""
 
-    __slots__ = ("_gate", "_released")
+    __slots__ = ("_gate", "_receiving", "_released")
 
     def __init__(self, gate: AdmissionGate) -> None:
         self._gate = gate
+        self._receiving = True
         self._released = False
+
+    def received(self, seconds: float | None = None) -> None:
+        """The upload is in (or its read failed) after ``seconds``: the request no longer waits on the
+        network."""
+        if self._receiving:
+            self._receiving = False
+            self._gate._received(seconds)
 
     def release(self, service_seconds: float | None = None) -> None:
         """Give the slot back; ``service_seconds`` (time spent in a worker) feeds the Retry-After estimate."""
         if self._released:
             return
+        self.received()
         self._released = True
         self._gate._leave(service_seconds)
 
@@ -68,10 +78,12 @@ class AdmissionGate:
         self.capacity = capacity
         self.workers = workers
         self._in_flight = 0
+        self._receiving = 0  # admitted requests whose upload is still being read
         self._closed = False
         self._idle = asyncio.Event()
         self._idle.set()
         self._service_seconds = 0.0
+        self._read_seconds = 0.0  # moving average of the time an upload takes to arrive
         self.admitted_total = 0
         # When each refused client was told to come back (monotonic, sorted); the past ones are dropped.
         self._returns: list[float] = []
@@ -85,14 +97,36 @@ class AdmissionGate:
         return self._closed
 
     @property
+    def read_ahead(self) -> int:
+        """How many requests beyond ``capacity`` may be admitted while uploads are slow to arrive: one
+        per worker (at most the queue), so upload memory stays within (capacity + workers) x max body."""
+        return min(self.workers, self.capacity - self.workers)
+
+    @property
     def full(self) -> bool:
-        return self._in_flight >= self.capacity
+        """Every slot is taken, and, unless uploads are slow to arrive, the workers have work ready.
+
+        A queued request whose upload is still arriving is no work for a worker that finishes. Under
+        a flood of refusals the event loop took ~100 ms to receive an upload, against ~45 ms between
+        two finished jobs, and the workers sat idle 11 % of the time for want of a received upload
+        (docs/benchmarks.md). So while fewer uploads are in than there are workers, and uploads have
+        lately taken longer to arrive than the workers take to finish one job each, up to
+        ``read_ahead`` more requests are admitted to receive meanwhile. Clients whose uploads arrive
+        quickly, as on S1 and S2, and a burst before any job has finished, never see it."""
+        if self._in_flight < self.capacity:
+            return False
+        if self._in_flight >= self.capacity + self.read_ahead:
+            return True
+        starved = self._in_flight - self._receiving < self.workers
+        slow = self._read_seconds * self.workers > self._service_seconds > 0
+        return not (starved and slow)
 
     def try_enter(self) -> Slot | None:
         """A slot, or ``None`` at once when the gate is full or closed. Never waits."""
-        if self._closed or self._in_flight >= self.capacity:
+        if self._closed or self.full:
             return None
         self._in_flight += 1
+        self._receiving += 1
         self.admitted_total += 1
         self._idle.clear()
         return Slot(self)
@@ -155,13 +189,19 @@ class AdmissionGate:
             del self._returns[:due]
         return len(self._returns)
 
+    def _received(self, seconds: float | None) -> None:
+        self._receiving -= 1
+        if seconds is not None and seconds >= 0:
+            self._read_seconds = _moving_average(self._read_seconds, seconds, self._EWMA_WEIGHT)
+
     def _leave(self, service_seconds: float | None) -> None:
         self._in_flight -= 1
         if service_seconds is not None and service_seconds >= 0:
-            if self._service_seconds == 0:
-                self._service_seconds = service_seconds
-            else:
-                weight = self._EWMA_WEIGHT
-                self._service_seconds = (1 - weight) * self._service_seconds + weight * service_seconds
+            self._service_seconds = _moving_average(self._service_seconds, service_seconds, self._EWMA_WEIGHT)
         if self._in_flight == 0:
             self._idle.set()
+
+
+def _moving_average(average: float, value: float, weight: float) -> float:
+    """The exponentially weighted average with ``value`` added; the first value is taken as it is."""
+    return value if average == 0 else (1 - weight) * average + weight * value

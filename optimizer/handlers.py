@@ -122,7 +122,8 @@ async def _optimize(request: web.Request, defaults: RouteDefaults) -> web.Stream
             data = await read_upload(request, state.intake)
         finally:
             state.reading.discard(request.content)
-        read_seconds = time.perf_counter() - read_started
+            read_seconds = time.perf_counter() - read_started
+            slot.received(read_seconds)
         # One trip to a worker: the header, then the image if the memory budget has room for it.
         # Without room the worker hands the job back, and the wait happens here on the loop, so that no
         # worker thread sits idle holding a place.

@@ -10,7 +10,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from optimizer.gate import MAX_WAITING_RETRY_AFTER, RETURN_SURPLUS, RETURNS_FOR_A_TURN, AdmissionGate
+from optimizer.gate import MAX_WAITING_RETRY_AFTER, RETURN_SURPLUS, RETURNS_FOR_A_TURN, AdmissionGate, Slot
 from optimizer.state import STATE
 from tests.conftest import image_bytes, multipart
 
@@ -135,3 +135,78 @@ async def test_only_an_image_marks_the_connection_and_not_behind_a_proxy(
     assert (await client.post("/optimize", data=multipart(image_bytes()), headers=proxied)).status == 200
     assert (await client.post("/optimize", data=multipart(image_bytes()), headers=proxied)).status == 200
     assert (await client.post("/optimize", data=multipart(image_bytes()))).status == 503
+
+
+# ------------------------------------------------------------------------------------------ read-ahead
+
+
+def gate_with_times(read_seconds: float, service_seconds: float) -> AdmissionGate:
+    """Capacity 3 and 1 worker (a read-ahead of 1), with these moving averages already learnt."""
+    gate = AdmissionGate(3, workers=1)
+    slot = gate.try_enter()
+    assert slot is not None
+    slot.received(read_seconds)
+    slot.release(service_seconds)
+    return gate
+
+
+def enter(gate: AdmissionGate, count: int) -> list[Slot]:
+    slots = [gate.try_enter() for _ in range(count)]
+    assert all(slot is not None for slot in slots)
+    return [slot for slot in slots if slot is not None]
+
+
+def test_slow_uploads_that_leave_the_workers_idle_admit_up_to_the_read_ahead() -> None:
+    # Uploads take 0.5 s to arrive and a job 0.1 s: the queued requests are all still receiving, so
+    # a worker that finishes would find nothing to do. One more per worker is let in meanwhile.
+    gate = gate_with_times(read_seconds=0.5, service_seconds=0.1)
+    assert gate.read_ahead == 1
+    slots = enter(gate, 3)
+    assert gate.in_flight == gate.capacity
+    slots += enter(gate, 1)
+    assert gate.full and gate.try_enter() is None
+    assert gate.in_flight == gate.capacity + gate.read_ahead
+    for slot in slots:
+        slot.release()
+    assert gate.in_flight == 0
+
+
+def test_once_an_upload_is_in_the_gate_is_full_at_its_capacity_again() -> None:
+    gate = gate_with_times(read_seconds=0.5, service_seconds=0.1)
+    first, *_ = enter(gate, 3)
+    first.received(0.5)  # a job is ready for the worker: no reason to receive more at once
+    assert gate.full and gate.try_enter() is None
+
+
+def test_the_read_ahead_is_one_per_worker_and_never_more_than_the_queue() -> None:
+    assert AdmissionGate(6, workers=2).read_ahead == 2
+    assert AdmissionGate(3, workers=2).read_ahead == 1
+    assert AdmissionGate(2, workers=2).read_ahead == 0  # no queue: no read-ahead either
+
+
+@pytest.mark.parametrize(
+    ("read_seconds", "service_seconds"), [(0.01, 0.1), (0.0, 0.0)], ids=["fast uploads", "nothing learnt yet"]
+)
+def test_no_read_ahead_when_uploads_arrive_quickly_or_before_any_job(
+    read_seconds: float, service_seconds: float
+) -> None:
+    # A burst at start-up, or uploads that arrive faster than the workers finish jobs, stay within
+    # the capacity: admitting more would hold more uploads in memory for no gain.
+    gate = (
+        AdmissionGate(3, workers=1)
+        if service_seconds == 0
+        else gate_with_times(read_seconds, service_seconds)
+    )
+    enter(gate, 3)
+    assert gate.full and gate.try_enter() is None
+
+
+def test_a_slot_released_before_its_upload_arrived_no_longer_counts_as_receiving() -> None:
+    gate = gate_with_times(read_seconds=0.5, service_seconds=0.1)
+    for slot in enter(gate, 4):
+        slot.release()  # the clients went away mid-upload: received() was never called
+    slots = enter(gate, 3)
+    for slot in slots:
+        slot.received(0.5)
+    # Had the released slots stayed counted as receiving, the gate would see a starved worker here.
+    assert gate.full and gate.try_enter() is None
