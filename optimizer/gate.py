@@ -99,7 +99,7 @@ class AdmissionGate:
     @property
     def read_ahead(self) -> int:
         """How many requests beyond ``capacity`` may be admitted while uploads are slow to arrive: one
-        per worker (at most the queue), so upload memory stays within (capacity + workers) x max body."""
+        per worker, at most the queue; upload memory stays within (capacity + read_ahead) x max body."""
         return min(self.workers, self.capacity - self.workers)
 
     @property
@@ -112,7 +112,9 @@ class AdmissionGate:
         (docs/benchmarks.md). So while fewer uploads are in than there are workers, and uploads have
         lately taken longer to arrive than the workers take to finish one job each, up to
         ``read_ahead`` more requests are admitted to receive meanwhile. Clients whose uploads arrive
-        quickly, as on S1 and S2, and a burst before any job has finished, never see it."""
+        quickly, as on S1 and S2, and a burst at start-up, before any job has finished, never see it.
+        Only uploads that arrived whole feed the read-time average: a stalled one that ends in 408 says
+        nothing about how fast uploads arrive."""
         if self._in_flight < self.capacity:
             return False
         if self._in_flight >= self.capacity + self.read_ahead:
@@ -177,8 +179,9 @@ class AdmissionGate:
             return False
         now = time.monotonic()
         self._waiting(now)
-        # The work that keeps the workers busy meanwhile: the requests inside beyond one per worker.
-        queued = max(0, self._in_flight - self.workers)
+        # The work that keeps the workers busy meanwhile: the received uploads beyond one per worker (an
+        # upload still arriving is no work yet; under the read-ahead there may be many).
+        queued = max(0, self._in_flight - self._receiving - self.workers)
         horizon = now + queued * self._service_seconds / self.workers
         return bisect.bisect_right(self._returns, horizon) >= RETURNS_FOR_A_TURN
 

@@ -120,10 +120,13 @@ async def _optimize(request: web.Request, defaults: RouteDefaults) -> web.Stream
         state.reading.add(request.content)
         try:
             data = await read_upload(request, state.intake)
+        except BaseException:
+            slot.received()  # a failed read (408, 413, a client gone) is no measure of upload speed
+            raise
         finally:
             state.reading.discard(request.content)
-            read_seconds = time.perf_counter() - read_started
-            slot.received(read_seconds)
+        read_seconds = time.perf_counter() - read_started
+        slot.received(read_seconds)
         # One trip to a worker: the header, then the image if the memory budget has room for it.
         # Without room the worker hands the job back, and the wait happens here on the loop, so that no
         # worker thread sits idle holding a place.

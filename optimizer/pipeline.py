@@ -502,8 +502,10 @@ def _save_without_gil(im: Image.Image, format: str, **options: object) -> bytes:
         im.save(file, format, **options)
         size = os.fstat(fd).st_size
         data = os.pread(fd, size, 0)
-    if len(data) != size:
-        raise OSError(f"read {len(data)} of the {size} bytes the encoder wrote")
+    # Pillow's encode_to_file ignores a short write(), which a memfd can give at a cgroup's memory
+    # limit (ENOMEM) or under RLIMIT_FSIZE: the file then holds a JPEG cut short, without its EOI.
+    if len(data) != size or (format == "JPEG" and not data.endswith(b"\xff\xd9")):
+        raise OSError(f"the {format} encoder's output was cut short ({size} bytes written)")
     return data
 
 

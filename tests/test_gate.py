@@ -35,13 +35,16 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
 def served_gate(
     service_seconds: float, *, capacity: int = 6, workers: int = 2, inside: int = 0
 ) -> AdmissionGate:
-    """A gate whose service-time estimate is ``service_seconds``, with ``inside`` requests in flight."""
+    """A gate whose service-time estimate is ``service_seconds``, with ``inside`` requests in flight,
+    their uploads received."""
     gate = AdmissionGate(capacity, workers=workers)
     slot = gate.try_enter()
     assert slot is not None
     slot.release(service_seconds)
     for _ in range(inside):
-        assert gate.try_enter() is not None
+        inside_slot = gate.try_enter()
+        assert inside_slot is not None
+        inside_slot.received()
     return gate
 
 
@@ -83,6 +86,17 @@ def test_a_turn_is_owed_only_to_clients_due_back_before_the_queue_runs_out(clock
     assert gate.turn_owed()  # due back in 1.5 s, within the 2 s of queued work
     clock.now += 2
     assert not gate.turn_owed()  # due back already: they are no longer waiting
+
+
+def test_uploads_still_arriving_are_no_queued_work_for_a_turn(clock: Clock) -> None:
+    # All three inside are still receiving (as under the read-ahead): nothing would keep the workers
+    # busy while a slot waits for a refused client, so the client just served keeps its turn.
+    gate = gate_with_times(read_seconds=0.5, service_seconds=0.1)
+    enter(gate, 3)
+    for _ in range(RETURNS_FOR_A_TURN):
+        gate.refuse()
+    clock.now += 0.99
+    assert not gate.turn_owed()
 
 
 def test_no_turn_is_owed_with_no_queued_work(clock: Clock) -> None:
@@ -209,4 +223,15 @@ def test_a_slot_released_before_its_upload_arrived_no_longer_counts_as_receiving
     for slot in slots:
         slot.received(0.5)
     # Had the released slots stayed counted as receiving, the gate would see a starved worker here.
+    assert gate.full and gate.try_enter() is None
+
+
+def test_a_failed_read_does_not_count_as_a_slow_upload() -> None:
+    # The handler reports a read that failed (408, 413, a client gone) without its duration.
+    gate = gate_with_times(read_seconds=0.01, service_seconds=0.1)
+    failed = gate.try_enter()
+    assert failed is not None
+    failed.received()
+    failed.release()
+    enter(gate, 3)
     assert gate.full and gate.try_enter() is None

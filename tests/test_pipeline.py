@@ -670,6 +670,17 @@ def test_jpeg_encode_is_the_same_without_a_memory_file(monkeypatch: pytest.Monke
         assert (out.format, out.size) == ("JPEG", (640, 360))
 
 
+def test_a_jpeg_cut_short_in_the_memory_file_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Pillow ignores a short write() into the descriptor (a memfd at a cgroup's memory limit): the
+    # output must not be served as if it were whole.
+    def cut_short(self: Image.Image, fp: io.RawIOBase, *_args: object, **_kwargs: object) -> None:
+        fp.write(b"\xff\xd8\xff\xdb" + bytes(100))  # a JPEG's start, no end-of-image marker
+
+    monkeypatch.setattr(Image.Image, "save", cut_short)
+    with pytest.raises(OSError, match="cut short"):
+        encode(gradient((64, 48)), Params(format="jpeg"))
+
+
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc/self/fd to count descriptors")
 def test_jpeg_encode_leaves_no_descriptor_open(monkeypatch: pytest.MonkeyPatch) -> None:
     image = gradient((64, 48))
