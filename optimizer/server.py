@@ -33,6 +33,7 @@ from aiohttp import web
 
 from optimizer import __version__, allocator
 from optimizer.app import create_app, drain
+from optimizer.listener import PacedSite
 from optimizer.settings import Settings, SettingsError, parse_value, setting_fields
 from optimizer.state import STATE
 from optimizer.supervisor import Supervisor
@@ -229,7 +230,10 @@ async def serve(settings: Settings) -> int:
     stop = asyncio.Event()
     _install_signal_handlers(stop)
     try:
-        site = web.TCPSite(runner, settings.host, settings.port, reuse_port=settings.reuse_port or None)
+        gate = app[STATE].gate
+        site = PacedSite(
+            runner, settings.host, settings.port, reuse_port=settings.reuse_port, full=lambda: gate.full
+        )
         await site.start()
         for address in runner.addresses:
             host, port = address[0], address[1]

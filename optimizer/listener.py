@@ -1,0 +1,194 @@
+"""The standalone server's listening sockets: accept connections, and pace them while the gate is full.
+
+Under a flood of clients that retry a 503 at once (the Go service's k6 test), every new connection is a
+refusal, and the event loop is runnable all the time: whatever CPU the scheduler gives it goes to
+accepting, parsing and refusing, and the admitted uploads wait between two of its reads. asyncio's own
+server accepts up to 100 connections each time the listening socket is readable. Here, while every
+admission slot is taken, one connection is accepted every ``ACCEPT_PACE_SECONDS`` and the others wait
+in the kernel's accept queue, where they cost nothing; as soon as the gate has room, the queue is
+drained at once as before. Each accepted connection is still answered at once (503 with
+``Retry-After`` when still full): the gate fails fast, the listener only stops fetching refusals
+faster than it can afford them.
+
+Measured on the flood (docs/benchmarks.md, three alternating pairs): 18.8-20.4 -> 21.5-21.7 images/s,
+refusals 297-332 -> 180-190/s, the upload read 102-109 -> 51-59 ms, the harness 0.22-0.27 -> 0.15-0.17
+cores; S1 and S2 with clients that honour ``Retry-After`` unchanged (they open far fewer than 100
+connections a second). A connection waits in the accept queue at
+most its place in it times the pace: ~0.4 s behind the k6 test's 44 waiting clients, under the
+Kubernetes probes' 1 s timeout.
+
+Only for ``optimizer.server``: an application that embeds the service keeps its own listener.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import socket
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web
+
+log = logging.getLogger("optimizer")
+
+# One new connection per 10 ms while the gate is full: at most 100 refusals a second from new
+# connections. In a prototype, 5 ms served the flood 4-8 % better than no pacing, 10 ms 11-18 %.
+ACCEPT_PACE_SECONDS = 0.01
+# After an accept error such as EMFILE (out of descriptors): wait instead of spinning on it.
+ACCEPT_ERROR_PAUSE_SECONDS = 0.1
+# At most this many connections accepted in one go when the gate has room (asyncio's own figure).
+ACCEPT_BATCH = 100
+
+
+async def _pause(seconds: float) -> None:
+    """The accept loops' waits (a function of its own so that tests can count them)."""
+    await asyncio.sleep(seconds)
+
+
+class PacedServer(asyncio.AbstractServer):
+    """Listening sockets with their accept loops; ``full`` says when to pace."""
+
+    def __init__(
+        self,
+        sockets: list[socket.socket],
+        protocol_factory: Callable[[], asyncio.Protocol],
+        full: Callable[[], bool],
+    ) -> None:
+        self._sockets = sockets
+        self._factory = protocol_factory
+        self._full = full
+        self._loop = asyncio.get_running_loop()
+        self._accepting = [self._loop.create_task(self._accept_forever(sock)) for sock in sockets]
+        self._opening: set[asyncio.Task[Any]] = set()
+
+    @property
+    def sockets(self) -> tuple[socket.socket, ...]:
+        return tuple(self._sockets)
+
+    def get_loop(self) -> asyncio.AbstractEventLoop:
+        return self._loop
+
+    def is_serving(self) -> bool:
+        return any(not task.done() for task in self._accepting)
+
+    def close(self) -> None:
+        """Stop accepting and close the listening sockets; connections already open carry on."""
+        for task in self._accepting:
+            task.cancel()
+        for sock in self._sockets:
+            if sock.fileno() >= 0:
+                # Before the close: a pending sock_accept's reader must not outlive its descriptor.
+                self._loop.remove_reader(sock.fileno())
+                sock.close()
+
+    async def wait_closed(self) -> None:
+        await asyncio.gather(*self._accepting, return_exceptions=True)
+
+    async def start_serving(self) -> None:
+        """Nothing to do: the accept loops start with the server."""
+
+    async def serve_forever(self) -> None:
+        await self.wait_closed()
+
+    async def _accept_forever(self, sock: socket.socket) -> None:
+        loop = self._loop
+        while True:
+            try:
+                conn, _ = await loop.sock_accept(sock)
+            except OSError as exc:
+                self._accept_failed(exc)
+                await _pause(ACCEPT_ERROR_PAUSE_SECONDS)
+                continue
+            self._open(conn)
+            if self._full():
+                await _pause(ACCEPT_PACE_SECONDS)
+                continue
+            for _ in range(ACCEPT_BATCH - 1):  # the rest of the queue, as asyncio's server does
+                try:
+                    conn, _ = sock.accept()
+                except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                    break
+                except OSError as exc:
+                    self._accept_failed(exc)
+                    break
+                self._open(conn)
+
+    def _open(self, conn: socket.socket) -> None:
+        conn.setblocking(False)
+        task = self._loop.create_task(self._connect(conn))
+        self._opening.add(task)
+        task.add_done_callback(self._opening.discard)
+
+    async def _connect(self, conn: socket.socket) -> None:
+        try:
+            await self._loop.connect_accepted_socket(self._factory, conn)
+        except OSError as exc:  # the client left before its transport was made
+            log.debug("could not open an accepted connection: %s", exc)
+            conn.close()
+
+    @staticmethod
+    def _accept_failed(exc: OSError) -> None:
+        if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+            log.warning(
+                "cannot accept connections: %s; trying again in %.1f s",
+                exc,
+                ACCEPT_ERROR_PAUSE_SECONDS,
+                extra={"fields": {"event": "accept_failed", "error": str(exc)}},
+            )
+        else:
+            log.debug("accept failed: %s", exc)
+
+
+class PacedSite(web.BaseSite):
+    """``web.TCPSite`` with a ``PacedServer`` in place of asyncio's server."""
+
+    __slots__ = ("_full", "_host", "_port", "_reuse_port")
+
+    def __init__(
+        self, runner: web.BaseRunner, host: str, port: int, *, reuse_port: bool, full: Callable[[], bool]
+    ) -> None:
+        super().__init__(runner)
+        self._host = host
+        self._port = port
+        self._reuse_port = reuse_port
+        self._full = full
+
+    @property
+    def name(self) -> str:
+        return f"http://{self._host}:{self._port}"
+
+    async def start(self) -> None:
+        await super().start()
+        server = self._runner.server
+        assert server is not None
+        self._server = PacedServer(
+            listening_sockets(self._host, self._port, self._reuse_port), server, self._full
+        )
+
+
+def listening_sockets(host: str, port: int, reuse_port: bool) -> list[socket.socket]:
+    """Bound, listening, non-blocking sockets for every address ``host`` names, as asyncio's
+    ``create_server`` makes them (SO_REUSEADDR, IPv6 sockets IPv6-only)."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.listen(128)
+            sock.setblocking(False)
+    except BaseException:
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                sock.close()
+        raise
+    return sockets

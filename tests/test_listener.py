@@ -1,0 +1,118 @@
+"""``optimizer.listener``: the standalone server's accept loop, paced while the gate is full."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from optimizer import listener
+from optimizer.listener import ACCEPT_PACE_SECONDS, PacedSite, listening_sockets
+
+
+class Gate:
+    """Stands in for ``AdmissionGate.full``."""
+
+    def __init__(self) -> None:
+        self.full = False
+
+
+async def hello(request: web.Request) -> web.Response:
+    return web.Response(text="hello")
+
+
+@pytest.fixture
+async def served(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[tuple[str, Gate, list[float]]]:
+    """A runner with a ``PacedSite`` on a free port; the pauses it takes are recorded, not slept."""
+    pauses: list[float] = []
+
+    async def pause(seconds: float) -> None:
+        pauses.append(seconds)
+        await asyncio.sleep(0)
+
+    monkeypatch.setattr(listener, "_pause", pause)
+    app = web.Application()
+    app.router.add_get("/", hello)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    gate = Gate()
+    site = PacedSite(runner, "127.0.0.1", 0, reuse_port=False, full=lambda: gate.full)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    try:
+        yield f"http://{host}:{port}/", gate, pauses
+    finally:
+        await runner.cleanup()
+
+
+async def get_on_new_connections(url: str, count: int) -> list[str]:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session:
+
+        async def one() -> str:
+            async with session.get(url) as response:
+                return await response.text()
+
+        return await asyncio.gather(*(one() for _ in range(count)))
+
+
+async def test_connections_are_accepted_without_pauses_while_the_gate_has_room(
+    served: tuple[str, Gate, list[float]],
+) -> None:
+    url, _gate, pauses = served
+    assert await get_on_new_connections(url, 20) == ["hello"] * 20
+    assert pauses == []
+
+
+async def test_while_the_gate_is_full_each_new_connection_is_followed_by_a_pause(
+    served: tuple[str, Gate, list[float]],
+) -> None:
+    # Every connection is still accepted and answered (the gate answers 503 at once, elsewhere); the
+    # listener only takes them one per pause instead of all that wait.
+    url, gate, pauses = served
+    gate.full = True
+    assert await get_on_new_connections(url, 10) == ["hello"] * 10
+    assert pauses.count(ACCEPT_PACE_SECONDS) >= 10
+    gate.full = False
+    pauses.clear()
+    assert await get_on_new_connections(url, 5) == ["hello"] * 5
+    assert pauses == []
+
+
+async def test_a_site_stopped_refuses_new_connections() -> None:
+    app = web.Application()
+    app.router.add_get("/", hello)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = PacedSite(runner, "127.0.0.1", 0, reuse_port=False, full=lambda: False)
+    await site.start()
+    port = runner.addresses[0][1]
+    assert await get_on_new_connections(f"http://127.0.0.1:{port}/", 3) == ["hello"] * 3
+    await site.stop()
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    await runner.cleanup()
+
+
+def test_listening_sockets_cover_every_address_and_close_them_all_on_failure() -> None:
+    descriptors = Path("/proc/self/fd")
+    sockets = listening_sockets("127.0.0.1", 0, reuse_port=True)
+    try:
+        assert [sock.family for sock in sockets] == [socket.AF_INET]
+        assert sockets[0].getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) == 1
+        assert not sockets[0].getblocking()
+        port = sockets[0].getsockname()[1]
+        # The port is taken (and SO_REUSEPORT is not asked for): binding again fails, and nothing of
+        # the failed attempt stays open.
+        before = len(list(descriptors.iterdir())) if descriptors.is_dir() else 0
+        with pytest.raises(OSError):
+            listening_sockets("127.0.0.1", port, reuse_port=False)
+        if descriptors.is_dir():
+            assert len(list(descriptors.iterdir())) == before
+    finally:
+        for sock in sockets:
+            sock.close()
