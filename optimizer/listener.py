@@ -5,17 +5,17 @@ refusal, and the event loop is runnable all the time: whatever CPU the scheduler
 accepting, parsing and refusing, and the admitted uploads wait between two of its reads. asyncio's own
 server accepts up to 100 connections each time the listening socket is readable. Here, while every
 admission slot is taken, one connection is accepted every ``ACCEPT_PACE_SECONDS`` and the others wait
-in the kernel's accept queue, where they cost nothing; as soon as the gate has room, the queue is
-drained at once as before. Each accepted connection is still answered at once (503 with
-``Retry-After`` when still full): the gate fails fast, the listener only stops fetching refusals
-faster than it can afford them.
+in the kernel's accept queue, where they cost no CPU (only the first ~100 KB of each upload, in kernel
+buffers). As soon as the gate has room the queue is drained at once, as before, and beyond
+``MAX_QUEUED_WHILE_PACING`` waiting the excess is accepted at once, so that no connection waits more
+than ~0.5 s (under the Kubernetes probes' 1 s timeout, however many clients flood). Each accepted
+connection is still answered at once (503 with ``Retry-After`` when still full): the gate fails fast,
+the listener only stops fetching refusals faster than it can afford them.
 
 Measured on the flood (docs/benchmarks.md, three alternating pairs): 18.8-20.4 -> 21.5-21.7 images/s,
 refusals 297-332 -> 180-190/s, the upload read 102-109 -> 51-59 ms, the harness 0.22-0.27 -> 0.15-0.17
 cores; S1 and S2 with clients that honour ``Retry-After`` unchanged (they open far fewer than 100
-connections a second). A connection waits in the accept queue at
-most its place in it times the pace: ~0.4 s behind the k6 test's 44 waiting clients, under the
-Kubernetes probes' 1 s timeout.
+connections a second).
 
 Only for ``optimizer.server``: an application that embeds the service keeps its own listener.
 """
@@ -27,6 +27,7 @@ import contextlib
 import errno
 import logging
 import socket
+import struct
 from collections.abc import Callable
 from typing import Any
 
@@ -41,6 +42,18 @@ ACCEPT_PACE_SECONDS = 0.01
 ACCEPT_ERROR_PAUSE_SECONDS = 0.1
 # At most this many connections accepted in one go when the gate has room (asyncio's own figure).
 ACCEPT_BATCH = 100
+# While pacing, a connection waits its place in the accept queue times the pace. Beyond this many
+# queued, the excess is accepted at once, so that none waits much more than 0.5 s: a health probe may
+# be among them (Kubernetes' readiness timeout is 1 s). The k6 flood keeps up to 44 waiting; a cap of
+# 30 cut its gain from pacing by about half (docs/benchmarks.md).
+MAX_QUEUED_WHILE_PACING = 50
+# accept() errors that mean the process or the system is out of a resource: wait before trying again.
+_RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+# At most one warning about them per this many seconds.
+_WARN_EVERY_SECONDS = 5.0
+# struct tcp_info (linux/tcp.h): for a listening socket, tcpi_unacked is the accept queue's length.
+_TCP_INFO_SIZE = 104
+_TCPI_UNACKED_OFFSET = 24
 
 
 async def _pause(seconds: float) -> None:
@@ -61,8 +74,9 @@ class PacedServer(asyncio.AbstractServer):
         self._factory = protocol_factory
         self._full = full
         self._loop = asyncio.get_running_loop()
-        self._accepting = [self._loop.create_task(self._accept_forever(sock)) for sock in sockets]
         self._opening: set[asyncio.Task[Any]] = set()
+        self._warned_at = -_WARN_EVERY_SECONDS
+        self._accepting = [self._loop.create_task(self._accept_forever(sock)) for sock in sockets]
 
     @property
     def sockets(self) -> tuple[socket.socket, ...]:
@@ -99,21 +113,33 @@ class PacedServer(asyncio.AbstractServer):
             try:
                 conn, _ = await loop.sock_accept(sock)
             except OSError as exc:
-                self._accept_failed(exc)
-                await _pause(ACCEPT_ERROR_PAUSE_SECONDS)
+                if exc.errno in _RESOURCE_ERRNOS:
+                    self._out_of_resources(exc)
+                    await _pause(ACCEPT_ERROR_PAUSE_SECONDS)
+                else:  # the client left before it was accepted, and the like: next one
+                    log.debug("accept failed: %s", exc)
                 continue
             self._open(conn)
+            more = ACCEPT_BATCH - 1
             if self._full():
-                await _pause(ACCEPT_PACE_SECONDS)
-                continue
-            for _ in range(ACCEPT_BATCH - 1):  # the rest of the queue, as asyncio's server does
+                waiting = queued_connections(sock)
+                if waiting is not None and waiting <= MAX_QUEUED_WHILE_PACING:
+                    await _pause(ACCEPT_PACE_SECONDS)
+                    continue
+                # Too many waiting (or no way to tell): the excess now, paced again from the next turn.
+                if waiting is not None:
+                    more = min(more, waiting - MAX_QUEUED_WHILE_PACING)
+            for _ in range(more):  # the rest of the queue, as asyncio's server does
                 try:
                     conn, _ = sock.accept()
-                except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                except (BlockingIOError, InterruptedError):
                     break
                 except OSError as exc:
-                    self._accept_failed(exc)
-                    break
+                    if exc.errno in _RESOURCE_ERRNOS:
+                        self._out_of_resources(exc)
+                        break
+                    log.debug("accept failed: %s", exc)
+                    continue
                 self._open(conn)
 
     def _open(self, conn: socket.socket) -> None:
@@ -125,21 +151,33 @@ class PacedServer(asyncio.AbstractServer):
     async def _connect(self, conn: socket.socket) -> None:
         try:
             await self._loop.connect_accepted_socket(self._factory, conn)
-        except OSError as exc:  # the client left before its transport was made
+        except Exception as exc:  # the client left before its transport was made, and the like
             log.debug("could not open an accepted connection: %s", exc)
             conn.close()
 
-    @staticmethod
-    def _accept_failed(exc: OSError) -> None:
-        if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+    def _out_of_resources(self, exc: OSError) -> None:
+        now = self._loop.time()
+        if now - self._warned_at >= _WARN_EVERY_SECONDS:
+            self._warned_at = now
             log.warning(
-                "cannot accept connections: %s; trying again in %.1f s",
+                "cannot accept connections: %s; trying again every %.1f s",
                 exc,
                 ACCEPT_ERROR_PAUSE_SECONDS,
                 extra={"fields": {"event": "accept_failed", "error": str(exc)}},
             )
-        else:
-            log.debug("accept failed: %s", exc)
+
+
+def queued_connections(sock: socket.socket) -> int | None:
+    """How many connections wait in ``sock``'s accept queue, or ``None`` where it cannot be read
+    (Linux tells it in a listening socket's ``tcp_info``)."""
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_SIZE)
+    except (AttributeError, OSError):
+        return None
+    if len(info) < _TCPI_UNACKED_OFFSET + 4:
+        return None
+    waiting: int = struct.unpack_from("=I", info, _TCPI_UNACKED_OFFSET)[0]
+    return waiting
 
 
 class PacedSite(web.BaseSite):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -116,3 +118,36 @@ def test_listening_sockets_cover_every_address_and_close_them_all_on_failure() -
     finally:
         for sock in sockets:
             sock.close()
+
+
+async def test_a_long_accept_queue_is_accepted_at_once_even_while_the_gate_is_full(
+    served: tuple[str, Gate, list[float]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Beyond MAX_QUEUED_WHILE_PACING waiting, pacing would keep a connection (a health probe among
+    # them) waiting too long: the excess is accepted without a pause.
+    url, gate, pauses = served
+    gate.full = True
+    monkeypatch.setattr(listener, "queued_connections", lambda sock: listener.MAX_QUEUED_WHILE_PACING + 50)
+    assert await get_on_new_connections(url, 10) == ["hello"] * 10
+    assert pauses == []
+
+
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="the accept queue's length is read from Linux's tcp_info"
+)
+def test_the_accept_queue_length_is_read_from_the_kernel() -> None:
+    (sock,) = listening_sockets("127.0.0.1", 0, reuse_port=False)
+    clients: list[socket.socket] = []
+    try:
+        assert listener.queued_connections(sock) == 0
+        port = sock.getsockname()[1]
+        clients = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(3)]
+        for _ in range(500):  # the last ACK of each handshake is queued at once on loopback, but wait
+            if listener.queued_connections(sock) == 3:
+                break
+            time.sleep(0.01)
+        assert listener.queued_connections(sock) == 3  # handshakes done, none accepted yet
+    finally:
+        for client in clients:
+            client.close()
+        sock.close()
