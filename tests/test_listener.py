@@ -14,7 +14,7 @@ import pytest
 from aiohttp import web
 
 from optimizer import listener
-from optimizer.listener import ACCEPT_PACE_SECONDS, PacedSite, listening_sockets
+from optimizer.listener import ACCEPT_BURST, ACCEPT_PACE_SECONDS, PacedSite, TokenBucket, listening_sockets
 
 
 class Gate:
@@ -77,8 +77,11 @@ async def test_while_the_gate_is_full_each_new_connection_is_followed_by_a_pause
     # listener only takes them one per pause instead of all that wait.
     url, gate, pauses = served
     gate.full = True
-    assert await get_on_new_connections(url, 10) == ["hello"] * 10
-    assert pauses.count(ACCEPT_PACE_SECONDS) >= 10
+    count = ACCEPT_BURST + 10
+    assert await get_on_new_connections(url, count) == ["hello"] * count
+    # The first ACCEPT_BURST go without a pause (the allowance refills only as time passes, and the
+    # recorded pauses take none).
+    assert pauses.count(ACCEPT_PACE_SECONDS) >= count - ACCEPT_BURST - 1
     gate.full = False
     pauses.clear()
     assert await get_on_new_connections(url, 5) == ["hello"] * 5
@@ -151,3 +154,11 @@ def test_the_accept_queue_length_is_read_from_the_kernel() -> None:
         for client in clients:
             client.close()
         sock.close()
+
+
+def test_the_burst_allowance_refills_at_the_pace() -> None:
+    bucket = TokenBucket(rate=100, size=3)
+    assert [bucket.take(10.0) for _ in range(4)] == [True, True, True, False]
+    assert not bucket.take(10.005)  # half a token back
+    assert bucket.take(10.015)  # one and a half since: one taken
+    assert [bucket.take(20.0) for _ in range(4)] == [True, True, True, False]  # never more than 3 kept
