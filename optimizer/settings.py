@@ -95,7 +95,10 @@ class Settings:
         metadata={"env": "OPTIMIZER_THREADS", "help": "image worker threads (default: usable CPU count)"},
     )
     queue: int | None = _setting(
-        None, "OPTIMIZER_QUEUE", "admission slots beyond the threads (default: twice the threads)"
+        None,
+        "OPTIMIZER_QUEUE",
+        "admission slots beyond the threads (default: twice the threads); while uploads arrive more "
+        "slowly than jobs finish, up to one request per thread more is admitted (the read-ahead)",
     )
     loop_nice: int = _setting(
         10,
