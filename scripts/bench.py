@@ -644,14 +644,23 @@ class ChildServer:
 
 
 class ServerProcess(ChildServer):
-    """``python -m optimizer`` on 127.0.0.1 and a free port; its JSON log goes to a file."""
+    """``python -m optimizer`` on 127.0.0.1 and a free port; its JSON log goes to a file.
 
-    def __init__(self, server_args: Sequence[str], log_path: Path, source: Path = ROOT) -> None:
+    ``command`` replaces ``python -m optimizer`` with another program that takes the same flags and logs
+    the same ``listening`` event (``scripts/transport_floor.py``'s servers)."""
+
+    def __init__(
+        self,
+        server_args: Sequence[str],
+        log_path: Path,
+        source: Path = ROOT,
+        command: Sequence[str] = (sys.executable, "-m", "optimizer"),
+    ) -> None:
         self.log_path = log_path
         self.args = [*server_args, "--host", HOST, "--port", "0"]
         self._log = log_path.open("wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "optimizer", *self.args],
+            [*command, *self.args],
             cwd=source,
             env=source_env(source),
             stdin=subprocess.DEVNULL,

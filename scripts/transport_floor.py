@@ -1,263 +1,394 @@
 #!/usr/bin/env python3
 """What receiving one upload costs before any image work: the floor under bench.py's goodput / ceiling.
 
-    python scripts/transport_floor.py                      # the S2 photo
-    python scripts/transport_floor.py --file seed-loadtest-5760x3840.jpg --ceiling 28.1
+    python scripts/transport_floor.py                                  # bench.py's S2 request
+    python scripts/transport_floor.py --scenario s1 --ceiling 28.06 --rounds 5
+    python scripts/transport_floor.py --file photo.jpg --path /optimize --query width=800
 
-bench.py's ceiling runs the pipeline on bytes already in memory; the server must first receive them,
-and on a machine shared with the load generator both ends' CPU comes out of the same cores. Two floors
-are measured here, each as CPU milliseconds per upload (user + system, client and server apart):
+bench.py's ceiling runs the pipeline on bytes already in memory. A server must first receive them, and
+when the load generator runs on the same machine, both ends' CPU comes out of the same cores. Each row
+is the CPU one upload costs, the client's and the server's apart (user + system), for the request
+bench.py sends (the same bytes: multipart unless ``--raw``):
 
-- ``kernel``: the bytes over loopback TCP between two blocking sockets, sent from one buffer and
-  received into one (``sendall`` / ``recv_into``): the kernel's copies and TCP work, and nothing else;
-- ``aiohttp``: the same client sending a raw-body HTTP/1.1 POST on a keep-alive connection to a bare
-  aiohttp server whose handler reads the body with ``readany()`` and answers 204: the least a
-  server on aiohttp and asyncio spends, with no multipart, no pool, no logging;
-- ``optimizer``: the same client posting the file as a form, like bench.py, to the optimizer's own
-  server (``python -m optimizer`` on its defaults) with the image work replaced by a prepared 40 KB
-  answer: everything the service does for an upload but the pipeline (multipart, gate, one pool
-  trip, access log and metrics, the answer).
+- ``kernel``: the request's bytes over loopback TCP between two blocking sockets, sent from one buffer
+  and received into one. The kernel's copies and TCP work, with no HTTP at all.
+- ``aiohttp``: the request on a keep-alive connection to a bare aiohttp handler that reads the body
+  with ``readany()`` and answers 204. It runs with the service's allocator settings and its large
+  reads, but it neither parses the form nor keeps the bytes: about the least a server on aiohttp
+  spends for such an upload.
+- ``optimizer``: the request to the service's own server (``optimizer.server.main`` after the
+  allocator's restart, as ``python -m optimizer`` runs it; one process, default settings otherwise)
+  with the image work replaced by the answer the pipeline gives for this request, computed once at
+  start-up. Everything the service does for an upload but the pipeline: the form, the gate, one trip
+  to a worker thread, the access log, the metrics and the answer.
 
-With ``--ceiling IMAGES_PER_S`` (bench.py's ceiling for the same file), each floor is also shown as a
-share of one image's machine time (cores / ceiling): the share of the ceiling no HTTP server on this
-machine can keep, whatever it does.
+The client is the same minimal blocking socket in every row. The rows run in turn, ``--rounds`` times,
+and the medians are printed: this machine's speed drifts by tens of percent within an hour. With
+``--ceiling`` (bench.py's ceiling for the same request, images/s), each row is also given as a share of
+one image's machine time (cores / ceiling).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import os
-import resource
+import signal
 import socket
-import subprocess
+import statistics
 import sys
+import tempfile
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
+import bench  # scripts/ is the first entry of sys.path when a script runs
 from aiohttp import web
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from optimizer import allocator
+from optimizer.intake import UPLOAD_READ_BYTES
+from optimizer.settings import effective_cpu_count
 
-from optimizer import allocator  # noqa: E402
-
-DEFAULT_CORPUS = Path(os.environ.get("OPTIMIZER_CORPUS", ROOT.parent / "shared" / "corpus"))
-DEFAULT_FILE = "photos/kleiber-lukas-baubkus-6028x3391.jpg"
-WARMUP = 20
-STARTUP_SECONDS = 20.0
+WARMUP = 20  # uploads before each measurement, not counted
+IO_TIMEOUT = 30.0  # seconds any one send or receive may block before the row is given up
 
 
-def cpu_of(pid: int) -> float:
-    """User + system seconds of a process, from /proc (Linux)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+@dataclass(frozen=True)
+class Row:
+    client_ms: float
+    server_ms: float
+
+    @property
+    def total_ms(self) -> float:
+        return self.client_ms + self.server_ms
 
 
-def own_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
+class FloorError(Exception):
+    """A measurement that could not be taken (a server that did not start or answered otherwise)."""
 
 
-def kernel_floor(body: bytes, reps: int) -> tuple[float, float]:
-    """CPU ms per transfer: (sender, receiver), the receiver a forked child."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    port = listener.getsockname()[1]
-    reader, writer = os.pipe()
+def task_cpu_seconds(pid: int) -> float:
+    """CPU time of every thread of a process, in nanosecond resolution (``/proc/PID/task/*/schedstat``;
+    ``/proc/PID/stat`` counts 10 ms ticks, too coarse for a few hundred uploads)."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):  # a thread that ended meanwhile
+            total += int((task / "schedstat").read_text().split()[0])
+    return total / 1e9
+
+
+def kernel_row(request: bytes, reps: int) -> Row:
+    """Both ends as plain sockets: the receiver a forked child that knows the request's length."""
+    with socket.create_server((bench.HOST, 0)) as listener:
+        sender = socket.create_connection(listener.getsockname(), timeout=IO_TIMEOUT)
+        try:
+            receiver, _ = listener.accept()
+        except BaseException:
+            sender.close()
+            raise
+    receiver.settimeout(IO_TIMEOUT)
+    report_read, report_write = os.pipe()
+    sys.stdout.flush()  # nothing buffered before the fork is written twice
     child = os.fork()
-    if child == 0:  # the receiver
-        os.close(reader)
-        conn, _ = listener.accept()
-        buffer = memoryview(bytearray(len(body)))
-        started = own_cpu()
-        for rep in range(WARMUP + reps):
-            if rep == WARMUP:
-                started = own_cpu()
-            got = 0
-            while got < len(body):
-                got += conn.recv_into(buffer[got:], len(body) - got)
-            conn.sendall(b"k")
-        os.write(writer, f"{own_cpu() - started}".encode())
-        os._exit(0)
-    os.close(writer)
-    listener.close()
-    with socket.create_connection(("127.0.0.1", port)) as conn:
-        started = own_cpu()
-        for rep in range(WARMUP + reps):
-            if rep == WARMUP:
-                started = own_cpu()
-            conn.sendall(body)
-            conn.recv(1)
-        sender = own_cpu() - started
-    os.waitpid(child, 0)
-    receiver = float(os.read(reader, 64))
-    os.close(reader)
-    return sender / reps * 1000, receiver / reps * 1000
+    if child == 0:  # the receiver: whatever happens, it ends here and never returns into main()
+        code = 1
+        try:
+            sender.close()
+            os.close(report_read)
+            code = _receive(receiver, len(request), reps, report_write)
+        finally:
+            os._exit(code)
+    receiver.close()
+    os.close(report_write)
+
+    def exchange() -> None:
+        sender.sendall(request)
+        if sender.recv(1) != b"k":
+            raise FloorError("the receiver stopped")
+
+    try:
+        with sender:
+            for _ in range(WARMUP):
+                exchange()
+            started = bench.self_cpu_seconds()
+            for _ in range(reps):
+                exchange()
+            client = bench.self_cpu_seconds() - started
+        received = os.read(report_read, 64)
+    finally:
+        os.close(report_read)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGKILL)  # a no-op once it has exited on its own
+        os.waitpid(child, 0)
+    if not received:
+        raise FloorError("the receiver failed")
+    return Row(client / reps * 1000, float(received) / reps * 1000)
 
 
-def serve_bare(port: int) -> None:
-    """The bare aiohttp server (run in a child process)."""
+def _receive(conn: socket.socket, length: int, reps: int, report: int) -> int:
+    """The receiver's loop: 0, its CPU seconds written to ``report``; 1 if the sender went away."""
+    buffer = memoryview(bytearray(length))
+
+    def exchange() -> bool:
+        got = 0
+        while got < length:
+            more = conn.recv_into(buffer[got:], length - got)
+            if not more:
+                return False
+            got += more
+        conn.sendall(b"k")
+        return True
+
+    if not all(exchange() for _ in range(WARMUP)):
+        return 1
+    started = bench.self_cpu_seconds()
+    if not all(exchange() for _ in range(reps)):
+        return 1
+    os.write(report, str(bench.self_cpu_seconds() - started).encode())
+    return 0
+
+
+def http_row(server: bench.ServerProcess, request: bytes, reps: int, expected: int) -> Row:
+    """The request ``reps`` times on one keep-alive connection; the server's CPU over the same span."""
+    with socket.create_connection((bench.HOST, server.port), timeout=IO_TIMEOUT) as conn:
+
+        def exchange() -> None:
+            try:
+                conn.sendall(request)
+            except OSError as exc:  # answered and closed before the body was in: say with what
+                raise FloorError(f"the server stopped reading the request: {_early_answer(conn)}") from exc
+            status = _read_answer(conn)
+            if status != expected:
+                raise FloorError(f"the server answered {status}, not {expected}:\n{server.log_tail()}")
+
+        for _ in range(WARMUP):
+            exchange()
+        client_started, server_started = bench.self_cpu_seconds(), task_cpu_seconds(server.pid)
+        for _ in range(reps):
+            exchange()
+        client = bench.self_cpu_seconds() - client_started
+        served = task_cpu_seconds(server.pid) - server_started
+    return Row(client / reps * 1000, served / reps * 1000)
+
+
+def _read_answer(conn: socket.socket) -> int:
+    """One whole answer (its head and ``Content-Length`` bytes); its status."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += _recv(conn)
+    head, _, rest = data.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    status = int(status_line.split(" ", 2)[1])
+    fields = {
+        name.strip().lower(): value.strip() for name, _, value in (line.partition(":") for line in lines)
+    }
+    if "content-length" not in fields and status not in (204, 304):
+        raise FloorError(f"an answer without Content-Length: {status_line}")
+    length = int(fields.get("content-length", "0"))
+    while len(rest) < length:
+        rest += _recv(conn)
+    return status
+
+
+def _recv(conn: socket.socket) -> bytes:
+    more = conn.recv(65536)
+    if not more:
+        raise FloorError("the server closed the connection")
+    return more
+
+
+def _early_answer(conn: socket.socket) -> str:
+    with contextlib.suppress(OSError):
+        return conn.recv(4096).decode("latin-1").split("\r\n\r\n", 1)[0] or "nothing"
+    return "nothing"
+
+
+# --- the servers, each run as this script in a child process ---------------------------------------------
+
+
+def exit_with_parent() -> None:
+    """Stop this server (SIGTERM: it drains and exits) once the script that started it is gone, even if
+    the script was killed outright (the benchmark's children start in their own session)."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
+def serve_bare(server_args: Sequence[str]) -> int:
+    """The bare aiohttp server, on ``--host`` and ``--port`` (0: a free one, logged as bench.py reads it)."""
+    allocator.restart_with_tunables()  # the service's allocator settings, for a like-for-like row
+    allocator.tune()
+    exit_with_parent()
+    flags = argparse.ArgumentParser()
+    flags.add_argument("--host", default=bench.HOST)
+    flags.add_argument("--port", type=int, default=0)
+    args, _ = flags.parse_known_args(server_args)
 
     async def sink(request: web.Request) -> web.Response:
+        if request.transport is not None:  # the service's large reads (optimizer.intake)
+            request.transport.max_size = UPLOAD_READ_BYTES  # type: ignore[attr-defined]
         while await request.content.readany():
             pass
         return web.Response(status=204)
 
-    app = web.Application(client_max_size=1 << 30)
-    app.router.add_post("/sink", sink)
-    web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None, handle_signals=True)
+    app = web.Application()
+    app.router.add_post("/{path:.*}", sink)
+    sock = socket.create_server((args.host, args.port))
+    print(json.dumps({"event": "listening", "port": sock.getsockname()[1]}), file=sys.stderr, flush=True)
+    web.run_app(app, sock=sock, print=None, access_log=None)
+    return 0
 
 
-def serve_optimizer(port: int) -> int:
-    """The optimizer's server with a stub for the image work (run in a child process)."""
-    allocator.restart_with_tunables()  # as the optimizer command does; it re-runs this command line
+def serve_optimizer(request: argparse.Namespace, server_args: Sequence[str]) -> int:
+    """``optimizer.server.main`` with the image work replaced by the request's real answer."""
+    for key in [key for key in os.environ if key.startswith("OPTIMIZER_")]:
+        del os.environ[key]  # the service's defaults, whatever the environment says
+    allocator.restart_with_tunables()  # as optimizer.entry does; it re-runs this command line
+    exit_with_parent()
     from optimizer import handlers  # noqa: PLC0415 - after the restart, as in optimizer.entry
-    from optimizer.pipeline import Output  # noqa: PLC0415
+    from optimizer.pipeline import Output, optimize  # noqa: PLC0415
     from optimizer.server import main  # noqa: PLC0415
+    from optimizer.settings import Settings  # noqa: PLC0415
+    from optimizer.state import pipeline_limits  # noqa: PLC0415
 
-    answer = Output(bytes(40_000), "image/jpeg", 800, 450, "JPEG", 6028, 3391)
+    settings = Settings.from_env(os.environ)
+    params = bench.request_params(request.path, request.query, settings)
+    answer = optimize(Path(request.file).read_bytes(), params, pipeline_limits(settings))
 
     def prepared(*_: object) -> Output:
         return answer
 
     handlers._inspect_then_optimize = prepared  # type: ignore[assignment]
-    return main(["--host", "127.0.0.1", "--port", str(port)])
+    return main([*server_args, "--processes", "1"])
 
 
-def raw_request(port: int, body: bytes) -> bytes:
-    head = (
-        f"POST /sink HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/octet-stream\r\n"
-        f"Content-Length: {len(body)}\r\n\r\n"
-    )
-    return head.encode() + body
+# --- the script ------------------------------------------------------------------------------------------
 
 
-def form_request(port: int, body: bytes) -> bytes:
-    """``POST /upload`` with the file as the form field ``image``, framed as bench.py frames it."""
-    boundary = "optimizer-floor-0123456789abcdef0123456789"
-    start = (
-        f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="photo.jpg"\r\n'
-        f"Content-Type: image/jpeg\r\n\r\n"
-    ).encode()
-    end = f"\r\n--{boundary}--\r\n".encode()
-    head = (
-        f"POST /upload HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-        f"Content-Type: multipart/form-data; boundary={boundary}\r\n"
-        f"Content-Length: {len(start) + len(body) + len(end)}\r\n\r\n"
-    )
-    return head.encode() + start + body + end
-
-
-def aiohttp_floor(body: bytes, reps: int) -> tuple[float, float]:
-    """CPU ms per request to the bare aiohttp server: (client, server)."""
-    return _http_floor(body, reps, "--serve-bare", raw_request, b"HTTP/1.1 204")
-
-
-def optimizer_floor(body: bytes, reps: int) -> tuple[float, float]:
-    """CPU ms per request to the optimizer with the image work stubbed out: (client, server)."""
-    return _http_floor(body, reps, "--serve-optimizer", form_request, b"HTTP/1.1 200")
-
-
-def _http_floor(
-    body: bytes, reps: int, serve: str, build: Callable[[int, bytes], bytes], ok: bytes
-) -> tuple[float, float]:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = subprocess.Popen(
-        [sys.executable, __file__, serve, str(port)], stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL
-    )
+def start(mode: str, request: argparse.Namespace, log: Path) -> bench.ServerProcess:
+    command = [sys.executable, __file__, mode, "--file", str(request.file), "--path", request.path]
+    command += ["--query", request.query, "--"]
+    server = bench.ServerProcess([], log, command=command)
     try:
-        conn = _connect(port)
-        request = build(port, body)
-        with conn:
-            for rep in range(WARMUP + reps):
-                if rep == WARMUP:
-                    client_started, server_started = own_cpu(), cpu_of(server.pid)
-                conn.sendall(request)
-                answer = _read_answer(conn)
-                if not answer.startswith(ok):
-                    raise SystemExit(f"the server answered {answer[:40]!r}")
-            client = own_cpu() - client_started
-            served = cpu_of(server.pid) - server_started
-    finally:
-        server.terminate()
-        server.wait(10)
-    return client / reps * 1000, served / reps * 1000
+        server.wait_listening()
+    except BaseException:
+        server.stop(10)
+        raise
+    return server
 
 
-def _read_answer(conn: socket.socket) -> bytes:
-    """One whole answer: its head, and as many bytes as its Content-Length says."""
-    answer = b""
-    while b"\r\n\r\n" not in answer:
-        more = conn.recv(65536)
-        if not more:
-            raise SystemExit("the server closed the connection")
-        answer += more
-    head, _, rest = answer.partition(b"\r\n\r\n")
-    length = 0
-    for line in head.split(b"\r\n")[1:]:
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length":
-            length = int(value)
-    while len(rest) < length:
-        more = conn.recv(65536)
-        if not more:
-            raise SystemExit("the server closed the connection mid-answer")
-        rest += more
-    return head
-
-
-def _connect(port: int) -> socket.socket:
-    deadline = time.monotonic() + STARTUP_SECONDS
-    while True:
+def measure(args: argparse.Namespace, request: bytes, workdir: Path) -> dict[str, list[Row]]:
+    rows: dict[str, list[Row]] = {"kernel": [], "aiohttp": [], "optimizer": []}
+    bare = start("--serve-bare", args, workdir / "bare.log")
+    try:
+        service = start("--serve-optimizer", args, workdir / "optimizer.log")
         try:
-            return socket.create_connection(("127.0.0.1", port))
-        except ConnectionRefusedError:
-            if time.monotonic() > deadline:
-                raise SystemExit("the server did not start") from None
-            time.sleep(0.05)
+            measures: dict[str, Callable[[], Row]] = {
+                "kernel": lambda: kernel_row(request, args.reps),
+                "aiohttp": lambda: http_row(bare, request, args.reps, 204),
+                "optimizer": lambda: http_row(service, request, args.reps, 200),
+            }
+            for round_ in range(args.rounds):
+                for name, row in measures.items():
+                    rows[name].append(row())
+                print(f"round {round_ + 1} of {args.rounds} done", file=sys.stderr)
+        finally:
+            service.stop(10)
+    finally:
+        bare.stop(10)
+    return rows
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
-    parser.add_argument("--file", default=DEFAULT_FILE, help=f"upload to send [default: {DEFAULT_FILE}]")
-    parser.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS, help="where --file is also looked for")
-    parser.add_argument("--reps", type=int, default=300, help="uploads per floor [300]")
-    parser.add_argument("--ceiling", type=float, help="bench.py's ceiling for this file, images/s")
-    parser.add_argument("--cores", type=int, default=os.cpu_count() or 1, help="cores the ceiling ran on")
-    parser.add_argument("--serve-bare", type=int, metavar="PORT", help=argparse.SUPPRESS)
-    parser.add_argument("--serve-optimizer", type=int, metavar="PORT", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.serve_bare is not None:
-        serve_bare(args.serve_bare)
-        return 0
-    if args.serve_optimizer is not None:
-        return serve_optimizer(args.serve_optimizer)
-    path = Path(args.file)
-    if not path.is_file():
-        path = args.corpus / args.file
-    if not path.is_file():
-        parser.error(f"no such file: {args.file} (nor in {args.corpus})")
-    body = path.read_bytes()
-    print(f"{path.name}: {len(body) / 1e6:.2f} MB, {args.reps} uploads each (after {WARMUP} to warm up)")
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n", 1)[0])
+    parser.add_argument("--scenario", choices=("s1", "s2"), default="s2", help="bench.py's request [s2]")
+    parser.add_argument("--file", type=Path, help="upload this file instead of the scenario's")
+    parser.add_argument("--path", help="route [the scenario's]")
+    parser.add_argument("--query", help="query string [the scenario's]")
+    parser.add_argument("--raw", action="store_true", help="send the raw file, not a form")
+    parser.add_argument(
+        "--corpus",
+        type=Path,
+        default=Path(os.environ.get("OPTIMIZER_CORPUS", bench.ROOT.parent / "shared" / "corpus")),
+        help="corpus folder for the scenarios [default: $OPTIMIZER_CORPUS or ../shared/corpus]",
+    )
+    parser.add_argument("--reps", type=int, default=300, help="uploads per row and round [300]")
+    parser.add_argument("--rounds", type=int, default=3, help="the rows in turn, this many times [3]")
+    parser.add_argument("--ceiling", type=float, help="bench.py's ceiling for this request, images/s")
+    parser.add_argument("--cores", type=int, default=effective_cpu_count(), help="cores the ceiling used")
+    parser.add_argument("--serve-bare", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--serve-optimizer", action="store_true", help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    own, server_args = (
+        (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
+    )
+    parser = build_parser()
+    args = parser.parse_args(own)
+    scenario = bench.SCENARIOS[args.scenario]
+    args.path = args.path or scenario.path
+    args.query = scenario.query if args.query is None else args.query
+    if args.serve_bare:
+        return serve_bare(server_args)
+    if args.serve_optimizer:
+        return serve_optimizer(args, server_args)
+    if args.reps < 1 or args.rounds < 1:
+        parser.error("--reps and --rounds must be at least 1")
+    signal.signal(signal.SIGTERM, bench._interrupted)  # unwind, so that the servers are stopped
+    try:
+        args.file = bench.resolve_file(args, scenario)
+    except bench.BenchError as exc:
+        parser.error(str(exc))
+    upload = bench.Upload.build(
+        f"http://{bench.HOST}",
+        path=args.path,
+        query=args.query,
+        file=args.file,
+        field_name="image",
+        raw=args.raw,
+    )
+    request = upload.request_head(expect_continue=False) + upload.body
+    print(f"{args.file.name}, {len(upload.body) / 1e6:.2f} MB as {upload.description} to {args.path}")
+    print(f"{args.reps} uploads per row and round after {WARMUP} to warm up; medians of {args.rounds} rounds")
     image_ms = args.cores / args.ceiling * 1000 if args.ceiling else None
     if image_ms:
-        print(
-            f"one image's machine time at the ceiling: {args.cores} cores / {args.ceiling:g}/s"
-            f" = {image_ms:.1f} ms"
-        )
-    for name, measure, sides in (
-        ("kernel", kernel_floor, ("sender", "receiver")),
-        ("aiohttp", aiohttp_floor, ("client", "server")),
-        ("optimizer", optimizer_floor, ("client", "server")),
-    ):
-        first, second = measure(body, args.reps)
-        total = first + second
-        share = f"  = {total / image_ms:.1%} of an image" if image_ms else ""
-        split = f"{sides[0]} {first:.2f} ms + {sides[1]} {second:.2f} ms"
-        print(f"  {name:9} {split} = {total:.2f} ms per upload{share}")
+        print(f"one image's machine time at the ceiling: {args.cores} cores / {args.ceiling:g}/s", end="")
+        print(f" = {image_ms:.1f} ms")
+    try:
+        with tempfile.TemporaryDirectory(prefix="transport-floor-") as workdir:
+            rows = measure(args, request, Path(workdir))
+    except (FloorError, bench.BenchError) as exc:
+        print(f"transport_floor.py: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (above): the servers have been stopped
+        print("transport_floor.py: interrupted", file=sys.stderr)
+        return 130
+    for name, measured in rows.items():
+        sides = ("sender", "receiver") if name == "kernel" else ("client", "server")
+        print(f"  {name:9} {describe(measured, sides, image_ms)}")
     return 0
+
+
+def describe(measured: list[Row], sides: tuple[str, str], image_ms: float | None) -> str:
+    """One row's medians over the rounds, its share of an image, and the spread of its totals."""
+    client = statistics.median(row.client_ms for row in measured)
+    server = statistics.median(row.server_ms for row in measured)
+    total = statistics.median(row.total_ms for row in measured)
+    share = f" = {total / image_ms:.1%} of an image" if image_ms else ""
+    low, high = min(row.total_ms for row in measured), max(row.total_ms for row in measured)
+    split = f"{sides[0]} {client:.2f} + {sides[1]} {server:.2f} = {total:.2f} ms per upload"
+    return f"{split}{share} (rounds {low:.2f}-{high:.2f})"
 
 
 if __name__ == "__main__":
