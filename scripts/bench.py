@@ -325,6 +325,45 @@ def proc_cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def thread_cpu_seconds(pids: Sequence[int]) -> dict[tuple[int, int], float]:
+    """CPU seconds so far of every thread of ``pids``, by (pid, tid). From ``schedstat`` (nanoseconds)
+    where the kernel keeps it, else from ``stat`` (utime + stime, 10 ms ticks); a thread that ends
+    between the listing and the read is left out."""
+    times: dict[tuple[int, int], float] = {}
+    for pid in pids:
+        try:
+            tasks = list(Path(f"/proc/{pid}/task").iterdir())
+        except OSError:
+            continue
+        for task in tasks:
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                times[(pid, int(task.name))] = _task_cpu_seconds(task)
+    return times
+
+
+def _task_cpu_seconds(task: Path) -> float:
+    try:
+        return int((task / "schedstat").read_text().split()[0]) / 1e9
+    except FileNotFoundError:  # a kernel without CONFIG_SCHED_INFO
+        text = (task / "stat").read_text()
+        fields = text[text.rindex(")") + 2 :].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def split_by_thread(
+    before: dict[tuple[int, int], float], after: dict[tuple[int, int], float]
+) -> dict[str, float]:
+    """CPU seconds between two ``thread_cpu_seconds`` readings, on each process's main thread (the
+    event loop of an asyncio server or of node, a supervisor's own) and on its other threads (the
+    image work: a worker pool, libvips's threads). A thread that started in between counts from zero;
+    one that ended in between is missing from both."""
+    split = {"main_threads_seconds": 0.0, "other_threads_seconds": 0.0}
+    for (pid, tid), seconds in after.items():
+        key = "main_threads_seconds" if pid == tid else "other_threads_seconds"
+        split[key] += max(0.0, seconds - before.get((pid, tid), 0.0))
+    return split
+
+
 def machine_cpu() -> tuple[float, float, float] | None:
     """(busy, idle, steal) CPU seconds of the whole machine so far, from the first line of /proc/stat."""
     try:
@@ -740,18 +779,22 @@ class ServerProcess(ChildServer):
 
 
 class ServerMonitor:
-    """RSS every 100 ms (VmRSS, and VmHWM at the end) and CPU time of the server: of its whole process
-    tree, so that a --processes supervisor and its workers are measured together (RSS summed over the
-    processes; the VmHWM sum is an upper bound of their peak together)."""
+    """RSS every 100 ms (VmRSS, and VmHWM at the end) and CPU time of the server, also split between
+    the main threads and the others: of its whole process tree, so that a --processes supervisor and
+    its workers are measured together (RSS summed over the processes; the VmHWM sum is an upper bound
+    of their peak together)."""
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
         self.rss_at_start = self._rss()
         self.peak_rss_sampled = self.rss_at_start or 0
         self.rss_now = self.rss_at_start
-        self._cpu_start = {p: proc_cpu_seconds(p) or 0.0 for p in process_tree(pid)}
+        tree = process_tree(pid)
+        self._cpu_start = {p: proc_cpu_seconds(p) or 0.0 for p in tree}
         self.cpu_start: float | None = sum(self._cpu_start.values())
         self.cpu_end: float | None = None
+        self._threads_start = thread_cpu_seconds(tree)
+        self.threads: dict[str, float] | None = None
         self.vmhwm: int | None = None
 
     def _rss(self) -> int | None:
@@ -774,6 +817,7 @@ class ServerMonitor:
         self.vmhwm = sum(v for v in peaks if v is not None) or None
         # A worker that started after the monitor did counts from zero: its start-up is server work too.
         self.cpu_end = self.cpu_now()
+        self.threads = split_by_thread(self._threads_start, thread_cpu_seconds(tree))
 
     def cpu_now(self) -> float:
         """CPU seconds of the whole tree so far (on the same footing as ``cpu_start``)."""
@@ -796,6 +840,7 @@ class ServerMonitor:
             "peak_rss_vmhwm_bytes": self.vmhwm,
             "peak_rss_bytes": max(self.vmhwm or 0, self.peak_rss_sampled) or None,
             "cpu_seconds": self.cpu_seconds,
+            "cpu_by_thread": self.threads,
         }
 
 
@@ -1528,9 +1573,7 @@ def compare(result: dict[str, Any], ceiling: dict[str, Any] | None) -> None:
         "503", 0
     )
     answered = result["responses"] + sum(result["responses_after_window_by_status"].values())
-    ok_all = result["ok"] + sum(
-        n for s, n in result["responses_after_window_by_status"].items() if 200 <= int(s) < 300
-    )
+    ok_all = ok_with_grace(result)
     derived: dict[str, Any] = {
         "server_cpu_seconds_per_response": cpu / answered if cpu is not None and answered else None,
         "server_cpu_seconds_per_refusal_upper_bound": cpu / refusals
@@ -1552,6 +1595,7 @@ def compare(result: dict[str, Any], ceiling: dict[str, Any] | None) -> None:
             derived["server_minus_ceiling_peak_rss_bytes"] = (
                 server["peak_rss_bytes"] - ceiling["peak_rss_bytes"]
             )
+    derived["machine_seconds_per_2xx"] = machine_time_per_image(result, ceiling, ok_all)
     derived["noisy_phases"] = [
         name
         for name, part in (
@@ -1561,6 +1605,65 @@ def compare(result: dict[str, Any], ceiling: dict[str, Any] | None) -> None:
         if part and (part.get("others_cores") or 0.0) > NOISY_CORES
     ]
     result["derived"] = derived
+
+
+def ok_with_grace(result: dict[str, Any]) -> int:
+    """The 2xx of a run, the window's and the grace period's: all the images its CPU time paid for."""
+    late: dict[str, int] = result["responses_after_window_by_status"]
+    return int(result["ok"]) + sum(n for status, n in late.items() if 200 <= int(status) < 300)
+
+
+def machine_time_per_image(
+    result: dict[str, Any], ceiling: dict[str, Any] | None, images: int
+) -> dict[str, float | None] | None:
+    """Where the machine's time went during the load, per 2xx (window and grace), in seconds.
+
+    The parts add up to the cores times the run's wall time over the images: the server's image work
+    (its threads other than the main ones) beside the ceiling's whole CPU per image, the server's event
+    loop (main threads: parsing, refusals, answers), the harness, other processes, and time the cores
+    sat idle or were taken by the hypervisor. So goodput / ceiling is read part by part: what is not
+    image work is what the HTTP service costs here."""
+    threads = (result.get("server") or {}).get("cpu_by_thread")
+    machine = result.get("machine_cpu")
+    if not images or not threads or not machine:
+        return None
+    parts: dict[str, float | None] = {
+        "server_other_threads": threads["other_threads_seconds"] / images,
+        "server_main_threads": threads["main_threads_seconds"] / images,
+        "harness": result["client_cpu_seconds"] / images,
+        "other_processes": (machine.get("others_seconds") or 0.0) / images,
+        "idle": machine["idle_seconds"] / images,
+        "steal": machine["steal_seconds"] / images,
+    }
+    parts["total"] = sum(value or 0.0 for value in parts.values())
+    parts["ceiling_cpu"] = (ceiling or {}).get("cpu_seconds_per_image")
+    return parts
+
+
+def cpu_lines(derived: dict[str, Any]) -> list[str]:
+    """What a refusal cost the server, and where the machine's time went per 2xx."""
+    lines = []
+    per_refusal = derived.get("server_cpu_seconds_per_refusal_estimate")
+    bound = derived.get("server_cpu_seconds_per_refusal_upper_bound")
+    if bound is not None:
+        lines.append(
+            f"  server CPU per refusal: {fmt_seconds(per_refusal)} s estimated (server CPU minus ceiling CPU"
+            f" per image x 2xx, over 503s); {bound:.4f} s upper bound (all server CPU over 503s)"
+        )
+    parts = derived.get("machine_seconds_per_2xx")
+    if parts:
+
+        def ms(key: str) -> str:
+            value = parts.get(key)
+            return "-" if value is None else f"{value * 1000:.1f}"
+
+        lines.append(
+            f"  machine time per 2xx, ms: {ms('total')} = image work {ms('server_other_threads')} "
+            f"(the ceiling's CPU per image: {ms('ceiling_cpu')}) + event loop {ms('server_main_threads')} "
+            f"+ harness {ms('harness')} + other processes {ms('other_processes')} + idle {ms('idle')} "
+            f"+ steal {ms('steal')}"
+        )
+    return lines
 
 
 # --- report ---------------------------------------------------------------------------------------------
@@ -1628,6 +1731,10 @@ def rounds_lines(summary: dict[str, Any]) -> list[str]:
         ("goodput / ceiling", "goodput_over_ceiling", "{:.1%}"),
         ("p95 of 2xx, s", "p95_seconds", "{:.3f}"),
         ("server - ceiling peak RSS, MB", "server_minus_ceiling_peak_rss_bytes", "{:+.0f}"),
+        ("image work ms per 2xx", "image_work_ms", "{:.1f}"),
+        ("ceiling CPU ms per image", "ceiling_cpu_ms", "{:.1f}"),
+        ("event loop ms per 2xx", "event_loop_ms", "{:.1f}"),
+        ("harness ms per 2xx", "harness_ms", "{:.1f}"),
         ("ours / peer", "goodput_over_peer", "{:.0%}"),
     )
     lines = [f"{summary['rounds']} rounds, each a ceiling then a load (median, then each round):"]
@@ -1722,13 +1829,7 @@ def run_table(run: dict[str, Any], ceiling: dict[str, Any] | None) -> list[str]:
         lines.append(f"  error samples: {errors['samples']}")
     if run["server_5xx_other_than_503"]:
         lines.append(f"  5xx other than 503: {run['server_5xx_other_than_503']}")
-    per_refusal = derived.get("server_cpu_seconds_per_refusal_estimate")
-    bound = derived.get("server_cpu_seconds_per_refusal_upper_bound")
-    if bound is not None:
-        lines.append(
-            f"  server CPU per refusal: {fmt_seconds(per_refusal)} s estimated (server CPU minus ceiling CPU"
-            f" per image x 2xx, over 503s); {bound:.4f} s upper bound (all server CPU over 503s)"
-        )
+    lines.extend(cpu_lines(derived))
     if run["server_timing_2xx_mean_ms"]:
         timing = ", ".join(f"{k} {v:.0f}" for k, v in run["server_timing_2xx_mean_ms"].items())
         lines.append(f"  Server-Timing of 2xx, mean ms: {timing}")
@@ -1770,6 +1871,13 @@ def peer_lines(peer: dict[str, Any], ratio: float | None) -> list[str]:
         + f", client CPU share {peer['client_cpu_share']:.0%}",
         f"    responses: {statuses or 'none'}; errors {peer['errors']['total']}",
     ]
+    parts = machine_time_per_image(peer, None, ok_with_grace(peer))
+    if parts:
+        main, other = parts["server_main_threads"] or 0.0, parts["server_other_threads"] or 0.0
+        lines.append(
+            f"    machine time per 2xx {(parts['total'] or 0.0) * 1000:.1f} ms; the peer's CPU per 2xx: "
+            f"{main * 1000:.1f} ms on its main thread, {other * 1000:.1f} ms on its others"
+        )
     lines.extend("  " + line for line in noise_lines(peer, None))
     return lines
 
@@ -2241,6 +2349,13 @@ def rounds_summary(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     def derived(key: str) -> dict[str, Any] | None:
         return of(lambda run: run["derived"].get(key))
 
+    def per_image(part: str) -> dict[str, Any] | None:
+        def ms(run: dict[str, Any]) -> float | None:
+            value = (run["derived"].get("machine_seconds_per_2xx") or {}).get(part)
+            return None if value is None else value * 1000
+
+        return of(ms)
+
     return {
         "rounds": len(runs),
         "goodput_per_s": of(lambda r: r["goodput_per_s"]),
@@ -2249,6 +2364,10 @@ def rounds_summary(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "p95_seconds": of(lambda r: r["latency_2xx_seconds"]["p95"]),
         "server_minus_ceiling_peak_rss_bytes": derived("server_minus_ceiling_peak_rss_bytes"),
         "goodput_over_peer": derived("goodput_over_peer"),
+        "image_work_ms": per_image("server_other_threads"),
+        "ceiling_cpu_ms": per_image("ceiling_cpu"),
+        "event_loop_ms": per_image("server_main_threads"),
+        "harness_ms": per_image("harness"),
     }
 
 

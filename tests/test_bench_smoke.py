@@ -170,6 +170,19 @@ def test_bench_runs_against_its_own_server_and_reports(tmp_path: Path) -> None:
     assert {"goodput_over_ceiling", "server_minus_ceiling_peak_rss_bytes"} <= run["derived"].keys()
     assert run["derived"]["goodput_over_ceiling"] is not None
 
+    # Where the machine's time went per 2xx: the image work ran on the pool's thread, not the event
+    # loop's, and the parts add up to their total.
+    threads = run["server"]["cpu_by_thread"]
+    assert threads["other_threads_seconds"] > 0
+    assert threads["main_threads_seconds"] > 0
+    parts = run["derived"]["machine_seconds_per_2xx"]
+    assert parts["ceiling_cpu"] == results["ceilings"][0]["cpu_seconds_per_image"]
+    shares = {key: value for key, value in parts.items() if key not in ("total", "ceiling_cpu")}
+    assert all(value >= 0 for value in shares.values())
+    assert parts["total"] == pytest.approx(sum(shares.values()))
+    assert "machine time per 2xx, ms:" in done.stdout
+    assert "event loop ms per 2xx" in done.stdout
+
     # The chart draws from the same file, even with a single point.
     chart = tmp_path / "chart.png"
     drawn = run_bench("chart", str(results_path), str(chart))
