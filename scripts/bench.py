@@ -325,43 +325,47 @@ def proc_cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def thread_cpu_seconds(pids: Sequence[int]) -> dict[tuple[int, int], float]:
-    """CPU seconds so far of every thread of ``pids``, by (pid, tid). From ``schedstat`` (nanoseconds)
-    where the kernel keeps it, else from ``stat`` (utime + stime, 10 ms ticks); a thread that ends
-    between the listing and the read is left out."""
-    times: dict[tuple[int, int], float] = {}
-    for pid in pids:
-        try:
-            tasks = list(Path(f"/proc/{pid}/task").iterdir())
-        except OSError:
-            continue
-        for task in tasks:
-            with contextlib.suppress(OSError, ValueError, IndexError):
-                times[(pid, int(task.name))] = _task_cpu_seconds(task)
-    return times
-
-
-def _task_cpu_seconds(task: Path) -> float:
+def main_thread_cpu_seconds(pid: int) -> float | None:
+    """CPU seconds so far of a process's main thread: ``schedstat`` (nanoseconds) where the kernel keeps
+    it, else ``stat`` (utime + stime, 10 ms ticks); ``None`` when the process is gone."""
+    task = Path(f"/proc/{pid}/task/{pid}")
     try:
-        return int((task / "schedstat").read_text().split()[0]) / 1e9
-    except FileNotFoundError:  # a kernel without CONFIG_SCHED_INFO
-        text = (task / "stat").read_text()
-        fields = text[text.rindex(")") + 2 :].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        try:
+            return int((task / "schedstat").read_text().split()[0]) / 1e9
+        except FileNotFoundError:
+            if not task.exists():
+                return None
+            text = (task / "stat").read_text()  # a kernel without CONFIG_SCHED_INFO
+            fields = text[text.rindex(")") + 2 :].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
-def split_by_thread(
-    before: dict[tuple[int, int], float], after: dict[tuple[int, int], float]
-) -> dict[str, float]:
-    """CPU seconds between two ``thread_cpu_seconds`` readings, on each process's main thread (the
-    event loop of an asyncio server or of node, a supervisor's own) and on its other threads (the
-    image work: a worker pool, libvips's threads). A thread that started in between counts from zero;
-    one that ended in between is missing from both."""
-    split = {"main_threads_seconds": 0.0, "other_threads_seconds": 0.0}
-    for (pid, tid), seconds in after.items():
-        key = "main_threads_seconds" if pid == tid else "other_threads_seconds"
-        split[key] += max(0.0, seconds - before.get((pid, tid), 0.0))
-    return split
+CpuReadings = dict[int, tuple[float, float]]  # pid -> (CPU seconds of the process, of its main thread)
+
+
+def cpu_readings(pids: Sequence[int]) -> CpuReadings:
+    readings: CpuReadings = {}
+    for pid in pids:
+        total, main = proc_cpu_seconds(pid), main_thread_cpu_seconds(pid)
+        if total is not None and main is not None:
+            readings[pid] = (total, main)
+    return readings
+
+
+def split_by_thread(before: CpuReadings, after: CpuReadings) -> dict[str, float]:
+    """CPU seconds between two ``cpu_readings``, on each process's main thread (the event loop of an
+    asyncio server or of node, a supervisor's own) and on its other threads (the image work: a worker
+    pool, libvips's threads). The others are the process's total less its main thread, so a thread that
+    ended in between still counts; a process that started in between counts from zero."""
+    main = other = 0.0
+    for pid, (total, on_main) in after.items():
+        total_before, main_before = before.get(pid, (0.0, 0.0))
+        main_delta = max(0.0, on_main - main_before)
+        main += main_delta
+        other += max(0.0, total - total_before - main_delta)
+    return {"main_threads_seconds": main, "other_threads_seconds": other}
 
 
 def machine_cpu() -> tuple[float, float, float] | None:
@@ -789,13 +793,18 @@ class ServerMonitor:
         self.rss_at_start = self._rss()
         self.peak_rss_sampled = self.rss_at_start or 0
         self.rss_now = self.rss_at_start
-        tree = process_tree(pid)
-        self._cpu_start = {p: proc_cpu_seconds(p) or 0.0 for p in tree}
-        self.cpu_start: float | None = sum(self._cpu_start.values())
+        self.cpu_start: float | None = None
         self.cpu_end: float | None = None
-        self._threads_start = thread_cpu_seconds(tree)
         self.threads: dict[str, float] | None = None
         self.vmhwm: int | None = None
+        self.start()
+
+    def start(self) -> None:
+        """Take the CPU baselines (again): at the load's start, beside the machine's own reading."""
+        tree = process_tree(self.pid)
+        self._cpu_start = {p: proc_cpu_seconds(p) or 0.0 for p in tree}
+        self.cpu_start = sum(self._cpu_start.values())
+        self._readings_start = cpu_readings(tree)
 
     def _rss(self) -> int | None:
         values = [proc_status(p).get("VmRSS") for p in process_tree(self.pid)]
@@ -817,7 +826,9 @@ class ServerMonitor:
         self.vmhwm = sum(v for v in peaks if v is not None) or None
         # A worker that started after the monitor did counts from zero: its start-up is server work too.
         self.cpu_end = self.cpu_now()
-        self.threads = split_by_thread(self._threads_start, thread_cpu_seconds(tree))
+        after = cpu_readings(tree)
+        # The server gone, or /proc unreadable: no split rather than one of zeros.
+        self.threads = split_by_thread(self._readings_start, after) if self.pid in after else None
 
     def cpu_now(self) -> float:
         """CPU seconds of the whole tree so far (on the same footing as ``cpu_start``)."""
@@ -1092,6 +1103,8 @@ class LoadRun:
         self.machine_before: tuple[float, float, float] | None = None
 
     async def run(self) -> dict[str, Any]:
+        if self.monitor is not None:
+            self.monitor.start()  # the server's CPU over the same span as the machine's and the client's
         cpu_before, wall_before = self_cpu_seconds(), time.perf_counter()
         self.machine_before = machine_cpu()
         self.t0 = wall_before
@@ -1109,6 +1122,8 @@ class LoadRun:
                 print(file=sys.stderr)
         wall = time.perf_counter() - wall_before
         client_cpu = self_cpu_seconds() - cpu_before
+        if self.monitor is not None:
+            self.monitor.finish()  # the final figures, next to the machine's reading in _result()
         window = min(self.plan.seconds, wall)
         return self._result(window, wall, client_cpu)
 
@@ -1525,7 +1540,7 @@ def drive(
     process: ChildServer | None,
     monitor: ServerMonitor | None,
 ) -> dict[str, Any]:
-    """Run the users of ``plan`` against ``upload``; read the monitor's final figures before returning."""
+    """Run the users of ``plan`` against ``upload`` (the run reads the monitor's final figures itself)."""
     if not config.quiet:
         print(f"load: {plan.describe()} -> {upload.method} {upload.url}", file=sys.stderr)
     run = LoadRun(
@@ -1542,8 +1557,6 @@ def drive(
     result = asyncio.run(run.run())
     result["url"] = upload.url
     result["request"] = upload.description
-    if monitor is not None:
-        monitor.finish()
     return result
 
 
@@ -1618,15 +1631,19 @@ def machine_time_per_image(
 ) -> dict[str, float | None] | None:
     """Where the machine's time went during the load, per 2xx (window and grace), in seconds.
 
-    The parts add up to the cores times the run's wall time over the images: the server's image work
-    (its threads other than the main ones) beside the ceiling's whole CPU per image, the server's event
-    loop (main threads: parsing, refusals, answers), the harness, other processes, and time the cores
-    sat idle or were taken by the hypervisor. So goodput / ceiling is read part by part: what is not
-    image work is what the HTTP service costs here."""
+    ``total`` is every CPU's time over the run (``/proc/stat``: busy, idle and steal) over the images.
+    The parts are the server's threads other than the main ones (its image work), its main threads
+    (the event loop: parsing, refusals, answers), the harness, other processes (the rest of the busy
+    time, kernel work outside these processes included), idle and steal; ``unaccounted`` is what they
+    miss of the total (readings ~1 ms apart, 10 ms ticks), about zero. Beside them, the ceiling's CPU
+    per image, and its machine time per image (the same cores over its rate): goodput / ceiling is
+    about the ceiling's machine time over ``total``, so the parts say where the ratio went."""
     threads = (result.get("server") or {}).get("cpu_by_thread")
     machine = result.get("machine_cpu")
-    if not images or not threads or not machine:
+    wall = result.get("wall_seconds") or 0.0
+    if not images or not threads or not machine or wall <= 0:
         return None
+    machine_seconds = machine["busy_seconds"] + machine["idle_seconds"] + machine["steal_seconds"]
     parts: dict[str, float | None] = {
         "server_other_threads": threads["other_threads_seconds"] / images,
         "server_main_threads": threads["main_threads_seconds"] / images,
@@ -1635,8 +1652,12 @@ def machine_time_per_image(
         "idle": machine["idle_seconds"] / images,
         "steal": machine["steal_seconds"] / images,
     }
-    parts["total"] = sum(value or 0.0 for value in parts.values())
+    total = machine_seconds / images
+    parts["unaccounted"] = total - sum(value or 0.0 for value in parts.values())
+    parts["total"] = total
+    rate = (ceiling or {}).get("images_per_s")
     parts["ceiling_cpu"] = (ceiling or {}).get("cpu_seconds_per_image")
+    parts["ceiling_machine"] = machine_seconds / wall / rate if rate else None
     return parts
 
 
@@ -1657,11 +1678,15 @@ def cpu_lines(derived: dict[str, Any]) -> list[str]:
             value = parts.get(key)
             return "-" if value is None else f"{value * 1000:.1f}"
 
+        ceiling = "" if parts.get("ceiling_machine") is None else f" (the ceiling's: {ms('ceiling_machine')})"
+        ceiling_cpu = "" if parts.get("ceiling_cpu") is None else f" (the ceiling's CPU: {ms('ceiling_cpu')})"
+        unaccounted = parts.get("unaccounted") or 0.0
+        rest = f" + unaccounted {ms('unaccounted')}" if abs(unaccounted) >= 0.0001 else ""
         lines.append(
-            f"  machine time per 2xx, ms: {ms('total')} = image work {ms('server_other_threads')} "
-            f"(the ceiling's CPU per image: {ms('ceiling_cpu')}) + event loop {ms('server_main_threads')} "
-            f"+ harness {ms('harness')} + other processes {ms('other_processes')} + idle {ms('idle')} "
-            f"+ steal {ms('steal')}"
+            f"  machine time per 2xx, ms: {ms('total')}{ceiling} = image work (the server's other threads)"
+            f" {ms('server_other_threads')}{ceiling_cpu} + event loop (main threads)"
+            f" {ms('server_main_threads')} + harness {ms('harness')} + other processes"
+            f" {ms('other_processes')} + idle {ms('idle')} + steal {ms('steal')}{rest}"
         )
     return lines
 
@@ -1731,6 +1756,8 @@ def rounds_lines(summary: dict[str, Any]) -> list[str]:
         ("goodput / ceiling", "goodput_over_ceiling", "{:.1%}"),
         ("p95 of 2xx, s", "p95_seconds", "{:.3f}"),
         ("server - ceiling peak RSS, MB", "server_minus_ceiling_peak_rss_bytes", "{:+.0f}"),
+        ("machine time ms per 2xx", "machine_ms", "{:.1f}"),
+        ("ceiling machine ms per image", "ceiling_machine_ms", "{:.1f}"),
         ("image work ms per 2xx", "image_work_ms", "{:.1f}"),
         ("ceiling CPU ms per image", "ceiling_cpu_ms", "{:.1f}"),
         ("event loop ms per 2xx", "event_loop_ms", "{:.1f}"),
@@ -1876,7 +1903,7 @@ def peer_lines(peer: dict[str, Any], ratio: float | None) -> list[str]:
         main, other = parts["server_main_threads"] or 0.0, parts["server_other_threads"] or 0.0
         lines.append(
             f"    machine time per 2xx {(parts['total'] or 0.0) * 1000:.1f} ms; the peer's CPU per 2xx: "
-            f"{main * 1000:.1f} ms on its main thread, {other * 1000:.1f} ms on its others"
+            f"{main * 1000:.1f} ms on its processes' main threads, {other * 1000:.1f} ms on their others"
         )
     lines.extend("  " + line for line in noise_lines(peer, None))
     return lines
@@ -2364,6 +2391,8 @@ def rounds_summary(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "p95_seconds": of(lambda r: r["latency_2xx_seconds"]["p95"]),
         "server_minus_ceiling_peak_rss_bytes": derived("server_minus_ceiling_peak_rss_bytes"),
         "goodput_over_peer": derived("goodput_over_peer"),
+        "machine_ms": per_image("total"),
+        "ceiling_machine_ms": per_image("ceiling_machine"),
         "image_work_ms": per_image("server_other_threads"),
         "ceiling_cpu_ms": per_image("ceiling_cpu"),
         "event_loop_ms": per_image("server_main_threads"),

@@ -86,6 +86,22 @@ def test_the_monitor_finds_a_supervisor_s_children_cheaply() -> None:
             child.wait()
 
 
+def test_cpu_is_split_between_main_and_other_threads() -> None:
+    """The other threads' share is each process's total less its main thread, so a thread that ended
+    between the readings still counts; a process that appeared counts from zero."""
+    bench = load_bench()
+    split = bench.split_by_thread({1: (1.0, 0.4)}, {1: (3.0, 0.9), 2: (0.5, 0.2)})
+    assert split["main_threads_seconds"] == pytest.approx(0.5 + 0.2)
+    assert split["other_threads_seconds"] == pytest.approx(1.5 + 0.3)
+    # This process, read twice: its main thread is found, and time only grows.
+    before = bench.cpu_readings([os.getpid()])
+    sum(range(200_000))
+    after = bench.cpu_readings([os.getpid()])
+    assert set(after) == {os.getpid()}
+    assert after[os.getpid()][1] >= before[os.getpid()][1]
+    assert bench.cpu_readings([2**22 + 1]) == {}  # no such process
+
+
 def test_stages_ramp_linearly_between_targets() -> None:
     bench = load_bench()
     plan = bench.LoadPlan(start_users=0, stages=bench.parse_stages("5s:20,10s:50,5s:0"))
@@ -170,16 +186,7 @@ def test_bench_runs_against_its_own_server_and_reports(tmp_path: Path) -> None:
     assert {"goodput_over_ceiling", "server_minus_ceiling_peak_rss_bytes"} <= run["derived"].keys()
     assert run["derived"]["goodput_over_ceiling"] is not None
 
-    # Where the machine's time went per 2xx: the image work ran on the pool's thread, not the event
-    # loop's, and the parts add up to their total.
-    threads = run["server"]["cpu_by_thread"]
-    assert threads["other_threads_seconds"] > 0
-    assert threads["main_threads_seconds"] > 0
-    parts = run["derived"]["machine_seconds_per_2xx"]
-    assert parts["ceiling_cpu"] == results["ceilings"][0]["cpu_seconds_per_image"]
-    shares = {key: value for key, value in parts.items() if key not in ("total", "ceiling_cpu")}
-    assert all(value >= 0 for value in shares.values())
-    assert parts["total"] == pytest.approx(sum(shares.values()))
+    assert_machine_time_is_accounted(run, results["ceilings"][0])
     assert "machine time per 2xx, ms:" in done.stdout
     assert "event loop ms per 2xx" in done.stdout
 
@@ -190,6 +197,24 @@ def test_bench_runs_against_its_own_server_and_reports(tmp_path: Path) -> None:
     with Image.open(chart) as png:
         assert png.format == "PNG"
         assert png.width > 0
+
+
+def assert_machine_time_is_accounted(run: dict[str, Any], ceiling: dict[str, Any]) -> None:
+    """Where the machine's time went per 2xx: the image work ran on the pool's thread, not the event
+    loop's, and the parts account for the machine's whole time over the run (every CPU, wall time)."""
+    threads = run["server"]["cpu_by_thread"]
+    assert threads["other_threads_seconds"] > 0
+    assert threads["main_threads_seconds"] > 0
+    parts = run["derived"]["machine_seconds_per_2xx"]
+    images = run["ok"] + sum(
+        n for status, n in run["responses_after_window_by_status"].items() if status.startswith("2")
+    )
+    assert parts["total"] == pytest.approx((os.cpu_count() or 1) * run["wall_seconds"] / images, rel=0.1)
+    shares = ("server_other_threads", "server_main_threads", "harness", "other_processes", "idle", "steal")
+    assert all(parts[key] >= 0 for key in shares)
+    assert abs(parts["unaccounted"]) <= 0.1 * parts["total"]
+    assert parts["ceiling_cpu"] == ceiling["cpu_seconds_per_image"]
+    assert parts["ceiling_machine"] > 0
 
 
 # A stand-in for ipx: the harness finds it where `npm install --prefix DIR ipx@3` would put it, starts it
