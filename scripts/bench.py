@@ -716,21 +716,27 @@ class ServerProcess(ChildServer):
         self.capacity = 0
         self.exit_code: int | None = None
 
-    def wait_listening(self, timeout: float = STARTUP_TIMEOUT) -> None:
+    def wait_listening(self, timeout: float = STARTUP_TIMEOUT, *, processes: int = 1) -> None:
+        """Until ``processes`` server processes (``--processes``: each logs its own event) listen."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            for entry in self._log_entries():
-                if entry.get("event") == "listening":
-                    self.port = int(entry["port"])
-                    self.threads = int(entry.get("threads", 0))
-                    self.capacity = int(entry.get("capacity", 0))
-                    return
+            listening = [entry for entry in self._log_entries() if entry.get("event") == "listening"]
+            if len({entry.get("pid") for entry in listening}) >= processes:
+                entry = listening[0]
+                self.port = int(entry["port"])
+                self.threads = int(entry.get("threads", 0))
+                self.capacity = int(entry.get("capacity", 0))
+                return
             if self.proc.poll() is not None:
                 raise BenchError(
                     f"the server exited with code {self.proc.returncode} before listening:\n{self.log_tail()}"
                 )
             time.sleep(0.05)
-        raise BenchError(f"the server did not log 'listening' within {timeout:g} s:\n{self.log_tail()}")
+        pids = {entry.get("pid") for entry in self._log_entries() if entry.get("event") == "listening"}
+        raise BenchError(
+            f"{len(pids)} of {processes} server processes logged 'listening' within {timeout:g} s:\n"
+            f"{self.log_tail()}"
+        )
 
     def _log_entries(self) -> Iterator[dict[str, Any]]:
         with self.log_path.open("rb") as handle:
@@ -1501,7 +1507,8 @@ def load_once(config: Config, plan: LoadPlan, log_dir: Path, label: str) -> dict
         server = ServerProcess(config.server_args, log_path, config.source)
     try:
         if server is not None:
-            server.wait_listening()
+            # With --processes, the load starts once every worker listens, not just the first.
+            server.wait_listening(processes=server_settings(config.server_args).processes)
             monitor = ServerMonitor(server.pid)
             base_url = server.url
         else:

@@ -102,6 +102,26 @@ def test_cpu_is_split_between_main_and_other_threads() -> None:
     assert bench.cpu_readings([2**22 + 1]) == {}  # no such process
 
 
+def test_the_harness_waits_for_every_server_process_to_listen(tmp_path: Path) -> None:
+    """With --processes each worker logs its own 'listening': the load starts once all of them have."""
+    bench = load_bench()
+    fake = (
+        "import json, sys, time\n"
+        "for pid in (101, 102):\n"
+        "    print(json.dumps({'event': 'listening', 'pid': pid, 'port': 4321, 'threads': 2}),"
+        " file=sys.stderr, flush=True)\n"
+        "time.sleep(30)\n"
+    )
+    server = bench.ServerProcess([], tmp_path / "fake.log", command=[sys.executable, "-c", fake])
+    try:
+        server.wait_listening(processes=2)
+        assert (server.port, server.threads) == (4321, 2)
+        with pytest.raises(bench.BenchError, match="2 of 3 server processes logged 'listening'"):
+            server.wait_listening(0.3, processes=3)
+    finally:
+        server.stop(5)
+
+
 def test_stages_ramp_linearly_between_targets() -> None:
     bench = load_bench()
     plan = bench.LoadPlan(start_users=0, stages=bench.parse_stages("5s:20,10s:50,5s:0"))
