@@ -209,6 +209,7 @@ def test_bench_runs_against_its_own_server_and_reports(tmp_path: Path) -> None:
     assert_machine_time_is_accounted(run, results["ceilings"][0])
     assert "machine time per 2xx, ms:" in done.stdout
     assert "event loop ms per 2xx" in done.stdout
+    assert "the same without the harness*" in done.stdout
 
     # The chart draws from the same file, even with a single point.
     chart = tmp_path / "chart.png"
@@ -235,6 +236,8 @@ def assert_machine_time_is_accounted(run: dict[str, Any], ceiling: dict[str, Any
     assert abs(parts["unaccounted"]) <= 0.1 * parts["total"]
     assert parts["ceiling_cpu"] == ceiling["cpu_seconds_per_image"]
     assert parts["ceiling_machine"] > 0
+    estimate = run["derived"]["goodput_over_ceiling_without_harness"]
+    assert estimate == pytest.approx(parts["ceiling_machine"] / (parts["total"] - parts["harness"]))
 
 
 # A stand-in for ipx: the harness finds it where `npm install --prefix DIR ipx@3` would put it, starts it
