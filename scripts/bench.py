@@ -91,8 +91,8 @@ NOISY_CORES = 0.25  # other processes' CPU (in cores) above which a phase's figu
 MB = 1_000_000
 
 WITHOUT_HARNESS = (
-    "an estimate, as with a load generator on cores of its own: the ceiling's machine time per image "
-    "over the load's, less the harness's CPU per 2xx"
+    "an upper-bound estimate, as with a load generator on cores of its own: goodput / ceiling times the "
+    "machine time per 2xx over the machine time per 2xx minus the harness's CPU per 2xx"
 )
 SAME_MACHINE_NOTE = (
     "the ceiling and the HTTP load ran one after the other (not concurrently) on the same machine, "
@@ -362,7 +362,8 @@ def split_by_thread(before: CpuReadings, after: CpuReadings) -> dict[str, float]
     """CPU seconds between two ``cpu_readings``, on each process's main thread (the event loop of an
     asyncio server or of node, a supervisor's own) and on its other threads (the image work: a worker
     pool, libvips's threads). The others are the process's total less its main thread, so a thread that
-    ended in between still counts; a process that started in between counts from zero."""
+    ended in between still counts; a process that started in between counts from zero, and one that
+    ended in between is left out (its CPU then shows as other processes')."""
     main = other = 0.0
     for pid, (total, on_main) in after.items():
         total_before, main_before = before.get(pid, (0.0, 0.0))
@@ -834,7 +835,8 @@ class ServerMonitor:
         tree = process_tree(self.pid)
         peaks = [proc_status(p).get("VmHWM") for p in tree]
         self.vmhwm = sum(v for v in peaks if v is not None) or None
-        # A worker that started after the monitor did counts from zero: its start-up is server work too.
+        # A worker that started after start() (the load's start) counts from zero: its start-up is
+        # server work too.
         self.cpu_end = self.cpu_now()
         after = cpu_readings(tree)
         # The server gone, or /proc unreadable: no split rather than one of zeros.
@@ -1621,11 +1623,13 @@ def compare(result: dict[str, Any], ceiling: dict[str, Any] | None) -> None:
             )
     parts = machine_time_per_image(result, ceiling, ok_all)
     derived["machine_seconds_per_2xx"] = parts
-    # An estimate, for a harness that shares the cores: the ratio had the harness's CPU gone to the
-    # server (a load generator on cores of its own), read from the machine time per 2xx.
+    # An upper-bound estimate, for a harness that shares the cores: the measured ratio, had the
+    # harness's CPU gone to the server (a load generator on cores of its own). It also takes away the
+    # kernel's loopback work done in the harness's time, which a remote client's host would not do.
+    ratio = derived["goodput_over_ceiling"]
     derived["goodput_over_ceiling_without_harness"] = (
-        parts["ceiling_machine"] / (parts["total"] - parts["harness"])
-        if parts and parts["ceiling_machine"] and parts["total"] and parts["harness"] is not None
+        ratio * parts["total"] / (parts["total"] - parts["harness"])
+        if ratio and parts and parts["total"] and parts["harness"] is not None
         else None
     )
     derived["noisy_phases"] = [
@@ -1654,7 +1658,8 @@ def machine_time_per_image(
     The parts are the server's threads other than the main ones (its image work), its main threads
     (the event loop: parsing, refusals, answers), the harness, other processes (the rest of the busy
     time, kernel work outside these processes included), idle and steal; ``unaccounted`` is what they
-    miss of the total (readings ~1 ms apart, 10 ms ticks), about zero. Beside them, the ceiling's CPU
+    miss of the total, about zero by construction: it only shows the server's per-thread reading
+    disagreeing with its process totals, or ``others`` clipped at zero. Beside them, the ceiling's CPU
     per image, and its machine time per image (the same cores over its rate): goodput / ceiling is
     about the ceiling's machine time over ``total``, so the parts say where the ratio went."""
     threads = (result.get("server") or {}).get("cpu_by_thread")

@@ -72,11 +72,19 @@ class FloorError(Exception):
 
 def task_cpu_seconds(pid: int) -> float:
     """CPU time of every thread of a process, in nanosecond resolution (``/proc/PID/task/*/schedstat``;
-    ``/proc/PID/stat`` counts 10 ms ticks, too coarse for a few hundred uploads)."""
-    total = 0
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        with contextlib.suppress(OSError):  # a thread that ended meanwhile
+    ``/proc/PID/stat`` counts 10 ms ticks, too coarse for a few hundred uploads). The servers' threads
+    all live as long as they do, so none is lost between two readings."""
+    total, read = 0, 0
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        tasks = []
+    for task in tasks:
+        with contextlib.suppress(FileNotFoundError):  # a thread that ended meanwhile
             total += int((task / "schedstat").read_text().split()[0])
+            read += 1
+    if not read:
+        raise FloorError(f"cannot read the CPU time of process {pid} (no /proc/{pid}/task/*/schedstat)")
     return total / 1e9
 
 

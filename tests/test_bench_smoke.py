@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from types import ModuleType
@@ -100,6 +101,26 @@ def test_cpu_is_split_between_main_and_other_threads() -> None:
     assert set(after) == {os.getpid()}
     assert after[os.getpid()][1] >= before[os.getpid()][1]
     assert bench.cpu_readings([2**22 + 1]) == {}  # no such process
+
+    # A thread that burns CPU and ends between two readings counts among the other threads.
+    worker = threading.Thread(target=lambda: sum(range(3_000_000)))
+    worker.start()
+    worker.join()
+    ended = bench.split_by_thread(after, bench.cpu_readings([os.getpid()]))
+    assert ended["other_threads_seconds"] > 0
+
+
+def test_the_monitor_gives_no_split_for_a_server_that_is_gone() -> None:
+    bench = load_bench()
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        monitor = bench.ServerMonitor(child.pid)
+    finally:
+        child.kill()
+        child.wait()
+    monitor.finish()
+    assert monitor.threads is None
+    assert monitor.as_dict()["cpu_by_thread"] is None
 
 
 def test_the_harness_waits_for_every_server_process_to_listen(tmp_path: Path) -> None:
@@ -236,8 +257,8 @@ def assert_machine_time_is_accounted(run: dict[str, Any], ceiling: dict[str, Any
     assert abs(parts["unaccounted"]) <= 0.1 * parts["total"]
     assert parts["ceiling_cpu"] == ceiling["cpu_seconds_per_image"]
     assert parts["ceiling_machine"] > 0
-    estimate = run["derived"]["goodput_over_ceiling_without_harness"]
-    assert estimate == pytest.approx(parts["ceiling_machine"] / (parts["total"] - parts["harness"]))
+    # Taking the harness's time out can only raise the ratio.
+    assert run["derived"]["goodput_over_ceiling_without_harness"] >= run["derived"]["goodput_over_ceiling"]
 
 
 # A stand-in for ipx: the harness finds it where `npm install --prefix DIR ipx@3` would put it, starts it
