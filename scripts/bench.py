@@ -321,12 +321,17 @@ def children_by_scan(pid: int) -> list[int]:
 
 def proc_cpu_seconds(pid: int) -> float | None:
     """utime + stime of a process, in seconds, from /proc/PID/stat."""
+    return _stat_cpu_seconds(Path(f"/proc/{pid}/stat"))
+
+
+def _stat_cpu_seconds(stat: Path) -> float | None:
+    """utime + stime from a ``stat`` file of /proc (a process's or a thread's), in seconds."""
     try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+        text = stat.read_text()
+        fields = text[text.rindex(")") + 2 :].split()  # after "pid (comm) ": state is fields[0]
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
         return None
-    fields = text[text.rindex(")") + 2 :].split()  # after "pid (comm) ": state is fields[0]
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def main_thread_cpu_seconds(pid: int) -> float | None:
@@ -334,14 +339,9 @@ def main_thread_cpu_seconds(pid: int) -> float | None:
     it, else ``stat`` (utime + stime, 10 ms ticks); ``None`` when the process is gone."""
     task = Path(f"/proc/{pid}/task/{pid}")
     try:
-        try:
-            return int((task / "schedstat").read_text().split()[0]) / 1e9
-        except FileNotFoundError:
-            if not task.exists():
-                return None
-            text = (task / "stat").read_text()  # a kernel without CONFIG_SCHED_INFO
-            fields = text[text.rindex(")") + 2 :].split()
-            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return int((task / "schedstat").read_text().split()[0]) / 1e9
+    except FileNotFoundError:  # the process is gone, or a kernel without CONFIG_SCHED_INFO
+        return _stat_cpu_seconds(task / "stat")
     except (OSError, ValueError, IndexError):
         return None
 
