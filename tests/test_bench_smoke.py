@@ -143,6 +143,48 @@ def test_the_harness_waits_for_every_server_process_to_listen(tmp_path: Path) ->
         server.stop(5)
 
 
+def test_the_ceiling_runs_in_as_many_processes_as_the_server(tmp_path: Path) -> None:
+    """With ``--processes 2`` the pipeline alone runs in two children at once, and their figures add."""
+    bench = load_bench()
+    photo = tmp_path / "photo.jpg"
+    photo.write_bytes(image_bytes((320, 240), quality=90))
+    common = {"path": "/upload", "query": "", "server_args": [], "seconds": 0.5, "source": ROOT}
+    alone = bench.run_ceiling(photo, threads=2, **common)
+    split = bench.run_ceiling(photo, threads=2, processes=2, **common)
+
+    assert "processes" not in alone and alone["threads"] == 2
+    assert split["processes"] == 2 and split["threads"] == 2
+    assert split["images"] > 0 and split["image_seconds"]["count"] == split["images"]
+    assert "latencies" not in split  # merged, not carried into the results
+    assert split["cpu_seconds_per_image"] == pytest.approx(split["cpu_seconds"] / split["images"])
+    # Two interpreters hold two interpreters' memory: more than one process alone (by ~10 MB at least).
+    assert split["peak_rss_bytes"] > alone["peak_rss_bytes"] + 10 * 1024 * 1024
+
+
+def test_merged_ceilings_add_rates_cpu_and_memory() -> None:
+    bench = load_bench()
+    child = {
+        "images": 10,
+        "seconds": 1.0,
+        "images_per_s": 10.0,
+        "threads": 1,
+        "params": {},
+        "output_bytes": 900,
+        "cpu_seconds": 1.0,
+        "peak_rss_bytes": 100,
+        "ru_maxrss_bytes": 110,
+        "latencies": [0.1] * 10,
+    }
+    other = {**child, "images": 12, "seconds": 1.2, "ru_maxrss_bytes": None, "latencies": [0.1] * 12}
+    merged = bench.merge_ceilings([child, other])
+    assert merged["images"] == 22 and merged["seconds"] == 1.2
+    assert merged["images_per_s"] == 20.0 and merged["threads"] == 2 and merged["processes"] == 2
+    assert merged["cpu_seconds_per_image"] == pytest.approx(2.0 / 22)
+    assert merged["peak_rss_bytes"] == 200
+    assert merged["ru_maxrss_bytes"] is None  # one child could not say: no sum that looks complete
+    assert merged["image_seconds"]["count"] == 22
+
+
 def test_stages_ramp_linearly_between_targets() -> None:
     bench = load_bench()
     plan = bench.LoadPlan(start_users=0, stages=bench.parse_stages("5s:20,10s:50,5s:0"))
