@@ -617,9 +617,11 @@ def run_ceiling(
 ) -> dict[str, Any]:
     """The pipeline alone, laid out as the server is: ``processes`` children at once, sharing ``threads``.
 
-    A server with ``--processes N`` has N interpreters, so its workers never wait for each other's GIL
-    or share an allocator; one child of N threads would be a slower ceiling than that server's own
-    layout can reach (S2: 2 children of 1 thread ran ~1.5 % faster than 1 child of 2 threads).
+    A server with ``--processes N`` has N interpreters, so its workers never wait for each other's GIL,
+    and N interpreters' memory. One child of N threads would be another layout: on S2 its cores sat
+    idle 0.6 ms per image against 0.05-0.3 for two children (the GIL), and its peak RSS was ~60 MB
+    below theirs, so a multi-process server's ratio and RSS difference would be measured against the
+    wrong floor.
     """
     processes = max(1, min(processes, threads))
     per_child = [threads // processes + (1 if i < threads % processes else 0) for i in range(processes)]
