@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-import os
 import threading
-from pathlib import Path
 
 from optimizer.errors import Overloaded, OverMemoryBudget
 
@@ -98,21 +96,3 @@ class MemoryBudget:
 
 def _mib(nbytes: int) -> int:
     return math.ceil(nbytes / (1024 * 1024))
-
-
-def memory_limit() -> int:
-    """Memory this process may use: the cgroup limit (v2, then v1) when there is one, else the RAM."""
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
-        try:
-            text = Path(path).read_text().strip()
-        except OSError:
-            continue
-        if text.isdigit() and 0 < int(text) < ram:
-            return int(text)
-    return ram
-
-
-def default_memory_budget() -> int:
-    """Half the memory limit: the other half is for the interpreter, uploads in flight and encoders."""
-    return memory_limit() // 2

@@ -11,8 +11,8 @@ from optimizer import allocator
 
 
 def run() -> int:
-    """``optimizer.server.main`` in a process that has restarted itself with the allocator's tunables."""
+    """``optimizer.cli.main`` in a process that has restarted itself with the allocator's tunables."""
     allocator.restart_with_tunables()
-    from optimizer.server import main  # noqa: PLC0415 - after the restart, see above
+    from optimizer.cli import main  # noqa: PLC0415 - after the restart, see above
 
     return main()

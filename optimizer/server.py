@@ -1,7 +1,8 @@
-"""Run the service as a process: settings from flags and environment, logging, signals, graceful exit.
+"""Run the service in this process: the listener, signals, graceful exit (``optimizer.cli`` has read the
+settings and set up logging first).
 
-This is the only module that reads ``os.environ``, configures logging or installs signal handlers; an
-application that embeds ``create_app()`` keeps all three for itself.
+This module and ``optimizer.cli`` are the only ones that read ``os.environ``, configure logging or
+install signal handlers; an application that embeds ``create_app()`` keeps all three for itself.
 
 Shutdown on SIGTERM or SIGINT, in order:
   1. ``/readyz`` answers 503 at once, while the listener stays open for ``shutdown_delay`` seconds, so a
@@ -15,28 +16,21 @@ signal exits at once.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import asyncio.selector_events
-import faulthandler
-import functools
-import json
 import logging
 import os
 import signal
 import sys
 import threading
-from collections.abc import Sequence
-from typing import Any, TextIO
 
 from aiohttp import web
 
-from optimizer import __version__, allocator
+from optimizer import allocator
 from optimizer.app import create_app, drain
 from optimizer.listener import PacedSite
-from optimizer.settings import Settings, SettingsError, parse_value, setting_fields
+from optimizer.settings import Settings
 from optimizer.state import STATE
-from optimizer.supervisor import Supervisor
 
 log = logging.getLogger("optimizer")
 
@@ -44,91 +38,6 @@ log = logging.getLogger("optimizer")
 # cancels them. The drain deadline is the real budget; this only mops up.
 HANDLER_GRACE_SECONDS = 2.0
 EXIT_ABANDONED = 1
-EXIT_BAD_SETTINGS = 2
-
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line: easy to grep by eye, easy for a log pipeline to parse."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        entry: dict[str, Any] = {
-            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "pid": record.process,
-            "message": record.getMessage(),
-        }
-        fields = getattr(record, "fields", None)
-        if isinstance(fields, dict):
-            entry.update(fields)
-        if record.exc_info:
-            entry["traceback"] = self.formatException(record.exc_info)
-        return json.dumps(entry, default=str)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="optimizer",
-        description="Image-optimization HTTP service. Every flag can also be set by the environment "
-        "variable named in its help; a flag wins over the variable.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    defaults = Settings()
-    for spec in setting_fields():
-        default = getattr(defaults, spec.name)
-        parser.add_argument(
-            "--" + spec.name.replace("_", "-"),
-            dest=spec.name,
-            metavar=spec.metadata["env"],
-            default=argparse.SUPPRESS,
-            type=functools.partial(_flag_value, spec.name),
-            help=f"{spec.metadata['help']} [env {spec.metadata['env']}; default: {default}]",
-        )
-    parser.add_argument("--version", action="version", version=f"optimizer {__version__}")
-    return parser
-
-
-def _flag_value(name: str, text: str) -> Any:
-    try:
-        return parse_value(name, text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def configure_logging(level: str, *, capture_native: bool = True) -> None:
-    stream = _capture_native_stderr() if capture_native else sys.stderr
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(JsonFormatter())
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-    # Pillow reports malformed files as Python warnings; route them through the JSON log too.
-    logging.captureWarnings(True)
-    # A failing log write must not be reported on sys.stderr: that is the relay's own pipe.
-    logging.raiseExceptions = False
-
-
-def _capture_native_stderr() -> TextIO:
-    """Keep stderr JSON lines only: C libraries (libtiff, libjpeg) write their messages straight to file
-    descriptor 2. Point fd 2 at a pipe whose lines a thread logs as JSON records ("optimizer.native"),
-    and return a stream on the real stderr for the log handler. faulthandler writes to the real stderr
-    directly, so a crash's traceback never depends on that thread."""
-    real = os.fdopen(os.dup(2), "w", buffering=1, encoding="utf-8", errors="replace")
-    faulthandler.enable(file=real)
-    read_end, write_end = os.pipe()
-    os.dup2(write_end, 2)
-    os.close(write_end)
-    sys.stderr = os.fdopen(2, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False)
-    native = logging.getLogger("optimizer.native")
-
-    def relay() -> None:
-        with os.fdopen(read_end, "r", encoding="utf-8", errors="replace") as lines:
-            for line in lines:
-                if line.strip():
-                    native.warning("%s", line.rstrip())
-
-    threading.Thread(target=relay, name="optimizer-native-stderr", daemon=True).start()
-    return real
 
 
 FIRST_READ_BYTES = 64 * 1024
@@ -191,21 +100,10 @@ async def trim_memory_when_idle(app: web.Application) -> None:
             await asyncio.get_running_loop().run_in_executor(app[STATE].pool, trim)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = vars(parser.parse_args(argv))
-    try:
-        settings = Settings.from_env(os.environ, **args)
-    except SettingsError as exc:
-        print("optimizer: invalid settings:\n  " + str(exc).replace("\n", "\n  "), file=sys.stderr)
-        return EXIT_BAD_SETTINGS
-    # A supervisor runs no native code, and its children must inherit the real stderr, not a pipe.
-    configure_logging(settings.log_level, capture_native=settings.processes == 1)
-    allocator.report_restart()
+def run(settings: Settings) -> int:
+    """Serve until a signal, in this process (``optimizer.cli`` has read the settings and set up logging)."""
     allocator.tune()
     small_first_reads()
-    if settings.processes > 1:
-        return Supervisor(settings, list(sys.argv[1:] if argv is None else argv)).run()
     code = asyncio.run(serve(settings))
     if code != 0 and any(t.name.startswith("optimizer-worker") for t in threading.enumerate()):
         # A worker is still inside Pillow and cannot be interrupted; the interpreter would wait for it

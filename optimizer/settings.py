@@ -1,8 +1,8 @@
 """Service settings: one frozen, keyword-only dataclass, validated when it is built.
 
 Each field's metadata names its environment variable and its help text, so the environment reader
-(``Settings.from_env``) and the command line (``optimizer.server``) are generated from this one table and
-cannot drift apart. Only ``optimizer.server`` passes ``os.environ`` in: an embedding application builds a
+(``Settings.from_env``) and the command line (``optimizer.cli``) are generated from this one table and
+cannot drift apart. Only ``optimizer.cli`` passes ``os.environ`` in: an embedding application builds a
 ``Settings(...)`` itself and nothing here reads the process environment behind its back.
 """
 
@@ -54,6 +54,24 @@ def effective_cpu_count() -> int:
     except (OSError, ValueError):
         pass
     return max(1, count)
+
+
+def memory_limit() -> int:
+    """Memory this process may use: the cgroup limit (v2, then v1) when there is one, else the RAM."""
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit() and 0 < int(text) < ram:
+            return int(text)
+    return ram
+
+
+def default_memory_budget() -> int:
+    """Half the memory limit: the other half is for the interpreter, uploads in flight and encoders."""
+    return memory_limit() // 2
 
 
 def _setting(default: Any, env: str, help: str, *, secret: bool = False) -> Any:

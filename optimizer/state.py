@@ -13,14 +13,14 @@ from dataclasses import dataclass, field
 
 from aiohttp import StreamReader, web
 
-from optimizer.budget import MemoryBudget, default_memory_budget
+from optimizer.budget import MemoryBudget
 from optimizer.gate import AdmissionGate
 from optimizer.intake import IntakeLimits
 from optimizer.linger import Lingering
 from optimizer.metrics import ServiceMetrics
 from optimizer.pipeline import Limits
 from optimizer.security import Cors
-from optimizer.settings import Settings
+from optimizer.settings import Settings, default_memory_budget
 
 
 @dataclass(eq=False)

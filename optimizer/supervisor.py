@@ -13,6 +13,7 @@ worst of the children's exit codes.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
@@ -23,12 +24,14 @@ import time
 from collections.abc import Sequence
 from types import FrameType
 
-from optimizer.budget import default_memory_budget
-from optimizer.settings import Settings, effective_cpu_count
+from optimizer.settings import Settings, default_memory_budget, effective_cpu_count
 
 log = logging.getLogger("optimizer.supervisor")
 
-RESTART_DELAY = 1.0  # seconds before restarting a child that died on its own (avoids a crash loop spin)
+RESTART_DELAY = 1.0
+_PR_SET_PDEATHSIG = (
+    1  # linux/prctl.h  # seconds before restarting a child that died on its own (avoids a crash loop spin)
+)
 
 
 def reserve_port(host: str, port: int) -> socket.socket:
@@ -67,12 +70,33 @@ class Supervisor:
         self.children: list[subprocess.Popen[bytes]] = []
         self.signals_received = 0
         self.last_signal: int = signal.SIGTERM
+        self._pid = os.getpid()
+        # Loaded before any fork: the child only calls it.
+        self._libc = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
+
+    def _die_with_parent(self) -> None:
+        """In the child, between fork and exec: SIGTERM when the supervisor dies, however it dies.
+
+        Forwarded signals stop the children when the supervisor is told to stop; a supervisor that is
+        killed outright (SIGKILL, the OOM killer) forwards nothing, and its children, in sessions of their
+        own, would go on serving the port unsupervised. The setting survives exec (not of a set-user-ID
+        program), so the allocator's restart keeps it. Linux only; elsewhere nothing changes.
+        """
+        if self._libc is None:
+            return
+        self._libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != self._pid:  # the supervisor died before the line above: no signal will come
+            os.kill(os.getpid(), signal.SIGTERM)
 
     def _start_child(self, flags: list[str]) -> subprocess.Popen[bytes]:
         # A session of its own: a terminal's Ctrl-C reaches the whole foreground process group, and a
         # child that got it both from the terminal and forwarded would take it as the second signal
         # (exit at once). Only the supervisor's forwarding reaches the children.
-        return subprocess.Popen([sys.executable, "-m", "optimizer", *flags], start_new_session=True)
+        return subprocess.Popen(
+            [sys.executable, "-m", "optimizer", *flags],
+            start_new_session=True,
+            preexec_fn=self._die_with_parent,  # noqa: PLW1509 - the supervisor runs no threads
+        )
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         self.signals_received += 1

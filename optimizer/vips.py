@@ -20,9 +20,12 @@ import sys
 import threading
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from PIL import Image
+if TYPE_CHECKING:
+    # Only for annotations: settings import this module, and a --processes supervisor, which resizes
+    # nothing, should not load Pillow's native libraries (~10 MB of its RSS) to read its settings.
+    from PIL import Image
 
 # Pillow mode -> (the mode whose raw bytes libvips resizes, its bands). Alpha is premultiplied first, as
 # Pillow's own resize does, so transparent pixels do not bleed their colour into their neighbours.
@@ -78,6 +81,8 @@ def load() -> ModuleType:
         pyvips.operation_block_set("VipsForeignLoad", True)
         try:
             # The very call every request makes, once: a broken libvips stops the start, not each request.
+            from PIL import Image  # noqa: PLC0415 - see the import at the top
+
             _resize_with(pyvips, Image.new("RGB", (6, 4), "white"), (3, 2), reducing_gap=2.0)
         except Exception as exc:
             raise VipsUnavailable(f"libvips cannot resize ({exc}); reinstall it: {INSTALL_HINT}") from None
@@ -144,6 +149,8 @@ def resize(im: Image.Image, size: tuple[int, int], *, reducing_gap: float) -> Im
 
 
 def _resize_with(vips: Any, im: Image.Image, size: tuple[int, int], *, reducing_gap: float) -> Image.Image:
+    from PIL import Image  # noqa: PLC0415 - see the import at the top; already loaded by the caller's image
+
     mode, band_count = _WORKING_MODES[im.mode]
     working = im if mode == im.mode else im.convert(mode)
     source = vips.Image.new_from_memory(working.tobytes(), im.width, im.height, band_count, "uchar")

@@ -69,11 +69,11 @@ from PIL import Image, ImageDraw, ImageFont
 
 from optimizer import allocator, vips
 from optimizer.allocator import start_environment
+from optimizer.cli import build_parser as server_parser
 from optimizer.errors import OptimizerError
 from optimizer.handlers import OPTIMIZE_DEFAULTS, UPLOAD_DEFAULTS
 from optimizer.params import RouteDefaults, parse_params
 from optimizer.pipeline import Params, optimize
-from optimizer.server import build_parser as server_parser
 from optimizer.settings import Settings, SettingsError, effective_cpu_count
 from optimizer.state import pipeline_limits
 

@@ -16,7 +16,7 @@ bench.py sends (the same bytes: multipart unless ``--raw``):
   with ``readany()`` and answers 204. It runs with the service's allocator settings and its large
   reads, but it neither parses the form nor keeps the bytes: about the least a server on aiohttp
   spends for such an upload.
-- ``optimizer``: the request to the service's own server (``optimizer.server.main`` after the
+- ``optimizer``: the request to the service's own server (``optimizer.cli.main`` after the
   allocator's restart, as ``python -m optimizer`` runs it; one process, default settings otherwise)
   with the image work replaced by the answer the pipeline gives for this request, computed once at
   start-up. Everything the service does for an upload but the pipeline: the form, the gate, one trip
@@ -256,14 +256,14 @@ def serve_bare(server_args: Sequence[str]) -> int:
 
 
 def serve_optimizer(request: argparse.Namespace, server_args: Sequence[str]) -> int:
-    """``optimizer.server.main`` with the image work replaced by the request's real answer."""
+    """``optimizer.cli.main`` with the image work replaced by the request's real answer."""
     for key in [key for key in os.environ if key.startswith("OPTIMIZER_")]:
         del os.environ[key]  # the service's defaults, whatever the environment says
     allocator.restart_with_tunables()  # as optimizer.entry does; it re-runs this command line
     exit_with_parent()
     from optimizer import handlers  # noqa: PLC0415 - after the restart, as in optimizer.entry
+    from optimizer.cli import main  # noqa: PLC0415
     from optimizer.pipeline import Output, optimize  # noqa: PLC0415
-    from optimizer.server import main  # noqa: PLC0415
     from optimizer.settings import Settings  # noqa: PLC0415
     from optimizer.state import pipeline_limits  # noqa: PLC0415
 

@@ -10,8 +10,9 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from optimizer.budget import MemoryBudget, default_memory_budget, memory_limit
+from optimizer.budget import MemoryBudget
 from optimizer.errors import Overloaded, OverMemoryBudget
+from optimizer.settings import default_memory_budget, memory_limit
 from tests.conftest import image_bytes, multipart
 
 Client = TestClient[web.Request, web.Application]

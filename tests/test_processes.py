@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -52,3 +58,54 @@ def test_children_share_threads_and_budget_unless_told() -> None:
     told = child_flags(settings, ["--processes", "2", "--threads=3"], {"OPTIMIZER_MEMORY_BUDGET": "1"}, 1)
     assert told.count("--threads") == 0
     assert "--memory-budget" not in told
+
+
+def test_the_supervisor_leaves_aiohttp_and_pillow_to_its_children(launch: Launch) -> None:  # noqa: F811
+    """The parent of ``--processes`` only starts and watches: it must not be a third full server in memory."""
+    server = launch("--processes", "2")
+    server.wait_for(
+        lambda _r: len({r["pid"] for r in server.records() if r.get("event") == "listening"}) >= 2,
+        "two processes listening",
+        20,
+    )
+    maps = Path(f"/proc/{server.pid}/maps").read_text()  # the shared libraries it has loaded
+    assert "_imaging" not in maps  # Pillow's native core
+    assert "aiohttp" not in maps  # aiohttp's compiled HTTP parser
+    server.send(signal.SIGTERM)  # the children stop with it (a killed parent would leave them running)
+    assert server.wait_exit(EXIT_GRACE) == 0
+
+    in_child = subprocess.run(
+        [sys.executable, "-c", "import sys, optimizer.cli, optimizer.supervisor; print(sorted(sys.modules))"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    modules = in_child.stdout.split("'")
+    assert not [m for m in modules if m.split(".")[0] in ("aiohttp", "PIL")]
+
+
+def test_children_stop_when_the_supervisor_is_killed(launch: Launch) -> None:  # noqa: F811
+    """A supervisor killed outright (SIGKILL, the OOM killer) forwards no signal: its children, in
+    sessions of their own, must still stop rather than serve the port unsupervised."""
+    server = launch("--processes", "2")
+    server.wait_for(
+        lambda _r: len({r["pid"] for r in server.records() if r.get("event") == "listening"}) >= 2,
+        "two processes listening",
+        20,
+    )
+    children = {r["pid"] for r in server.records() if r.get("event") == "listening"}
+    server.send(signal.SIGKILL)
+    try:
+        server.wait_for(
+            lambda _r: {r["pid"] for r in server.records() if r.get("event") == "stopped"} >= children,
+            "both children stopped",
+            EXIT_GRACE,
+        )
+        deadline = time.monotonic() + EXIT_GRACE
+        while any(Path(f"/proc/{pid}").exists() for pid in children) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not [pid for pid in children if Path(f"/proc/{pid}").exists()]
+    finally:
+        for pid in children:  # on failure: orphans would hold the log pipe open and hang the teardown
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)

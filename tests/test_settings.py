@@ -1,4 +1,4 @@
-"""``optimizer.settings`` (defaults, environment, validation) and the command line of ``optimizer.server``."""
+"""``optimizer.settings`` (defaults, environment, validation) and the command line of ``optimizer.cli``."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from optimizer.server import EXIT_BAD_SETTINGS, main
+from optimizer.cli import EXIT_BAD_SETTINGS, main
 from optimizer.settings import (
     KNOWN_INPUT_FORMATS,
     MIB,
