@@ -538,6 +538,13 @@ def ceiling_child(spec: dict[str, Any]) -> int:
     data = Path(spec["file"]).read_bytes()
     seconds = float(spec["seconds"])
     outputs: list[int] = []
+    # Children laid out as a --processes server start their clocks together, once all have imported.
+    late = 0.0
+    if spec.get("start_at") is not None:
+        wait = float(spec["start_at"]) - time.time()
+        if wait > 0:
+            time.sleep(wait)
+        late = max(0.0, -wait)
 
     def worker(deadline: float) -> list[float]:
         latencies: list[float] = []
@@ -566,6 +573,7 @@ def ceiling_child(spec: dict[str, Any]) -> int:
         "output_bytes": outputs[0] if outputs else None,
         "image_seconds": summary(latencies),
         "latencies": latencies if spec.get("latencies") else None,  # for a caller that merges children
+        "started_late_seconds": late,
         "cpu_seconds": cpu,
         "cpu_seconds_per_image": cpu / len(latencies) if latencies else None,
         "peak_rss_bytes": status.get("VmHWM"),
@@ -604,6 +612,11 @@ def source_info(source: Path) -> dict[str, Any]:
     }
 
 
+# Children of a multi-process ceiling start their clocks this long after they are started: enough for
+# an interpreter to import the pipeline on a busy machine (~0.5 s here), so that their runs overlap.
+CEILING_START_DELAY = 3.0
+
+
 def run_ceiling(
     file: Path,
     *,
@@ -617,14 +630,13 @@ def run_ceiling(
 ) -> dict[str, Any]:
     """The pipeline alone, laid out as the server is: ``processes`` children at once, sharing ``threads``.
 
-    A server with ``--processes N`` has N interpreters, so its workers never wait for each other's GIL,
-    and N interpreters' memory. One child of N threads would be another layout: on S2 its cores sat
-    idle 0.6 ms per image against 0.05-0.3 for two children (the GIL), and its peak RSS was ~60 MB
-    below theirs, so a multi-process server's ratio and RSS difference would be measured against the
-    wrong floor.
+    A server with ``--processes N`` runs N interpreters: its workers never wait for each other's GIL,
+    and it holds N interpreters' memory. One child of N threads is another layout, so the ratio and
+    the RSS difference of a multi-process server would be measured against another floor.
     """
     processes = max(1, min(processes, threads))
     per_child = [threads // processes + (1 if i < threads % processes else 0) for i in range(processes)]
+    start_at = time.time() + CEILING_START_DELAY if processes > 1 else None
     specs = [
         {
             "file": str(file),
@@ -634,45 +646,74 @@ def run_ceiling(
             "threads": n,
             "seconds": seconds,
             "latencies": processes > 1,
+            "start_at": start_at,
         }
         for n in per_child
     ]
     machine_before, children_before, wall_before = machine_cpu(), children_cpu_seconds(), time.perf_counter()
-    with contextlib.ExitStack() as stack:
-        children = [
-            stack.enter_context(
-                subprocess.Popen(
-                    [sys.executable, str(Path(__file__).resolve()), "_ceiling", json.dumps(spec)],
-                    cwd=source,
-                    env=source_env(source),
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE,
-                    text=True,
-                )
-            )
-            for spec in specs
-        ]
-        outputs = []
-        for child in children:
-            try:
-                out, err = child.communicate(timeout=seconds + 120)
-            except subprocess.TimeoutExpired:
-                out, err = "", f"no answer within {seconds + 120:g} s"
-                child.kill()
-            if child.returncode != 0:
-                for other in children:
-                    other.kill()  # the others' figures mean nothing alone; do not wait out their run
-                raise BenchError(f"the ceiling process failed (exit {child.returncode}):\n{err.strip()}")
-            outputs.append(json.loads(out.strip().splitlines()[-1]))
+    outputs = run_children(
+        [[sys.executable, str(Path(__file__).resolve()), "_ceiling", json.dumps(spec)] for spec in specs],
+        cwd=source,
+        env=source_env(source),
+        timeout=seconds + CEILING_START_DELAY + 120,
+    )
     result = outputs[0] if processes == 1 else merge_ceilings(outputs)
     result.pop("latencies", None)
-    result["note"] = "optimize() on a ThreadPoolExecutor, no HTTP, in a child process; " + SAME_MACHINE_NOTE
-    # The whole child (its start-up included) against the machine's CPU over the same interval.
+    result["processes"] = processes
+    where = "in a child process" if processes == 1 else f"in {processes} child processes at once"
+    result["note"] = f"optimize() on a ThreadPoolExecutor, no HTTP, {where}; " + SAME_MACHINE_NOTE
+    # The whole children (start-up included) against the machine's CPU over the same interval: for the
+    # noise warning only; the ceiling's own figures are timed inside the children.
     result["machine_cpu"] = machine_cpu_delta(
         machine_before, children_cpu_seconds() - children_before, time.perf_counter() - wall_before
     )
     return result
+
+
+def run_children(
+    commands: Sequence[list[str]], *, cwd: Path, env: dict[str, str], timeout: float
+) -> list[Any]:
+    """Runs the commands at once; the JSON each prints last, in order. The first to fail (an exit code,
+    no JSON, the timeout) stops all of them: the others' figures mean nothing alone."""
+    with tempfile.TemporaryDirectory(prefix="bench-ceiling-") as folder:
+        logs = [(Path(folder) / f"{i}.out", Path(folder) / f"{i}.err") for i in range(len(commands))]
+        children: list[subprocess.Popen[bytes]] = []
+        try:
+            for command, (out, err) in zip(commands, logs, strict=True):
+                # Files, not pipes: nothing has to read a child's output while the others run.
+                with out.open("wb") as stdout, err.open("wb") as stderr:
+                    children.append(
+                        subprocess.Popen(
+                            command, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr
+                        )
+                    )
+            deadline = time.monotonic() + timeout
+            while (codes := [child.poll() for child in children]).count(0) < len(children):
+                failed = next((i for i, code in enumerate(codes) if code not in (None, 0)), None)
+                if failed is not None:
+                    raise BenchError(
+                        f"the ceiling process failed (exit {codes[failed]}):\n{_tail(logs[failed][1])}"
+                    )
+                if time.monotonic() > deadline:
+                    raise BenchError(f"the ceiling process did not finish within {timeout:g} s")
+                time.sleep(0.2)
+            outputs = []
+            for out, err in logs:
+                lines = out.read_text(errors="replace").strip().splitlines()
+                try:
+                    outputs.append(json.loads(lines[-1]))
+                except (IndexError, ValueError):
+                    raise BenchError(f"the ceiling process printed no result:\n{_tail(err)}") from None
+            return outputs
+        finally:
+            for child in children:
+                if child.poll() is None:
+                    child.kill()
+                child.wait()
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    return "\n".join(path.read_text(errors="replace").strip().splitlines()[-lines:])
 
 
 def merge_ceilings(children: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -700,6 +741,8 @@ def merge_ceilings(children: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "cpu_seconds_per_image": cpu / images if images else None,
         "peak_rss_bytes": total("peak_rss_bytes"),
         "ru_maxrss_bytes": total("ru_maxrss_bytes"),
+        # A child that started its clock late overlapped the others less: its rate adds too much.
+        "started_late_seconds": max(float(child.get("started_late_seconds") or 0.0) for child in children),
     }
 
 
@@ -2397,6 +2440,7 @@ def make_config(args: argparse.Namespace, server_args: list[str]) -> tuple[Confi
         plans = [LoadPlan(start_users=0, stages=args.stages)]
     else:
         plans = [LoadPlan.constant(users, duration)]
+    ceiling_threads = args.ceiling_threads or total_threads(settings, server_args)
     config = Config(
         file=file,
         path=path,
@@ -2411,8 +2455,8 @@ def make_config(args: argparse.Namespace, server_args: list[str]) -> tuple[Confi
         expect_continue=args.expect_continue,
         ceiling=ceiling,
         ceiling_seconds=args.ceiling_duration,
-        threads=args.ceiling_threads or total_threads(settings, server_args),
-        ceiling_processes=settings.processes,
+        threads=ceiling_threads,
+        ceiling_processes=min(settings.processes, ceiling_threads),  # a child needs a thread at least
         quiet=args.quiet,
         stop_timeout=args.stop_timeout,
         server_log=args.server_log,
@@ -2454,9 +2498,11 @@ def load_run(
     compare(result, ceiling)
     server = result.get("server") or {}
     processes = server_settings(config.server_args).processes
-    if server.get("threads") and server["threads"] * processes != config.threads and ceiling:
+    layout = (processes, (server.get("threads") or 0) * processes)
+    if ceiling and server.get("threads") and layout != (ceiling.get("processes", 1), ceiling.get("threads")):
         result["warning"] = (
-            f"the server ran {server['threads'] * processes} threads but the ceiling {config.threads}"
+            f"the server ran {layout[0]} processes and {layout[1]} threads, but the ceiling "
+            f"{ceiling.get('processes', 1)} and {ceiling.get('threads')}"
         )
     if config.peer is not None:
         result["peer"] = peer_result = peer_once(config, plan, log_dir, name)

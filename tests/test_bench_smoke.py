@@ -152,13 +152,39 @@ def test_the_ceiling_runs_in_as_many_processes_as_the_server(tmp_path: Path) -> 
     alone = bench.run_ceiling(photo, threads=2, **common)
     split = bench.run_ceiling(photo, threads=2, processes=2, **common)
 
-    assert "processes" not in alone and alone["threads"] == 2
+    assert alone["processes"] == 1 and alone["threads"] == 2
     assert split["processes"] == 2 and split["threads"] == 2
     assert split["images"] > 0 and split["image_seconds"]["count"] == split["images"]
     assert "latencies" not in split  # merged, not carried into the results
     assert split["cpu_seconds_per_image"] == pytest.approx(split["cpu_seconds"] / split["images"])
     # Two interpreters hold two interpreters' memory: more than one process alone (by ~10 MB at least).
     assert split["peak_rss_bytes"] > alone["peak_rss_bytes"] + 10 * 1024 * 1024
+
+
+def test_a_failing_ceiling_child_stops_the_others(tmp_path: Path) -> None:
+    """The first child to fail ends the ceiling at once, with its stderr's tail; the others are killed
+    rather than waited for; a child that prints no result is a failure too."""
+    bench = load_bench()
+    env = dict(os.environ)
+    pid_file = tmp_path / "sleeper.pid"
+    sleeper = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(120)"
+    failing = "import sys, time; time.sleep(0.5); sys.exit('decoder exploded')"
+    with pytest.raises(bench.BenchError, match=r"(?s)exit 1.*decoder exploded"):
+        bench.run_children(
+            [[sys.executable, "-c", sleeper], [sys.executable, "-c", failing]],
+            cwd=tmp_path,
+            env=env,
+            timeout=60,
+        )
+    with pytest.raises(ProcessLookupError):
+        os.kill(int(pid_file.read_text()), 0)  # killed and reaped, not left running
+
+    with pytest.raises(bench.BenchError, match="printed no result"):
+        bench.run_children([[sys.executable, "-c", "print('not json')"]], cwd=tmp_path, env=env, timeout=60)
+    last_line = "print('progress'); print('{\"images\": 2}')"
+    assert bench.run_children([[sys.executable, "-c", last_line]], cwd=tmp_path, env=env, timeout=60) == [
+        {"images": 2}
+    ]
 
 
 def test_merged_ceilings_add_rates_cpu_and_memory() -> None:
