@@ -33,15 +33,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingsError as exc:
         print("optimizer: invalid settings:\n  " + str(exc).replace("\n", "\n  "), file=sys.stderr)
         return EXIT_BAD_SETTINGS
-    # A supervisor runs no native code, and its children must inherit the real stderr, not a pipe.
-    configure_logging(settings.log_level, capture_native=settings.processes == 1)
-    allocator.report_restart()
     if settings.processes > 1:
+        # A supervisor runs no native code, and its children must inherit the real stderr, not a pipe.
+        configure_logging(settings.log_level, capture_native=False)
+        allocator.report_restart()
         from optimizer.supervisor import Supervisor  # noqa: PLC0415 - see the module's docstring
 
         return Supervisor(settings, list(sys.argv[1:] if argv is None else argv)).run()
+    # Imported before stderr is pointed at the log relay: a broken install's traceback (a missing native
+    # library, say) then reaches the real stderr whole instead of line by line through a daemon thread.
     from optimizer.server import run  # noqa: PLC0415 - see the module's docstring
 
+    configure_logging(settings.log_level)
+    allocator.report_restart()
     return run(settings)
 
 

@@ -179,14 +179,28 @@ async def serve(settings: Settings) -> int:
 
 
 def _install_signal_handlers(stop: asyncio.Event) -> None:
+    """SIGTERM and SIGINT drain; a second of them exits at once. SIGHUP drains and never escalates: a
+    ``--processes`` child gets it when its supervisor dies, possibly while it is already draining a
+    SIGTERM the supervisor forwarded, and that must not cut the drain short."""
     loop = asyncio.get_running_loop()
+    asked = False  # by SIGTERM or SIGINT
 
     def on_signal(signum: int) -> None:
-        if stop.is_set():
+        nonlocal asked
+        if signum == signal.SIGHUP:
+            log.info(
+                "hang-up (the supervisor is gone, or the terminal): %s",
+                "the drain goes on" if stop.is_set() else "draining",
+                extra={"fields": {"event": "hangup", "draining": stop.is_set()}},
+            )
+            stop.set()
+            return
+        if asked:
             log.warning("second %s: exiting at once", signal.Signals(signum).name)
             logging.shutdown()
             os._exit(128 + signum)
+        asked = True
         stop.set()
 
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.add_signal_handler(signum, on_signal, signum)

@@ -21,17 +21,18 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import FrameType
 
 from optimizer.settings import Settings, default_memory_budget, effective_cpu_count
 
 log = logging.getLogger("optimizer.supervisor")
 
-RESTART_DELAY = 1.0
-_PR_SET_PDEATHSIG = (
-    1  # linux/prctl.h  # seconds before restarting a child that died on its own (avoids a crash loop spin)
-)
+RESTART_DELAY = 1.0  # seconds before restarting a child that died on its own (avoids a crash loop spin)
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+# What a child gets when the supervisor dies: SIGHUP, which a server drains on and never takes as a
+# "second signal" (a forwarded SIGTERM may already be draining when the supervisor is killed).
+DEATH_SIGNAL = signal.SIGHUP
 
 
 def reserve_port(host: str, port: int) -> socket.socket:
@@ -63,6 +64,31 @@ def child_flags(settings: Settings, argv: Sequence[str], environ: dict[str, str]
     return flags
 
 
+def _death_signal_setter() -> Callable[[int, int], int] | None:
+    """``prctl(option, value)`` where the kernel has it and lets this process call it (a seccomp policy
+    may not), checked once here, so that a child never fails to start over it; ``None`` elsewhere."""
+    if sys.platform != "linux":
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # loaded before any fork: children only call it
+    except (OSError, AttributeError):
+        return None
+    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    prctl.restype = ctypes.c_int
+
+    def set_option(option: int, value: int) -> int:
+        return int(prctl(option, value, 0, 0, 0))
+
+    if set_option(_PR_SET_PDEATHSIG, 0) != 0:  # the supervisor's own setting: none, as it already is
+        log.warning(
+            "prctl(PR_SET_PDEATHSIG) is refused here (errno %d): children of a killed supervisor will "
+            "not be stopped",
+            ctypes.get_errno(),
+        )
+        return None
+    return set_option
+
+
 class Supervisor:
     def __init__(self, settings: Settings, argv: Sequence[str]) -> None:
         self.settings = settings
@@ -71,22 +97,20 @@ class Supervisor:
         self.signals_received = 0
         self.last_signal: int = signal.SIGTERM
         self._pid = os.getpid()
-        # Loaded before any fork: the child only calls it.
-        self._libc = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
+        self._prctl = _death_signal_setter()
 
     def _die_with_parent(self) -> None:
-        """In the child, between fork and exec: SIGTERM when the supervisor dies, however it dies.
+        """In the child, between fork and exec: ``DEATH_SIGNAL`` when the supervisor dies, however it dies.
 
         Forwarded signals stop the children when the supervisor is told to stop; a supervisor that is
         killed outright (SIGKILL, the OOM killer) forwards nothing, and its children, in sessions of their
         own, would go on serving the port unsupervised. The setting survives exec (not of a set-user-ID
-        program), so the allocator's restart keeps it. Linux only; elsewhere nothing changes.
+        program), so the allocator's restart keeps it.
         """
-        if self._libc is None:
-            return
-        self._libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        assert self._prctl is not None
+        self._prctl(_PR_SET_PDEATHSIG, DEATH_SIGNAL)
         if os.getppid() != self._pid:  # the supervisor died before the line above: no signal will come
-            os.kill(os.getpid(), signal.SIGTERM)
+            os._exit(1)
 
     def _start_child(self, flags: list[str]) -> subprocess.Popen[bytes]:
         # A session of its own: a terminal's Ctrl-C reaches the whole foreground process group, and a
@@ -95,7 +119,8 @@ class Supervisor:
         return subprocess.Popen(
             [sys.executable, "-m", "optimizer", *flags],
             start_new_session=True,
-            preexec_fn=self._die_with_parent,  # noqa: PLW1509 - the supervisor runs no threads
+            # The supervisor runs no threads, so a callback between fork and exec is safe here.
+            preexec_fn=self._die_with_parent if self._prctl is not None else None,  # noqa: PLW1509
         )
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:

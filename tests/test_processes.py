@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 
 from optimizer.settings import Settings
-from optimizer.supervisor import child_flags
+from optimizer.supervisor import Supervisor, child_flags
 from tests.conftest import image_bytes
 from tests.test_server_process import EXIT_GRACE, Launch, launch, upload  # noqa: F401 - fixture
 
@@ -79,6 +79,7 @@ def test_the_supervisor_leaves_aiohttp_and_pillow_to_its_children(launch: Launch
         capture_output=True,
         text=True,
         check=True,
+        timeout=60,
     )
     modules = in_child.stdout.split("'")
     assert not [m for m in modules if m.split(".")[0] in ("aiohttp", "PIL")]
@@ -109,3 +110,17 @@ def test_children_stop_when_the_supervisor_is_killed(launch: Launch) -> None:  #
         for pid in children:  # on failure: orphans would hold the log pipe open and hang the teardown
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_a_child_started_after_the_supervisor_died_does_not_run() -> None:
+    """Between fork and the death-signal setting the supervisor may die: the child sees a new parent
+    and exits instead of serving unsupervised (the signal would never come)."""
+    supervisor = Supervisor(Settings(processes=2), [])
+    if supervisor._prctl is None:
+        pytest.skip("PR_SET_PDEATHSIG is not available here")
+    supervisor._pid = -1  # as if the supervisor were already gone when the child checks
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)"],
+        preexec_fn=supervisor._die_with_parent,  # noqa: PLW1509 - the test process's threads do not fork
+    )
+    assert child.wait(timeout=60) == 1

@@ -315,6 +315,36 @@ async def test_second_signal_during_drain_exits_at_once(launch: Launch, second: 
     assert f"second {second.name}" in warning["message"]
 
 
+async def test_a_hang_up_during_a_drain_lets_it_finish(launch: Launch) -> None:
+    """SIGHUP (a --processes child gets it when its supervisor dies) drains, and is never taken as the
+    second signal that cuts a drain short: the supervisor may be killed after forwarding a SIGTERM."""
+    server = launch("--threads", "1", "--queue", "1", "--drain-seconds", "30")
+    async with (
+        aiohttp.ClientSession() as session,
+        uploads_in_flight(session, server.url, seed_photo(), 1) as (tasks, hold),
+    ):
+        server.send(signal.SIGTERM)
+        await asyncio.to_thread(server.wait_for_drain)
+        server.send(signal.SIGHUP)
+        hangup = await asyncio.to_thread(server.wait_for_event, "hangup")
+        assert hangup["draining"] is True
+        hold.set()
+        (reply,) = await finish(tasks)
+
+    assert_thumbnail(reply)
+    assert await server.exit_code(30 + EXIT_GRACE) == 0
+    assert server.wait_for_event("stopped", 0)["abandoned"] == 0
+    assert not any(record["level"] == "warning" for record in server.records())
+
+
+def test_a_hang_up_stops_an_idle_server_with_exit_0(launch: Launch) -> None:
+    server = launch()
+    server.send(signal.SIGHUP)
+    assert server.wait_exit(20 + EXIT_GRACE) == 0
+    assert server.wait_for_event("hangup", 0)["draining"] is False
+    assert server.wait_for_event("stopped", 0)["abandoned"] == 0
+
+
 def test_sigint_stops_an_idle_server_with_exit_0(launch: Launch) -> None:
     server = launch()
     server.send(signal.SIGINT)
