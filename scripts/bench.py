@@ -1943,6 +1943,24 @@ def noise_lines(run: dict[str, Any], ceiling: dict[str, Any] | None) -> list[str
     return lines
 
 
+def ceiling_warnings(ceiling: dict[str, Any], processes: int, threads: int | None) -> list[str]:
+    """What makes this ceiling a poor yardstick for the load beside it, said in the report."""
+    warnings = []
+    layout = (processes, (threads or 0) * processes)
+    if threads and layout != (ceiling.get("processes", 1), ceiling.get("threads")):
+        warnings.append(
+            f"the server ran {layout[0]} processes and {layout[1]} threads, but the ceiling "
+            f"{ceiling.get('processes', 1)} and {ceiling.get('threads')}"
+        )
+    late = ceiling.get("started_late_seconds") or 0.0
+    if late > 0.02 * (ceiling.get("seconds") or 0.0):
+        warnings.append(
+            f"a ceiling process started its clock {late:.1f} s after the others: their rates overlap "
+            f"less than they add up (raise CEILING_START_DELAY on a machine this slow to start)"
+        )
+    return warnings
+
+
 def run_table(run: dict[str, Any], ceiling: dict[str, Any] | None) -> list[str]:
     lat = run["latency_2xx_seconds"]
     server = run.get("server") or {}
@@ -2018,6 +2036,7 @@ def run_table(run: dict[str, Any], ceiling: dict[str, Any] | None) -> list[str]:
         lines.append(f"  server exit code after SIGTERM: {log['exit_code']}")
     if run["server_died_with_code"] is not None:
         lines.append(f"  THE SERVER EXITED DURING THE RUN with code {run['server_died_with_code']}")
+    lines.extend(f"  WARNING: {warning}" for warning in run.get("warnings", []))
     if run.get("peer"):
         lines.extend(peer_lines(run["peer"], derived.get("goodput_over_peer")))
     return lines
@@ -2498,12 +2517,7 @@ def load_run(
     compare(result, ceiling)
     server = result.get("server") or {}
     processes = server_settings(config.server_args).processes
-    layout = (processes, (server.get("threads") or 0) * processes)
-    if ceiling and server.get("threads") and layout != (ceiling.get("processes", 1), ceiling.get("threads")):
-        result["warning"] = (
-            f"the server ran {layout[0]} processes and {layout[1]} threads, but the ceiling "
-            f"{ceiling.get('processes', 1)} and {ceiling.get('threads')}"
-        )
+    result["warnings"] = ceiling_warnings(ceiling, processes, server.get("threads")) if ceiling else []
     if config.peer is not None:
         result["peer"] = peer_result = peer_once(config, plan, log_dir, name)
         if result["goodput_per_s"] and peer_result["goodput_per_s"]:

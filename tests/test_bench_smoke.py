@@ -187,6 +187,16 @@ def test_a_failing_ceiling_child_stops_the_others(tmp_path: Path) -> None:
     ]
 
 
+def test_a_ceiling_unlike_the_server_is_flagged_in_the_report() -> None:
+    bench = load_bench()
+    matched = {"processes": 2, "threads": 2, "seconds": 25.0, "started_late_seconds": 0.0}
+    assert bench.ceiling_warnings(matched, 2, 1) == []
+    (layout,) = bench.ceiling_warnings({**matched, "processes": 1}, 2, 1)
+    assert "2 processes and 2 threads, but the ceiling 1 and 2" in layout
+    (late,) = bench.ceiling_warnings({**matched, "started_late_seconds": 2.0}, 2, 1)
+    assert "2.0 s after the others" in late
+
+
 def test_merged_ceilings_add_rates_cpu_and_memory() -> None:
     bench = load_bench()
     child = {
