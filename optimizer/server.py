@@ -4,14 +4,15 @@ settings and set up logging first).
 This module and ``optimizer.cli`` are the only ones that read ``os.environ``, configure logging or
 install signal handlers; an application that embeds ``create_app()`` keeps all three for itself.
 
-Shutdown on SIGTERM or SIGINT, in order:
+Shutdown on SIGTERM, SIGINT or SIGHUP (which a ``--processes`` child gets when its supervisor dies), in
+order:
   1. ``/readyz`` answers 503 at once, while the listener stays open for ``shutdown_delay`` seconds, so a
      load balancer notices and stops sending before connections are refused;
   2. the listener closes and the app drains: new requests on open connections get 503 ``draining``,
      admitted ones get up to ``drain_seconds`` to finish;
   3. what is left after the deadline is answered 503 and the pool is shut down.
 The exit code is 0 when everything admitted was finished, 1 when work had to be abandoned. A second
-signal exits at once.
+SIGTERM or SIGINT exits at once; SIGHUP never does.
 """
 
 from __future__ import annotations
@@ -114,7 +115,7 @@ def run(settings: Settings) -> int:
 
 
 async def serve(settings: Settings) -> int:
-    """Serve until SIGTERM or SIGINT, then shut down gracefully; returns the exit code."""
+    """Serve until SIGTERM, SIGINT or SIGHUP, then shut down gracefully; returns the exit code."""
     app = create_app(settings)
     runner = web.AppRunner(
         app,
