@@ -88,6 +88,9 @@ PROGRESS_INTERVAL = 1.0
 CONNECTION_ERROR_PAUSE = 0.05  # a user that hit a connection error waits this long before retrying
 STARTUP_TIMEOUT = 30.0
 NOISY_CORES = 0.25  # other processes' CPU (in cores) above which a phase's figures are flagged
+# The ceilings before and after a load disagreeing by more than this: the machine's speed moved under
+# the load, and its ratio is uncertain by about as much.
+BRACKET_DRIFT_WARNING = 0.03
 MB = 1_000_000
 
 WITHOUT_HARNESS = (
@@ -664,10 +667,55 @@ def run_ceiling(
     result["note"] = f"optimize() on a ThreadPoolExecutor, no HTTP, {where}; " + SAME_MACHINE_NOTE
     # The whole children (start-up included) against the machine's CPU over the same interval: for the
     # noise warning only; the ceiling's own figures are timed inside the children.
+    wall_after = time.perf_counter()
     result["machine_cpu"] = machine_cpu_delta(
-        machine_before, children_cpu_seconds() - children_before, time.perf_counter() - wall_before
+        machine_before, children_cpu_seconds() - children_before, wall_after - wall_before
     )
+    result["measured_at"] = (wall_before + wall_after) / 2  # perf_counter, to place it between loads
     return result
+
+
+def bracket_ceiling(before: dict[str, Any], after: dict[str, Any] | None, at: float) -> dict[str, Any]:
+    """The ceiling for a load measured at ``at`` (perf_counter), between ``before`` and ``after``.
+
+    The machine's speed drifts by a few percent over minutes, so a ceiling measured only before a load
+    is off by whatever drift followed; one measured on both sides and interpolated to the load's time
+    cancels a steady drift and shows an unsteady one (``bracket.drift``). The rates, the CPU per image
+    and the peak RSS are interpolated; everything else is ``before``'s.
+    """
+    if after is None:
+        return before
+    span = after["measured_at"] - before["measured_at"]
+    weight = min(1.0, max(0.0, (at - before["measured_at"]) / span)) if span > 0 else 0.5
+
+    def between(key: str) -> Any:
+        first, second = before.get(key), after.get(key)
+        if first is None or second is None:
+            return first if second is None else second
+        value = (1 - weight) * first + weight * second
+        return round(value) if isinstance(first, int) and isinstance(second, int) else value
+
+    rate_before, rate_after = before.get("images_per_s"), after.get("images_per_s")
+    bracketed = {
+        **before,
+        "images_per_s": between("images_per_s"),
+        "cpu_seconds_per_image": between("cpu_seconds_per_image"),
+        "peak_rss_bytes": between("peak_rss_bytes"),
+        "measured_at": at,
+        # The noisier of the two phases speaks for both.
+        "machine_cpu": max(
+            (part for part in (before.get("machine_cpu"), after.get("machine_cpu")) if part),
+            key=lambda part: part.get("others_cores") or 0.0,
+            default=None,
+        ),
+        "bracket": {
+            "before_images_per_s": rate_before,
+            "after_images_per_s": rate_after,
+            "weight_of_after": weight,
+            "drift": rate_after / rate_before - 1 if rate_before and rate_after else None,
+        },
+    }
+    return bracketed
 
 
 def run_children(
@@ -1607,6 +1655,7 @@ class Config:
     peer: str | None = None
     peer_dir: Path = Path()
     rounds: int = 1
+    bracket: bool = True  # a last ceiling after the loads; each load against the ceilings either side
 
 
 def load_once(config: Config, plan: LoadPlan, log_dir: Path, label: str) -> dict[str, Any]:
@@ -1864,8 +1913,12 @@ def print_report(results: dict[str, Any]) -> None:
         out.append("")
         if config.get("rounds", 1) > 1:
             out.append(f"round {run['round']} of {config['rounds']}:")
-        # Each round's load against the ceiling measured just before it.
-        own = ceilings[run["round"] - 1] if "round" in run and len(ceilings) >= run["round"] else ceiling
+        # Each round's load against its own ceiling (before it, or either side of it); older result
+        # files have none in the run.
+        if "ceiling" in run:
+            own = run["ceiling"]
+        else:
+            own = ceilings[run["round"] - 1] if "round" in run and len(ceilings) >= run["round"] else ceiling
         out.extend(run_table(run, own))
     if results.get("rounds"):
         out.append("")
@@ -1892,6 +1945,7 @@ def rounds_lines(summary: dict[str, Any]) -> list[str]:
     rows = (
         ("goodput images/s", "goodput_per_s", "{:.2f}"),
         ("ceiling images/s", "ceiling_images_per_s", "{:.2f}"),
+        ("  its drift across the load", "ceiling_drift", "{:+.1%}"),
         ("goodput / ceiling", "goodput_over_ceiling", "{:.1%}"),
         ("the same without the harness*", "goodput_over_ceiling_without_harness", "{:.1%}"),
         ("p95 of 2xx, s", "p95_seconds", "{:.3f}"),
@@ -1904,7 +1958,8 @@ def rounds_lines(summary: dict[str, Any]) -> list[str]:
         ("harness ms per 2xx", "harness_ms", "{:.1f}"),
         ("ours / peer", "goodput_over_peer", "{:.0%}"),
     )
-    lines = [f"{summary['rounds']} rounds, each a ceiling then a load (median, then each round):"]
+    last = ", and a last ceiling after them" if summary.get("bracketed") else ""
+    lines = [f"{summary['rounds']} rounds, each a ceiling then a load{last} (median, then each round):"]
     for name, key, fmt in rows:
         figure = summary.get(key)
         if figure is None:
@@ -1952,6 +2007,14 @@ def ceiling_warnings(ceiling: dict[str, Any], processes: int, threads: int | Non
             f"the server ran {layout[0]} processes and {layout[1]} threads, but the ceiling "
             f"{ceiling.get('processes', 1)} and {ceiling.get('threads')}"
         )
+    drift = (ceiling.get("bracket") or {}).get("drift")
+    if drift is not None and abs(drift) > BRACKET_DRIFT_WARNING:
+        bracket = ceiling["bracket"]
+        warnings.append(
+            f"the ceiling moved {drift:+.1%} across this load ({bracket['before_images_per_s']:.2f} images/s "
+            f"before, {bracket['after_images_per_s']:.2f} after): the machine's speed drifted, and the "
+            "ratio is uncertain by about as much"
+        )
     late = ceiling.get("started_late_seconds") or 0.0
     if late > 0.02 * (ceiling.get("seconds") or 0.0):
         warnings.append(
@@ -1995,6 +2058,13 @@ def run_table(run: dict[str, Any], ceiling: dict[str, Any] | None) -> list[str]:
     lines = [f"run: {run['plan']['description']}, on 503: {run['on_503']}, {run['request']}"]
     lines.append(f"  {'':34} {'HTTP':>26}   {'ceiling (no HTTP)':<26}")
     lines.extend(f"  {name:34} {http:>26}   {ceil:<26}" for name, http, ceil in rows)
+    bracket = (ceiling or {}).get("bracket")
+    if bracket and bracket["before_images_per_s"] and bracket["after_images_per_s"]:
+        lines.append(
+            f"  the ceiling, {bracket['before_images_per_s']:.2f} images/s before the load and "
+            f"{bracket['after_images_per_s']:.2f} after ({bracket['drift']:+.1%}), is taken at the "
+            "load's time; so are its CPU per image and peak RSS"
+        )
     statuses = ", ".join(
         f"{status}: {n} ({run['responses_per_s_by_status'][status]:.1f}/s)"
         for status, n in run["responses_by_status"].items()
@@ -2351,6 +2421,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--ceiling-duration", type=parse_duration, help="[default: the load's duration]")
     parser.add_argument(
+        "--bracket",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="measure the ceiling once more after the last load, and compare each load with the "
+        "ceilings before and after it, interpolated to its time: the machine's speed drifts by a few "
+        "percent over minutes [default: on]",
+    )
+    parser.add_argument(
         "--rounds",
         type=int,
         default=1,
@@ -2485,6 +2563,7 @@ def make_config(args: argparse.Namespace, server_args: list[str]) -> tuple[Confi
         peer=args.peer,
         peer_dir=args.peer_dir.resolve(),
         rounds=args.rounds,
+        bracket=args.bracket,
     )
     return config, plans
 
@@ -2509,20 +2588,26 @@ def measure_ceiling(config: Config, plans: list[LoadPlan]) -> dict[str, Any]:
     )
 
 
-def load_run(
-    config: Config, plan: LoadPlan, log_dir: Path, name: str, ceiling: dict[str, Any] | None
-) -> dict[str, Any]:
-    """One load on a fresh server, compared with ``ceiling``, and the peer under the same plan."""
+def load_run(config: Config, plan: LoadPlan, log_dir: Path, name: str) -> dict[str, Any]:
+    """One load on a fresh server, and the peer under the same plan (``judge`` compares them)."""
+    started = time.perf_counter()
     result = load_once(config, plan, log_dir, name)
+    result["measured_at"] = (started + time.perf_counter()) / 2  # to place it between ceilings
+    if config.peer is not None:
+        result["peer"] = peer_once(config, plan, log_dir, name)
+    return result
+
+
+def judge(config: Config, result: dict[str, Any], ceiling: dict[str, Any] | None) -> None:
+    """Compare a load with its ceiling (and its peer), once the ceiling after it is known too."""
+    result["ceiling"] = ceiling
     compare(result, ceiling)
     server = result.get("server") or {}
     processes = server_settings(config.server_args).processes
     result["warnings"] = ceiling_warnings(ceiling, processes, server.get("threads")) if ceiling else []
-    if config.peer is not None:
-        result["peer"] = peer_result = peer_once(config, plan, log_dir, name)
-        if result["goodput_per_s"] and peer_result["goodput_per_s"]:
-            result["derived"]["goodput_over_peer"] = result["goodput_per_s"] / peer_result["goodput_per_s"]
-    return result
+    peer_result = result.get("peer")
+    if peer_result and result["goodput_per_s"] and peer_result["goodput_per_s"]:
+        result["derived"]["goodput_over_peer"] = result["goodput_per_s"] / peer_result["goodput_per_s"]
 
 
 def rounds_summary(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -2549,8 +2634,11 @@ def rounds_summary(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
     return {
         "rounds": len(runs),
+        # Each load against the ceilings either side of it (--bracket).
+        "bracketed": all("bracket" in (run.get("ceiling") or {}) for run in runs),
         "goodput_per_s": of(lambda r: r["goodput_per_s"]),
         "ceiling_images_per_s": derived("ceiling_images_per_s"),
+        "ceiling_drift": of(lambda r: ((r.get("ceiling") or {}).get("bracket") or {}).get("drift")),
         "goodput_over_ceiling": derived("goodput_over_ceiling"),
         "goodput_over_ceiling_without_harness": derived("goodput_over_ceiling_without_harness"),
         "p95_seconds": of(lambda r: r["latency_2xx_seconds"]["p95"]),
@@ -2592,26 +2680,34 @@ def run_bench(config: Config, plans: list[LoadPlan], command: list[str]) -> dict
         },
         # Which code ran: the server (when the harness starts it) and the ceiling come from --source.
         "code": source_info(config.source) if config.url is None or config.ceiling else None,
-        "ceiling": None,  # the first round's, for readers of a single round
-        "ceilings": [],  # one per round
-        "runs": [],
+        "ceiling": None,  # the first one measured, for readers of a single round
+        "ceilings": [],  # one per round, in order, and with --bracket one more after the last load
+        "runs": [],  # each with the ceiling it is compared with ("ceiling")
     }
+    ceilings: list[dict[str, Any]] = results["ceilings"]
     with tempfile.TemporaryDirectory(prefix="bench-") as log_dir:
         for round_index in range(config.rounds):
             # Each round measures its own ceiling right before its load: the machine's speed drifts by
             # a few percent over minutes, and a ratio is only as good as the two figures being adjacent.
-            ceiling = measure_ceiling(config, plans) if config.ceiling else None
-            if ceiling is not None:
-                results["ceilings"].append(ceiling)
-                results["ceiling"] = results["ceiling"] or ceiling
+            if config.ceiling:
+                ceilings.append(measure_ceiling(config, plans))
                 results["note"] = SAME_MACHINE_NOTE
             for index, plan in enumerate(plans):
                 name = f"{index + 1}-{plan.max_users}u"
                 if config.rounds > 1:
                     name += f"-r{round_index + 1}"
-                result = load_run(config, plan, Path(log_dir), name, ceiling)
+                result = load_run(config, plan, Path(log_dir), name)
                 result["round"] = round_index + 1
                 results["runs"].append(result)
+        if config.ceiling and config.bracket:
+            ceilings.append(measure_ceiling(config, plans))
+    results["ceiling"] = ceilings[0] if ceilings else None
+    for result in results["runs"]:
+        index = result["round"] - 1
+        before = ceilings[index] if index < len(ceilings) else None
+        after = ceilings[index + 1] if config.bracket and index + 1 < len(ceilings) else None
+        ceiling = None if before is None else bracket_ceiling(before, after, result["measured_at"])
+        judge(config, result, ceiling)
     if config.rounds > 1:
         results["rounds"] = rounds_summary(results["runs"])
     with contextlib.suppress(OSError):

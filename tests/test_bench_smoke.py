@@ -197,6 +197,41 @@ def test_a_ceiling_unlike_the_server_is_flagged_in_the_report() -> None:
     assert "2.0 s after the others" in late
 
 
+def test_a_load_is_compared_with_the_ceilings_either_side_taken_at_its_time() -> None:
+    bench = load_bench()
+    before = {
+        "images_per_s": 20.0,
+        "cpu_seconds_per_image": 0.1,
+        "peak_rss_bytes": 100,
+        "threads": 2,
+        "measured_at": 10.0,
+        "machine_cpu": {"others_cores": 0.0},
+    }
+    after = {**before, "images_per_s": 22.0, "cpu_seconds_per_image": 0.09, "peak_rss_bytes": 110}
+    after.update(measured_at=30.0, machine_cpu={"others_cores": 0.3})
+
+    quarter = bench.bracket_ceiling(before, after, 15.0)
+    assert quarter["images_per_s"] == pytest.approx(20.5)
+    assert quarter["cpu_seconds_per_image"] == pytest.approx(0.0975)
+    assert quarter["peak_rss_bytes"] == 102  # a byte count stays whole
+    assert quarter["threads"] == 2
+    assert quarter["machine_cpu"] == {"others_cores": 0.3}  # the noisier phase speaks for both
+    assert quarter["bracket"] == {
+        "before_images_per_s": 20.0,
+        "after_images_per_s": 22.0,
+        "weight_of_after": 0.25,
+        "drift": pytest.approx(0.1),
+    }
+    assert bench.bracket_ceiling(before, after, 99.0)["images_per_s"] == 22.0  # never extrapolated
+    assert bench.bracket_ceiling(before, None, 15.0) is before  # no ceiling after it: the one before
+
+    # A drift over the threshold is said beside the run.
+    (drift,) = bench.ceiling_warnings(quarter, 1, 2)
+    assert "the ceiling moved +10.0% across this load (20.00 images/s before, 22.00 after)" in drift
+    steady = bench.bracket_ceiling(before, {**after, "images_per_s": 20.2}, 15.0)
+    assert bench.ceiling_warnings(steady, 1, 2) == []
+
+
 def test_merged_ceilings_add_rates_cpu_and_memory() -> None:
     bench = load_bench()
     child = {
@@ -260,24 +295,13 @@ def test_bench_runs_against_its_own_server_and_reports(tmp_path: Path) -> None:
 
     assert done.returncode == 0, done.stdout + done.stderr
     assert "goodput / ceiling" in done.stdout  # the table on stdout
-    assert "2 rounds, each a ceiling then a load" in done.stdout
+    assert "2 rounds, each a ceiling then a load, and a last ceiling after them" in done.stdout
+    assert "images/s before the load and" in done.stdout
     results: dict[str, Any] = json.loads(results_path.read_text())
     assert {"version", "machine", "config", "code", "ceiling", "ceilings", "runs", "note"} <= results.keys()
     assert results["config"]["threads"] == 1
 
-    # Each round measured its own ceiling, and its load is compared with that one.
-    assert len(results["ceilings"]) == 2
-    assert results["ceiling"] == results["ceilings"][0]
-    for ceiling in results["ceilings"]:
-        assert ceiling["threads"] == 1
-        assert ceiling["images"] > 0
-        assert ceiling["peak_rss_bytes"] > 0
-    assert [run["round"] for run in results["runs"]] == [1, 2]
-    for run, ceiling in zip(results["runs"], results["ceilings"], strict=True):
-        assert run["derived"]["ceiling_images_per_s"] == ceiling["images_per_s"]
-        assert run["derived"]["goodput_over_ceiling"] == pytest.approx(
-            run["goodput_per_s"] / ceiling["images_per_s"]
-        )
+    assert_each_load_is_bracketed(results)
     ratios = results["rounds"]["goodput_over_ceiling"]
     assert ratios["each"] == [run["derived"]["goodput_over_ceiling"] for run in results["runs"]]
     assert ratios["min"] <= ratios["median"] <= ratios["max"]
@@ -305,7 +329,7 @@ def test_bench_runs_against_its_own_server_and_reports(tmp_path: Path) -> None:
     assert {"goodput_over_ceiling", "server_minus_ceiling_peak_rss_bytes"} <= run["derived"].keys()
     assert run["derived"]["goodput_over_ceiling"] is not None
 
-    assert_machine_time_is_accounted(run, results["ceilings"][0])
+    assert_machine_time_is_accounted(run, run["ceiling"])
     assert "machine time per 2xx, ms:" in done.stdout
     assert "event loop ms per 2xx" in done.stdout
     assert "the same without the harness*" in done.stdout
@@ -317,6 +341,32 @@ def test_bench_runs_against_its_own_server_and_reports(tmp_path: Path) -> None:
     with Image.open(chart) as png:
         assert png.format == "PNG"
         assert png.width > 0
+
+
+def assert_each_load_is_bracketed(results: dict[str, Any]) -> None:
+    """Each round measured its own ceiling, and one more came after the last load (--bracket, the
+    default): each load is compared with the ceilings either side of it, taken at its time."""
+    ceilings = results["ceilings"]
+    assert len(ceilings) == 3
+    assert results["ceiling"] == ceilings[0]
+    for ceiling in ceilings:
+        assert ceiling["threads"] == 1
+        assert ceiling["images"] > 0
+        assert ceiling["peak_rss_bytes"] > 0
+    assert [run["round"] for run in results["runs"]] == [1, 2]
+    for index, run in enumerate(results["runs"]):
+        before, after, own = ceilings[index], ceilings[index + 1], run["ceiling"]
+        assert before["measured_at"] < run["measured_at"] < after["measured_at"]
+        assert own["bracket"]["before_images_per_s"] == before["images_per_s"]
+        assert own["bracket"]["after_images_per_s"] == after["images_per_s"]
+        low, high = sorted((before["images_per_s"], after["images_per_s"]))
+        assert low <= own["images_per_s"] <= high
+        assert run["derived"]["ceiling_images_per_s"] == own["images_per_s"]
+        assert run["derived"]["goodput_over_ceiling"] == pytest.approx(
+            run["goodput_per_s"] / own["images_per_s"]
+        )
+    assert results["rounds"]["bracketed"] is True
+    assert len(results["rounds"]["ceiling_drift"]["each"]) == 2
 
 
 def assert_machine_time_is_accounted(run: dict[str, Any], ceiling: dict[str, Any]) -> None:
