@@ -680,8 +680,8 @@ def bracket_ceiling(before: dict[str, Any], after: dict[str, Any] | None, at: fl
 
     The machine's speed drifts by a few percent over minutes, so a ceiling measured only before a load
     is off by whatever drift followed; one measured on both sides and interpolated to the load's time
-    cancels a steady drift and shows an unsteady one (``bracket.drift``). The rates, the CPU per image
-    and the peak RSS are interpolated; everything else is ``before``'s.
+    cancels a steady drift and shows an unsteady one (``bracket.drift``). The rates, the CPU (in all and
+    per image) and the peak RSS are interpolated; everything else is ``before``'s.
     """
     if after is None:
         return before
@@ -699,6 +699,7 @@ def bracket_ceiling(before: dict[str, Any], after: dict[str, Any] | None, at: fl
     bracketed = {
         **before,
         "images_per_s": between("images_per_s"),
+        "cpu_seconds": between("cpu_seconds"),
         "cpu_seconds_per_image": between("cpu_seconds_per_image"),
         "peak_rss_bytes": between("peak_rss_bytes"),
         "measured_at": at,
@@ -2063,7 +2064,7 @@ def run_table(run: dict[str, Any], ceiling: dict[str, Any] | None) -> list[str]:
         lines.append(
             f"  the ceiling, {bracket['before_images_per_s']:.2f} images/s before the load and "
             f"{bracket['after_images_per_s']:.2f} after ({bracket['drift']:+.1%}), is taken at the "
-            "load's time; so are its CPU per image and peak RSS"
+            "load's time; so are its CPU and peak RSS"
         )
     statuses = ", ".join(
         f"{status}: {n} ({run['responses_per_s_by_status'][status]:.1f}/s)"
