@@ -37,6 +37,7 @@ import argparse
 import asyncio
 import concurrent.futures
 import contextlib
+import itertools
 import json
 import math
 import mimetypes
@@ -81,7 +82,7 @@ ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
 ROUTE_DEFAULTS: dict[str, RouteDefaults] = {"/upload": UPLOAD_DEFAULTS, "/optimize": OPTIMIZE_DEFAULTS}
-RESULTS_VERSION = 1
+RESULTS_VERSION = 2  # 2: each run has its own "ceiling" and "measured_at"; a ceiling after the loads
 SAMPLE_INTERVAL = 0.1  # seconds between RSS samples of the server
 CONTROL_INTERVAL = 0.1  # seconds between adjustments of the user count to the stage target
 PROGRESS_INTERVAL = 1.0
@@ -560,7 +561,7 @@ def ceiling_child(spec: dict[str, Any]) -> int:
         return latencies
 
     cpu_before = self_cpu_seconds()
-    started = time.perf_counter()
+    started, started_monotonic = time.perf_counter(), time.monotonic()
     with concurrent.futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ceiling") as pool:
         futures = [pool.submit(worker, started + seconds) for _ in range(threads)]
         latencies = [value for future in futures for value in future.result()]
@@ -577,6 +578,9 @@ def ceiling_child(spec: dict[str, Any]) -> int:
         "image_seconds": summary(latencies),
         "latencies": latencies if spec.get("latencies") else None,  # for a caller that merges children
         "started_late_seconds": late,
+        # The middle of the timed window, on the machine's monotonic clock (CLOCK_MONOTONIC, the same
+        # in every process), to place this ceiling between the loads.
+        "measured_at": started_monotonic + elapsed / 2,
         "cpu_seconds": cpu,
         "cpu_seconds_per_image": cpu / len(latencies) if latencies else None,
         "peak_rss_bytes": status.get("VmHWM"),
@@ -667,21 +671,23 @@ def run_ceiling(
     result["note"] = f"optimize() on a ThreadPoolExecutor, no HTTP, {where}; " + SAME_MACHINE_NOTE
     # The whole children (start-up included) against the machine's CPU over the same interval: for the
     # noise warning only; the ceiling's own figures are timed inside the children.
-    wall_after = time.perf_counter()
     result["machine_cpu"] = machine_cpu_delta(
-        machine_before, children_cpu_seconds() - children_before, wall_after - wall_before
+        machine_before, children_cpu_seconds() - children_before, time.perf_counter() - wall_before
     )
-    result["measured_at"] = (wall_before + wall_after) / 2  # perf_counter, to place it between loads
     return result
 
 
-def bracket_ceiling(before: dict[str, Any], after: dict[str, Any] | None, at: float) -> dict[str, Any]:
-    """The ceiling for a load measured at ``at`` (perf_counter), between ``before`` and ``after``.
+def bracket_ceiling(
+    before: dict[str, Any], after: dict[str, Any] | None, at: float, *, loads: int = 1
+) -> dict[str, Any]:
+    """The ceiling for a load whose window's middle was at ``at`` (``time.monotonic()``), between
+    ``before`` and ``after``, which have ``loads`` loads between them (more than one in a sweep).
 
     The machine's speed drifts by a few percent over minutes, so a ceiling measured only before a load
     is off by whatever drift followed; one measured on both sides and interpolated to the load's time
-    cancels a steady drift and shows an unsteady one (``bracket.drift``). The rates, the CPU (in all and
-    per image) and the peak RSS are interpolated; everything else is ``before``'s.
+    cancels a steady drift and shows an unsteady one (``bracket.drift``). The rates, the image count,
+    the CPU (in all and per image) and the peak RSS are interpolated, and a late start of either is
+    kept; everything else (the per-image latencies among it) is ``before``'s.
     """
     if after is None:
         return before
@@ -699,10 +705,14 @@ def bracket_ceiling(before: dict[str, Any], after: dict[str, Any] | None, at: fl
     bracketed = {
         **before,
         "images_per_s": between("images_per_s"),
+        "images": between("images"),
         "cpu_seconds": between("cpu_seconds"),
         "cpu_seconds_per_image": between("cpu_seconds_per_image"),
         "peak_rss_bytes": between("peak_rss_bytes"),
         "measured_at": at,
+        "started_late_seconds": max(
+            float(ceiling.get("started_late_seconds") or 0.0) for ceiling in (before, after)
+        ),
         # The noisier of the two phases speaks for both.
         "machine_cpu": max(
             (part for part in (before.get("machine_cpu"), after.get("machine_cpu")) if part),
@@ -714,6 +724,7 @@ def bracket_ceiling(before: dict[str, Any], after: dict[str, Any] | None, at: fl
             "after_images_per_s": rate_after,
             "weight_of_after": weight,
             "drift": rate_after / rate_before - 1 if rate_before and rate_after else None,
+            "loads_between": loads,
         },
     }
     return bracketed
@@ -792,6 +803,7 @@ def merge_ceilings(children: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "ru_maxrss_bytes": total("ru_maxrss_bytes"),
         # A child that started its clock late overlapped the others less: its rate adds too much.
         "started_late_seconds": max(float(child.get("started_late_seconds") or 0.0) for child in children),
+        "measured_at": statistics.fmean(float(child["measured_at"]) for child in children),  # together
     }
 
 
@@ -1270,6 +1282,7 @@ class LoadRun:
         if self.monitor is not None:
             self.monitor.start()  # the server's CPU over the same span as the machine's and the client's
         cpu_before, wall_before = self_cpu_seconds(), time.perf_counter()
+        self.window_middle = time.monotonic() + self.plan.seconds / 2  # to place it between ceilings
         self.machine_before = machine_cpu()
         self.t0 = wall_before
         self.tally.window_end = self.t0 + self.plan.seconds
@@ -1444,6 +1457,7 @@ class LoadRun:
             "on_503": self.on_503,
             "window_seconds": window,
             "wall_seconds": wall,
+            "measured_at": self.window_middle,
             "requests_started": tally.started,
             "responses": tally.answered,
             "responses_by_status": {str(s): n for s, n in sorted(tally.statuses.items())},
@@ -2012,9 +2026,9 @@ def ceiling_warnings(ceiling: dict[str, Any], processes: int, threads: int | Non
     if drift is not None and abs(drift) > BRACKET_DRIFT_WARNING:
         bracket = ceiling["bracket"]
         warnings.append(
-            f"the ceiling moved {drift:+.1%} across this load ({bracket['before_images_per_s']:.2f} images/s "
-            f"before, {bracket['after_images_per_s']:.2f} after): the machine's speed drifted, and the "
-            "ratio is uncertain by about as much"
+            f"the ceiling moved {drift:+.1%} between its measurements either side of this load "
+            f"({bracket['before_images_per_s']:.2f} images/s before, {bracket['after_images_per_s']:.2f} "
+            "after): the machine's speed drifted, and the ratio is uncertain by about as much"
         )
     late = ceiling.get("started_late_seconds") or 0.0
     if late > 0.02 * (ceiling.get("seconds") or 0.0):
@@ -2023,6 +2037,25 @@ def ceiling_warnings(ceiling: dict[str, Any], processes: int, threads: int | Non
             f"less than they add up (raise CEILING_START_DELAY on a machine this slow to start)"
         )
     return warnings
+
+
+def bracket_lines(ceiling: dict[str, Any] | None) -> list[str]:
+    """Under a run's table: the ceilings either side of the load, and their drift (``--bracket``)."""
+    lines: list[str] = []
+    bracket = (ceiling or {}).get("bracket")
+    if bracket and bracket["before_images_per_s"] and bracket["after_images_per_s"]:
+        loads = bracket.get("loads_between", 1)
+        where = (
+            "before the load and"
+            if loads == 1
+            else f"before the first of the {loads} loads between its measurements and"
+        )
+        lines.append(
+            f"  the ceiling, {bracket['before_images_per_s']:.2f} images/s {where} "
+            f"{bracket['after_images_per_s']:.2f} after {'it' if loads == 1 else 'the last'} "
+            f"({bracket['drift']:+.1%}), is taken at this load's time; so are its CPU and peak RSS"
+        )
+    return lines
 
 
 def run_table(run: dict[str, Any], ceiling: dict[str, Any] | None) -> list[str]:
@@ -2059,13 +2092,7 @@ def run_table(run: dict[str, Any], ceiling: dict[str, Any] | None) -> list[str]:
     lines = [f"run: {run['plan']['description']}, on 503: {run['on_503']}, {run['request']}"]
     lines.append(f"  {'':34} {'HTTP':>26}   {'ceiling (no HTTP)':<26}")
     lines.extend(f"  {name:34} {http:>26}   {ceil:<26}" for name, http, ceil in rows)
-    bracket = (ceiling or {}).get("bracket")
-    if bracket and bracket["before_images_per_s"] and bracket["after_images_per_s"]:
-        lines.append(
-            f"  the ceiling, {bracket['before_images_per_s']:.2f} images/s before the load and "
-            f"{bracket['after_images_per_s']:.2f} after ({bracket['drift']:+.1%}), is taken at the "
-            "load's time; so are its CPU and peak RSS"
-        )
+    lines.extend(bracket_lines(ceiling))
     statuses = ", ".join(
         f"{status}: {n} ({run['responses_per_s_by_status'][status]:.1f}/s)"
         for status, n in run["responses_by_status"].items()
@@ -2225,7 +2252,22 @@ def draw_panel(
         draw.text((legend_x + 36, top + 14), s.name, fill="black", font=tick_font, anchor="lm")
     for s in series:
         points = [to_px(x, y) for x, y in sorted(s.points)]
-        if s.dashed and points:
+        if s.dashed and len({y for _, y in s.points}) > 1:  # a reference that moves: dashes point to point
+            for (x0, y0), (x1, y1) in itertools.pairwise(points):
+                length = math.hypot(x1 - x0, y1 - y0)
+                for start in range(0, math.ceil(length), 18):
+                    end = min(start + 10, length)
+                    draw.line(
+                        (
+                            x0 + (x1 - x0) * start / length,
+                            y0 + (y1 - y0) * start / length,
+                            x0 + (x1 - x0) * end / length,
+                            y0 + (y1 - y0) * end / length,
+                        ),
+                        fill=s.color,
+                        width=2,
+                    )
+        elif s.dashed and points:  # a level reference, across the whole panel
             y = points[0][1]
             x = float(px0)
             while x < px1:
@@ -2237,6 +2279,26 @@ def draw_panel(
             for (px, py), (_, value) in zip(points, sorted(s.points), strict=True):
                 draw.ellipse((px - 5, py - 5, px + 5, py + 5), fill=s.color)
                 draw.text((px + 8, py - 4), point_label(value), fill=s.color, font=tick_font, anchor="lb")
+
+
+def ceiling_series(
+    runs: Sequence[dict[str, Any]], first: dict[str, Any], key: str, scale: float, fmt: str
+) -> Series:
+    """The ceiling's ``key`` on a chart: each run's own (taken at its time, ``--bracket``) where the runs
+    have one and differ in users, else one level line: their mean, or, in older results, ``first``."""
+    own = [run.get("ceiling") or {} for run in runs]
+    values = [ceiling.get(key) for ceiling in own]
+    known = [float(value) for value in values if value is not None]
+    grey = (90, 90, 90)
+    if len(known) == len(runs) and len({run["users"] for run in runs}) > 1:
+        found = [(float(run["users"]), value / scale) for run, value in zip(runs, known, strict=True)]
+        low, high = fmt.format(min(known) / scale), fmt.format(max(known) / scale)
+        label = f"ceiling at each load's time, {low} - {high}"
+        return Series(label, grey, found, True)
+    level = statistics.fmean(known) if len(known) == len(runs) and known else first.get(key)
+    width = max((float(run["users"]) for run in runs), default=1.0)
+    line = [] if level is None else [(0.0, level / scale), (width, level / scale)]
+    return Series("ceiling" if level is None else f"ceiling {fmt.format(level / scale)}", grey, line, True)
 
 
 def draw_chart(results: dict[str, Any], out: Path) -> None:
@@ -2289,19 +2351,8 @@ def draw_chart(results: dict[str, Any], out: Path) -> None:
         ),
     ]
     if ceiling is not None:
-        panels[0][2].append(
-            Series(
-                f"ceiling {ceiling['images_per_s']:.2f}/s", (90, 90, 90), flat(ceiling["images_per_s"]), True
-            )
-        )
-        panels[2][2].append(
-            Series(
-                f"ceiling {ceiling['peak_rss_bytes'] / MB:.0f} MB",
-                (90, 90, 90),
-                flat(ceiling.get("peak_rss_bytes"), MB),
-                True,
-            )
-        )
+        panels[0][2].append(ceiling_series(runs, ceiling, "images_per_s", 1.0, "{:.2f}/s"))
+        panels[2][2].append(ceiling_series(runs, ceiling, "peak_rss_bytes", MB, "{:.0f} MB"))
     peer = results["config"].get("peer")
     if peer is not None:  # the same plan against the peer: its goodput, p95 and RSS beside ours
         brown = (140, 86, 75)
@@ -2591,9 +2642,7 @@ def measure_ceiling(config: Config, plans: list[LoadPlan]) -> dict[str, Any]:
 
 def load_run(config: Config, plan: LoadPlan, log_dir: Path, name: str) -> dict[str, Any]:
     """One load on a fresh server, and the peer under the same plan (``judge`` compares them)."""
-    started = time.perf_counter()
     result = load_once(config, plan, log_dir, name)
-    result["measured_at"] = (started + time.perf_counter()) / 2  # to place it between ceilings
     if config.peer is not None:
         result["peer"] = peer_once(config, plan, log_dir, name)
     return result
@@ -2701,13 +2750,26 @@ def run_bench(config: Config, plans: list[LoadPlan], command: list[str]) -> dict
                 result["round"] = round_index + 1
                 results["runs"].append(result)
         if config.ceiling and config.bracket:
-            ceilings.append(measure_ceiling(config, plans))
+            try:
+                ceilings.append(measure_ceiling(config, plans))
+            except BenchError as exc:
+                # The loads are measured already: compare them with the ceilings before them instead.
+                results["bracket_error"] = str(exc)
+                print(
+                    f"bench.py: the last ceiling failed, so each load is compared with the one "
+                    f"before it only: {exc}",
+                    file=sys.stderr,
+                )
     results["ceiling"] = ceilings[0] if ceilings else None
     for result in results["runs"]:
         index = result["round"] - 1
         before = ceilings[index] if index < len(ceilings) else None
         after = ceilings[index + 1] if config.bracket and index + 1 < len(ceilings) else None
-        ceiling = None if before is None else bracket_ceiling(before, after, result["measured_at"])
+        ceiling = (
+            None
+            if before is None
+            else bracket_ceiling(before, after, result["measured_at"], loads=len(plans))
+        )
         judge(config, result, ceiling)
     if config.rounds > 1:
         results["rounds"] = rounds_summary(results["runs"])

@@ -201,19 +201,23 @@ def test_a_load_is_compared_with_the_ceilings_either_side_taken_at_its_time() ->
     bench = load_bench()
     before = {
         "images_per_s": 20.0,
+        "images": 500,
         "cpu_seconds_per_image": 0.1,
         "peak_rss_bytes": 100,
         "threads": 2,
+        "seconds": 25.0,
         "measured_at": 10.0,
+        "started_late_seconds": 0.0,
         "machine_cpu": {"others_cores": 0.0},
     }
-    after = {**before, "images_per_s": 22.0, "cpu_seconds_per_image": 0.09, "peak_rss_bytes": 110}
-    after.update(measured_at=30.0, machine_cpu={"others_cores": 0.3})
+    after = {**before, "images_per_s": 22.0, "images": 550, "cpu_seconds_per_image": 0.09}
+    after.update(peak_rss_bytes=110, measured_at=30.0, machine_cpu={"others_cores": 0.3})
 
     quarter = bench.bracket_ceiling(before, after, 15.0)
     assert quarter["images_per_s"] == pytest.approx(20.5)
     assert quarter["cpu_seconds_per_image"] == pytest.approx(0.0975)
-    assert quarter["peak_rss_bytes"] == 102  # a byte count stays whole
+    assert quarter["peak_rss_bytes"] == 102  # a count stays whole
+    assert quarter["images"] == 512
     assert quarter["threads"] == 2
     assert quarter["machine_cpu"] == {"others_cores": 0.3}  # the noisier phase speaks for both
     assert quarter["bracket"] == {
@@ -221,15 +225,133 @@ def test_a_load_is_compared_with_the_ceilings_either_side_taken_at_its_time() ->
         "after_images_per_s": 22.0,
         "weight_of_after": 0.25,
         "drift": pytest.approx(0.1),
+        "loads_between": 1,
     }
     assert bench.bracket_ceiling(before, after, 99.0)["images_per_s"] == 22.0  # never extrapolated
+    assert bench.bracket_ceiling(before, after, 1.0)["images_per_s"] == 20.0
+    assert bench.bracket_ceiling(before, {**after, "measured_at": 10.0}, 15.0)["images_per_s"] == 21.0
     assert bench.bracket_ceiling(before, None, 15.0) is before  # no ceiling after it: the one before
+    # A value only one side has is taken from that side.
+    assert bench.bracket_ceiling(before, {**after, "peak_rss_bytes": None}, 15.0)["peak_rss_bytes"] == 100
 
-    # A drift over the threshold is said beside the run.
+    # A drift over the threshold is said beside the run, and so is a late start of either ceiling.
     (drift,) = bench.ceiling_warnings(quarter, 1, 2)
-    assert "the ceiling moved +10.0% across this load (20.00 images/s before, 22.00 after)" in drift
+    assert "the ceiling moved +10.0% between its measurements either side of this load" in drift
+    assert "(20.00 images/s before, 22.00 after)" in drift
     steady = bench.bracket_ceiling(before, {**after, "images_per_s": 20.2}, 15.0)
     assert bench.ceiling_warnings(steady, 1, 2) == []
+    late = bench.bracket_ceiling(before, {**after, "images_per_s": 20.2, "started_late_seconds": 2.0}, 15.0)
+    (started_late,) = bench.ceiling_warnings(late, 1, 2)
+    assert "2.0 s after the others" in started_late
+
+
+def test_the_chart_draws_each_load_s_own_ceiling_across_a_sweep() -> None:
+    bench = load_bench()
+    first = {"images_per_s": 20.0, "peak_rss_bytes": 100}
+    sweep = [{"users": n, "ceiling": {"images_per_s": 20.0 + n}} for n in (10, 50, 200)]
+    drawn = bench.ceiling_series(sweep, first, "images_per_s", 1.0, "{:.2f}/s")
+    assert drawn.points == [(10.0, 30.0), (50.0, 70.0), (200.0, 220.0)]
+    assert "ceiling at each load's time" in drawn.name
+    # Rounds of one user count: one level line at their mean; an older file: the first ceiling's.
+    rounds = [{"users": 16, "ceiling": {"images_per_s": rate}} for rate in (20.0, 22.0)]
+    assert bench.ceiling_series(rounds, first, "images_per_s", 1.0, "{:.2f}/s").points == [
+        (0.0, 21.0),
+        (16.0, 21.0),
+    ]
+    older = [{"users": 16}]
+    assert bench.ceiling_series(older, first, "peak_rss_bytes", 1.0, "{:.0f}").points == [
+        (0.0, 100.0),
+        (16.0, 100.0),
+    ]
+
+
+def fake_load(users: int, at: float) -> dict[str, Any]:
+    """What ``load_run`` returns, reduced to what ``judge`` and the report read."""
+    return {
+        "users": users,
+        "measured_at": at,
+        "goodput_per_s": 10.0,
+        "ok": 100,
+        "responses": 100,
+        "responses_by_status": {"200": 100},
+        "responses_after_window_by_status": {},
+        "server": None,
+        "latency_2xx_seconds": {"p95": 0.1},
+        "responses_per_s_by_status": {"200": 10.0},
+        "errors": {"total": 0},
+    }
+
+
+@pytest.mark.parametrize(
+    ("flags", "ceilings", "pairs"),
+    [
+        # rounds: a ceiling before each load, one after the last; each load between its two
+        (["--rounds", "3"], 4, [(0, 1), (1, 2), (2, 3)]),
+        (["--rounds", "2", "--no-bracket"], 2, [(0, None), (1, None)]),
+        # a sweep: its loads share the ceilings before the first and after the last
+        (["--sweep-users", "1,2,3"], 2, [(0, 1), (0, 1), (0, 1)]),
+        (["--no-ceiling"], 0, [(None, None)]),
+    ],
+)
+def test_each_load_is_judged_against_the_ceilings_around_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flags: list[str], ceilings: int, pairs: list[Any]
+) -> None:
+    bench = load_bench()
+    photo = tmp_path / "photo.jpg"
+    photo.write_bytes(image_bytes((64, 48)))
+    clock = iter(range(100))
+    measured: list[dict[str, Any]] = []
+
+    def measure_ceiling(config: Any, plans: Any) -> dict[str, Any]:
+        ceiling = {"images_per_s": 20.0 + len(measured), "measured_at": float(next(clock))}
+        measured.append(ceiling)
+        return ceiling
+
+    def load_run(config: Any, plan: Any, log_dir: Path, name: str) -> dict[str, Any]:
+        return fake_load(plan.max_users, float(next(clock)))
+
+    monkeypatch.setattr(bench, "measure_ceiling", measure_ceiling)
+    monkeypatch.setattr(bench, "load_run", load_run)
+    args = bench.build_parser().parse_args(["--file", str(photo), "--quiet", *flags])
+    config, plans = bench.make_config(args, [])
+    results = bench.run_bench(config, plans, [])
+
+    assert results["ceilings"] == measured and len(measured) == ceilings
+    for run, (before, after) in zip(results["runs"], pairs, strict=True):
+        own = run["ceiling"]
+        if before is None:
+            assert own is None
+        elif after is None:
+            assert own is measured[before]
+        else:
+            rates = (measured[before]["images_per_s"], measured[after]["images_per_s"])
+            assert (own["bracket"]["before_images_per_s"], own["bracket"]["after_images_per_s"]) == rates
+            assert own["bracket"]["loads_between"] == len(plans)
+            assert min(rates) < own["images_per_s"] < max(rates)  # taken at the load's time, between
+
+
+def test_a_failing_last_ceiling_keeps_the_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    bench = load_bench()
+    photo = tmp_path / "photo.jpg"
+    photo.write_bytes(image_bytes((64, 48)))
+    measured: list[dict[str, Any]] = []
+
+    def measure_ceiling(config: Any, plans: Any) -> dict[str, Any]:
+        if measured:
+            raise bench.BenchError("the ceiling process printed no result")
+        measured.append({"images_per_s": 20.0, "measured_at": 0.0})
+        return measured[0]
+
+    monkeypatch.setattr(bench, "measure_ceiling", measure_ceiling)
+    monkeypatch.setattr(bench, "load_run", lambda config, plan, log_dir, name: fake_load(1, 1.0))
+    args = bench.build_parser().parse_args(["--file", str(photo), "--quiet"])
+    config, plans = bench.make_config(args, [])
+    results = bench.run_bench(config, plans, [])
+
+    assert "printed no result" in results["bracket_error"]
+    [run] = results["runs"]
+    assert run["ceiling"] is measured[0]
+    assert run["derived"]["goodput_over_ceiling"] == 0.5
 
 
 def test_merged_ceilings_add_rates_cpu_and_memory() -> None:
@@ -245,8 +367,10 @@ def test_merged_ceilings_add_rates_cpu_and_memory() -> None:
         "peak_rss_bytes": 100,
         "ru_maxrss_bytes": 110,
         "latencies": [0.1] * 10,
+        "measured_at": 100.0,
     }
     other = {**child, "images": 12, "seconds": 1.2, "ru_maxrss_bytes": None, "latencies": [0.1] * 12}
+    other["measured_at"] = 100.2
     merged = bench.merge_ceilings([child, other])
     assert merged["images"] == 22 and merged["seconds"] == 1.2
     assert merged["images_per_s"] == 20.0 and merged["threads"] == 2 and merged["processes"] == 2
@@ -254,6 +378,7 @@ def test_merged_ceilings_add_rates_cpu_and_memory() -> None:
     assert merged["peak_rss_bytes"] == 200
     assert merged["ru_maxrss_bytes"] is None  # one child could not say: no sum that looks complete
     assert merged["image_seconds"]["count"] == 22
+    assert merged["measured_at"] == pytest.approx(100.1)
 
 
 def test_stages_ramp_linearly_between_targets() -> None:
@@ -268,7 +393,9 @@ def test_stages_ramp_linearly_between_targets() -> None:
 
 
 @pytest.mark.slow
-def test_bench_runs_against_its_own_server_and_reports(tmp_path: Path) -> None:
+def test_bench_runs_against_its_own_server_and_reports(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     photo = tmp_path / "photo.jpg"
     photo.write_bytes(image_bytes((640, 480), quality=90))
     results_path = tmp_path / "results.json"
@@ -302,6 +429,11 @@ def test_bench_runs_against_its_own_server_and_reports(tmp_path: Path) -> None:
     assert results["config"]["threads"] == 1
 
     assert_each_load_is_bracketed(results)
+    # A results file from before each run kept its own ceiling still prints, against its round's.
+    older = {**results, "runs": [{k: v for k, v in run.items() if k != "ceiling"} for run in results["runs"]]}
+    bench = load_bench()
+    bench.print_report(older)
+    assert "round 2 of 2:" in capsys.readouterr().out
     ratios = results["rounds"]["goodput_over_ceiling"]
     assert ratios["each"] == [run["derived"]["goodput_over_ceiling"] for run in results["runs"]]
     assert ratios["min"] <= ratios["median"] <= ratios["max"]
