@@ -2310,9 +2310,6 @@ def draw_chart(results: dict[str, Any], out: Path) -> None:
         found = [(float(run["users"]), getter(run)) for run in runs]
         return [(x, float(y) / scale) for x, y in found if y is not None]
 
-    def flat(value: float | None, scale: float = 1.0) -> list[tuple[float, float]]:
-        return [] if value is None else [(0.0, value / scale), (max(users, default=1.0), value / scale)]
-
     panels: list[tuple[str, str, list[Series]]] = [
         (
             "Goodput: 2xx responses per second",
