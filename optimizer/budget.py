@@ -73,7 +73,7 @@ class MemoryBudget:
             if remaining <= 0:
                 raise Overloaded(
                     "the service's memory budget is in use by other images; retry later",
-                    retry_after=max(1, math.ceil(wait)),
+                    retry_after=math.ceil(wait),  # clamped by Overloaded
                 )
             waiter = loop.create_future()
             self._waiters.add(waiter)

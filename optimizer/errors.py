@@ -132,12 +132,19 @@ class CorruptImage(OptimizerError):
     title = "Image cannot be decoded"
 
 
+# The longest Retry-After any 503 tells: past a minute a client is better off asking again (or asking
+# another instance) than trusting an estimate, and a configured wait of hours must not be passed on.
+MAX_RETRY_AFTER = 60
+
+
 class Overloaded(OptimizerError):
     status = 503
     code = "overloaded"
     title = "Service overloaded"
 
     def __init__(self, detail: str, *, retry_after: int) -> None:
+        """``retry_after`` is clamped to 1..``MAX_RETRY_AFTER`` whole seconds."""
+        retry_after = max(1, min(MAX_RETRY_AFTER, retry_after))
         super().__init__(detail, headers={"Retry-After": str(retry_after)})
         self.retry_after = retry_after
 

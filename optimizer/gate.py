@@ -25,6 +25,8 @@ import bisect
 import math
 import time
 
+from optimizer.errors import MAX_RETRY_AFTER
+
 # Retry-After tells the waiting clients to return this many times faster, together, than slots free up.
 # 1: a slot nobody is back for goes to the client just served (no turn is owed then), so the workers do
 # not run dry, and every return beyond the free slots is one more refusal: each costs the server and
@@ -152,7 +154,7 @@ class AdmissionGate:
         if self._service_seconds <= 0:
             return 1
         backlog = self._in_flight / self.workers * self._service_seconds
-        return max(1, min(60, math.ceil(backlog)))
+        return max(1, min(MAX_RETRY_AFTER, math.ceil(backlog)))
 
     def refuse(self) -> int:
         """Record a refusal; its Retry-After in whole seconds: at least ``retry_after()``, and longer

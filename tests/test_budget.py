@@ -143,3 +143,21 @@ async def test_image_over_the_whole_budget_is_413(make_client: MakeClient) -> No
     assert client.app[STATE].gate.in_flight == 0
     # small images still go through
     assert (await client.post("/optimize", data=multipart(image_bytes((40, 40))))).status == 200
+
+
+@pytest.mark.parametrize(("asked", "told"), [(0, "1"), (7, "7"), (86400, "60")])
+def test_retry_after_is_whole_seconds_from_1_to_a_minute(asked: int, told: str) -> None:
+    """A memory wait of a day is a valid setting, but no client should be told to come back in a day."""
+    refused = Overloaded("busy", retry_after=asked)
+    assert refused.headers["Retry-After"] == told
+    assert refused.retry_after == int(told)
+
+
+async def test_a_memory_wait_that_runs_out_tells_at_most_a_minute() -> None:
+    budget = MemoryBudget(100)
+    held = budget.try_reserve(100)
+    assert held is not None
+    with pytest.raises(Overloaded) as refused:
+        await budget.reserve(50, 0.01)
+    assert refused.value.headers["Retry-After"] == "1"
+    held.release()
