@@ -16,13 +16,21 @@ import logging
 import os
 import sys
 import threading
-from collections.abc import Sequence
+import traceback
+from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
 from optimizer import __version__, allocator
 from optimizer.settings import Settings, SettingsError, parse_value, setting_fields
+from optimizer.startup import EXIT_BAD_SETTINGS, EXIT_CANNOT_START, EXIT_FAILED
 
-EXIT_BAD_SETTINGS = 2
+__all__ = ["EXIT_BAD_SETTINGS", "main"]
+
+log = logging.getLogger("optimizer")
+# Set while fd 2 is relayed (``_capture_native_stderr``): puts fd 2 back and waits for the relay.
+_release_stderr: Callable[[], None] | None = None
+# How long the relay gets to pass on what is left in its pipe at exit.
+RELAY_DRAIN_SECONDS = 1.0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -42,11 +50,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         return Supervisor(settings, list(sys.argv[1:] if argv is None else argv)).run()
     # Imported before stderr is pointed at the log relay: a broken install's traceback (a missing native
     # library, say) then reaches the real stderr whole instead of line by line through a daemon thread.
-    from optimizer.server import run  # noqa: PLC0415 - see the module's docstring
+    try:
+        from optimizer.server import run  # noqa: PLC0415 - see the module's docstring
+    except (ImportError, OSError) as exc:
+        traceback.print_exc()
+        print(f"optimizer: cannot start, the installation is broken: {exc}", file=sys.stderr)
+        return EXIT_CANNOT_START
 
     configure_logging(settings.log_level)
     allocator.report_restart()
-    return run(settings)
+    try:
+        code = run(settings)
+    except Exception:
+        # One JSON record with the whole traceback, written by the handler on the real stderr: printed
+        # by the interpreter instead, it would go through the relay line by line, and could be cut off
+        # by the exit.
+        log.exception("the server stopped on an unexpected error", extra={"fields": {"event": "crashed"}})
+        code = EXIT_FAILED
+    finally:
+        if _release_stderr is not None:
+            _release_stderr()
+    if code != 0 and any(t.name.startswith("optimizer-worker") for t in threading.enumerate()):
+        # A worker is still inside Pillow and cannot be interrupted; the interpreter would wait for it
+        # at exit, past the deadline the operator set. Leave now.
+        logging.shutdown()
+        os._exit(code)
+    return code
 
 
 class JsonFormatter(logging.Formatter):
@@ -74,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Image-optimization HTTP service. Every flag can also be set by the environment "
         "variable named in its help; a flag wins over the variable.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        # No abbreviations: "--thread 6" would set --threads, but the supervisor looks for the flags
+        # its children must not be given twice by their full names (optimizer.supervisor.child_flags).
+        allow_abbrev=False,
     )
     defaults = Settings()
     for spec in setting_fields():
@@ -129,5 +161,18 @@ def _capture_native_stderr() -> TextIO:
                 if line.strip():
                     native.warning("%s", line.rstrip())
 
-    threading.Thread(target=relay, name="optimizer-native-stderr", daemon=True).start()
+    relaying = threading.Thread(target=relay, name="optimizer-native-stderr", daemon=True)
+    relaying.start()
+
+    def release() -> None:
+        """At exit: fd 2 back to the real stderr, which closes the pipe's last write end, so the relay
+        passes on what is left in it and stops (a daemon thread would otherwise be cut off mid-pipe)."""
+        global _release_stderr  # noqa: PLW0603 - one relay per process
+        _release_stderr = None
+        sys.stderr.flush()
+        os.dup2(real.fileno(), 2)
+        relaying.join(RELAY_DRAIN_SECONDS)
+
+    global _release_stderr  # noqa: PLW0603 - one relay per process
+    _release_stderr = release
     return real

@@ -31,6 +31,7 @@ from optimizer import allocator
 from optimizer.app import create_app, drain
 from optimizer.listener import PacedSite
 from optimizer.settings import Settings
+from optimizer.startup import EXIT_ABANDONED, report_listen_failure
 from optimizer.state import STATE
 
 log = logging.getLogger("optimizer")
@@ -38,7 +39,6 @@ log = logging.getLogger("optimizer")
 # After the drain, how long aiohttp waits for handlers that are still reading an upload before it
 # cancels them. The drain deadline is the real budget; this only mops up.
 HANDLER_GRACE_SECONDS = 2.0
-EXIT_ABANDONED = 1
 
 
 FIRST_READ_BYTES = 64 * 1024
@@ -105,13 +105,7 @@ def run(settings: Settings) -> int:
     """Serve until a signal, in this process (``optimizer.cli`` has read the settings and set up logging)."""
     allocator.tune()
     small_first_reads()
-    code = asyncio.run(serve(settings))
-    if code != 0 and any(t.name.startswith("optimizer-worker") for t in threading.enumerate()):
-        # A worker is still inside Pillow and cannot be interrupted; the interpreter would wait for it
-        # at exit, past the deadline the operator set. Leave now.
-        logging.shutdown()
-        os._exit(code)
-    return code
+    return asyncio.run(serve(settings))
 
 
 async def serve(settings: Settings) -> int:
@@ -133,7 +127,10 @@ async def serve(settings: Settings) -> int:
         site = PacedSite(
             runner, settings.host, settings.port, reuse_port=settings.reuse_port, full=lambda: gate.full
         )
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:  # the port is taken, the address is not this machine's, the name unknown
+            return report_listen_failure(log, settings.host, settings.port, exc)
         for address in runner.addresses:
             host, port = address[0], address[1]
             log.info(

@@ -9,6 +9,12 @@ The parent only supervises: it reserves the port, starts the children (``python 
 same flags plus ``--processes 1 --reuse-port 1 --port P``), forwards SIGTERM and SIGINT to every child,
 so that each drains its own admitted work, restarts a child that dies unexpectedly, and exits with the
 worst of the children's exit codes.
+
+A child that cannot start (its exit code says so: ``optimizer.startup``) is not restarted, nor are
+children that keep dying soon after they start: restarts back off (1, 2, 4 ... seconds), and after
+``MAX_RECENT_EXITS`` unexpected exits within ``RECENT_EXIT_SECONDS`` the supervisor stops the others and
+exits, so that an orchestrator shows the failure (and restarts the whole with its own backoff) instead of
+a supervisor that looks alive while its children crash.
 """
 
 from __future__ import annotations
@@ -21,14 +27,20 @@ import socket
 import subprocess
 import sys
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from types import FrameType
 
 from optimizer.settings import Settings, default_memory_budget, effective_cpu_count
+from optimizer.startup import CANNOT_START, EXIT_CRASH_LOOP, report_listen_failure
 
 log = logging.getLogger("optimizer.supervisor")
 
-RESTART_DELAY = 1.0  # seconds before restarting a child that died on its own (avoids a crash loop spin)
+RESTART_DELAY = 1.0  # seconds before restarting a child that died on its own, doubled per recent exit
+MAX_RESTART_DELAY = 16.0
+# This many unexpected exits within this many seconds, and the supervisor gives up (EXIT_CRASH_LOOP).
+MAX_RECENT_EXITS = 5
+RECENT_EXIT_SECONDS = 60.0
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 # What a child gets when the supervisor dies: SIGHUP, which a server drains on and never takes as a
 # "second signal" (a forwarded SIGTERM may already be draining when the supervisor is killed).
@@ -37,11 +49,25 @@ DEATH_SIGNAL = signal.SIGHUP
 
 def reserve_port(host: str, port: int) -> socket.socket:
     """A bound (not listening) SO_REUSEPORT socket: it fixes the port, even when 0 was asked for, so
-    that every child binds the same one. Kept open until the children listen."""
+    that every child binds the same one. Kept open until the children listen.
+
+    A port some other server already listens on is refused (``OSError``, EADDRINUSE): with SO_REUSEPORT
+    alone the bind would succeed for any process of the same user, and the kernel would quietly split
+    the connections between that server and this one."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    if port:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            # SO_REUSEADDR as asyncio's listeners set it: connections of an earlier run still in
+            # TIME_WAIT do not count as the port being in use; a listener does.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
     sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host, port))
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
     return sock
 
 
@@ -141,7 +167,10 @@ class Supervisor:
 
     def run(self) -> int:
         settings = self.settings
-        reserved = reserve_port(settings.host, settings.port)
+        try:
+            reserved = reserve_port(settings.host, settings.port)
+        except OSError as exc:
+            return report_listen_failure(log, settings.host, settings.port, exc)
         port = reserved.getsockname()[1]
         flags = child_flags(settings, self.argv, dict(os.environ), port)
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -163,6 +192,7 @@ class Supervisor:
 
     def _watch(self, flags: list[str]) -> int:
         worst = 0
+        recent: deque[float] = deque()  # when children exited on their own, within RECENT_EXIT_SECONDS
         while True:
             running = False
             for child in list(self.children):
@@ -173,13 +203,32 @@ class Supervisor:
                 if self.signals_received:
                     worst = max(worst, code if code >= 0 else 128 - code)
                     continue
+                now = time.monotonic()
+                recent.append(now)
+                while recent[0] < now - RECENT_EXIT_SECONDS:
+                    recent.popleft()
+                reason = self._not_restarting(code, len(recent))
+                if reason is not None:
+                    log.error(
+                        "process %d exited on its own with code %d; %s: stopping the others",
+                        child.pid,
+                        code,
+                        reason,
+                        extra={"fields": {"event": "giving_up", "child": child.pid, "code": code}},
+                    )
+                    worst = code if code in CANNOT_START else EXIT_CRASH_LOOP
+                    self.children.remove(child)  # accounted for: its own code says less than ``worst``
+                    self._on_signal(signal.SIGTERM, None)  # the others drain and stop
+                    continue
+                delay = min(MAX_RESTART_DELAY, RESTART_DELAY * 2 ** (len(recent) - 1))
                 log.error(
-                    "process %d exited on its own with code %d; restarting it",
+                    "process %d exited on its own with code %d; restarting it in %g s",
                     child.pid,
                     code,
-                    extra={"fields": {"event": "child_exited", "pid": child.pid, "code": code}},
+                    delay,
+                    extra={"fields": {"event": "child_exited", "child": child.pid, "code": code}},
                 )
-                time.sleep(RESTART_DELAY)
+                self._pause(delay)
                 if self.signals_received:
                     continue  # stopping: do not replace it
                 self.children.remove(child)
@@ -188,3 +237,18 @@ class Supervisor:
             if not running:
                 return worst
             time.sleep(0.1)
+
+    @staticmethod
+    def _not_restarting(code: int, recent_exits: int) -> str | None:
+        """Why a child that exited with ``code`` is not restarted, or ``None`` to restart it."""
+        if code in CANNOT_START:
+            return "it cannot start here, and a restart would fail the same way"
+        if recent_exits >= MAX_RECENT_EXITS:
+            return f"{recent_exits} exits within {RECENT_EXIT_SECONDS:g} s"
+        return None
+
+    def _pause(self, seconds: float) -> None:
+        """Sleep, but return as soon as a signal has come (a stop must not wait out a restart delay)."""
+        deadline = time.monotonic() + seconds
+        while not self.signals_received and (left := deadline - time.monotonic()) > 0:
+            time.sleep(min(0.1, left))

@@ -14,6 +14,7 @@ import aiohttp
 import pytest
 
 from optimizer.settings import Settings
+from optimizer.startup import EXIT_BAD_SETTINGS, EXIT_CRASH_LOOP
 from optimizer.supervisor import Supervisor, child_flags
 from tests.conftest import image_bytes
 from tests.test_server_process import EXIT_GRACE, Launch, launch, upload  # noqa: F401 - fixture
@@ -124,3 +125,53 @@ def test_a_child_started_after_the_supervisor_died_does_not_run() -> None:
         preexec_fn=supervisor._die_with_parent,  # noqa: PLW1509 - the test process's threads do not fork
     )
     assert child.wait(timeout=60) == 1
+
+
+class FakeChild:
+    """Stands in for a child process: ``code`` is what ``poll()`` says; a signal ends a running one (0)."""
+
+    def __init__(self, code: int | None, pid: int) -> None:
+        self.code = code
+        self.pid = pid
+        self.signals: list[int] = []
+
+    def poll(self) -> int | None:
+        return self.code
+
+    def send_signal(self, signum: int) -> None:
+        self.signals.append(signum)
+        if self.code is None:
+            self.code = 0
+
+
+def test_children_that_keep_dying_are_restarted_later_each_time_then_given_up(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A child that dies soon after every start (a crash in serving, say) is restarted after 1, 2, 4, 8
+    s; at the fifth exit within a minute the supervisor stops the healthy one and exits 4, instead of
+    looking alive while a child crash-loops."""
+    supervisor = Supervisor(Settings(processes=2), [])
+    pauses: list[float] = []
+    monkeypatch.setattr(supervisor, "_pause", pauses.append)
+    pids = iter(range(1000, 2000))
+
+    def spawn(_flags: list[str]) -> FakeChild:
+        child = FakeChild(70, next(pids))  # dies at once, with a code that says nothing about why
+        supervisor.children.append(child)  # type: ignore[arg-type]
+        return child
+
+    monkeypatch.setattr(supervisor, "_spawn", spawn)
+    healthy = FakeChild(None, 1)
+    supervisor.children = [healthy, FakeChild(70, 2)]  # type: ignore[list-item]
+    assert supervisor._watch([]) == EXIT_CRASH_LOOP == 4
+    assert pauses == [1.0, 2.0, 4.0, 8.0]
+    assert healthy.signals == [signal.SIGTERM]  # drained, not killed
+
+
+def test_a_child_that_cannot_start_is_not_restarted(monkeypatch: pytest.MonkeyPatch) -> None:
+    supervisor = Supervisor(Settings(processes=2), [])
+    monkeypatch.setattr(supervisor, "_spawn", lambda _flags: pytest.fail("restarted"))
+    healthy = FakeChild(None, 1)
+    supervisor.children = [healthy, FakeChild(EXIT_BAD_SETTINGS, 2)]  # type: ignore[list-item]
+    assert supervisor._watch([]) == EXIT_BAD_SETTINGS
+    assert healthy.signals == [signal.SIGTERM]

@@ -17,6 +17,7 @@ import io
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -29,6 +30,7 @@ import aiohttp
 import pytest
 
 from optimizer.allocator import GLIBC_TUNABLES, RESTARTED, is_glibc, start_environment
+from optimizer.startup import EXIT_CANNOT_START
 from tests.conftest import ROOT, corpus_dir, decode, image_bytes
 from tests.realserver import RealServer, server_env
 
@@ -493,3 +495,54 @@ def test_submodules_are_attributes_of_the_lazy_package() -> None:
         "        raise SystemExit(missing)\n"
     )
     subprocess.run([sys.executable, "-c", probe], check=True, timeout=STARTUP_TIMEOUT)
+
+
+def test_an_abbreviated_flag_is_refused() -> None:
+    """``--thread 6`` must not pass for ``--threads``: the supervisor looks for the flags by full name."""
+    result = run_cli("--host", HOST, "--thread", "6")
+    assert result.returncode == 2, result
+    assert "--thread" in result.stderr
+
+
+def _log_records(stderr: str) -> list[dict[str, object]]:
+    records = []
+    for line in stderr.splitlines():
+        with contextlib.suppress(ValueError):
+            records.append(json.loads(line))
+    return records
+
+
+@pytest.mark.parametrize("processes", ["1", "2"])
+def test_a_port_in_use_is_one_clear_error_and_exit_3(processes: str) -> None:
+    """The operator sees why in one JSON line (before, the traceback went through the native-stderr relay
+    and the exit could cut it off); a supervisor must not share the port through SO_REUSEPORT."""
+    with socket.socket() as busy:
+        busy.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        busy.bind((HOST, 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = run_cli("--host", HOST, "--port", str(port), "--processes", processes, "--threads", "1")
+    assert result.returncode == EXIT_CANNOT_START == 3, result
+    failed = [r for r in _log_records(result.stderr) if r.get("event") == "listen_failed"]
+    assert len(failed) == 1, result.stderr
+    assert "already in use" in str(failed[0]["message"])
+    assert failed[0]["port"] == port
+    assert "Traceback" not in result.stderr
+
+
+def test_a_broken_installation_is_not_restarted(tmp_path: Path) -> None:
+    """A child that cannot import its native libraries exits 3, and the supervisor stops instead of
+    restarting it for ever."""
+    broken = tmp_path / "PIL"
+    broken.mkdir()
+    (broken / "__init__.py").write_text(
+        'raise ImportError("libjpeg.so.62: cannot open shared object file")\n'
+    )
+    result = run_cli(
+        "--host", HOST, "--port", "0", "--processes", "2", "--threads", "1", PYTHONPATH=str(tmp_path)
+    )
+    assert result.returncode == EXIT_CANNOT_START, result
+    assert "the installation is broken: libjpeg.so.62" in result.stderr
+    records = _log_records(result.stderr)
+    assert [r for r in records if r.get("event") == "giving_up"], result.stderr
+    assert not [r for r in records if r.get("event") == "child_exited"]  # no restart was tried

@@ -1,0 +1,39 @@
+"""How the process says it stopped: its exit codes, and the one error line for an address it cannot
+listen on. Shared by the server, the command line and the ``--processes`` supervisor (which imports
+neither aiohttp nor Pillow, so neither does this module).
+
+The supervisor reads them from its children: a child that exits with a code that says it cannot start is
+not restarted, since a restart would fail the same way (a port already taken, bad settings, a broken
+install), and the operator is better served by one clear error and an exit than by a restart loop.
+"""
+
+from __future__ import annotations
+
+import logging
+
+EXIT_OK = 0
+# Stopped by a signal, but the drain deadline cut off admitted work (answered 503 shutdown_deadline); also
+# an unexpected error (logged with its traceback).
+EXIT_ABANDONED = 1
+EXIT_FAILED = 1
+# The settings (flags, environment) are invalid: the message names each one.
+EXIT_BAD_SETTINGS = 2
+# The service cannot start here: it cannot listen on its address, or the installation is broken.
+EXIT_CANNOT_START = 3
+# ``--processes``: children kept dying soon after being started, so the supervisor gave up.
+EXIT_CRASH_LOOP = 4
+
+# Codes a restart would not change.
+CANNOT_START = frozenset({EXIT_BAD_SETTINGS, EXIT_CANNOT_START})
+
+
+def report_listen_failure(log: logging.Logger, host: str, port: int, exc: OSError) -> int:
+    """Log why ``host``:``port`` cannot be listened on, in one line; the exit code to leave with."""
+    log.error(
+        "cannot listen on %s port %d: %s",
+        host,
+        port,
+        exc,
+        extra={"fields": {"event": "listen_failed", "host": host, "port": port}},
+    )
+    return EXIT_CANNOT_START
