@@ -93,16 +93,14 @@ async def _worker_pool(app: web.Application) -> AsyncIterator[None]:
         # Runs after the drain: anything still queued was abandoned, so drop it; a job still running in a
         # thread cannot be interrupted and ends on its own.
         state.pool.shutdown(wait=False, cancel_futures=True)
+        if state.drain_timer is not None:
+            state.drain_timer.cancel()
 
 
-async def drain(app: web.Application) -> bool:
-    """Stop admitting, then give the requests already admitted until the drain deadline to finish.
-
-    The deadline is ``drain_seconds`` from the first call; later calls wait for the same deadline, so a
-    host may call this before its runner's cleanup (which runs it again from ``on_shutdown``). Returns
-    ``True`` when everything admitted finished; otherwise what is still waiting is answered 503
-    ``shutdown_deadline`` and counted in ``abandoned``.
-    """
+def begin_drain(app: web.Application) -> float:
+    """Stop admitting, and fix the drain deadline (``drain_seconds`` from the first call): at it, what
+    is still waiting is answered 503 ``shutdown_deadline``. Returns the deadline, in loop time. Does not
+    wait: see ``drain``."""
     state = app[STATE]
     loop = asyncio.get_running_loop()
     state.ready = False
@@ -113,9 +111,13 @@ async def drain(app: web.Application) -> bool:
             log.info(
                 "draining %d request(s), up to %.1f s", state.gate.in_flight, state.settings.drain_seconds
             )
-    if await state.gate.wait_idle(max(0.0, state.drain_deadline - loop.time())):
-        return True
-    if not state.abandon_signal().done():
+        state.drain_timer = loop.call_at(state.drain_deadline, _deadline_passed, app)
+    return state.drain_deadline
+
+
+def _deadline_passed(app: web.Application) -> None:
+    state = app[STATE]
+    if state.gate.in_flight and not state.abandon_signal().done():
         state.abandoned = state.gate.in_flight
         log.warning(
             "drain deadline of %.1f s passed with %d request(s) unfinished; answering them 503",
@@ -123,6 +125,20 @@ async def drain(app: web.Application) -> bool:
             state.abandoned,
         )
         state.abandon_waiting_work()
+
+
+async def drain(app: web.Application) -> bool:
+    """Stop admitting, then give the requests already admitted until the drain deadline to finish.
+
+    The deadline is ``drain_seconds`` from the first call; later calls wait for the same deadline, so a
+    host may call this before its runner's cleanup. Returns ``True`` when everything admitted finished;
+    otherwise what is still waiting is answered 503 ``shutdown_deadline`` and counted in ``abandoned``.
+    """
+    state = app[STATE]
+    deadline = begin_drain(app)
+    if await state.gate.wait_idle(max(0.0, deadline - asyncio.get_running_loop().time())):
+        return True
+    _deadline_passed(app)  # at once, whether or not the timer has run yet
     return False
 
 
@@ -134,7 +150,11 @@ async def _on_shutdown(app: web.Application) -> None:
     state = app[STATE]
     for stream in list(state.reading):
         stream.set_exception(Draining("the service is shutting down; upload again elsewhere"))
-    await drain(app)
+    # Begin the drain, but do not wait here: a host's on_shutdown runs its sub-applications' one after
+    # another, so two embedded instances waiting in turn would take the sum of their deadlines. The
+    # runner then waits for the handlers still running (up to its shutdown_timeout, 60 s by default),
+    # and each instance's timer answers what is left at its own deadline.
+    begin_drain(app)
 
 
 @web.middleware

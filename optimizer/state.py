@@ -39,8 +39,9 @@ class ServiceState:
     ready: bool = True
     # Requests still unfinished when the drain deadline passed (the exit code reports them).
     abandoned: int = 0
-    # Loop time by which the drain must be over; set by the first drain() call.
+    # Loop time by which the drain must be over; set by the first begin_drain() (or drain()) call.
     drain_deadline: float | None = None
+    drain_timer: asyncio.TimerHandle | None = field(default=None, repr=False)  # answers leftovers at it
     # Body streams of admitted requests still being read (see app._on_shutdown for why they are tracked).
     reading: set[StreamReader] = field(default_factory=set, repr=False)
     # When each connection's last image came back (the gate's "Taking turns"; a 4xx does not count);

@@ -345,6 +345,41 @@ async def test_two_instances_share_nothing(aiohttp_client: ClientFactory, blocke
     assert (await busy).status == 200
 
 
+async def test_two_embedded_instances_drain_side_by_side(
+    aiohttp_client: ClientFactory, blocker: Blocker
+) -> None:
+    """A host runs its sub-applications' on_shutdown one after another: each instance must begin its drain
+    and return, or a second instance would stay open and ready while the first drains, and the host's
+    shutdown would take the sum of their deadlines."""
+    parent = web.Application()
+    first = create_app(test_settings(threads=1, queue=1, drain_seconds=1.5))
+    second = create_app(test_settings(threads=1, queue=1, drain_seconds=1.5))
+    parent.add_subapp("/a", first)
+    parent.add_subapp("/b", second)
+    client = await aiohttp_client(TestServer(parent))
+    pending = [
+        asyncio.ensure_future(client.post(f"{prefix}/optimize", data=multipart(image_bytes())))
+        for prefix in ("/a", "/b")
+    ]
+    await until(lambda: blocker.started == 2)
+    closing = asyncio.ensure_future(client.server.close())
+    await until(lambda: first[STATE].gate.closed)
+    await until(lambda: second[STATE].gate.closed)  # while the first still has its request in flight
+    assert first[STATE].gate.in_flight == 1
+    assert not second[STATE].ready
+    began, then = first[STATE].drain_deadline, second[STATE].drain_deadline
+    assert began is not None
+    assert then is not None
+    assert abs(began - then) < 0.5  # both began together, not one deadline after the other
+    for response in await asyncio.gather(*pending):  # still blocked at the deadline: answered 503
+        assert response.status == 503
+        body = await response.json(content_type="application/problem+json")
+        assert body["code"] == "shutdown_deadline"
+    blocker.open.set()
+    await closing
+    assert first[STATE].abandoned == second[STATE].abandoned == 1
+
+
 async def test_upload_arriving_at_a_hosts_shutdown_is_answered_not_hung(
     aiohttp_client: ClientFactory,
 ) -> None:
