@@ -31,6 +31,7 @@ from __future__ import annotations
 import io
 import re
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from PIL import Image, JpegImagePlugin, features
@@ -41,6 +42,7 @@ DC_ONLY_SCALE = 8
 _SMOOTHED_COEFFICIENTS = 10
 _SOI, _EOI, _SOS, _DQT, _DHT, _DNL = 0xD8, 0xD9, 0xDA, 0xDB, 0xC4, 0xDC
 _SOF_PROGRESSIVE_HUFFMAN = 0xC2
+_PROGRESSIVE_SOF = frozenset({0xC2, 0xC6, 0xCA, 0xCE})  # Huffman and arithmetic, hierarchical or not
 # Every other start-of-frame marker: baseline, extended, lossless, arithmetic, hierarchical.
 _OTHER_SOF = frozenset({0xC0, 0xC1, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
 # The end of a scan's entropy-coded data: 0xFF followed by anything but a stuffed 0x00 or a restart
@@ -70,9 +72,10 @@ class _Unsupported(Exception):
     """The stream is not one this rewrite is known to be exact for: leave it alone."""
 
 
-def decode_dc_scans_only(im: Image.Image) -> None:
+def decode_dc_scans_only(im: Image.Image) -> bool:
     """After ``draft``: if libjpeg will decode ``im`` at 1/8 scale, give it the stream without the AC
-    scans that decode would ignore. Pixels, and errors on damaged files, stay what they were."""
+    scans that decode would ignore. Pixels, and errors on damaged files, stay what they were. ``True``
+    when the stream was replaced (it then holds a DC scan or a few per component, no more)."""
     if (
         not _IS_TURBO
         or type(im) is not JpegImagePlugin.JpegImageFile  # not an MPO, whose frames are found by offset
@@ -80,10 +83,85 @@ def decode_dc_scans_only(im: Image.Image) -> None:
         or not im.info.get("progressive")
         or not isinstance(im.fp, io.BytesIO)
     ):
-        return
+        return False
     stream = dc_scans_only(im.fp.getvalue())  # the upload itself: BytesIO shares it, no copy
-    if stream is not None:
-        im.fp = io.BytesIO(stream)
+    if stream is None:
+        return False
+    im.fp = io.BytesIO(stream)
+    return True
+
+
+def scans_to_decode(data: bytes, limit: int) -> int:
+    """How many scans libjpeg decodes from ``data`` before it can output a pixel, counted up to one past
+    ``limit``.
+
+    libjpeg only warns about a progressive scan that repeats what earlier ones sent, and decodes it: a
+    file of thousands of such scans costs a pass over the whole image each (a 0.5 MB file took 17 s),
+    whatever its size. A sequential JPEG whose first scan carries every component is one scan (libjpeg
+    refuses another, "EOI expected"), and its entropy-coded data is not walked. A stream the walk cannot
+    follow counts what was seen before it: libjpeg fails on such a file anyway.
+    """
+    scans = 0
+    frame: tuple[bool, int] | None = None  # (progressive, component count)
+    for marker, pos, _end in _segments(data):
+        if marker == _SOS:
+            scans += 1
+            if scans > limit or (scans == 1 and _whole_in_one_scan(frame, data, pos)):
+                return scans
+        elif marker == _SOF_PROGRESSIVE_HUFFMAN or marker in _OTHER_SOF:
+            frame = (marker in _PROGRESSIVE_SOF, data[pos + 9])
+    return scans
+
+
+def buffers_whole_image(data: bytes) -> bool:
+    """Whether libjpeg keeps the whole image's coefficients while decoding ``data``: a progressive JPEG,
+    or a sequential one whose components arrive in separate scans. Reads the headers up to the first
+    scan only."""
+    frame: tuple[bool, int] | None = None
+    for marker, pos, _end in _segments(data):
+        if marker == _SOS:
+            return not _whole_in_one_scan(frame, data, pos)
+        if marker == _SOF_PROGRESSIVE_HUFFMAN or marker in _OTHER_SOF:
+            frame = (marker in _PROGRESSIVE_SOF, data[pos + 9])
+    return False
+
+
+def _whole_in_one_scan(frame: tuple[bool, int] | None, data: bytes, sos: int) -> bool:
+    """A sequential frame whose first scan (at ``sos``) carries all of its components."""
+    return frame is not None and not frame[0] and data[sos + 4] >= frame[1]
+
+
+def _segments(data: bytes) -> Iterator[tuple[int, int, int]]:
+    """(marker, position, end) of each marker segment from SOI to EOI, stepping over each scan's
+    entropy-coded data (in C: a regular expression, not a Python loop over the bytes). Ends early,
+    without an error, where the stream stops making sense."""
+    if data[:2] != b"\xff\xd8":
+        return
+    pos, size = 2, len(data)
+    try:
+        while pos + 4 <= size and data[pos] == 0xFF:
+            fill = _FILL.match(data, pos)
+            assert fill is not None
+            pos = fill.end() - 1  # the last 0xFF: the marker's own
+            marker = data[pos + 1]
+            if marker == _EOI:
+                return
+            if marker == _SOI or 0xD0 <= marker <= 0xD7 or marker == 0x01:  # no length follows these
+                pos += 2
+                continue
+            (length,) = struct.unpack_from(">H", data, pos + 2)
+            end = pos + 2 + length
+            if length < 2 or end > size:
+                return
+            yield marker, pos, end
+            if marker == _SOS:
+                found = _END_OF_ENTROPY.search(data, end)
+                if found is None:
+                    return
+                end = found.start()
+            pos = end
+    except (struct.error, IndexError):
+        return
 
 
 def dc_scans_only(data: bytes) -> bytes | None:

@@ -24,7 +24,7 @@ from PIL import Image, ImageChops, ImageCms, ImageFile, ImageMath
 
 from optimizer import vips
 from optimizer.errors import CorruptImage, EmptyBody, TooManyPixels, UnsupportedFormat
-from optimizer.jpegscans import DC_ONLY_SCALE, decode_dc_scans_only
+from optimizer.jpegscans import DC_ONLY_SCALE, buffers_whole_image, decode_dc_scans_only, scans_to_decode
 from optimizer.sniff import PILLOW_FORMATS, sniff
 
 # Every exception type Pillow's decoders are known to raise on bad data (measured over the corpus and
@@ -72,6 +72,10 @@ REDUCING_GAP = 3.0
 # makes that 5 crossings for a 4 MB photo instead of 67, for about 2 MiB more memory per worker
 # (counted by estimate_memory).
 DECODE_BLOCK = 1 << 20
+# Scans a JPEG may have: libjpeg decodes repeated progressive scans with a warning, each one a pass over
+# the whole image. libjpeg-turbo suggests this limit for its own scan limit (TJPARAM_SCANLIMIT): far
+# above any encoder's script (jpegtran and mozjpeg write 6-20), and at most ~2 s of CPU at the pixel limit.
+MAX_SCANS = 500
 # AVIF encodes are slow at libavif's default speed 6; 8 costs a little size for several times the speed.
 # One encoder thread: parallelism comes from the service's pool, not from inside one request.
 AVIF_SPEED = 8
@@ -205,7 +209,14 @@ def _draft_scale(im: Image.Image, size: tuple[int, int]) -> int:
 
 
 def _progressive_coefficients(im: Image.Image) -> int:
-    if im.format not in ("JPEG", "MPO") or not (im.info.get("progressive") or im.info.get("progression")):
+    """libjpeg's whole-image coefficient buffer: for a progressive JPEG, and for a sequential one whose
+    components come in separate scans (27x the estimate when only the progressive flag counted)."""
+    if im.format not in ("JPEG", "MPO"):
+        return 0
+    fp = getattr(im, "fp", None)  # the upload, as open_image wraps it
+    if not (im.info.get("progressive") or im.info.get("progression")) and not (
+        isinstance(fp, io.BytesIO) and buffers_whole_image(fp.getvalue())
+    ):
         return 0
     layers = getattr(im, "layer", None) or [("", 1, 1, 0)]
     h_max = max(layer[1] for layer in layers) or 1
@@ -334,10 +345,14 @@ def target_size(size: tuple[int, int], params: Params, max_dimension: int) -> tu
 def decode(im: Image.Image, size: tuple[int, int]) -> None:
     """Decode the first frame, letting libjpeg scale a JPEG down by 1/2, 1/4 or 1/8 on the way."""
     try:
-        if im.format in ("JPEG", "MPO") and size != im.size:
-            # Picks the smallest DCT scale that still covers ``size``: about 5x faster on a large photo.
-            im.draft(None, size)
-            decode_dc_scans_only(im)
+        if im.format in ("JPEG", "MPO"):
+            rewritten = False
+            if size != im.size:
+                # Picks the smallest DCT scale that still covers ``size``: about 5x faster on a large photo.
+                im.draft(None, size)
+                rewritten = decode_dc_scans_only(im)
+            if not rewritten:  # (a rewritten stream holds its DC scans alone: a few per component)
+                _refuse_endless_scans(im)
         if isinstance(im, ImageFile.ImageFile):  # always, for an image from Image.open()
             im.decodermaxblock = max(im.decodermaxblock, DECODE_BLOCK)
         im.load()
@@ -345,6 +360,16 @@ def decode(im: Image.Image, size: tuple[int, int]) -> None:
         raise TooManyPixels("the image frame is too large to decode") from None
     except _DECODE_ERRORS:
         raise CorruptImage(f"the {im.format} image data is damaged and cannot be decoded") from None
+
+
+def _refuse_endless_scans(im: Image.Image) -> None:
+    """``CorruptImage`` for a JPEG of more than ``MAX_SCANS`` scans (see ``jpegscans.scans_to_decode``)."""
+    fp = getattr(im, "fp", None)  # the upload, as open_image wraps it
+    if isinstance(fp, io.BytesIO) and scans_to_decode(fp.getvalue(), MAX_SCANS) > MAX_SCANS:
+        raise CorruptImage(
+            f"the JPEG has more than {MAX_SCANS} scans; an encoder writes a few dozen at most, and each "
+            "costs a pass over the whole image"
+        )
 
 
 def normalise_mode(im: Image.Image) -> Image.Image:

@@ -15,6 +15,7 @@ from multidict import MultiDict
 from PIL import Image, ImageChops
 
 from optimizer import jpegscans, pipeline
+from optimizer.errors import CorruptImage
 from optimizer.params import RouteDefaults, parse_params
 from optimizer.settings import Settings
 from optimizer.state import ServiceState
@@ -289,3 +290,38 @@ def test_only_with_libjpeg_turbo(monkeypatch: pytest.MonkeyPatch) -> None:
         before = im.fp
         jpegscans.decode_dc_scans_only(im)
         assert im.fp is before
+
+
+def with_a_scan_repeated(data: bytes, times: int) -> bytes:
+    """``data`` with its last scan (an AC refinement) sent ``times`` more times: libjpeg only warns."""
+    start, end, *_ = scans(data)[-1]
+    return data[:end] + data[start:end] * times + data[end:]
+
+
+def test_scans_are_counted_without_walking_a_sequential_single_scan() -> None:
+    image = photo((96, 64))
+    assert jpegscans.scans_to_decode(jpeg(image), pipeline.MAX_SCANS) == 1
+    assert not jpegscans.buffers_whole_image(jpeg(image))
+    progressive = jpeg(image, progressive=True)
+    assert jpegscans.scans_to_decode(progressive, pipeline.MAX_SCANS) == len(scans(progressive))
+    assert jpegscans.buffers_whole_image(progressive)
+    bomb = with_a_scan_repeated(progressive, 20)
+    assert jpegscans.scans_to_decode(bomb, 10) == 11  # stops one past the limit
+    for damaged in (b"", b"\xff\xd8", progressive[:300], b"\xff\xd8\xff\xda\x00"):
+        jpegscans.scans_to_decode(damaged, 10)  # never raises
+
+
+@pytest.mark.parametrize("width", [None, 48, 12])  # as it is, at 1/2, at 1/8 (not rewritten: bogus scans)
+def test_a_jpeg_of_endless_scans_is_refused_before_it_is_decoded(width: int | None) -> None:
+    """Each repeated scan is a pass over the whole image: 5000 of them in a 0.5 MB file took 17 s."""
+    progressive = jpeg(photo((96, 64)), progressive=True)
+    bomb = with_a_scan_repeated(progressive, pipeline.MAX_SCANS)
+    limits = ServiceState.from_settings(Settings()).limits
+    params = parse_params(
+        MultiDict({} if width is None else {"width": str(width)}), Settings(), UPLOAD_DEFAULTS
+    )
+    with pytest.raises(CorruptImage, match="scans"):
+        pipeline.optimize(bomb, params, limits)
+    # At the limit it is still an image (libjpeg warns about the repeats and decodes them).
+    fine = with_a_scan_repeated(progressive, pipeline.MAX_SCANS - len(scans(progressive)))
+    assert pipeline.optimize(fine, params, limits).data

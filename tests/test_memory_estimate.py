@@ -10,7 +10,9 @@ much (the budget would then refuse work it could do).
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +20,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from optimizer.pipeline import Limits, Params, inspect
+from optimizer.pipeline import Limits, Params, _progressive_coefficients, inspect
 from optimizer.settings import KNOWN_INPUT_FORMATS
 from tests.conftest import corpus_dir, vips_or_skip
 
@@ -129,3 +131,44 @@ def test_progressive_jpeg_costs_its_coefficients_whatever_the_scale() -> None:
     assert small >= 5760 * 3840 * 3 * 2
     baseline = (corpus_dir() / "photos/kleiber-lukas-baubkus-6028x3391.jpg").read_bytes()
     assert inspect(baseline, Params(width=100), LIMITS) < 16 * MIB
+
+
+SEQUENTIAL_IN_SCANS = Path(__file__).parent / "data" / "sequential-three-scans.jpg"  # see data/README.md
+
+
+def test_a_sequential_jpeg_in_separate_scans_costs_its_coefficients_too() -> None:
+    """Baseline, yet libjpeg buffers the whole image's coefficients when the components come in
+    separate scans: counted only for progressive files, such a file's estimate was 27x under its peak."""
+    with Image.open(io.BytesIO(SEQUENTIAL_IN_SCANS.read_bytes())) as im:  # as the pipeline opens it
+        assert not im.info.get("progressive")
+        width, height = im.size
+        assert _progressive_coefficients(im) == 3 * (width // 8) * (height // 8) * 64 * 2  # 4:4:4
+    interleaved = io.BytesIO()
+    with Image.open(SEQUENTIAL_IN_SCANS) as im:
+        im.save(interleaved, "JPEG")
+    with Image.open(interleaved) as im:
+        assert _progressive_coefficients(im) == 0
+
+
+@pytest.mark.slow
+def test_estimate_covers_a_large_sequential_jpeg_in_separate_scans(tmp_path: Path) -> None:
+    jpegtran = shutil.which("jpegtran")
+    if jpegtran is None:
+        pytest.skip("jpegtran (libjpeg-turbo's tools) is not installed: it writes the multi-scan file")
+    source = tmp_path / "interleaved.jpg"
+    gradient = Image.linear_gradient("L").resize((5000, 4000))
+    Image.merge("RGB", [gradient, gradient.transpose(Image.Transpose.ROTATE_180), gradient]).save(
+        source, quality=90, subsampling=0
+    )
+    script = tmp_path / "scans.txt"
+    script.write_text("0: 0-63, 0, 0;\n1: 0-63, 0, 0;\n2: 0-63, 0, 0;\n")
+    path = tmp_path / "three-scans.jpg"
+    path.write_bytes(
+        subprocess.run(
+            [jpegtran, "-scans", str(script), str(source)], capture_output=True, check=True, timeout=120
+        ).stdout
+    )
+    params = Params(width=300, format="jpeg")
+    estimate = inspect(path.read_bytes(), params, LIMITS)
+    peak = measured_peak(path, "300", "jpeg", "pillow")
+    assert peak <= estimate * 1.1 + 2 * MIB, f"estimate {estimate / MIB:.1f} MiB < peak {peak / MIB:.1f} MiB"
