@@ -72,6 +72,10 @@ REDUCING_GAP = 3.0
 # makes that 5 crossings for a 4 MB photo instead of 67, for about 2 MiB more memory per worker
 # (counted by estimate_memory).
 DECODE_BLOCK = 1 << 20
+# libtiff allocates one whole tile per decode, whatever the image's size: a 16x16 TIFF declaring one
+# 26752x26752 tile took 2 GiB. A tile may exceed its image (tiling tools write 256 or 512 px tiles for small
+# images too), but not both the image rounded up to 16 and this.
+MAX_TIFF_TILE_SIDE = 1024
 # Scans a JPEG may have: libjpeg decodes repeated progressive scans with a warning, each one a pass over
 # the whole image. libjpeg-turbo suggests this limit for its own scan limit (TJPARAM_SCANLIMIT): far
 # above any encoder's script (jpegtran and mozjpeg write 6-20), and at most ~2 s of CPU at the pixel limit.
@@ -188,6 +192,12 @@ def estimate_memory(
     if has_alpha and output_format == "jpeg":
         work += target_w * target_h * 6  # flattening: an RGB copy and the inverted alpha
     work += target_w * target_h * _ENCODER_BYTES_PER_PIXEL.get(output_format, 6)
+    if im.format == "TIFF":
+        if (tile := _tiff_tile(im)) is not None:
+            decoded += tile[0] * tile[1] * 8  # libtiff's buffer for one tile, up to 4 samples of 16 bits
+        tags = getattr(im, "tag_v2", None)
+        if tags is not None and tags.get(_ORIENTATION_TAG, 1) != 1:
+            decoded *= 2  # Pillow turns the loaded frame into a copy (see read_orientation)
     feeding = min(compressed, 2 * DECODE_BLOCK)  # a block read, and the unconsumed rest joined to it
     if coefficients and scale == DC_ONLY_SCALE:
         feeding += compressed  # the stream without its AC scans (optimizer.jpegscans), at most as long
@@ -298,7 +308,28 @@ def open_image(data: bytes, limits: Limits) -> Image.Image:
         raise TooManyPixels(
             f"the image is {width}x{height} = {width * height} pixels; the limit is {limits.max_pixels}"
         )
+    if im.format == "TIFF" and (tile := _tiff_tile(im)) is not None:
+        tile_w, tile_h = tile
+        if tile_w > max(_padded(width), MAX_TIFF_TILE_SIDE) or tile_h > max(
+            _padded(height), MAX_TIFF_TILE_SIDE
+        ):
+            im.close()
+            raise CorruptImage(f"the TIFF declares {tile_w}x{tile_h} tiles for a {width}x{height} image")
     return im
+
+
+def _tiff_tile(im: Image.Image) -> tuple[int, int] | None:
+    """A tiled TIFF's tile size (TileWidth, TileLength), or ``None`` for strips."""
+    tags = getattr(im, "tag_v2", None)
+    width, height = (tags.get(322), tags.get(323)) if tags is not None else (None, None)
+    if isinstance(width, int) and isinstance(height, int):
+        return width, height
+    return None
+
+
+def _padded(side: int) -> int:
+    """``side`` rounded up to a multiple of 16, as TIFF tiles are."""
+    return -(-side // 16) * 16
 
 
 def read_orientation(im: Image.Image, *, loaded: bool) -> int:
@@ -310,6 +341,10 @@ def read_orientation(im: Image.Image, *, loaded: bool) -> int:
     second ``load()`` after a failed one silently returns half an image.
     """
     if not loaded and im.format == "PNG" and "exif" not in im.info:
+        return 0
+    if im.format == "TIFF":
+        # Pillow applies a TIFF's orientation itself: the size is upright from open(), and load() turns
+        # the pixels (TiffImagePlugin's load_end). Applied again, every oriented TIFF came out wrong.
         return 0
     try:
         value = im.getexif().get(_ORIENTATION_TAG, 0)
@@ -355,11 +390,30 @@ def decode(im: Image.Image, size: tuple[int, int]) -> None:
                 _refuse_endless_scans(im)
         if isinstance(im, ImageFile.ImageFile):  # always, for an image from Image.open()
             im.decodermaxblock = max(im.decodermaxblock, DECODE_BLOCK)
+        key_scale = _grey_key_scale(im)
         im.load()
+        if key_scale > 1:
+            im.info["transparency"] = im.info["transparency"] * key_scale
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise TooManyPixels("the image frame is too large to decode") from None
     except _DECODE_ERRORS:
         raise CorruptImage(f"the {im.format} image data is damaged and cannot be decoded") from None
+
+
+def _grey_key_scale(im: Image.Image) -> int:
+    """For a greyscale PNG of 2 or 4 bits with a tRNS key: Pillow scales the pixels to 0-255 but leaves
+    the key in the file's scale, so no pixel would match it; the factor that brings it along. (A 1-bit
+    file opens as mode 1, whose key Pillow does scale.)"""
+    fp = getattr(im, "fp", None)
+    if (
+        im.format != "PNG"
+        or not isinstance(im.info.get("transparency"), int)
+        or not isinstance(fp, io.BytesIO)
+    ):
+        return 1
+    header = fp.getbuffer()[16:26]  # IHDR's fields after width and height: bit depth, colour type
+    depth, colour_type = (header[8], header[9]) if len(header) == 10 else (8, -1)
+    return 255 // (2**depth - 1) if colour_type == 0 and depth in (2, 4) else 1
 
 
 def _refuse_endless_scans(im: Image.Image) -> None:
@@ -381,7 +435,7 @@ def normalise_mode(im: Image.Image) -> Image.Image:
     if mode.startswith("I") or mode == "F":
         return _deep_to_l(im, has_alpha)
     if mode == "1":
-        return im.convert("L")
+        return im.convert("LA" if has_alpha else "L")
     if mode in ("P", "PA", "L", "RGB"):
         if mode == "PA" or im.has_transparency_data:
             return im.convert("LA" if mode == "L" else "RGBA")

@@ -29,6 +29,7 @@ from optimizer.pipeline import (
     decode,
     encode,
     fit_mode_to_format,
+    inspect,
     normalise_mode,
     open_image,
     optimize,
@@ -1121,3 +1122,88 @@ def test_the_quality_check_fails_a_decode_scaled_too_far(corpus: Path) -> None:
     reference = full_resolution_reference(data, degraded.size)
     assert psnr(degraded, reference) < MIN_PSNR_DB
     assert tail_error(degraded, reference) > MAX_TAIL_ERROR
+
+
+def tiled_tiff(size: tuple[int, int], tile: int, *, whole: bool) -> bytes:
+    """An RGB TIFF of one deflate tile of ``tile`` x ``tile`` (Pillow writes strips only); ``whole``: with
+    the tile's pixels, otherwise 64 bytes of them."""
+    payload = zlib.compress(bytes(tile * tile * 3 if whole else 64))
+    tags = [(256, size[0]), (257, size[1]), (258, None), (259, 8), (262, 2), (277, 3), (284, 1)]
+    tags += [(322, tile), (323, tile), (324, None), (325, len(payload))]
+    header = 8
+    ifd_size = 2 + 12 * len(tags) + 4
+    bits_at = header + ifd_size
+    data_at = bits_at + 6
+    entries = []
+    for tag, value in tags:
+        if tag == 258:  # BitsPerSample 8,8,8, stored after the IFD
+            entries.append(struct.pack("<HHII", tag, 3, 3, bits_at))
+        elif tag in (256, 257, 322, 323, 325):
+            entries.append(struct.pack("<HHII", tag, 4, 1, value))
+        elif tag == 324:
+            entries.append(struct.pack("<HHII", tag, 4, 1, data_at))
+        else:
+            entries.append(struct.pack("<HHIHH", tag, 3, 1, value, 0))
+    ifd = struct.pack("<H", len(tags)) + b"".join(entries) + bytes(4)
+    return b"II*\0" + struct.pack("<I", header) + ifd + struct.pack("<HHH", 8, 8, 8) + payload
+
+
+def test_a_tiff_whose_tile_dwarfs_the_image_is_refused_at_the_header() -> None:
+    """libtiff allocates one whole tile: 164 bytes declaring a 26752 px tile for a 16x16 image took 2 GiB."""
+    bomb = tiled_tiff((16, 16), 26752, whole=False)
+    with pytest.raises(CorruptImage, match="26752x26752 tiles"):
+        inspect(bomb, Params(width=8), LIMITS)
+    # Tiles larger than a small image are normal (tiling tools write 256 px tiles), and are counted.
+    small = tiled_tiff((100, 70), 256, whole=True)
+    _out, image = run(small, Params(width=50))
+    assert image.size == (50, 35)
+    assert inspect(small, Params(width=50), LIMITS) >= 256 * 256 * 8
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+@pytest.mark.parametrize("width", [None, 100])
+def test_a_tiffs_orientation_is_applied_once(orientation: int, width: int | None) -> None:
+    """Pillow turns a TIFF upright itself; the pipeline must not turn it again. The same picture with the
+    same orientation in a PNG's EXIF is the reference."""
+    stored = Image.new("RGB", (400, 200), (255, 0, 0))
+    stored.paste((0, 0, 255), (0, 0, 200, 100))  # blue top-left quarter: every turn and flip differs
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    as_png = encoded(stored, "PNG", exif=exif.tobytes())
+    as_tiff = encoded(stored, "TIFF", tiffinfo={0x0112: orientation})
+    params = Params(width=width, format="png")
+    expected, reference = run(as_png, params)
+    got, image = run(as_tiff, params)
+    assert (got.width, got.height) == (expected.width, expected.height)
+    assert mad(image.convert("RGB"), reference.convert("RGB")) < 2
+
+
+@pytest.mark.parametrize(("depth", "key"), [(1, 0), (1, 1), (2, 1), (2, 3), (4, 5), (8, 85)])
+@pytest.mark.parametrize("fmt", ["png", "webp", "jpeg"])
+def test_a_grey_png_keeps_its_transparent_key_at_every_bit_depth(depth: int, key: int, fmt: str) -> None:
+    """Pillow scales 1, 2 and 4-bit grey pixels to 0-255 but not the tRNS key: the left half, drawn in
+    the key's value, must come out transparent (or the background, for JPEG), the right half not."""
+    width, height, per_byte = 16, 8, 8 // depth
+    other = 0 if key else (1 << depth) - 1
+    row = [key] * (width // 2) + [other] * (width // 2)
+    packed = bytearray()
+    for start in range(0, width, per_byte):
+        byte = 0
+        for value in row[start : start + per_byte]:
+            byte = (byte << depth) | value
+        packed.append(byte)
+    pixels = zlib.compress((b"\x00" + bytes(packed)) * height)
+    ihdr = struct.pack(">IIBBBBB", width, height, depth, 0, 0, 0, 0)
+    data = png_from_chunks(
+        [(b"IHDR", ihdr), (b"tRNS", struct.pack(">H", key)), (b"IDAT", pixels), (b"IEND", b"")]
+    )
+    _out, image = run(data, Params(format=fmt, background=(255, 0, 255)))
+    if fmt == "jpeg":
+        left, right = image.convert("RGB").getpixel((2, 4)), image.convert("RGB").getpixel((13, 4))
+        assert isinstance(left, tuple)
+        assert abs(left[0] - 255) + left[1] + abs(left[2] - 255) < 30  # the background
+        assert right != left
+    else:
+        rgba = image.convert("RGBA")
+        assert rgba.getpixel((2, 4))[3] == 0  # type: ignore[index]
+        assert rgba.getpixel((13, 4))[3] == 255  # type: ignore[index]
