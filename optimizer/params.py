@@ -29,12 +29,16 @@ class RouteDefaults:
     quality: int | None = None  # None: the per-format default from the settings
 
 
+_MAX_DIGITS = 9  # past any limit here, and short of what int() parses slowly
+
+
 def _integer(low: int, high: int) -> Callable[[str], int]:
     def parse(text: str) -> int:
-        try:
-            value = int(text, 10)
-        except ValueError:
-            raise ValueError(f"expected a whole number from {low} to {high}") from None
+        # ASCII digits only: int() also takes "+300", "3_00" and "٣٠٠", each another spelling of the same
+        # request (another cache key, another string to sign). Surrounding spaces are stripped before.
+        if not (text.isascii() and text.isdigit() and len(text) <= _MAX_DIGITS):
+            raise ValueError(f"expected a whole number from {low} to {high}")
+        value = int(text)
         if not low <= value <= high:
             raise ValueError(f"expected a whole number from {low} to {high}, got {value}")
         return value

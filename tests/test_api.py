@@ -105,6 +105,9 @@ async def test_max_dimension_caps_the_output(make_client: MakeClient) -> None:
         ({"widht": "300"}, "widht"),
         ({"width": "0"}, "width"),
         ({"width": "abc"}, "width"),
+        ({"width": "3_00"}, "width"),
+        ({"width": "\u0663\u0660\u0660"}, "width"),  # Arabic-Indic digits: int() reads 300
+        ({"width": "0" * 40 + "300"}, "width"),
         ({"height": "-5"}, "height"),
         ({"quality": "101"}, "quality"),
         ({"format": "gif"}, "format"),
