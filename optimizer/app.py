@@ -24,7 +24,7 @@ from optimizer.errors import Draining, OptimizerError
 from optimizer.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from optimizer.observe import record
 from optimizer.openapi import openapi_document
-from optimizer.problems import problem_response
+from optimizer.problems import error_response, problem_response
 from optimizer.settings import Settings
 from optimizer.state import STATE, ServiceState
 
@@ -48,8 +48,12 @@ def create_app(settings: Settings | None = None) -> web.Application:
     app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[_problems_and_access_log])
     app[STATE] = ServiceState.from_settings(settings)
     state = app[STATE]
-    for path, handler in (("/optimize", handlers.optimize_route), ("/upload", handlers.upload_route)):
-        app.router.add_post(path, handler, expect_handler=handlers.expect_continue)
+    routes = (
+        ("/optimize", handlers.optimize_route, handlers.optimize_expect),
+        ("/upload", handlers.upload_route, handlers.upload_expect),
+    )
+    for path, handler, expect in routes:
+        app.router.add_post(path, handler, expect_handler=expect)
         if state.cors.enabled:
             app.router.add_route("OPTIONS", path, state.cors.preflight)
     app.router.add_get("/healthz", handlers.healthz)
@@ -167,7 +171,7 @@ async def _problems_and_access_log(request: web.Request, handler: Handler) -> we
         response = await handler(request)
     except OptimizerError as error:
         code = error.code
-        response = handlers.refusal(request, error, state)
+        response = error_response(error)
     except web.HTTPException as exc:
         code, title = _HTTP_CODES.get(exc.status, ("http_error", exc.reason))
         headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None

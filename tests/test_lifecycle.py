@@ -137,6 +137,49 @@ async def test_expect_continue_is_refused_before_the_upload(
     assert (await busy).status == 200
 
 
+async def test_expect_continue_refuses_bad_parameters_before_the_upload(make_client: ClientFactory) -> None:
+    """A request bound to fail is refused before the client sends its body, not after."""
+    client = await make_client()
+    head = (
+        b"POST /optimize?width=abc HTTP/1.1\r\nHost: test\r\nContent-Type: image/jpeg\r\n"
+        b"Content-Length: 5000000\r\nExpect: 100-continue\r\n\r\n"
+    )
+    answer, writer = await raw_request(client, head)  # no body sent at all
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 400")
+    assert b"100 Continue" not in answer
+    assert b"invalid_parameter" in answer
+
+
+async def test_a_hosts_error_after_100_continue_is_still_answered(aiohttp_client: ClientFactory) -> None:
+    """The interim 100 is not the response: a host middleware's failure after it must still be answered
+    (aiohttp took the response as begun and dropped the connection)."""
+
+    @web.middleware
+    async def failing(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        await handler(request)
+        raise RuntimeError("a bug in the host's middleware")
+
+    parent = web.Application(middlewares=[failing])
+    parent.add_subapp("/img", create_app(test_settings()))
+    client = await aiohttp_client(TestServer(parent))
+    data = image_bytes()
+    assert client.server.port is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", client.server.port)
+    writer.write(
+        b"POST /img/optimize HTTP/1.1\r\nHost: t\r\nContent-Type: image/jpeg\r\n"
+        + f"Content-Length: {len(data)}\r\nExpect: 100-continue\r\n\r\n".encode()
+    )
+    assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 100")
+    writer.write(data)
+    async with asyncio.timeout(10):
+        answer = await reader.read()
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 500")
+
+
 async def test_expect_continue_when_admitted(make_client: ClientFactory) -> None:
     client = await make_client()
     data = image_bytes()
@@ -448,6 +491,51 @@ async def test_refused_upload_body_is_not_read(
     assert refused[0].__dict__["fields"]["bytes_in"] < size // 2
     blocker.open.set()
     assert (await busy).status == 200
+
+
+@pytest.mark.parametrize(
+    ("path", "status", "code"),
+    [
+        ("/optimize?width=abc", 400, "invalid_parameter"),
+        ("/healthz", 405, "method_not_allowed"),
+        ("/nowhere", 404, "not_found"),
+    ],
+)
+async def test_an_upload_to_a_wrong_route_is_not_read_either(
+    make_client: ClientFactory, caplog: pytest.LogCaptureFixture, path: str, status: int, code: str
+) -> None:
+    """aiohttp reads the rest of an unread body after any answer, at full speed (2 GB into one 405 in
+    1.2 s): every answer, not only the service's own refusals, leaves it unread."""
+    client = await make_client(linger_seconds=0.5)
+    size = 100_000_000
+    assert client.server.port is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", client.server.port)
+    writer.write(
+        f"POST {path} HTTP/1.1\r\nHost: t\r\nContent-Type: image/jpeg\r\n".encode()
+        + f"Content-Length: {size}\r\n\r\n".encode()
+    )
+
+    async def upload() -> None:
+        with contextlib.suppress(ConnectionError):
+            for _ in range(size // 65536):
+                writer.write(bytes(65536))
+                await writer.drain()  # blocks once the server stops reading
+
+    sending = asyncio.ensure_future(upload())
+    with caplog.at_level(logging.INFO, logger="optimizer.access"):
+        async with asyncio.timeout(10):
+            head = await reader.readuntil(b"\r\n\r\n")
+            assert head.startswith(f"HTTP/1.1 {status}".encode())
+            assert b"Connection: close" in head
+            with contextlib.suppress(ConnectionError):
+                await reader.read()  # the server closes after the linger time
+    sending.cancel()
+    writer.close()
+    logged = [
+        r.__dict__["fields"] for r in caplog.records if r.__dict__.get("fields", {}).get("code") == code
+    ]
+    assert logged
+    assert logged[0]["bytes_in"] < size // 10
 
 
 async def refused_uploads(
