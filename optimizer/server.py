@@ -168,6 +168,7 @@ async def serve(settings: Settings) -> int:
         await drain(app)
     finally:
         await runner.cleanup()
+        _ignore_stop_signals()
     abandoned = app[STATE].abandoned
     log.info(
         "stopped",
@@ -176,10 +177,26 @@ async def serve(settings: Settings) -> int:
     return EXIT_ABANDONED if abandoned else 0
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+def _ignore_stop_signals() -> None:
+    """Once stopped: a stop signal arriving now (the supervisor's SIGHUP after the operator's own SIGTERM
+    has drained this process) would find the loop's handlers gone, kill the process by its default
+    action, and a clean exit would read as a death by signal. It is leaving anyway. (Removed here, the
+    handlers are not put back to the defaults when the loop closes, long after: only for the moment
+    between the two calls below.)"""
+    loop = asyncio.get_running_loop()
+    for signum in STOP_SIGNALS:
+        loop.remove_signal_handler(signum)
+        signal.signal(signum, signal.SIG_IGN)
+
+
 def _install_signal_handlers(stop: asyncio.Event) -> None:
     """SIGTERM and SIGINT drain; a second of them exits at once. SIGHUP drains and never escalates: a
-    ``--processes`` child gets it when its supervisor dies, possibly while it is already draining a
-    SIGTERM the supervisor forwarded, and that must not cut the drain short."""
+    ``--processes`` child gets it from its supervisor, which may come on top of the operator's own
+    SIGTERM (systemd signals the whole cgroup), and when the supervisor dies; neither may cut the drain
+    short."""
     loop = asyncio.get_running_loop()
     asked = False  # by SIGTERM or SIGINT
 
@@ -187,7 +204,7 @@ def _install_signal_handlers(stop: asyncio.Event) -> None:
         nonlocal asked
         if signum == signal.SIGHUP:
             log.info(
-                "hang-up (the supervisor is gone, or the terminal): %s",
+                "hang-up (the supervisor stops or is gone, or the terminal closed): %s",
                 "the drain goes on" if stop.is_set() else "draining",
                 extra={"fields": {"event": "hangup", "draining": stop.is_set()}},
             )
@@ -200,5 +217,5 @@ def _install_signal_handlers(stop: asyncio.Event) -> None:
         asked = True
         stop.set()
 
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    for signum in STOP_SIGNALS:
         loop.add_signal_handler(signum, on_signal, signum)

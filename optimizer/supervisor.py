@@ -7,8 +7,8 @@ loop too, at the price of N interpreters' memory.
 
 The parent only supervises: it reserves the port, starts the children (``python -m optimizer`` with the
 same flags plus ``--processes 1 --reuse-port 1 --port P``), forwards SIGTERM and SIGINT to every child,
-so that each drains its own admitted work, restarts a child that dies unexpectedly, and exits with the
-worst of the children's exit codes.
+so that each drains its own admitted work (as SIGHUP: see ``FORWARDED_STOP``; a second signal kills
+them), restarts a child that dies unexpectedly, and exits with the worst of the children's exit codes.
 
 A child that cannot start (its exit code says so: ``optimizer.startup``) is not restarted, nor are
 children that keep dying soon after they start: restarts back off (1, 2, 4 ... seconds), and after
@@ -45,6 +45,10 @@ _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 # What a child gets when the supervisor dies: SIGHUP, which a server drains on and never takes as a
 # "second signal" (a forwarded SIGTERM may already be draining when the supervisor is killed).
 DEATH_SIGNAL = signal.SIGHUP
+# How the supervisor tells its children to stop: SIGHUP drains and never escalates, so a child that also
+# gets the operator's SIGTERM itself still drains (systemd signals every process of a service's cgroup,
+# and two SIGTERMs would make a child exit at once). A second signal to the supervisor stops them at once.
+FORWARDED_STOP = signal.SIGHUP
 
 
 def reserve_port(host: str, port: int) -> socket.socket:
@@ -121,7 +125,6 @@ class Supervisor:
         self.argv = list(argv)
         self.children: list[subprocess.Popen[bytes]] = []
         self.signals_received = 0
-        self.last_signal: int = signal.SIGTERM
         self._pid = os.getpid()
         self._prctl = _death_signal_setter()
 
@@ -149,12 +152,18 @@ class Supervisor:
             preexec_fn=self._die_with_parent if self._prctl is not None else None,  # noqa: PLW1509
         )
 
-    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+    def _on_signal(self, _signum: int, _frame: FrameType | None) -> None:
         self.signals_received += 1
-        self.last_signal = signum
         for child in self.children:
             if child.poll() is None:
-                child.send_signal(signum)  # the second one makes each child exit at once
+                self._tell_to_stop(child)
+
+    def _tell_to_stop(self, child: subprocess.Popen[bytes]) -> None:
+        """The first signal: drain (``FORWARDED_STOP``); any later one: stop now."""
+        if self.signals_received == 1:
+            child.send_signal(FORWARDED_STOP)
+        else:
+            child.kill()
 
     def _spawn(self, flags: list[str]) -> subprocess.Popen[bytes]:
         """Start a child and list it at once, so a signal arriving from now on reaches it; one that
@@ -162,7 +171,7 @@ class Supervisor:
         child = self._start_child(flags)
         self.children.append(child)
         if self.signals_received and child.poll() is None:
-            child.send_signal(self.last_signal)
+            self._tell_to_stop(child)
         return child
 
     def run(self) -> int:
@@ -193,7 +202,16 @@ class Supervisor:
     def _watch(self, flags: list[str]) -> int:
         worst = 0
         recent: deque[float] = deque()  # when children exited on their own, within RECENT_EXIT_SECONDS
+        told = 0  # the signals logged so far (the handler itself does not log: it may interrupt a write)
         while True:
+            if self.signals_received > told:
+                told = self.signals_received
+                if told == 1:
+                    log.info("stopping: the processes drain", extra={"fields": {"event": "stopping"}})
+                else:
+                    log.warning(
+                        "second signal: processes stopped at once", extra={"fields": {"event": "killed"}}
+                    )
             running = False
             for child in list(self.children):
                 code = child.poll()

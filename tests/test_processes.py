@@ -143,6 +143,9 @@ class FakeChild:
         if self.code is None:
             self.code = 0
 
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
 
 def test_children_that_keep_dying_are_restarted_later_each_time_then_given_up(
     monkeypatch: pytest.MonkeyPatch,
@@ -165,7 +168,7 @@ def test_children_that_keep_dying_are_restarted_later_each_time_then_given_up(
     supervisor.children = [healthy, FakeChild(70, 2)]  # type: ignore[list-item]
     assert supervisor._watch([]) == EXIT_CRASH_LOOP == 4
     assert pauses == [1.0, 2.0, 4.0, 8.0]
-    assert healthy.signals == [signal.SIGTERM]  # drained, not killed
+    assert healthy.signals == [signal.SIGHUP]  # drained, not killed
 
 
 def test_a_child_that_cannot_start_is_not_restarted(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -174,4 +177,40 @@ def test_a_child_that_cannot_start_is_not_restarted(monkeypatch: pytest.MonkeyPa
     healthy = FakeChild(None, 1)
     supervisor.children = [healthy, FakeChild(EXIT_BAD_SETTINGS, 2)]  # type: ignore[list-item]
     assert supervisor._watch([]) == EXIT_BAD_SETTINGS
-    assert healthy.signals == [signal.SIGTERM]
+    assert healthy.signals == [signal.SIGHUP]
+
+
+def test_the_first_signal_drains_the_children_and_a_second_kills_them() -> None:
+    supervisor = Supervisor(Settings(processes=2), [])
+    first, second = FakeChild(None, 1), FakeChild(None, 2)
+    supervisor.children = [first]  # type: ignore[list-item]
+    supervisor._on_signal(signal.SIGTERM, None)
+    assert first.signals == [signal.SIGHUP]  # never taken as a second signal by a child
+    supervisor.children = [second]  # type: ignore[list-item]
+    supervisor._on_signal(signal.SIGINT, None)
+    assert second.signals == [signal.SIGKILL]
+
+
+def test_children_signalled_with_their_supervisor_still_drain(launch: Launch) -> None:  # noqa: F811
+    """systemd's stop signals every process of the service (KillMode=control-group): each child gets
+    the SIGTERM and the supervisor's forwarding, and must drain rather than take the two as a second
+    signal (exit at once, no drain)."""
+    server = launch("--processes", "2", "--drain-seconds", "10")
+    server.wait_for(
+        lambda _r: len({r["pid"] for r in server.records() if r.get("event") == "listening"}) >= 2,
+        "two processes listening",
+        20,
+    )
+    children = {r["pid"] for r in server.records() if r.get("event") == "listening"}
+    for pid in children:  # the children first, and handled (two signals at once would merge into one)
+        os.kill(int(pid), signal.SIGTERM)
+    server.wait_for(
+        lambda _r: {r["pid"] for r in server.records() if r.get("event") == "shutdown"} >= children,
+        "both children draining",
+        20,
+    )
+    server.send(signal.SIGTERM)  # then the supervisor, which passes it on
+    assert server.wait_exit(10 + EXIT_GRACE) == 0
+    stopped = {r["pid"] for r in server.records() if r.get("event") == "stopped"}
+    assert stopped == children
+    assert not [r for r in server.records() if "exiting at once" in str(r.get("message"))]
