@@ -26,6 +26,7 @@ import sys
 import threading
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from optimizer import allocator
 from optimizer.app import create_app, drain
@@ -42,6 +43,30 @@ HANDLER_GRACE_SECONDS = 2.0
 
 
 FIRST_READ_BYTES = 64 * 1024
+
+
+class ClientErrorsAsWarnings(logging.Filter):
+    """aiohttp logs every request its parser refuses (a header line over 8 KiB, a Content-Encoding it
+    cannot decode, bytes that are not HTTP) at ERROR, with a traceback: the client's mistake reads as the
+    server's, and any client can fill the log with them. Those become one WARNING line with the reason
+    (event ``bad_request``); errors of the server's own stay as they are."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, HttpProcessingError) and 400 <= error.code < 500:
+            reason = " ".join(str(error.message).split()) or type(error).__name__
+            remote = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
+            record.msg = "refused a malformed request from %s: %s"
+            record.args = (remote, reason)
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.exc_info = record.exc_text = None
+            record.fields = {"event": "bad_request", "status": error.code}
+        return True
+
+
+# The standalone server's HTTP layer logs here (aiohttp's default is "aiohttp.server"), through the filter.
+http_log = logging.getLogger("optimizer.http")
+http_log.addFilter(ClientErrorsAsWarnings())
 
 
 def small_first_reads() -> None:
@@ -117,6 +142,7 @@ async def serve(settings: Settings) -> int:
         access_log=None,  # the app writes its own structured line per request
         shutdown_timeout=HANDLER_GRACE_SECONDS,
         handler_cancellation=True,  # a client that leaves cancels its queued work
+        logger=http_log,
     )
     await runner.setup()  # starts the worker threads
     lower_loop_priority(settings.loop_nice)

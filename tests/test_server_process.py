@@ -546,3 +546,26 @@ def test_a_broken_installation_is_not_restarted(tmp_path: Path) -> None:
     records = _log_records(result.stderr)
     assert [r for r in records if r.get("event") == "giving_up"], result.stderr
     assert not [r for r in records if r.get("event") == "child_exited"]  # no restart was tried
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"POST /optimize HTTP/1.1\r\nHost: t\r\nX-Long: " + b"a" * 9000 + b"\r\n\r\n",
+        b"POST /optimize HTTP/1.1\r\nHost: t\r\nContent-Encoding: br\r\nContent-Length: 5\r\n\r\nhello",
+    ],
+    ids=["header-too-long", "undecodable-encoding"],
+)
+def test_a_request_aiohttp_cannot_parse_is_one_warning_not_a_traceback(launch: Launch, head: bytes) -> None:
+    """A client's malformed request is the client's mistake: one WARNING with the reason, not an ERROR
+    with a traceback that any client could repeat to fill the log."""
+    server = launch()
+    with socket.create_connection((HOST, server.port), timeout=REQUEST_TIMEOUT) as connection:
+        connection.sendall(head)
+        answer = connection.recv(4096)
+    assert answer.split(b"\r\n", 1)[0].endswith(b"400 Bad Request")
+    server.wait_for(lambda r: r.get("event") == "bad_request", "the bad request logged", LOG_TIMEOUT)
+    logged = [r for r in server.records() if r.get("event") == "bad_request"]
+    assert logged[0]["level"] == "warning"
+    assert "traceback" not in logged[0]
+    assert not [r for r in server.records() if r.get("level") == "error"]
