@@ -153,7 +153,8 @@ async def _on_shutdown(app: web.Application) -> None:
     # server drains before the runner's cleanup, so there this only meets uploads the deadline cut off.)
     state = app[STATE]
     for stream in list(state.reading):
-        stream.set_exception(Draining("the service is shutting down; upload again elsewhere"))
+        if not stream.is_eof():  # one whose body has all arrived can still finish
+            stream.set_exception(Draining("the service is shutting down; upload again elsewhere"))
     # Begin the drain, but do not wait here: a host's on_shutdown runs its sub-applications' one after
     # another, so two embedded instances waiting in turn would take the sum of their deadlines. The
     # runner then waits for the handlers still running (up to its shutdown_timeout, 60 s by default),

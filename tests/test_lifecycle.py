@@ -15,10 +15,12 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 
 import pytest
-from aiohttp import ClientResponse, web
+from aiohttp import ClientResponse, StreamReader, web
 from aiohttp.test_utils import TestClient, TestServer
 
+from optimizer import app as app_module
 from optimizer import create_app, handlers
+from optimizer.errors import Draining
 from optimizer.pipeline import Limits, Output, Params, optimize
 from optimizer.state import STATE, ServiceState
 from tests.conftest import decode, image_bytes, multipart, test_settings
@@ -421,6 +423,30 @@ async def test_two_embedded_instances_drain_side_by_side(
     blocker.open.set()
     await closing
     assert first[STATE].abandoned == second[STATE].abandoned == 1
+
+
+async def test_an_upload_that_has_all_arrived_at_a_hosts_shutdown_can_finish() -> None:
+    """At a host's shutdown the uploads still arriving are answered at once (their bytes would be
+    dropped); one whose body is all in, waiting to be read, is not one of them."""
+
+    class Protocol:  # what a StreamReader asks of its protocol
+        def pause_reading(self, **_options: object) -> None: ...
+
+        def resume_reading(self, **_options: object) -> None: ...
+
+    app = create_app(test_settings())
+    state = app[STATE]
+    arrived = StreamReader(Protocol(), 2**16, loop=asyncio.get_running_loop())  # type: ignore[arg-type]
+    arrived.feed_data(b"the whole upload")
+    arrived.feed_eof()
+    arriving = StreamReader(Protocol(), 2**16, loop=asyncio.get_running_loop())  # type: ignore[arg-type]
+    arriving.feed_data(b"the first part")
+    state.reading.update({arrived, arriving})
+    await app_module._on_shutdown(app)
+    assert await arrived.read() == b"the whole upload"
+    assert isinstance(arriving.exception(), Draining)
+    if state.drain_timer is not None:
+        state.drain_timer.cancel()
 
 
 async def test_upload_arriving_at_a_hosts_shutdown_is_answered_not_hung(
