@@ -49,6 +49,11 @@ _OTHER_SOF = frozenset({0xC0, 0xC1, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0x
 # marker (0xFF fill bytes before the next marker end it too).
 _END_OF_ENTROPY = re.compile(rb"\xff[^\x00\xd0-\xd7]")
 _FILL = re.compile(rb"\xff+")
+# The next marker from anywhere: fill bytes and junk before it are skipped, as libjpeg's next_marker does.
+_NEXT_MARKER = re.compile(rb"\xff+[^\x00\xff]")
+# Segment lengths below which a segment lacks the fields read from it (SOF: the component count at 9;
+# SOS: the component count at 4).
+_MIN_LENGTH = {marker: 8 for marker in (*_OTHER_SOF, _SOF_PROGRESSIVE_HUFFMAN)} | {_SOS: 3}
 _IS_TURBO = bool(features.check_feature("libjpeg_turbo"))
 
 
@@ -133,35 +138,34 @@ def _whole_in_one_scan(frame: tuple[bool, int] | None, data: bytes, sos: int) ->
 
 def _segments(data: bytes) -> Iterator[tuple[int, int, int]]:
     """(marker, position, end) of each marker segment from SOI to EOI, stepping over each scan's
-    entropy-coded data (in C: a regular expression, not a Python loop over the bytes). Ends early,
-    without an error, where the stream stops making sense."""
+    entropy-coded data (in C: a regular expression, not a Python loop over the bytes). Bytes where a
+    marker should be are skipped, as libjpeg skips them (with a warning). A segment too short for what
+    the callers read of it (an SOF's component count, an SOS's) ends the walk, without an error, as
+    does anything else that stops making sense: libjpeg fails on such a stream anyway."""
     if data[:2] != b"\xff\xd8":
         return
     pos, size = 2, len(data)
-    try:
-        while pos + 4 <= size and data[pos] == 0xFF:
-            fill = _FILL.match(data, pos)
-            assert fill is not None
-            pos = fill.end() - 1  # the last 0xFF: the marker's own
-            marker = data[pos + 1]
-            if marker == _EOI:
+    while (found := _NEXT_MARKER.search(data, pos)) is not None:
+        pos = found.end() - 2  # the marker's own 0xFF, after any fill bytes and junk
+        marker = data[pos + 1]
+        if marker == _EOI:
+            return
+        if marker == _SOI or 0xD0 <= marker <= 0xD7 or marker == 0x01:  # no length follows these
+            pos += 2
+            continue
+        if pos + 4 > size:
+            return
+        (length,) = struct.unpack_from(">H", data, pos + 2)
+        end = pos + 2 + length
+        if end > size or length < _MIN_LENGTH.get(marker, 2):
+            return
+        yield marker, pos, end
+        if marker == _SOS:
+            found = _END_OF_ENTROPY.search(data, end)
+            if found is None:
                 return
-            if marker == _SOI or 0xD0 <= marker <= 0xD7 or marker == 0x01:  # no length follows these
-                pos += 2
-                continue
-            (length,) = struct.unpack_from(">H", data, pos + 2)
-            end = pos + 2 + length
-            if length < 2 or end > size:
-                return
-            yield marker, pos, end
-            if marker == _SOS:
-                found = _END_OF_ENTROPY.search(data, end)
-                if found is None:
-                    return
-                end = found.start()
-            pos = end
-    except (struct.error, IndexError):
-        return
+            end = found.start()
+        pos = end
 
 
 def dc_scans_only(data: bytes) -> bytes | None:

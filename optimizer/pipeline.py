@@ -72,10 +72,6 @@ REDUCING_GAP = 3.0
 # makes that 5 crossings for a 4 MB photo instead of 67, for about 2 MiB more memory per worker
 # (counted by estimate_memory).
 DECODE_BLOCK = 1 << 20
-# libtiff allocates one whole tile per decode, whatever the image's size: a 16x16 TIFF declaring one
-# 26752x26752 tile took 2 GiB. A tile may exceed its image (tiling tools write 256 or 512 px tiles for small
-# images too), but not both the image rounded up to 16 and this.
-MAX_TIFF_TILE_SIDE = 1024
 # Scans a JPEG may have: libjpeg decodes repeated progressive scans with a warning, each one a pass over
 # the whole image. libjpeg-turbo suggests this limit for its own scan limit (TJPARAM_SCANLIMIT): far
 # above any encoder's script (jpegtran and mozjpeg write 6-20), and at most ~2 s of CPU at the pixel limit.
@@ -150,8 +146,8 @@ _FIXED_OVERHEAD = 2 * 1024 * 1024
 
 # Encoder working memory per output pixel: libjpeg buffers a progressive (optimized) JPEG's coefficients;
 # libwebp and libavif convert to YUV planes beside an ARGB copy (libavif and its AV1 encoder keep several
-# more: 21.6 bytes per pixel measured at 20 Mpx); zlib works in small windows.
-_ENCODER_BYTES_PER_PIXEL = {"jpeg": 3, "png": 0, "webp": 6, "avif": 22}
+# more: 21.6 bytes per pixel measured at 20 Mpx, 24 at 13 Mpx); zlib works in small windows.
+_ENCODER_BYTES_PER_PIXEL = {"jpeg": 3, "png": 0, "webp": 6, "avif": 24}
 
 
 def estimate_memory(
@@ -192,7 +188,8 @@ def estimate_memory(
         else:
             work += target_w * dec_h * stored  # the horizontal pass of Pillow's resize
         work += target_w * target_h * stored  # the output
-    if "icc_profile" in im.info or im.mode == "CMYK":
+    grey = im.mode in ("1", "L", "LA", "La", "F") or im.mode.startswith("I")  # to_srgb leaves grey as it is
+    if ("icc_profile" in im.info and not grey) or im.mode == "CMYK":
         # to_srgb: the converted copy; with alpha also the alpha band, an RGB copy and the merge
         work += target_w * target_h * (9 if has_alpha else 4)
     if has_alpha and output_format == "jpeg":
@@ -318,13 +315,14 @@ def open_image(data: bytes, limits: Limits) -> Image.Image:
         raise TooManyPixels(
             f"the image is {width}x{height} = {width * height} pixels; the limit is {limits.max_pixels}"
         )
-    if im.format == "TIFF" and (tile := _tiff_tile(im)) is not None:
-        tile_w, tile_h = tile
-        if tile_w > max(_padded(width), MAX_TIFF_TILE_SIDE) or tile_h > max(
-            _padded(height), MAX_TIFF_TILE_SIDE
-        ):
-            im.close()
-            raise CorruptImage(f"the TIFF declares {tile_w}x{tile_h} tiles for a {width}x{height} image")
+    if im.format == "TIFF" and (tile := _tiff_tile(im)) is not None and tile[0] * tile[1] > limits.max_pixels:
+        # libtiff allocates one whole tile whatever the image's size: a 16x16 TIFF declaring one 26752 px
+        # square tile took 2 GiB. A tile may be larger than its image; it is decoded pixels all the same.
+        im.close()
+        raise TooManyPixels(
+            f"the TIFF's tiles are {tile[0]}x{tile[1]} = {tile[0] * tile[1]} pixels each; "
+            f"the limit is {limits.max_pixels}"
+        )
     return im
 
 
@@ -335,11 +333,6 @@ def _tiff_tile(im: Image.Image) -> tuple[int, int] | None:
     if isinstance(width, int) and isinstance(height, int):
         return width, height
     return None
-
-
-def _padded(side: int) -> int:
-    """``side`` rounded up to a multiple of 16, as TIFF tiles are."""
-    return -(-side // 16) * 16
 
 
 def read_orientation(im: Image.Image, *, loaded: bool) -> int:
@@ -391,13 +384,11 @@ def decode(im: Image.Image, size: tuple[int, int]) -> None:
     """Decode the first frame, letting libjpeg scale a JPEG down by 1/2, 1/4 or 1/8 on the way."""
     try:
         if im.format in ("JPEG", "MPO"):
-            rewritten = False
             if size != im.size:
                 # Picks the smallest DCT scale that still covers ``size``: about 5x faster on a large photo.
                 im.draft(None, size)
-                rewritten = decode_dc_scans_only(im)
-            if not rewritten:  # (a rewritten stream holds its DC scans alone: a few per component)
-                _refuse_endless_scans(im)
+                decode_dc_scans_only(im)
+            _refuse_endless_scans(im)  # in the stream libjpeg will read: a rewritten one is short
         if isinstance(im, ImageFile.ImageFile):  # always, for an image from Image.open()
             im.decodermaxblock = max(im.decodermaxblock, DECODE_BLOCK)
         key_scale = _grey_key_scale(im)
@@ -421,8 +412,10 @@ def _grey_key_scale(im: Image.Image) -> int:
         or not isinstance(fp, io.BytesIO)
     ):
         return 1
-    header = fp.getbuffer()[16:26]  # IHDR's fields after width and height: bit depth, colour type
-    depth, colour_type = (header[8], header[9]) if len(header) == 10 else (8, -1)
+    header = bytes(fp.getbuffer()[12:26])  # the first chunk's type, then IHDR's width, height, depth, type
+    if len(header) != 14 or header[:4] != b"IHDR":
+        return 1
+    depth, colour_type = header[12], header[13]
     return 255 // (2**depth - 1) if colour_type == 0 and depth in (2, 4) else 1
 
 

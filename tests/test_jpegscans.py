@@ -15,7 +15,7 @@ from multidict import MultiDict
 from PIL import Image, ImageChops
 
 from optimizer import jpegscans, pipeline
-from optimizer.errors import CorruptImage
+from optimizer.errors import CorruptImage, OptimizerError
 from optimizer.params import RouteDefaults, parse_params
 from optimizer.settings import Settings
 from optimizer.state import ServiceState
@@ -325,3 +325,31 @@ def test_a_jpeg_of_endless_scans_is_refused_before_it_is_decoded(width: int | No
     # At the limit it is still an image (libjpeg warns about the repeats and decodes them).
     fine = with_a_scan_repeated(progressive, pipeline.MAX_SCANS - len(scans(progressive)))
     assert pipeline.optimize(fine, params, limits).data
+
+
+def test_a_header_cut_short_is_a_damaged_image_not_a_crash() -> None:
+    """The walk reads an SOF's and an SOS's component counts: a file cut inside either is refused as
+    damaged (422), never an IndexError (500)."""
+    data = jpeg(photo((64, 48)))
+    limits = ServiceState.from_settings(Settings()).limits
+    params = parse_params(MultiDict(), Settings(), UPLOAD_DEFAULTS)
+    sos, sof = data.find(b"\xff\xda"), data.find(b"\xff\xc0")
+    short = (data[: sos + 2] + b"\x00\x02", data[: sof + 2] + b"\x00\x02")  # segments of no fields
+    for cut in (*short, data[: sof + 4], data[: sof + 9], data[: sos + 5]):
+        assert jpegscans.scans_to_decode(cut, 10) <= 1
+        jpegscans.buffers_whole_image(cut)
+        with pytest.raises(OptimizerError):
+            pipeline.inspect(cut, params, limits)
+            pipeline.optimize(cut, params, limits)
+
+
+def test_junk_between_segments_does_not_hide_the_scans() -> None:
+    """libjpeg skips bytes where a marker should be (with a warning) and decodes on: so does the count."""
+    progressive = jpeg(photo((96, 64)), progressive=True)
+    bomb = with_a_scan_repeated(progressive, pipeline.MAX_SCANS)
+    after_app0 = 4 + int.from_bytes(bomb[4:6], "big")  # SOI, then APP0's marker and its length
+    junked = bomb[:after_app0] + b"\x00\x17" + bomb[after_app0:]
+    assert jpegscans.scans_to_decode(junked, pipeline.MAX_SCANS) > pipeline.MAX_SCANS
+    limits = ServiceState.from_settings(Settings()).limits
+    with pytest.raises(CorruptImage, match="scans"):
+        pipeline.optimize(junked, parse_params(MultiDict(), Settings(), UPLOAD_DEFAULTS), limits)
