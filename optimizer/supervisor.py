@@ -38,9 +38,12 @@ log = logging.getLogger("optimizer.supervisor")
 
 RESTART_DELAY = 1.0  # seconds before restarting a child that died on its own, doubled per recent exit
 MAX_RESTART_DELAY = 16.0
-# This many unexpected exits within this many seconds, and the supervisor gives up (EXIT_CRASH_LOOP).
+# This many quick exits (a child dead within QUICK_EXIT_SECONDS of its start) within this many seconds,
+# and the supervisor gives up (EXIT_CRASH_LOOP). A child that served for longer first (then was killed by
+# the OOM killer, say) is restarted after RESTART_DELAY and not counted.
 MAX_RECENT_EXITS = 5
 RECENT_EXIT_SECONDS = 60.0
+QUICK_EXIT_SECONDS = 30.0
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 # What a child gets when the supervisor dies: SIGHUP, which a server drains on and never takes as a
 # "second signal" (a forwarded SIGTERM may already be draining when the supervisor is killed).
@@ -124,7 +127,9 @@ class Supervisor:
         self.settings = settings
         self.argv = list(argv)
         self.children: list[subprocess.Popen[bytes]] = []
-        self.signals_received = 0
+        self.signals_received = 0  # the operator's stop signals
+        self.give_up_code: int | None = None  # set when the supervisor stops the children itself
+        self._started: dict[int, float] = {}  # each child's start, by pid (monotonic)
         self._pid = os.getpid()
         self._prctl = _death_signal_setter()
 
@@ -152,15 +157,22 @@ class Supervisor:
             preexec_fn=self._die_with_parent if self._prctl is not None else None,  # noqa: PLW1509
         )
 
+    @property
+    def stopping(self) -> bool:
+        return self.signals_received > 0 or self.give_up_code is not None
+
     def _on_signal(self, _signum: int, _frame: FrameType | None) -> None:
         self.signals_received += 1
+        self._stop_children()
+
+    def _stop_children(self) -> None:
         for child in self.children:
             if child.poll() is None:
                 self._tell_to_stop(child)
 
     def _tell_to_stop(self, child: subprocess.Popen[bytes]) -> None:
-        """The first signal: drain (``FORWARDED_STOP``); any later one: stop now."""
-        if self.signals_received == 1:
+        """Drain (``FORWARDED_STOP``), or stop now from the operator's second signal on."""
+        if self.signals_received <= 1:
             child.send_signal(FORWARDED_STOP)
         else:
             child.kill()
@@ -170,7 +182,8 @@ class Supervisor:
         arrived while it was being started is passed on to it straight away."""
         child = self._start_child(flags)
         self.children.append(child)
-        if self.signals_received and child.poll() is None:
+        self._started[child.pid] = time.monotonic()
+        if self.stopping and child.poll() is None:
             self._tell_to_stop(child)
         return child
 
@@ -201,7 +214,7 @@ class Supervisor:
 
     def _watch(self, flags: list[str]) -> int:
         worst = 0
-        recent: deque[float] = deque()  # when children exited on their own, within RECENT_EXIT_SECONDS
+        recent: deque[float] = deque()  # quick exits (see QUICK_EXIT_SECONDS), within RECENT_EXIT_SECONDS
         told = 0  # the signals logged so far (the handler itself does not log: it may interrupt a write)
         while True:
             if self.signals_received > told:
@@ -218,12 +231,14 @@ class Supervisor:
                 if code is None:
                     running = True
                     continue
-                if self.signals_received:
+                if self.stopping:
                     worst = max(worst, code if code >= 0 else 128 - code)
                     continue
                 now = time.monotonic()
-                recent.append(now)
-                while recent[0] < now - RECENT_EXIT_SECONDS:
+                quick = now - self._started.pop(child.pid, now) < QUICK_EXIT_SECONDS
+                if quick:
+                    recent.append(now)
+                while recent and recent[0] < now - RECENT_EXIT_SECONDS:
                     recent.popleft()
                 reason = self._not_restarting(code, len(recent))
                 if reason is not None:
@@ -234,11 +249,13 @@ class Supervisor:
                         reason,
                         extra={"fields": {"event": "giving_up", "child": child.pid, "code": code}},
                     )
-                    worst = code if code in CANNOT_START else EXIT_CRASH_LOOP
-                    self.children.remove(child)  # accounted for: its own code says less than ``worst``
-                    self._on_signal(signal.SIGTERM, None)  # the others drain and stop
+                    self.give_up_code = code if code in CANNOT_START else EXIT_CRASH_LOOP
+                    self.children.remove(child)
+                    self._stop_children()  # the others drain and stop
                     continue
-                delay = min(MAX_RESTART_DELAY, RESTART_DELAY * 2 ** (len(recent) - 1))
+                delay = (
+                    min(MAX_RESTART_DELAY, RESTART_DELAY * 2 ** (len(recent) - 1)) if quick else RESTART_DELAY
+                )
                 log.error(
                     "process %d exited on its own with code %d; restarting it in %g s",
                     child.pid,
@@ -247,13 +264,14 @@ class Supervisor:
                     extra={"fields": {"event": "child_exited", "child": child.pid, "code": code}},
                 )
                 self._pause(delay)
-                if self.signals_received:
+                if self.stopping:
                     continue  # stopping: do not replace it
                 self.children.remove(child)
                 self._spawn(flags)
                 running = True
             if not running:
-                return worst
+                # The reason the supervisor stopped them says more than the codes they stopped with.
+                return self.give_up_code if self.give_up_code is not None else worst
             time.sleep(0.1)
 
     @staticmethod
@@ -262,11 +280,14 @@ class Supervisor:
         if code in CANNOT_START:
             return "it cannot start here, and a restart would fail the same way"
         if recent_exits >= MAX_RECENT_EXITS:
-            return f"{recent_exits} exits within {RECENT_EXIT_SECONDS:g} s"
+            return (
+                f"{recent_exits} exits, each within {QUICK_EXIT_SECONDS:g} s of its start, "
+                f"in {RECENT_EXIT_SECONDS:g} s"
+            )
         return None
 
     def _pause(self, seconds: float) -> None:
         """Sleep, but return as soon as a signal has come (a stop must not wait out a restart delay)."""
         deadline = time.monotonic() + seconds
-        while not self.signals_received and (left := deadline - time.monotonic()) > 0:
+        while not self.stopping and (left := deadline - time.monotonic()) > 0:
             time.sleep(min(0.1, left))

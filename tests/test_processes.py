@@ -214,3 +214,53 @@ def test_children_signalled_with_their_supervisor_still_drain(launch: Launch) ->
     stopped = {r["pid"] for r in server.records() if r.get("event") == "stopped"}
     assert stopped == children
     assert not [r for r in server.records() if "exiting at once" in str(r.get("message"))]
+
+
+class StubbornChild(FakeChild):
+    """A child still draining: signals are noted, it does not exit."""
+
+    def send_signal(self, signum: int) -> None:
+        self.signals.append(signum)
+
+
+def test_children_that_served_a_while_before_dying_are_not_a_crash_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Processes killed after serving for a while (the OOM killer, a crash in one image) are restarted
+    after a second each, however many: only children dying soon after they start add up to giving up."""
+    supervisor = Supervisor(Settings(processes=8), [])
+    pauses: list[float] = []
+    monkeypatch.setattr(supervisor, "_pause", pauses.append)
+    pids = iter(range(1000, 2000))
+    spawned = 0
+
+    def spawn(_flags: list[str]) -> FakeChild:
+        nonlocal spawned
+        spawned += 1
+        child = FakeChild(None if spawned > 6 else -9, next(pids))
+        supervisor.children.append(child)  # type: ignore[arg-type]
+        supervisor._started[child.pid] = time.monotonic() - 3600  # served for an hour
+        if spawned > 6:
+            supervisor._on_signal(signal.SIGTERM, None)  # then the operator stops the service
+        return child
+
+    monkeypatch.setattr(supervisor, "_spawn", spawn)
+    first = FakeChild(-9, 1)
+    supervisor.children = [first]  # type: ignore[list-item]
+    supervisor._started[first.pid] = time.monotonic() - 3600
+    assert supervisor._watch([]) == 0
+    assert pauses == [1.0] * 7  # no backoff, no giving up
+
+
+def test_after_giving_up_the_operators_first_signal_is_not_a_second() -> None:
+    supervisor = Supervisor(Settings(processes=2), [])
+    draining = StubbornChild(None, 1)
+    supervisor.children = [draining]  # type: ignore[list-item]
+    supervisor.give_up_code = EXIT_CRASH_LOOP
+    supervisor._stop_children()  # what giving up does
+    supervisor._on_signal(signal.SIGTERM, None)  # the operator's first: still a drain
+    assert draining.signals == [signal.SIGHUP, signal.SIGHUP]
+    supervisor._on_signal(signal.SIGTERM, None)  # the second: at once
+    assert draining.signals[-1] == signal.SIGKILL
+    draining.code = -signal.SIGKILL
+    assert supervisor._watch([]) == EXIT_CRASH_LOOP  # why it stopped, not how the children ended
