@@ -61,6 +61,8 @@ class ClientErrorsAsWarnings(logging.Filter):
             record.levelno, record.levelname = logging.WARNING, "WARNING"
             record.exc_info = record.exc_text = None
             record.fields = {"event": "bad_request", "status": error.code}
+            # The logger let it through as an error: a level set above warnings still leaves it out.
+            return logging.getLogger(record.name).isEnabledFor(logging.WARNING)
         return True
 
 
