@@ -118,6 +118,19 @@ async def test_full_gate_answers_503_at_once(make_client: ClientFactory, blocker
     await until(lambda: in_flight(client) == 0)
 
 
+async def assert_refused_before_the_body(client: Client, target: str, status: int, code: str) -> None:
+    """An ``Expect: 100-continue`` upload to ``target`` gets its refusal instead of 100 Continue."""
+    head = (
+        f"POST {target} HTTP/1.1\r\nHost: test\r\nContent-Type: image/jpeg\r\n"
+        "Content-Length: 1000000\r\nExpect: 100-continue\r\n\r\n"
+    ).encode()
+    answer, writer = await raw_request(client, head)  # no body sent at all
+    writer.close()
+    assert answer.startswith(f"HTTP/1.1 {status}".encode())
+    assert b"100 Continue" not in answer
+    assert code.encode() in answer
+
+
 async def test_expect_continue_is_refused_before_the_upload(
     make_client: ClientFactory, blocker: Blocker
 ) -> None:
@@ -125,15 +138,7 @@ async def test_expect_continue_is_refused_before_the_upload(
     busy = asyncio.ensure_future(client.post("/optimize", data=multipart(image_bytes())))
     await until(lambda: blocker.started == 1)
 
-    head = (
-        b"POST /upload HTTP/1.1\r\nHost: test\r\nContent-Type: image/jpeg\r\n"
-        b"Content-Length: 1000000\r\nExpect: 100-continue\r\n\r\n"
-    )
-    answer, writer = await raw_request(client, head)  # no body sent at all
-    writer.close()
-    assert answer.startswith(b"HTTP/1.1 503")
-    assert b"100 Continue" not in answer
-    assert b"overloaded" in answer
+    await assert_refused_before_the_body(client, "/upload", 503, "overloaded")
 
     blocker.open.set()
     assert (await busy).status == 200
@@ -142,15 +147,7 @@ async def test_expect_continue_is_refused_before_the_upload(
 async def test_expect_continue_refuses_bad_parameters_before_the_upload(make_client: ClientFactory) -> None:
     """A request bound to fail is refused before the client sends its body, not after."""
     client = await make_client()
-    head = (
-        b"POST /optimize?width=abc HTTP/1.1\r\nHost: test\r\nContent-Type: image/jpeg\r\n"
-        b"Content-Length: 5000000\r\nExpect: 100-continue\r\n\r\n"
-    )
-    answer, writer = await raw_request(client, head)  # no body sent at all
-    writer.close()
-    assert answer.startswith(b"HTTP/1.1 400")
-    assert b"100 Continue" not in answer
-    assert b"invalid_parameter" in answer
+    await assert_refused_before_the_body(client, "/optimize?width=abc", 400, "invalid_parameter")
 
 
 async def test_a_hosts_error_after_100_continue_is_still_answered(aiohttp_client: ClientFactory) -> None:
