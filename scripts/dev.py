@@ -18,6 +18,7 @@ import subprocess
 import sys
 import venv
 from pathlib import Path
+from typing import NoReturn
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV = ROOT / ".venv"
@@ -31,9 +32,16 @@ def ensure_venv() -> None:
     wanted = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
     if STAMP.exists() and STAMP.read_text() == wanted:
         return
-    if not (BIN / "python").exists():
+    if not _has_pip():
+        # Also a .venv left half made (no pip in it) by an earlier run that failed: made again.
         print("dev: creating .venv", file=sys.stderr)
-        venv.EnvBuilder(with_pip=True, clear=True).create(VENV)
+        try:
+            venv.EnvBuilder(with_pip=True, clear=True).create(VENV)
+        except subprocess.CalledProcessError:
+            sys.exit(
+                "dev: python3 could not install pip into .venv (ensurepip failed). On Debian and "
+                "Ubuntu, install the python3-venv package, then run this again."
+            )
     print("dev: installing optimizer with its test and lint tools into .venv", file=sys.stderr)
     pip = [str(BIN / "python"), "-m", "pip", "--disable-pip-version-check", "-q"]
     subprocess.run([*pip, "install", "--upgrade", "pip"], check=True)
@@ -41,8 +49,25 @@ def ensure_venv() -> None:
     STAMP.write_text(wanted)
 
 
+def _has_pip() -> bool:
+    python = BIN / "python"
+    if not python.exists():
+        return False
+    found = subprocess.run([str(python), "-m", "pip", "--version"], capture_output=True, check=False)
+    return found.returncode == 0
+
+
 def run(*command: str) -> int:
     return subprocess.run(command, cwd=ROOT, check=False).returncode
+
+
+def become(*command: str) -> NoReturn:
+    """Replace this process with ``command``: signals (Ctrl-C, a SIGTERM) then reach it directly, and a
+    server drains on them as it would started by hand, instead of being killed along with this script."""
+    os.chdir(ROOT)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(command[0], list(command))
 
 
 def main(argv: list[str]) -> int:
@@ -52,9 +77,9 @@ def main(argv: list[str]) -> int:
     ensure_venv()
     command, rest = argv[0], argv[1:]
     if command == "serve":
-        return run(str(BIN / "optimizer"), *rest)
+        become(str(BIN / "optimizer"), *rest)
     if command == "test":
-        return run(str(BIN / "python"), "-m", "pytest", *rest)
+        become(str(BIN / "python"), "-m", "pytest", *rest)
     ruff = str(BIN / "ruff")
     checks = (
         [ruff, "check", "."],
