@@ -810,6 +810,25 @@ def merge_ceilings(children: Sequence[dict[str, Any]]) -> dict[str, Any]:
 # --- the server process ----------------------------------------------------------------------------------
 
 
+# Prefixed to a child's command on Linux: the child asks for SIGTERM when the harness dies (however it
+# dies: SIGKILL, a closed terminal), then becomes the command (exec keeps the setting). A server started
+# in a session of its own would otherwise go on running, holding its port and CPU.
+_DIE_WITH_PARENT = (
+    "import ctypes, os, sys\n"
+    "ctypes.CDLL(None).prctl(1, 15, 0, 0, 0)  # PR_SET_PDEATHSIG, SIGTERM\n"
+    "if os.getppid() != int(sys.argv[1]):\n"
+    "    sys.exit(1)  # the harness died before the line above\n"
+    "os.execvp(sys.argv[2], sys.argv[2:])\n"
+)
+
+
+def dying_with_us(command: Sequence[str]) -> list[str]:
+    """``command``, made to get SIGTERM when this process dies (Linux; elsewhere as it is)."""
+    if not sys.platform.startswith("linux"):
+        return list(command)
+    return [sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()), *command]
+
+
 class ChildServer:
     """A server process the harness started on 127.0.0.1, writing its output to a log file."""
 
@@ -824,6 +843,19 @@ class ChildServer:
     @property
     def url(self) -> str:
         return f"http://{HOST}:{self.port}"
+
+    def exited(self) -> int | None:
+        """The exit code (negative: the signal) if the process has ended, without reaping it: its
+        ``/proc`` entry stays, so its CPU time can still be read (``proc.poll()`` would remove it)."""
+        if self.proc.returncode is not None:
+            return self.proc.returncode
+        try:
+            info = os.waitid(os.P_PID, self.proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            return self.proc.poll()
+        if info is None:
+            return None
+        return info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
 
     def log_tail(self, lines: int = 20) -> str:
         try:
@@ -872,7 +904,7 @@ class ServerProcess(ChildServer):
         self.args = [*server_args, "--host", HOST, "--port", "0"]
         self._log = log_path.open("wb")
         self.proc = subprocess.Popen(
-            [*command, *self.args],
+            dying_with_us([*command, *self.args]),
             cwd=source,
             env=source_env(source),
             stdin=subprocess.DEVNULL,
@@ -1015,8 +1047,8 @@ class ServerMonitor:
 
     @property
     def cpu_seconds(self) -> float | None:
-        if self.cpu_start is None or self.cpu_end is None:
-            return None
+        if self.cpu_start is None or self.cpu_end is None or self.cpu_end < self.cpu_start:
+            return None  # unknown (a process gone before its last reading) rather than wrong
         return self.cpu_end - self.cpu_start
 
     def as_dict(self) -> dict[str, Any]:
@@ -1299,6 +1331,8 @@ class LoadRun:
                 print(file=sys.stderr)
         wall = time.perf_counter() - wall_before
         client_cpu = self_cpu_seconds() - cpu_before
+        if self.server is not None and self.server_died is None:
+            self.server_died = self.server.exited()  # during the grace period
         if self.monitor is not None:
             self.monitor.finish()  # the final figures, next to the machine's reading in _result()
         window = min(self.plan.seconds, wall)
@@ -1310,8 +1344,8 @@ class LoadRun:
         stopping: list[asyncio.Task[None]] = []
         end = self.tally.window_end
         while (now := time.perf_counter()) < end:
-            if self.server is not None and self.server.proc.poll() is not None:
-                self.server_died = self.server.proc.returncode
+            if self.server is not None and (code := self.server.exited()) is not None:
+                self.server_died = code
                 break
             want = self.plan.target_at(now - self.t0)
             while len(running) < want:
@@ -1600,7 +1634,7 @@ class PeerProcess(ChildServer):
         self._log = log_path.open("wb")
         try:
             self.proc = subprocess.Popen(
-                self.argv,
+                dying_with_us(self.argv),
                 cwd=self.files,
                 env={**os.environ, **peer.env(self.port)},
                 stdin=subprocess.DEVNULL,
@@ -2811,8 +2845,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     own, server_args = (
         (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
     )
-    # SIGTERM (a CI timeout, say) unwinds like Ctrl-C, so that the finally blocks stop the server.
+    # SIGTERM (a CI timeout, say) and SIGHUP (a closed terminal) unwind like Ctrl-C, so that the finally
+    # blocks stop the server.
     signal.signal(signal.SIGTERM, _interrupted)
+    signal.signal(signal.SIGHUP, _interrupted)
     parser = build_parser()
     args = parser.parse_args(own)
     try:

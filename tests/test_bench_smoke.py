@@ -11,9 +11,11 @@ import contextlib
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from types import ModuleType
@@ -655,3 +657,86 @@ async def test_a_body_refused_after_expect_closes_the_connection() -> None:
         assert (await connection.exchange(5.0)).status == 413
         assert len(heads) == 2
         connection.close()
+
+
+def test_a_child_that_ended_is_seen_without_being_reaped() -> None:
+    """The harness notices a dead server without reaping it, so its CPU time can still be read: reaped
+    first, its CPU read as 0 and the run reported negative server CPU."""
+    bench = load_bench()
+    server = bench.ChildServer()
+    server.proc = subprocess.Popen([sys.executable, "-c", "sum(range(3_000_000))"])
+    deadline = time.monotonic() + RUN_TIMEOUT
+    while server.exited() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert server.exited() == 0
+    assert Path(f"/proc/{server.pid}").exists()  # not reaped: a zombie still has its /proc entry
+    assert bench.proc_cpu_seconds(server.pid) > 0
+    assert server.proc.wait(timeout=10) == 0
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_a_child_started_by_the_harness_dies_with_it(tmp_path: Path) -> None:
+    """A server started in a session of its own would outlive a harness killed outright (SIGKILL, a
+    closed terminal); it gets SIGTERM instead."""
+    pid_file = tmp_path / "child.pid"
+    parent = (
+        f"import subprocess, sys, time; sys.path.insert(0, {str(BENCH.parent)!r}); import bench\n"
+        "child = subprocess.Popen(bench.dying_with_us([sys.executable, '-c', 'import time; time.sleep(60)']),"
+        " start_new_session=True)\n"
+        f"open({str(pid_file)!r}, 'w').write(str(child.pid))\n"
+        "time.sleep(60)\n"
+    )
+    harness = subprocess.Popen([sys.executable, "-c", parent], cwd=ROOT)
+    try:
+        deadline = time.monotonic() + RUN_TIMEOUT
+        while not pid_file.exists() or not pid_file.read_text():
+            assert time.monotonic() < deadline, "the child was not started"
+            time.sleep(0.05)
+        child = int(pid_file.read_text())
+        time.sleep(0.5)  # past the child's own start, to its sleep
+        harness.kill()
+        harness.wait(10)
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{child}").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not Path(f"/proc/{child}").exists()
+    finally:
+        if harness.poll() is None:
+            harness.kill()
+
+
+def test_a_server_that_dies_mid_run_fails_the_run_and_its_cpu_is_not_made_up(tmp_path: Path) -> None:
+    photo = tmp_path / "photo.jpg"
+    photo.write_bytes(image_bytes((640, 480)))
+    results = tmp_path / "results.json"
+    args = ["--file", str(photo), "--users", "2", "--duration", "4", "--no-ceiling", "--quiet"]
+    harness = subprocess.Popen(
+        [sys.executable, str(BENCH), *args, "--json", str(results)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        bench = load_bench()
+        deadline = time.monotonic() + RUN_TIMEOUT
+        servers: list[int] = []
+        while not servers and time.monotonic() < deadline:
+            time.sleep(0.1)
+            servers = [
+                pid
+                for pid in bench.process_tree(harness.pid)[1:]
+                if b"optimizer" in Path(f"/proc/{pid}/cmdline").read_bytes()
+            ]
+        time.sleep(2.0)  # well into the load
+        os.kill(servers[0], signal.SIGKILL)
+        output, _ = harness.communicate(timeout=RUN_TIMEOUT)
+    finally:
+        if harness.poll() is None:
+            harness.kill()
+    assert harness.returncode == 1, output
+    assert "THE SERVER EXITED DURING THE RUN with code -9" in output
+    run = json.loads(results.read_text())["runs"][0]
+    assert run["server_died_with_code"] == -9
+    cpu = run["server"]["cpu_seconds"]
+    assert cpu is None or cpu > 0, cpu
