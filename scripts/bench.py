@@ -2562,6 +2562,13 @@ def resolve_file(args: argparse.Namespace, scenario: Scenario | None) -> Path:
     raise BenchError(f"no such file: {candidates[0]} (set --corpus or $OPTIMIZER_CORPUS for the corpus)")
 
 
+def _writable_log(path: Path | None) -> Path | None:
+    """``--server-log``, checked before anything runs (a missing folder used to fail after the ceiling)."""
+    if path is not None and not path.parent.is_dir():
+        raise BenchError(f"--server-log {path}: no folder {path.parent}")
+    return path
+
+
 def make_config(args: argparse.Namespace, server_args: list[str]) -> tuple[Config, list[LoadPlan]]:
     scenario = SCENARIOS.get(args.scenario) if args.scenario else None
     file = resolve_file(args, scenario)
@@ -2639,7 +2646,7 @@ def make_config(args: argparse.Namespace, server_args: list[str]) -> tuple[Confi
         ceiling_processes=min(settings.processes, ceiling_threads),  # a child needs a thread at least
         quiet=args.quiet,
         stop_timeout=args.stop_timeout,
-        server_log=args.server_log,
+        server_log=_writable_log(args.server_log),
         scenario=args.scenario,
         source=args.source.resolve(),
         label=args.label,

@@ -114,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--baseline", action="store_true", help="baseline JPEG output for every variant")
     args = parser.parse_args(argv)
+    if args.rounds < 1 or args.seconds <= 0 or args.threads < 1:
+        parser.error("--rounds and --threads must be 1 or more, --seconds above 0")
     path = Path(args.file)
     if not path.is_file():
         path = args.corpus / args.file

@@ -70,6 +70,9 @@ def test_rounds_do_not_combine_with_a_sweep(tmp_path: Path) -> None:
     done = run_bench("--file", str(photo), "--rounds", "0")
     assert done.returncode == 2
     assert "--rounds must be at least 1" in done.stderr
+    done = run_bench("--file", str(photo), "--server-log", str(tmp_path / "missing" / "server.log"))
+    assert done.returncode == 2  # at once, not after the ceiling has run
+    assert "no folder" in done.stderr
 
 
 def test_the_monitor_finds_a_supervisor_s_children_cheaply() -> None:

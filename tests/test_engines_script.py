@@ -26,3 +26,13 @@ def test_engines_script_compares_the_variants(tmp_path: Path) -> None:
     assert "baseline JPEG" in result.stdout
     for variant in ("pillow ", "pillow+vips", "libvips"):
         assert variant in table, result.stdout
+
+
+def test_engines_script_refuses_nothing_to_measure(tmp_path: Path) -> None:
+    for flags in (["--rounds", "0"], ["--seconds", "0"], ["--threads", "0"]):
+        result = subprocess.run(
+            [sys.executable, str(ROOT / "scripts" / "engines.py"), *flags],
+            capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+        assert result.returncode == 2, result.stderr
+        assert "must be" in result.stderr
