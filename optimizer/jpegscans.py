@@ -77,10 +77,9 @@ class _Unsupported(Exception):
     """The stream is not one this rewrite is known to be exact for: leave it alone."""
 
 
-def decode_dc_scans_only(im: Image.Image) -> bool:
+def decode_dc_scans_only(im: Image.Image) -> None:
     """After ``draft``: if libjpeg will decode ``im`` at 1/8 scale, give it the stream without the AC
-    scans that decode would ignore. Pixels, and errors on damaged files, stay what they were. ``True``
-    when the stream was replaced (it then holds a DC scan or a few per component, no more)."""
+    scans that decode would ignore. Pixels, and errors on damaged files, stay what they were."""
     if (
         not _IS_TURBO
         or type(im) is not JpegImagePlugin.JpegImageFile  # not an MPO, whose frames are found by offset
@@ -88,12 +87,10 @@ def decode_dc_scans_only(im: Image.Image) -> bool:
         or not im.info.get("progressive")
         or not isinstance(im.fp, io.BytesIO)
     ):
-        return False
+        return
     stream = dc_scans_only(im.fp.getvalue())  # the upload itself: BytesIO shares it, no copy
-    if stream is None:
-        return False
-    im.fp = io.BytesIO(stream)
-    return True
+    if stream is not None:
+        im.fp = io.BytesIO(stream)
 
 
 def scans_to_decode(data: bytes, limit: int) -> int:
@@ -107,14 +104,9 @@ def scans_to_decode(data: bytes, limit: int) -> int:
     follow counts what was seen before it: libjpeg fails on such a file anyway.
     """
     scans = 0
-    frame: tuple[bool, int] | None = None  # (progressive, component count)
-    for marker, pos, _end in _segments(data):
-        if marker == _SOS:
-            scans += 1
-            if scans > limit or (scans == 1 and _whole_in_one_scan(frame, data, pos)):
-                return scans
-        elif marker == _SOF_PROGRESSIVE_HUFFMAN or marker in _OTHER_SOF:
-            frame = (marker in _PROGRESSIVE_SOF, data[pos + 9])
+    for scans, whole in enumerate(_scans(data), start=1):
+        if scans > limit or (scans == 1 and whole):
+            return scans
     return scans
 
 
@@ -122,18 +114,19 @@ def buffers_whole_image(data: bytes) -> bool:
     """Whether libjpeg keeps the whole image's coefficients while decoding ``data``: a progressive JPEG,
     or a sequential one whose components arrive in separate scans. Reads the headers up to the first
     scan only."""
-    frame: tuple[bool, int] | None = None
+    first = next(_scans(data), None)
+    return first is not None and not first
+
+
+def _scans(data: bytes) -> Iterator[bool]:
+    """For each scan: whether it is the whole image in one (a sequential frame's scan that carries all
+    of the frame's components)."""
+    frame: tuple[bool, int] | None = None  # (progressive, component count)
     for marker, pos, _end in _segments(data):
         if marker == _SOS:
-            return not _whole_in_one_scan(frame, data, pos)
-        if marker == _SOF_PROGRESSIVE_HUFFMAN or marker in _OTHER_SOF:
+            yield frame is not None and not frame[0] and data[pos + 4] >= frame[1]
+        elif marker == _SOF_PROGRESSIVE_HUFFMAN or marker in _OTHER_SOF:
             frame = (marker in _PROGRESSIVE_SOF, data[pos + 9])
-    return False
-
-
-def _whole_in_one_scan(frame: tuple[bool, int] | None, data: bytes, sos: int) -> bool:
-    """A sequential frame whose first scan (at ``sos``) carries all of its components."""
-    return frame is not None and not frame[0] and data[sos + 4] >= frame[1]
 
 
 def _segments(data: bytes) -> Iterator[tuple[int, int, int]]:
