@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import io
 import json
+import logging
 import os
 import signal
 import socket
@@ -28,8 +29,10 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp.http_exceptions import LineTooLong
 
 from optimizer.allocator import GLIBC_TUNABLES, RESTARTED, is_glibc, start_environment
+from optimizer.server import ClientErrorsAsWarnings
 from optimizer.startup import EXIT_CANNOT_START
 from tests.conftest import ROOT, corpus_dir, decode, image_bytes
 from tests.realserver import RealServer, server_env
@@ -569,3 +572,26 @@ def test_a_request_aiohttp_cannot_parse_is_one_warning_not_a_traceback(launch: L
     assert logged[0]["level"] == "warning"
     assert "traceback" not in logged[0]
     assert not [r for r in server.records() if r.get("level") == "error"]
+
+
+def test_a_bad_request_line_is_left_out_where_warnings_are() -> None:
+    """The filter makes an ERROR a WARNING after the logger's level check: it must then apply the level
+    itself, or --log-level error would still print client mistakes."""
+    logger = logging.getLogger("optimizer.http")
+    refused = LineTooLong(b"X-Long", 8190, "9000")
+    try:
+        raise refused
+    except LineTooLong:
+        record = logger.makeRecord(logger.name, logging.ERROR, __file__, 1, "Error handling request from %s",
+                                   ("127.0.0.1",), sys.exc_info())  # fmt: skip
+    previous = logger.level
+    try:
+        logger.setLevel(logging.ERROR)
+        assert not ClientErrorsAsWarnings().filter(record)
+        logger.setLevel(logging.INFO)
+        assert ClientErrorsAsWarnings().filter(record)
+    finally:
+        logger.setLevel(previous)
+    assert record.levelname == "WARNING"
+    assert record.getMessage().startswith("refused a malformed request from 127.0.0.1: ")
+    assert record.exc_info is None
