@@ -34,6 +34,13 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 RESIZERS = ("pillow", "vips")
 # Shorter API keys or signing keys are guessable; refuse them at start.
 MIN_SECRET_LENGTH = 16
+# The widest or tallest output every format can write: WebP's limit (JPEG's is 65500). A larger
+# OPTIMIZER_MAX_DIMENSION would be accepted, then fail as a 500 in the encoder.
+MAX_OUTPUT_DIMENSION = 16383
+# Input format names accepted for OPTIMIZER_FORMATS beyond the canonical ones (as ``format=jpg`` is).
+_INPUT_ALIASES = {"jpg": "jpeg", "tif": "tiff"}
+# An allowed browser origin: a scheme, a host and perhaps a port, nothing after (browsers send no path).
+_ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^/?#\s]+")
 
 
 class SettingsError(ValueError):
@@ -209,8 +216,7 @@ class Settings:
             raise SettingsError("\n".join(problems))
 
     def _problems(self) -> Iterator[str]:
-        def name(attr: str) -> str:
-            return str(_FIELDS[attr].metadata["env"])
+        name = _env_name
 
         if not self.host:
             yield f"{name('host')}: must not be empty"
@@ -230,6 +236,11 @@ class Settings:
             value = getattr(self, attr)
             if value < 1:
                 yield f"{name(attr)}={value}: must be at least 1"
+        if self.max_dimension > MAX_OUTPUT_DIMENSION:
+            yield (
+                f"{name('max_dimension')}={self.max_dimension}: must be at most {MAX_OUTPUT_DIMENSION} "
+                "(WebP cannot be wider or taller)"
+            )
         if self.max_pixels > PILLOW_PIXEL_CEILING:
             yield (
                 f"{name('max_pixels')}={self.max_pixels}: must be at most {PILLOW_PIXEL_CEILING} "
@@ -261,12 +272,28 @@ class Settings:
                 f"{name('formats')}={self.formats!r}: choose one or more of "
                 f"{', '.join(sorted(KNOWN_INPUT_FORMATS))}"
             )
+        yield from self._access_problems()
+        if self.log_level.lower() not in LOG_LEVELS:
+            yield f"{name('log_level')}={self.log_level!r}: choose one of {', '.join(LOG_LEVELS)}"
+
+    def _access_problems(self) -> Iterator[str]:
+        """API keys, the signing key and CORS origins: each mistake here would quietly open or close
+        the service to some clients."""
+
+        name = _env_name
+
+        if self.api_keys.strip() and not self.api_key_set:
+            yield f"{name('api_keys')}: set, but no key in it (leave it empty to serve without keys)"
         if any(len(key) < MIN_SECRET_LENGTH for key in self.api_key_set):
             yield f"{name('api_keys')}: every key must be at least {MIN_SECRET_LENGTH} characters"
         if self.signing_key and len(self.signing_key) < MIN_SECRET_LENGTH:
             yield f"{name('signing_key')}: must be at least {MIN_SECRET_LENGTH} characters"
-        if self.log_level not in LOG_LEVELS:
-            yield f"{name('log_level')}={self.log_level!r}: choose one of {', '.join(LOG_LEVELS)}"
+        for origin in self.cors_origin_set - {"*"}:
+            if not _ORIGIN.fullmatch(origin):
+                yield (
+                    f"{name('cors_origins')}: {origin!r} is not an origin: scheme://host[:port], with no "
+                    "path or trailing slash (a browser's Origin header never has one)"
+                )
 
     def _resizer_problem(self) -> str | None:
         if self.resizer not in RESIZERS:
@@ -308,11 +335,12 @@ class Settings:
 
     @property
     def cors_origin_set(self) -> frozenset[str]:
-        return _split(self.cors_origins)
+        # Lower case, as browsers send the scheme and host (a port is digits).
+        return frozenset(origin.lower() for origin in _split(self.cors_origins))
 
     @property
     def input_formats(self) -> frozenset[str]:
-        return frozenset(part.lower() for part in _split(self.formats))
+        return frozenset(_INPUT_ALIASES.get(part.lower(), part.lower()) for part in _split(self.formats))
 
     def default_quality(self, output_format: str) -> int:
         """The quality used when a request names none (PNG is lossless and ignores it)."""
@@ -352,6 +380,11 @@ def _split(text: str) -> frozenset[str]:
 _FIELDS: dict[str, dataclasses.Field[Any]] = {f.name: f for f in dataclasses.fields(Settings)}
 
 
+def _env_name(attr: str) -> str:
+    """The environment variable of a setting, as error messages name it."""
+    return str(_FIELDS[attr].metadata["env"])
+
+
 def setting_fields() -> list[dataclasses.Field[Any]]:
     """The settings in declaration order, with their ``env`` and ``help`` metadata (for the CLI)."""
     return list(_FIELDS.values())
@@ -375,7 +408,8 @@ def parse_value(attr: str, text: str) -> Any:
         lowered = text.lower()
         if lowered in ("1", "true", "yes", "on"):
             return True
-        if lowered in ("0", "false", "no", "off", ""):
+        if lowered in ("0", "false", "no", "off"):
             return False
+        # Empty too: a templated environment that left a variable blank should not flip a default.
         raise ValueError("expected 1 or 0 (true or false)")
     return text

@@ -264,7 +264,11 @@ def test_unparsable_variables_are_listed_together() -> None:
         ("OPTIMIZER_FORMATS", ""),
         ("OPTIMIZER_FORMATS", " , "),
         ("OPTIMIZER_LOG_LEVEL", "loud"),
-        ("OPTIMIZER_LOG_LEVEL", "INFO"),
+        ("OPTIMIZER_API_KEYS", ","),
+        ("OPTIMIZER_JPEG_PROGRESSIVE", ""),
+        ("OPTIMIZER_CORS_ORIGINS", "https://app.example/"),
+        ("OPTIMIZER_CORS_ORIGINS", "app.example"),
+        ("OPTIMIZER_MAX_DIMENSION", "20000"),
     ],
 )
 def test_invalid_variable(name: str, value: str) -> None:
@@ -440,3 +444,15 @@ def test_every_problem_is_reported_in_one_round() -> None:
 def test_pixel_limit_cannot_exceed_pillows_own() -> None:
     with pytest.raises(SettingsError, match="OPTIMIZER_MAX_PIXELS"):
         Settings(max_pixels=500_000_000)
+
+
+def test_spellings_an_operator_would_expect_are_taken() -> None:
+    settings = Settings.from_env(
+        {
+            "OPTIMIZER_LOG_LEVEL": "INFO",
+            "OPTIMIZER_FORMATS": "jpg, PNG, tif",
+            "OPTIMIZER_CORS_ORIGINS": "https://App.Example, http://localhost:3000",
+        }
+    )
+    assert settings.input_formats == {"jpeg", "png", "tiff"}
+    assert settings.cors_origin_set == {"https://app.example", "http://localhost:3000"}
