@@ -91,15 +91,21 @@ class Cors:
         return bool(self.origins)
 
     def allowed(self, origin: str) -> bool:
-        return "*" in self.origins or origin in self.origins
+        return "*" in self.origins or origin.lower() in self.origins
 
     def decorate(self, request: web.BaseRequest, response: web.StreamResponse) -> None:
-        """Add the CORS headers to an answer for an allowed origin (nothing for others)."""
-        origin = request.headers.get("Origin")
-        if not self.enabled or origin is None or response.prepared:
+        """Add the CORS headers to an answer for an allowed origin (nothing for others). ``Vary: Origin``
+        goes on every answer, with or without an ``Origin``: a shared cache must not hand a browser the
+        copy it stored for a request that had none."""
+        if not self.enabled or response.prepared:
             return
-        response.headers.add("Vary", "Origin")
-        if self.allowed(origin):
+        varies = {
+            name.strip().lower() for value in response.headers.getall("Vary", []) for name in value.split(",")
+        }
+        if "origin" not in varies:
+            response.headers.add("Vary", "Origin")
+        origin = request.headers.get("Origin")
+        if origin is not None and self.allowed(origin):
             response.headers["Access-Control-Allow-Origin"] = origin
             response.headers["Access-Control-Expose-Headers"] = self.EXPOSED
 

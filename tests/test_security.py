@@ -149,6 +149,22 @@ async def test_cors(make_client: MakeClient) -> None:
     assert "Access-Control-Allow-Origin" not in plain.headers
 
 
+async def test_cors_answers_vary_by_origin_once_with_or_without_one(make_client: MakeClient) -> None:
+    """A shared cache keys on Vary: without it on the answer to a request that had no Origin, the cache
+    could hand that copy (no Allow-Origin) to a browser."""
+    client = await make_client(cors_origins="https://app.example")
+    for response in (
+        await client.get("/healthz"),
+        await client.get("/healthz", headers={"Origin": "https://APP.example"}),
+        await client.options(
+            "/upload", headers={"Origin": "https://app.example", "Access-Control-Request-Method": "POST"}
+        ),
+    ):
+        assert response.headers.getall("Vary") == ["Origin"], response.headers
+    upper = await client.get("/healthz", headers={"Origin": "https://APP.example"})
+    assert upper.headers["Access-Control-Allow-Origin"] == "https://APP.example"  # hosts are case-blind
+
+
 @pytest.mark.parametrize(
     "overrides", [{"api_keys": "short"}, {"signing_key": "short"}, {"api_keys": f"{KEY},tiny"}]
 )
