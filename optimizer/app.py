@@ -52,14 +52,15 @@ def create_app(settings: Settings | None = None) -> web.Application:
         ("/optimize", handlers.optimize_route, handlers.optimize_expect),
         ("/upload", handlers.upload_route, handlers.upload_expect),
     )
+    plain = handlers.continue_if_asked
     for path, handler, expect in routes:
         app.router.add_post(path, handler, expect_handler=expect)
         if state.cors.enabled:
-            app.router.add_route("OPTIONS", path, state.cors.preflight)
-    app.router.add_get("/healthz", handlers.healthz)
-    app.router.add_get("/readyz", handlers.readyz)
-    app.router.add_get("/metrics", _metrics)
-    app.router.add_get("/openapi.json", _openapi)
+            app.router.add_route("OPTIONS", path, state.cors.preflight, expect_handler=plain)
+    app.router.add_get("/healthz", handlers.healthz, expect_handler=plain)
+    app.router.add_get("/readyz", handlers.readyz, expect_handler=plain)
+    app.router.add_get("/metrics", _metrics, expect_handler=plain)
+    app.router.add_get("/openapi.json", _openapi, expect_handler=plain)
     app.cleanup_ctx.append(_worker_pool)
     app.on_shutdown.append(_on_shutdown)
     return app

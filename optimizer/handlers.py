@@ -104,13 +104,20 @@ async def _expect_continue(request: web.Request, defaults: RouteDefaults) -> web
     except OptimizerError as error:
         # aiohttp calls this hook before any middleware: the refusal is finished here the same way.
         return finish(request, error_response(error), error.code, started, state)
+    return await continue_if_asked(request)
+
+
+async def continue_if_asked(request: web.BaseRequest) -> web.StreamResponse | None:
+    """The ``Expect`` hook of routes with nothing to refuse before a body, and the end of the image
+    routes' own: ``100 Continue`` for ``100-continue``. Any other expectation is ignored (RFC 9110
+    allows it) rather than left to aiohttp's default, a plain-text 417 that no middleware sees."""
     if request.version >= (1, 1) and request.headers.get("Expect", "").lower() == "100-continue":
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         # As aiohttp's own hook does: the interim answer is not the response. Counted, it would make
         # aiohttp take the response as begun, and a host's error after this would drop the connection
         # instead of answering it.
         request.writer.output_size = 0
-    return None
+    return None  # on to the handler
 
 
 def _before_the_body(request: web.Request, state: ServiceState, defaults: RouteDefaults) -> Params:

@@ -51,6 +51,30 @@ async def test_metrics_count_requests_stages_and_refusals(make_client: MakeClien
     assert sent is not None and sent > 0
 
 
+async def test_preflights_are_counted_apart_from_the_uploads(make_client: MakeClient) -> None:
+    client = await make_client(cors_origins="https://app.example")
+    assert (await client.post("/optimize", data=multipart(image_bytes()))).status == 200
+    for _ in range(3):
+        asked = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST"}
+        assert (await client.options("/optimize", headers=asked)).status == 204
+    text = await (await client.get("/metrics")).text()
+    assert sample(text, "optimizer_request_duration_seconds_count", route="/optimize") == 1
+    assert sample(text, "optimizer_requests_total", route="/optimize preflight", status="204") == 3
+
+
+async def test_an_expectation_other_than_100_continue_is_ignored_not_a_plain_417(
+    make_client: MakeClient,
+) -> None:
+    """aiohttp's default hook answers it 417 in plain text, before any middleware: no problem body, no
+    request id, no log line, no metric."""
+    client = await make_client()
+    for method, path in (("GET", "/healthz"), ("POST", "/optimize")):
+        data = multipart(image_bytes()) if method == "POST" else None
+        response = await client.request(method, path, headers={"Expect": "something-else"}, data=data)
+        assert response.status == 200, path
+        assert "X-Request-ID" in response.headers
+
+
 async def test_two_embedded_apps_keep_separate_metrics(
     aiohttp_client: Callable[..., Awaitable[Client]],
 ) -> None:
