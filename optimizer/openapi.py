@@ -98,8 +98,9 @@ def _image_operation(summary: str, description: str, settings: Settings, upload:
             "400": _problem("invalid_parameter, empty_body, missing_image or malformed_upload (see `code`)"),
             "408": _problem("upload_stalled: the upload fell behind the read deadline"),
             "413": _problem(
-                f"body_too_large (over {settings.max_body_bytes} bytes) or too_many_pixels "
-                f"(over {settings.max_pixels} pixels)"
+                f"body_too_large (over {settings.max_body_bytes} bytes), too_many_pixels "
+                f"(over {settings.max_pixels} pixels, a TIFF tile included) or over_memory_budget (one "
+                "image that could never fit the memory budget)"
             ),
             "415": _problem(
                 "unsupported_format: accepted inputs are " + ", ".join(sorted(settings.input_formats))
@@ -109,7 +110,8 @@ def _image_operation(summary: str, description: str, settings: Settings, upload:
             "403": _problem("bad_signature: URL signing is configured and the signature is not valid"),
             "503": _problem(
                 "overloaded (every slot busy, or this connection was just served while refused clients are "
-                "due back; with Retry-After), draining or shutdown_deadline (Connection: close)",
+                "due back, or no room in the memory budget within its wait; with Retry-After), draining "
+                "or shutdown_deadline (Connection: close)",
                 retry_after,
             ),
         },

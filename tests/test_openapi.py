@@ -20,6 +20,7 @@ from openapi_spec_validator import validate
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from optimizer import create_app
+from optimizer.errors import OptimizerError
 from optimizer.openapi import openapi_document
 from tests.conftest import test_settings
 
@@ -107,3 +108,20 @@ def test_service_honours_its_document(case: schemathesis.Case[Any], server_url: 
     # are rightly refused (415/422): that one check does not apply here. All others do, including
     # not_a_server_error, the response schemas, content types and headers.
     case.call_and_validate(base_url=server_url, excluded_checks=[positive_data_acceptance])
+
+
+def every_error(base: type[OptimizerError] = OptimizerError) -> Iterator[type[OptimizerError]]:
+    for error in base.__subclasses__():
+        yield error
+        yield from every_error(error)
+
+
+def test_every_problem_code_an_image_route_can_answer_is_documented() -> None:
+    """The descriptions are written by hand: each error of the tree must be named under its status
+    (origin_not_allowed comes only from a preflight, and bad_request is the 400s' common class)."""
+    operation = openapi_document(test_settings())["paths"]["/optimize"]["post"]
+    for error in every_error():
+        if error.code in ("bad_request", "origin_not_allowed"):
+            continue
+        description = operation["responses"][str(error.status)]["description"]
+        assert error.code in description, (error.code, error.status)
