@@ -288,7 +288,7 @@ class Settings:
             yield f"{name('api_keys')}: every key must be at least {MIN_SECRET_LENGTH} characters"
         if self.signing_key and len(self.signing_key) < MIN_SECRET_LENGTH:
             yield f"{name('signing_key')}: must be at least {MIN_SECRET_LENGTH} characters"
-        for origin in self.cors_origin_set - {"*"}:
+        for origin in self.cors_origin_set - {"*", "null"}:  # browsers send "null" from sandboxes
             if not _ORIGIN.fullmatch(origin):
                 yield (
                     f"{name('cors_origins')}: {origin!r} is not an origin: scheme://host[:port], with no "
@@ -357,6 +357,10 @@ class Settings:
             env = str(spec.metadata["env"])
             if attr in overrides:
                 values[attr] = overrides[attr]
+            elif env in environ and not environ[env].strip() and str(spec.type) == "bool":
+                # A blank switch (as templated environments leave them) is as if unset: its default
+                # applies, rather than one spelling of false. (A blank number is still refused.)
+                continue
             elif env in environ:
                 try:
                     values[attr] = parse_value(attr, environ[env])
@@ -410,6 +414,5 @@ def parse_value(attr: str, text: str) -> Any:
             return True
         if lowered in ("0", "false", "no", "off"):
             return False
-        # Empty too: a templated environment that left a variable blank should not flip a default.
         raise ValueError("expected 1 or 0 (true or false)")
     return text

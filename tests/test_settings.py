@@ -265,7 +265,6 @@ def test_unparsable_variables_are_listed_together() -> None:
         ("OPTIMIZER_FORMATS", " , "),
         ("OPTIMIZER_LOG_LEVEL", "loud"),
         ("OPTIMIZER_API_KEYS", ","),
-        ("OPTIMIZER_JPEG_PROGRESSIVE", ""),
         ("OPTIMIZER_CORS_ORIGINS", "https://app.example/"),
         ("OPTIMIZER_CORS_ORIGINS", "app.example"),
         ("OPTIMIZER_MAX_DIMENSION", "20000"),
@@ -456,3 +455,15 @@ def test_spellings_an_operator_would_expect_are_taken() -> None:
     )
     assert settings.input_formats == {"jpeg", "png", "tiff"}
     assert settings.cors_origin_set == {"https://app.example", "http://localhost:3000"}
+
+
+def test_a_blank_switch_is_as_if_unset() -> None:
+    """Templated environments (a Helm value left empty) give blank variables: a switch keeps its
+    default rather than reading as false (and a blank number is refused, above)."""
+    blank = Settings.from_env({"OPTIMIZER_REUSE_PORT": "", "OPTIMIZER_JPEG_PROGRESSIVE": " "})
+    default = Settings()
+    assert (blank.reuse_port, blank.jpeg_progressive) == (default.reuse_port, default.jpeg_progressive)
+    assert Settings.from_env({"OPTIMIZER_CORS_ORIGINS": "null, https://app.example"}).cors_origin_set == {
+        "null",
+        "https://app.example",
+    }
