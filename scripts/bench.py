@@ -818,7 +818,10 @@ _DIE_WITH_PARENT = (
     "ctypes.CDLL(None).prctl(1, 15, 0, 0, 0)  # PR_SET_PDEATHSIG, SIGTERM\n"
     "if os.getppid() != int(sys.argv[1]):\n"
     "    sys.exit(1)  # the harness died before the line above\n"
-    "os.execvp(sys.argv[2], sys.argv[2:])\n"
+    "try:\n"
+    "    os.execvp(sys.argv[2], sys.argv[2:])\n"
+    "except OSError as exc:\n"
+    "    sys.exit(f'cannot start {sys.argv[2]}: {exc}')  # one line, as Popen's own error would be\n"
 )
 
 
@@ -2855,7 +2858,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # SIGTERM (a CI timeout, say) and SIGHUP (a closed terminal) unwind like Ctrl-C, so that the finally
     # blocks stop the server.
     signal.signal(signal.SIGTERM, _interrupted)
-    signal.signal(signal.SIGHUP, _interrupted)
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:  # under nohup, a hang-up stays ignored
+        signal.signal(signal.SIGHUP, _interrupted)
     parser = build_parser()
     args = parser.parse_args(own)
     try:

@@ -579,9 +579,11 @@ def _interrupted(_signum: int, _frame: object) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args, server_flags = parse_args(sys.argv[1:] if argv is None else argv)
-    # SIGTERM and SIGHUP unwind like Ctrl-C, so that run()'s finally stops the server.
+    # SIGTERM and SIGHUP (unless nohup ignores it, as a long soak left running is) unwind like Ctrl-C,
+    # so that run()'s finally stops the server.
     signal.signal(signal.SIGTERM, _interrupted)
-    signal.signal(signal.SIGHUP, _interrupted)
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:  # under nohup, a hang-up stays ignored
+        signal.signal(signal.SIGHUP, _interrupted)
     try:
         return asyncio.run(run(args, server_flags))
     except SoakError as error:

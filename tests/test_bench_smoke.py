@@ -743,3 +743,29 @@ def test_a_server_that_dies_mid_run_fails_the_run_and_its_cpu_is_not_made_up(tmp
     assert run["server_died_with_code"] == -9
     cpu = run["server"]["cpu_seconds"]
     assert cpu is None or cpu > 0, cpu
+
+
+def test_under_nohup_a_hang_up_stays_ignored() -> None:
+    """A long run left going with nohup must survive the terminal closing; without nohup a hang-up
+    stops the run and its server."""
+    probe = (
+        f"import signal, sys; sys.path.insert(0, {str(BENCH.parent)!r}); import bench\n"
+        "signal.signal(signal.SIGHUP, signal.SIG_IGN)\n"
+        "bench.main(['--file', '/nonexistent.jpg'])  # sets its handlers, then refuses the file\n"
+        "print(signal.getsignal(signal.SIGHUP) is signal.SIG_IGN)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.stdout.strip() == "True", done.stderr
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the prefix is Linux's")
+def test_a_child_that_cannot_be_started_says_so_in_one_line() -> None:
+    bench = load_bench()
+    done = subprocess.run(
+        bench.dying_with_us(["/nonexistent/peer"]), capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode != 0
+    [line] = done.stderr.strip().splitlines()
+    assert line.startswith("cannot start /nonexistent/peer: [Errno 2]")

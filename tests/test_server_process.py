@@ -578,17 +578,20 @@ def test_a_bad_request_line_is_left_out_where_warnings_are() -> None:
     """The filter makes an ERROR a WARNING after the logger's level check: it must then apply the level
     itself, or --log-level error would still print client mistakes."""
     logger = logging.getLogger("optimizer.http")
-    refused = LineTooLong(b"X-Long", 8190, "9000")
-    try:
-        raise refused
-    except LineTooLong:
-        record = logger.makeRecord(logger.name, logging.ERROR, __file__, 1, "Error handling request from %s",
-                                   ("127.0.0.1",), sys.exc_info())  # fmt: skip
+
+    def parse_error() -> logging.LogRecord:  # a fresh one each time: the filter rewrites it
+        error = LineTooLong(b"X-Long", 8190, "9000")
+        return logger.makeRecord(
+            logger.name, logging.ERROR, __file__, 1, "Error handling request from %s", ("127.0.0.1",),
+            (type(error), error, None),
+        )  # fmt: skip
+
     previous = logger.level
     try:
         logger.setLevel(logging.ERROR)
-        assert not ClientErrorsAsWarnings().filter(record)
+        assert not ClientErrorsAsWarnings().filter(parse_error())
         logger.setLevel(logging.INFO)
+        record = parse_error()
         assert ClientErrorsAsWarnings().filter(record)
     finally:
         logger.setLevel(previous)
