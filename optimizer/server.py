@@ -32,7 +32,7 @@ from optimizer import allocator
 from optimizer.app import create_app, drain
 from optimizer.listener import PacedSite
 from optimizer.settings import Settings
-from optimizer.startup import EXIT_ABANDONED, report_listen_failure
+from optimizer.startup import EXIT_ABANDONED, EXIT_OK, report_listen_failure
 from optimizer.state import STATE
 
 log = logging.getLogger("optimizer")
@@ -202,7 +202,7 @@ async def serve(settings: Settings) -> int:
         "stopped",
         extra={"fields": {"event": "stopped", "abandoned": abandoned}},
     )
-    return EXIT_ABANDONED if abandoned else 0
+    return EXIT_ABANDONED if abandoned else EXIT_OK
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import logging
 
+# Stopped by a signal, and all admitted work finished.
 EXIT_OK = 0
-# Stopped by a signal, but the drain deadline cut off admitted work (answered 503 shutdown_deadline); also
-# an unexpected error (logged with its traceback).
+# Stopped by a signal, but the drain deadline cut off admitted work (answered 503 shutdown_deadline).
 EXIT_ABANDONED = 1
+# An unexpected error stopped the server (logged with its traceback).
 EXIT_FAILED = 1
 # The settings (flags, environment) are invalid: the message names each one.
 EXIT_BAD_SETTINGS = 2

@@ -11,10 +11,11 @@ so that each drains its own admitted work (as SIGHUP: see ``FORWARDED_STOP``; a 
 them), restarts a child that dies unexpectedly, and exits with the worst of the children's exit codes.
 
 A child that cannot start (its exit code says so: ``optimizer.startup``) is not restarted, nor are
-children that keep dying soon after they start: restarts back off (1, 2, 4 ... seconds), and after
-``MAX_RECENT_EXITS`` unexpected exits within ``RECENT_EXIT_SECONDS`` the supervisor stops the others and
-exits, so that an orchestrator shows the failure (and restarts the whole with its own backoff) instead of
-a supervisor that looks alive while its children crash.
+children that keep dying soon after they start: their restarts back off (1, 2, 4 ... seconds), and after
+``MAX_RECENT_EXITS`` such deaths (each within ``QUICK_EXIT_SECONDS`` of its start) in
+``RECENT_EXIT_SECONDS`` the supervisor stops the others and exits, so that an orchestrator shows the
+failure (and restarts the whole with its own backoff) instead of a supervisor that looks alive while its
+children crash.
 """
 
 from __future__ import annotations
