@@ -142,7 +142,9 @@ class Settings:
         50_000_000, "OPTIMIZER_MAX_PIXELS", "largest accepted width x height of the decoded frame"
     )
     max_dimension: int = _setting(
-        8192, "OPTIMIZER_MAX_DIMENSION", "largest output width or height; also the cap for width/height"
+        8192,
+        "OPTIMIZER_MAX_DIMENSION",
+        "largest output width or height, at most 16383; also the cap for width/height",
     )
     read_timeout: float = _setting(
         10.0, "OPTIMIZER_READ_TIMEOUT", "seconds an upload has to arrive, extended as bytes come in"
@@ -207,7 +209,9 @@ class Settings:
         secret=True,
     )
     cors_origins: str = _setting(
-        "", "OPTIMIZER_CORS_ORIGINS", "comma-separated origins allowed to call from a browser, or *"
+        "",
+        "OPTIMIZER_CORS_ORIGINS",
+        "comma-separated origins (scheme://host[:port], or null) allowed to call from a browser, or *",
     )
 
     def __post_init__(self) -> None:
