@@ -56,7 +56,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -377,10 +377,19 @@ def split_by_thread(before: CpuReadings, after: CpuReadings) -> dict[str, float]
     return {"main_threads_seconds": main, "other_threads_seconds": other}
 
 
-def machine_cpu() -> tuple[float, float, float] | None:
-    """(busy, idle, steal) CPU seconds of the whole machine so far, from the first line of /proc/stat."""
+def machine_cpu(cpus: Collection[int] | None = None) -> tuple[float, float, float] | None:
+    """(busy, idle, steal) CPU seconds so far of the whole machine (the first line of /proc/stat), or of
+    ``cpus`` only (their ``cpuN`` lines: ``--server-cpus``)."""
     try:
-        fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:9]]
+        lines = Path("/proc/stat").read_text().splitlines()
+        if cpus:
+            wanted = {f"cpu{n}" for n in cpus}
+            rows = [line.split() for line in lines if line.split()[:1] and line.split()[0] in wanted]
+            if len(rows) != len(wanted):
+                return None
+        else:
+            rows = [lines[0].split()]
+        fields = [sum(int(row[i]) for row in rows) for i in range(1, 9)]
     except (OSError, ValueError, IndexError):
         return None
     tick = os.sysconf("SC_CLK_TCK")
@@ -389,11 +398,14 @@ def machine_cpu() -> tuple[float, float, float] | None:
 
 
 def machine_cpu_delta(
-    before: tuple[float, float, float] | None, ours: float | None, wall: float
+    before: tuple[float, float, float] | None,
+    ours: float | None,
+    wall: float,
+    cpus: Collection[int] | None = None,
 ) -> dict[str, float | None] | None:
-    """How busy the machine was since ``before``, and how much of it was not ours (``ours`` CPU seconds):
-    on a shared machine that is the noise the figures carry."""
-    after = machine_cpu()
+    """How busy the machine (or ``cpus``) was since ``before``, and how much of it was not ours (``ours``
+    CPU seconds): on a shared machine that is the noise the figures carry."""
+    after = machine_cpu(cpus)
     if before is None or after is None or wall <= 0:
         return None
     busy, idle, steal = (a - b for a, b in zip(after, before, strict=True))
@@ -406,6 +418,53 @@ def machine_cpu_delta(
         "others_seconds": others,
         "others_cores": None if others is None else others / wall,
     }
+
+
+def parse_cpu_list(text: str) -> frozenset[int]:
+    """``0``, ``0-1`` or ``0,2-3`` (as ``taskset -c`` takes them): the CPU numbers."""
+    cpus: set[int] = set()
+    for part in text.split(","):
+        first, dash, last = part.strip().partition("-")
+        try:
+            low = int(first)
+            high = int(last) if dash else low
+        except ValueError:
+            low, high = -1, -1
+        if low < 0 or high < low:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a CPU list such as 0, 0-1 or 0,2-3")
+        cpus.update(range(low, high + 1))
+    return frozenset(cpus)
+
+
+def cpu_list(cpus: Collection[int]) -> str:
+    return ",".join(str(n) for n in sorted(cpus))
+
+
+@contextlib.contextmanager
+def on_cpus(cpus: Collection[int] | None) -> Iterator[None]:
+    """The calling thread runs on ``cpus`` meanwhile (with ``None``, where it was): the processes it
+    starts inherit them (a fork copies the forking thread's CPU mask), and ``effective_cpu_count()``
+    counts them, as the server started on them will."""
+    if not cpus:
+        yield
+        return
+    own = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, own)
+
+
+def cpus_allowed(pid: int) -> str | None:
+    """The CPUs a process may run on (``Cpus_allowed_list`` in /proc/PID/status), e.g. ``0-1``."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("Cpus_allowed_list:"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
 
 
 def children_cpu_seconds() -> float:
@@ -573,6 +632,7 @@ def ceiling_child(spec: dict[str, Any]) -> int:
         "seconds": elapsed,
         "images_per_s": len(latencies) / elapsed if elapsed > 0 else None,
         "threads": threads,
+        "cpus": cpu_list(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "params": asdict(params),
         "output_bytes": outputs[0] if outputs else None,
         "image_seconds": summary(latencies),
@@ -634,8 +694,10 @@ def run_ceiling(
     seconds: float,
     source: Path,
     processes: int = 1,
+    cpus: Collection[int] | None = None,
 ) -> dict[str, Any]:
-    """The pipeline alone, laid out as the server is: ``processes`` children at once, sharing ``threads``.
+    """The pipeline alone, laid out as the server is: ``processes`` children at once, sharing ``threads``,
+    on the server's ``cpus`` (``--server-cpus``; the machine's time is then read on those only).
 
     A server with ``--processes N`` runs N interpreters: its workers never wait for each other's GIL,
     and it holds N interpreters' memory. One child of N threads is another layout, so the ratio and
@@ -657,12 +719,14 @@ def run_ceiling(
         }
         for n in per_child
     ]
-    machine_before, children_before, wall_before = machine_cpu(), children_cpu_seconds(), time.perf_counter()
+    machine_before, children_before = machine_cpu(cpus), children_cpu_seconds()
+    wall_before = time.perf_counter()
     outputs = run_children(
         [[sys.executable, str(Path(__file__).resolve()), "_ceiling", json.dumps(spec)] for spec in specs],
         cwd=source,
         env=source_env(source),
         timeout=seconds + CEILING_START_DELAY + 120,
+        cpus=cpus,
     )
     result = outputs[0] if processes == 1 else merge_ceilings(outputs)
     result.pop("latencies", None)
@@ -672,7 +736,7 @@ def run_ceiling(
     # The whole children (start-up included) against the machine's CPU over the same interval: for the
     # noise warning only; the ceiling's own figures are timed inside the children.
     result["machine_cpu"] = machine_cpu_delta(
-        machine_before, children_cpu_seconds() - children_before, time.perf_counter() - wall_before
+        machine_before, children_cpu_seconds() - children_before, time.perf_counter() - wall_before, cpus
     )
     return result
 
@@ -731,17 +795,22 @@ def bracket_ceiling(
 
 
 def run_children(
-    commands: Sequence[list[str]], *, cwd: Path, env: dict[str, str], timeout: float
+    commands: Sequence[list[str]],
+    *,
+    cwd: Path,
+    env: dict[str, str],
+    timeout: float,
+    cpus: Collection[int] | None = None,
 ) -> list[Any]:
-    """Runs the commands at once; the JSON each prints last, in order. The first to fail (an exit code,
-    no JSON, the timeout) stops all of them: the others' figures mean nothing alone."""
+    """Runs the commands at once (on ``cpus``); the JSON each prints last, in order. The first to fail
+    (an exit code, no JSON, the timeout) stops all of them: the others' figures mean nothing alone."""
     with tempfile.TemporaryDirectory(prefix="bench-ceiling-") as folder:
         logs = [(Path(folder) / f"{i}.out", Path(folder) / f"{i}.err") for i in range(len(commands))]
         children: list[subprocess.Popen[bytes]] = []
         try:
             for command, (out, err) in zip(commands, logs, strict=True):
                 # Files, not pipes: nothing has to read a child's output while the others run.
-                with out.open("wb") as stdout, err.open("wb") as stderr:
+                with out.open("wb") as stdout, err.open("wb") as stderr, on_cpus(cpus):
                     children.append(
                         subprocess.Popen(
                             command, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr
@@ -803,6 +872,7 @@ def merge_ceilings(children: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "ru_maxrss_bytes": total("ru_maxrss_bytes"),
         # A child that started its clock late overlapped the others less: its rate adds too much.
         "started_late_seconds": max(float(child.get("started_late_seconds") or 0.0) for child in children),
+        "cpus": children[0].get("cpus"),
         "measured_at": statistics.fmean(float(child["measured_at"]) for child in children),  # together
     }
 
@@ -902,19 +972,21 @@ class ServerProcess(ChildServer):
         log_path: Path,
         source: Path = ROOT,
         command: Sequence[str] = (sys.executable, "-m", "optimizer"),
+        cpus: Collection[int] | None = None,
     ) -> None:
         self.log_path = log_path
         self.args = [*server_args, "--host", HOST, "--port", "0"]
         self._log = log_path.open("wb")
-        self.proc = subprocess.Popen(
-            dying_with_us([*command, *self.args]),
-            cwd=source,
-            env=source_env(source),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=self._log,
-            start_new_session=True,  # a Ctrl-C reaches the harness only; it stops the server itself
-        )
+        with on_cpus(cpus):  # the server counts these as its CPUs (its default thread count)
+            self.proc = subprocess.Popen(
+                dying_with_us([*command, *self.args]),
+                cwd=source,
+                env=source_env(source),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=self._log,
+                start_new_session=True,  # a Ctrl-C reaches the harness only; it stops the server itself
+            )
         self.port = 0
         self.threads = 0
         self.capacity = 0
@@ -1007,6 +1079,7 @@ class ServerMonitor:
         self.cpu_end: float | None = None
         self.threads: dict[str, float] | None = None
         self.vmhwm: int | None = None
+        self.cpus = cpus_allowed(pid)
         self.start()
 
     def start(self) -> None:
@@ -1063,6 +1136,7 @@ class ServerMonitor:
             "peak_rss_bytes": max(self.vmhwm or 0, self.peak_rss_sampled) or None,
             "cpu_seconds": self.cpu_seconds,
             "cpu_by_thread": self.threads,
+            "cpus_allowed": self.cpus,
         }
 
 
@@ -1295,8 +1369,11 @@ class LoadRun:
         server: ChildServer | None,
         monitor: ServerMonitor | None,
         quiet: bool,
+        cpus: Collection[int] | None = None,
     ) -> None:
         self.upload = upload
+        # --server-cpus: the machine's time is read on the server's CPUs, where the harness does not run.
+        self.cpus = cpus
         self.plan = plan
         self.on_503 = on_503
         self.timeout = timeout
@@ -1318,7 +1395,7 @@ class LoadRun:
             self.monitor.start()  # the server's CPU over the same span as the machine's and the client's
         cpu_before, wall_before = self_cpu_seconds(), time.perf_counter()
         self.window_middle = time.monotonic() + self.plan.seconds / 2  # to place it between ceilings
-        self.machine_before = machine_cpu()
+        self.machine_before = machine_cpu(self.cpus)
         self.t0 = wall_before
         self.tally.window_end = self.t0 + self.plan.seconds
         background = [asyncio.create_task(self._progress())]
@@ -1476,8 +1553,9 @@ class LoadRun:
         if self.monitor is not None:
             start = self.monitor.cpu_start
             server_cpu = None if start is None else self.monitor.cpu_now() - start
-        ours = client_cpu + server_cpu if server_cpu is not None else None
-        return machine_cpu_delta(self.machine_before, ours, wall)
+        # With --server-cpus the harness ran on other CPUs than the ones read.
+        ours = None if server_cpu is None else server_cpu + (0.0 if self.cpus else client_cpu)
+        return machine_cpu_delta(self.machine_before, ours, wall, self.cpus)
 
     def _result(self, window: float, wall: float, client_cpu: float) -> dict[str, Any]:
         tally = self.tally
@@ -1525,6 +1603,7 @@ class LoadRun:
             "client_cpu_seconds": client_cpu,
             "client_cpu_share": client_cpu / wall if wall > 0 else None,
             "machine_cpu": self._machine(client_cpu, wall),
+            "machine_cpus": cpu_list(self.cpus) if self.cpus else None,  # None: every CPU, shared
             "server_died_with_code": self.server_died,
             "timeline": self.timeline,
         }
@@ -1624,7 +1703,13 @@ def free_port() -> int:
 class PeerProcess(ChildServer):
     """A peer serving a private copy of the file from a temporary folder on 127.0.0.1."""
 
-    def __init__(self, peer: Peer, home: Path, file: Path, log_path: Path) -> None:
+    def __init__(
+        self, peer: Peer, home: Path, file: Path, log_path: Path, cpus: Collection[int] | None = None
+    ) -> None:
+        with on_cpus(cpus):  # thumbor counts its processes from these
+            self._start(peer, home, file, log_path)
+
+    def _start(self, peer: Peer, home: Path, file: Path, log_path: Path) -> None:
         executable = home / peer.executable  # make_config() has checked that it exists
         self.files = Path(tempfile.mkdtemp(prefix="bench-peer-"))
         # A copy, not a link: a server may refuse a link that leads out of the folder it serves.
@@ -1708,6 +1793,9 @@ class Config:
     peer_dir: Path = Path()
     rounds: int = 1
     bracket: bool = True  # a last ceiling after the loads; each load against the ceilings either side
+    # --server-cpus: the server, its ceiling and a peer run on these, the harness on harness_cpus.
+    server_cpus: frozenset[int] | None = None
+    harness_cpus: frozenset[int] | None = None
 
 
 def load_once(config: Config, plan: LoadPlan, log_dir: Path, label: str) -> dict[str, Any]:
@@ -1715,7 +1803,7 @@ def load_once(config: Config, plan: LoadPlan, log_dir: Path, label: str) -> dict
     monitor: ServerMonitor | None = None
     if config.url is None:
         log_path = (config.server_log or log_dir / "server.log").with_suffix(f".{label}.log")
-        server = ServerProcess(config.server_args, log_path, config.source)
+        server = ServerProcess(config.server_args, log_path, config.source, cpus=config.server_cpus)
     try:
         if server is not None:
             # With --processes, the load starts once every worker listens, not just the first.
@@ -1771,6 +1859,7 @@ def drive(
         server=process,
         monitor=monitor,
         quiet=config.quiet,
+        cpus=config.server_cpus,
     )
     result = asyncio.run(run.run())
     result["url"] = upload.url
@@ -1783,7 +1872,9 @@ def peer_once(config: Config, plan: LoadPlan, log_dir: Path, label: str) -> dict
     assert config.peer is not None
     peer = PEERS[config.peer]
     params = request_params(config.path, config.query, server_settings(config.server_args))
-    process = PeerProcess(peer, config.peer_dir, config.file, log_dir / f"peer.{label}.log")
+    process = PeerProcess(
+        peer, config.peer_dir, config.file, log_dir / f"peer.{label}.log", cpus=config.server_cpus
+    )
     try:
         path = peer.path(params, config.file.name)
         process.wait_ready(path)
@@ -1834,7 +1925,7 @@ def compare(result: dict[str, Any], ceiling: dict[str, Any] | None) -> None:
     ratio = derived["goodput_over_ceiling"]
     derived["goodput_over_ceiling_without_harness"] = (
         ratio * parts["total"] / (parts["total"] - parts["harness"])
-        if ratio and parts and parts["total"] and parts["harness"] is not None
+        if ratio and parts and parts["total"] and parts["harness"]  # not apart: measured as such then
         else None
     )
     derived["noisy_phases"] = [
@@ -1873,10 +1964,12 @@ def machine_time_per_image(
     if not images or not threads or not machine or wall <= 0:
         return None
     machine_seconds = machine["busy_seconds"] + machine["idle_seconds"] + machine["steal_seconds"]
+    # With --server-cpus the harness ran on other CPUs: none of this machine time is its.
+    apart = result.get("machine_cpus") is not None
     parts: dict[str, float | None] = {
         "server_other_threads": threads["other_threads_seconds"] / images,
         "server_main_threads": threads["main_threads_seconds"] / images,
-        "harness": result["client_cpu_seconds"] / images,
+        "harness": 0.0 if apart else result["client_cpu_seconds"] / images,
         "other_processes": (machine.get("others_seconds") or 0.0) / images,
         "idle": machine["idle_seconds"] / images,
         "steal": machine["steal_seconds"] / images,
@@ -1884,6 +1977,7 @@ def machine_time_per_image(
     total = machine_seconds / images
     parts["unaccounted"] = total - sum(value or 0.0 for value in parts.values())
     parts["total"] = total
+    parts["harness_elsewhere"] = result["client_cpu_seconds"] / images if apart else None
     rate = (ceiling or {}).get("images_per_s")
     parts["ceiling_cpu"] = (ceiling or {}).get("cpu_seconds_per_image")
     parts["ceiling_machine"] = machine_seconds / wall / rate if rate else None
@@ -1920,12 +2014,16 @@ def cpu_lines(derived: dict[str, Any]) -> list[str]:
         ceiling_cpu = "" if parts.get("ceiling_cpu") is None else f" (the ceiling's CPU: {ms('ceiling_cpu')})"
         unaccounted = parts.get("unaccounted") or 0.0
         rest = f" + unaccounted {ms('unaccounted')}" if abs(unaccounted) >= 0.0001 else ""
+        elsewhere = parts.get("harness_elsewhere")
+        harness = f"harness {ms('harness')} + " if elsewhere is None else ""
         lines.append(
             f"  machine time per 2xx, ms: {ms('total')}{ceiling} = image work (the server's other threads)"
             f" {ms('server_other_threads')}{ceiling_cpu} + event loop (main threads)"
-            f" {ms('server_main_threads')} + harness {ms('harness')} + other processes"
+            f" {ms('server_main_threads')} + {harness}other processes"
             f" {ms('other_processes')} + idle {ms('idle')} + steal {ms('steal')}{rest}"
         )
+        if elsewhere is not None:
+            lines.append(f"    besides: the harness, on its own CPUs, {ms('harness_elsewhere')} ms per 2xx")
     if derived.get("goodput_over_ceiling_without_harness") is not None:
         lines.append(f"  * {WITHOUT_HARNESS}")
     return lines
@@ -1948,6 +2046,13 @@ def print_report(results: dict[str, Any]) -> None:
         f"machine: nproc {machine['nproc']}, usable {machine['effective_cpu_count']}, "
         f"{machine['cpu_model'] or 'unknown CPU'}, load average at start {machine['loadavg_at_start']}"
     )
+    if config.get("server_cpus"):
+        peer = " and the peer" if config.get("peer") else ""
+        out.append(
+            f"CPUs: the server, its ceiling{peer} on {config['server_cpus']}, the harness on "
+            f"{config['harness_cpus']}: the load generator does not share the server's cores, and the "
+            "machine's time is read on the server's"
+        )
     if warning := cold_start_warning(machine):
         out.append(warning)
     code = results.get("code")
@@ -2523,6 +2628,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--ceiling-threads", type=int, help="[default: the server's thread count]")
     parser.add_argument(
+        "--server-cpus",
+        type=parse_cpu_list,
+        help="run the server, the ceiling and a --peer on these CPUs only (e.g. 0, or 0-1) and the "
+        "harness on others, so that the load generator does not share the server's cores; the "
+        "machine's time is then read on these CPUs [default: every CPU, shared]",
+    )
+    parser.add_argument(
+        "--harness-cpus",
+        type=parse_cpu_list,
+        help="with --server-cpus: the harness's CPUs [default: the usable CPUs the server is not given]",
+    )
+    parser.add_argument(
         "--source",
         type=Path,
         default=ROOT,
@@ -2597,10 +2714,8 @@ def make_config(args: argparse.Namespace, server_args: list[str]) -> tuple[Confi
             raise BenchError(
                 "flags after -- go to a server the harness starts; they make no sense with --url"
             )
-    try:
-        settings = server_settings(server_args)
-    except SettingsError as exc:
-        raise BenchError(f"server flags after --: {exc}") from None
+    server_cpus, harness_cpus = split_cpus(args)
+    settings, ceiling_threads = _server_threads(args, server_args, server_cpus)
     if any(flag == f or flag.startswith(f + "=") for flag in server_args for f in ("--host", "--port")):
         raise BenchError(
             "the harness binds the server to 127.0.0.1 on a free port itself; drop --host/--port"
@@ -2630,7 +2745,6 @@ def make_config(args: argparse.Namespace, server_args: list[str]) -> tuple[Confi
         plans = [LoadPlan(start_users=0, stages=args.stages)]
     else:
         plans = [LoadPlan.constant(users, duration)]
-    ceiling_threads = args.ceiling_threads or total_threads(settings, server_args)
     config = Config(
         file=file,
         path=path,
@@ -2657,8 +2771,48 @@ def make_config(args: argparse.Namespace, server_args: list[str]) -> tuple[Confi
         peer_dir=args.peer_dir.resolve(),
         rounds=args.rounds,
         bracket=args.bracket,
+        server_cpus=server_cpus,
+        harness_cpus=harness_cpus,
     )
     return config, plans
+
+
+def _server_threads(
+    args: argparse.Namespace, server_args: list[str], cpus: frozenset[int] | None
+) -> tuple[Settings, int]:
+    """The server's settings and the ceiling's thread count, as the server will see them on ``cpus``
+    (its default thread count is its CPUs')."""
+    try:
+        with on_cpus(cpus):
+            settings = server_settings(server_args)
+            return settings, args.ceiling_threads or total_threads(settings, server_args)
+    except SettingsError as exc:
+        raise BenchError(f"server flags after --: {exc}") from None
+
+
+def split_cpus(args: argparse.Namespace) -> tuple[frozenset[int] | None, frozenset[int] | None]:
+    """``--server-cpus`` and the harness's CPUs (``--harness-cpus``, or the usable CPUs the server
+    leaves): two disjoint sets of usable CPUs, or ``(None, None)`` to share them all."""
+    if args.server_cpus is None:
+        if args.harness_cpus is not None:
+            raise BenchError("--harness-cpus goes with --server-cpus")
+        return None, None
+    if not hasattr(os, "sched_setaffinity"):
+        raise BenchError("--server-cpus needs Linux (CPU affinity)")
+    if args.url is not None:
+        raise BenchError("--server-cpus places a server the harness starts; drop --url")
+    usable = frozenset(os.sched_getaffinity(0))
+    harness = args.harness_cpus if args.harness_cpus is not None else usable - args.server_cpus
+    for flag, cpus in (("--server-cpus", args.server_cpus), ("--harness-cpus", harness)):
+        if not cpus <= usable:
+            raise BenchError(f"{flag} {cpu_list(cpus)}: this process may use CPUs {cpu_list(usable)} only")
+    if not harness:
+        raise BenchError(f"--server-cpus {cpu_list(args.server_cpus)} leaves no CPU to the harness")
+    if harness & args.server_cpus:
+        raise BenchError(
+            f"--harness-cpus {cpu_list(harness)} and --server-cpus {cpu_list(args.server_cpus)} overlap"
+        )
+    return args.server_cpus, harness
 
 
 def measure_ceiling(config: Config, plans: list[LoadPlan]) -> dict[str, Any]:
@@ -2678,6 +2832,7 @@ def measure_ceiling(config: Config, plans: list[LoadPlan]) -> dict[str, Any]:
         seconds=seconds,
         source=config.source,
         processes=config.ceiling_processes,
+        cpus=config.server_cpus,
     )
 
 
@@ -2768,6 +2923,8 @@ def run_bench(config: Config, plans: list[LoadPlan], command: list[str]) -> dict
             "threads": config.threads,
             "peer": config.peer,
             "rounds": config.rounds,
+            "server_cpus": cpu_list(config.server_cpus) if config.server_cpus else None,
+            "harness_cpus": cpu_list(config.harness_cpus) if config.harness_cpus else None,
         },
         # Which code ran: the server (when the harness starts it) and the ceiling come from --source.
         "code": source_info(config.source) if config.url is None or config.ceiling else None,
@@ -2776,7 +2933,7 @@ def run_bench(config: Config, plans: list[LoadPlan], command: list[str]) -> dict
         "runs": [],  # each with the ceiling it is compared with ("ceiling")
     }
     ceilings: list[dict[str, Any]] = results["ceilings"]
-    with tempfile.TemporaryDirectory(prefix="bench-") as log_dir:
+    with tempfile.TemporaryDirectory(prefix="bench-") as log_dir, on_cpus(config.harness_cpus):
         for round_index in range(config.rounds):
             # Each round measures its own ceiling right before its load: the machine's speed drifts by
             # a few percent over minutes, and a ratio is only as good as the two figures being adjacent.

@@ -6,6 +6,7 @@ machine running the tests may be shared and slow. A generated JPEG is uploaded, 
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import importlib.util
@@ -557,6 +558,101 @@ class Handler(BaseHTTPRequestHandler):
 
 ThreadingHTTPServer((os.environ["HOST"], int(os.environ["PORT"])), Handler).serve_forever()
 """
+
+
+USABLE_CPUS = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+
+
+def test_cpu_lists_are_read_as_taskset_takes_them() -> None:
+    bench = load_bench()
+    assert bench.parse_cpu_list("0") == {0}
+    assert bench.parse_cpu_list("0-2") == {0, 1, 2}
+    assert bench.parse_cpu_list("0, 2-3") == {0, 2, 3}
+    assert bench.cpu_list({3, 0, 2}) == "0,2,3"
+    for bad in ("", "a", "2-1", "-1", "0,,1", "1-"):
+        with pytest.raises(argparse.ArgumentTypeError, match="not a CPU list"):
+            bench.parse_cpu_list(bad)
+
+
+@pytest.mark.skipif(len(USABLE_CPUS) < 2, reason="needs two usable CPUs")
+def test_the_machine_s_time_is_read_on_the_chosen_cpus_only() -> None:
+    bench = load_bench()
+    whole = bench.machine_cpu()
+    each = [bench.machine_cpu({cpu}) for cpu in USABLE_CPUS]
+    assert whole is not None and all(part is not None for part in each)
+    assert bench.machine_cpu({10**6}) is None  # no such CPU: unknown, not zero
+    # The CPUs' own lines add up to at most the machine's (a CPU this process may not use is left out).
+    busy = sum(part[0] for part in each if part is not None)
+    assert 0 < busy <= whole[0] + 0.05 * len(USABLE_CPUS)
+
+
+def test_cpu_placement_is_checked_before_anything_runs(tmp_path: Path) -> None:
+    photo = tmp_path / "photo.jpg"
+    photo.write_bytes(image_bytes((64, 48)))
+    common = ["--file", str(photo), "--no-ceiling"]
+    refusals = {
+        ("--harness-cpus", "0"): "--harness-cpus goes with --server-cpus",
+        ("--server-cpus", "0", "--url", "http://127.0.0.1:9"): "drop --url",
+        ("--server-cpus", str(10**6)): "may use CPUs",
+        ("--server-cpus", "0-1x"): "not a CPU list",
+    }
+    if USABLE_CPUS:
+        everything = ",".join(str(cpu) for cpu in USABLE_CPUS)
+        refusals[("--server-cpus", everything)] = "leaves no CPU to the harness"
+    if len(USABLE_CPUS) >= 2:
+        first = str(USABLE_CPUS[0])
+        refusals[("--server-cpus", first, "--harness-cpus", everything)] = "overlap"
+    for flags, message in refusals.items():
+        done = run_bench(*common, *flags)
+        assert done.returncode == 2, (flags, done.stderr)
+        assert message in done.stderr, (flags, done.stderr)
+
+
+@pytest.mark.skipif(
+    len(USABLE_CPUS) < 2, reason="needs two usable CPUs: one for the server, one for the harness"
+)
+def test_bench_runs_the_server_on_cpus_of_its_own(tmp_path: Path) -> None:
+    """--server-cpus: the server and its ceiling run there, the harness elsewhere, and the machine's
+    time is read on the server's CPUs, none of it the harness's."""
+    photo = tmp_path / "photo.jpg"
+    photo.write_bytes(image_bytes((640, 480), quality=90))
+    results_path = tmp_path / "results.json"
+    server_cpu, harness_cpu = USABLE_CPUS[0], USABLE_CPUS[1]
+
+    done = run_bench(
+        "--file",
+        str(photo),
+        "--users",
+        "2",
+        "--duration",
+        "2",
+        "--ceiling-duration",
+        "1",
+        "--server-cpus",
+        str(server_cpu),
+        "--harness-cpus",
+        str(harness_cpu),
+        "--json",
+        str(results_path),
+    )
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"the harness on {harness_cpu}" in done.stdout
+    assert "besides: the harness, on its own CPUs" in done.stdout
+    results: dict[str, Any] = json.loads(results_path.read_text())
+    assert results["config"]["server_cpus"] == str(server_cpu)
+    assert results["config"]["harness_cpus"] == str(harness_cpu)
+    assert results["config"]["threads"] == 1  # the server's default: its one CPU
+    assert [ceiling["cpus"] for ceiling in results["ceilings"]] == [str(server_cpu)] * 2
+    run = results["runs"][0]
+    assert run["server"]["cpus_allowed"] == str(server_cpu)
+    assert run["server"]["threads"] == 1
+    assert run["machine_cpus"] == str(server_cpu)
+    parts = run["derived"]["machine_seconds_per_2xx"]
+    assert parts["harness"] == 0.0
+    assert parts["harness_elsewhere"] > 0
+    assert run["derived"]["goodput_over_ceiling"] is not None
+    assert run["derived"]["goodput_over_ceiling_without_harness"] is None  # measured as such
 
 
 def test_peer_urls_ask_for_the_same_output() -> None:
