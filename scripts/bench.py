@@ -377,11 +377,13 @@ def split_by_thread(before: CpuReadings, after: CpuReadings) -> dict[str, float]
     return {"main_threads_seconds": main, "other_threads_seconds": other}
 
 
-def machine_cpu(cpus: Collection[int] | None = None) -> tuple[float, float, float] | None:
+def machine_cpu(
+    cpus: Collection[int] | None = None, stat: str | None = None
+) -> tuple[float, float, float] | None:
     """(busy, idle, steal) CPU seconds so far of the whole machine (the first line of /proc/stat), or of
-    ``cpus`` only (their ``cpuN`` lines: ``--server-cpus``)."""
+    ``cpus`` only (their ``cpuN`` lines: ``--server-cpus``); from ``stat`` when given."""
     try:
-        lines = Path("/proc/stat").read_text().splitlines()
+        lines = (Path("/proc/stat").read_text() if stat is None else stat).splitlines()
         if cpus:
             wanted = {f"cpu{n}" for n in cpus}
             rows = [line.split() for line in lines if line.split()[:1] and line.split()[0] in wanted]
@@ -420,6 +422,9 @@ def machine_cpu_delta(
     }
 
 
+MAX_CPU = 65535  # a CPU number above this is a typo, not a machine: refused before a range is built
+
+
 def parse_cpu_list(text: str) -> frozenset[int]:
     """``0``, ``0-1`` or ``0,2-3`` (as ``taskset -c`` takes them): the CPU numbers."""
     cpus: set[int] = set()
@@ -430,8 +435,10 @@ def parse_cpu_list(text: str) -> frozenset[int]:
             high = int(last) if dash else low
         except ValueError:
             low, high = -1, -1
-        if low < 0 or high < low:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a CPU list such as 0, 0-1 or 0,2-3")
+        if low < 0 or high < low or high > MAX_CPU:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a CPU list such as 0, 0-1 or 0,2-3 (CPU numbers up to {MAX_CPU})"
+            )
         cpus.update(range(low, high + 1))
     return frozenset(cpus)
 
@@ -449,7 +456,10 @@ def on_cpus(cpus: Collection[int] | None) -> Iterator[None]:
         yield
         return
     own = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, cpus)
+    try:
+        os.sched_setaffinity(0, cpus)
+    except OSError as exc:  # a CPU taken offline, or out of this cpuset, since the flags were checked
+        raise BenchError(f"cannot run on CPUs {cpu_list(cpus)}: {exc}") from None
     try:
         yield
     finally:
@@ -1370,10 +1380,14 @@ class LoadRun:
         monitor: ServerMonitor | None,
         quiet: bool,
         cpus: Collection[int] | None = None,
+        harness_cpus: Collection[int] | None = None,
     ) -> None:
         self.upload = upload
-        # --server-cpus: the machine's time is read on the server's CPUs, where the harness does not run.
+        # --server-cpus: the machine's time is read on the server's CPUs, where the harness does not run,
+        # and the harness's CPUs are read apart, for other work that would slow the load generator down.
         self.cpus = cpus
+        self.harness_cpus = harness_cpus
+        self.harness_machine_before: tuple[float, float, float] | None = None
         self.plan = plan
         self.on_503 = on_503
         self.timeout = timeout
@@ -1396,6 +1410,8 @@ class LoadRun:
         cpu_before, wall_before = self_cpu_seconds(), time.perf_counter()
         self.window_middle = time.monotonic() + self.plan.seconds / 2  # to place it between ceilings
         self.machine_before = machine_cpu(self.cpus)
+        if self.harness_cpus:
+            self.harness_machine_before = machine_cpu(self.harness_cpus)
         self.t0 = wall_before
         self.tally.window_end = self.t0 + self.plan.seconds
         background = [asyncio.create_task(self._progress())]
@@ -1604,6 +1620,13 @@ class LoadRun:
             "client_cpu_share": client_cpu / wall if wall > 0 else None,
             "machine_cpu": self._machine(client_cpu, wall),
             "machine_cpus": cpu_list(self.cpus) if self.cpus else None,  # None: every CPU, shared
+            # What the harness's own CPUs did meanwhile (with --server-cpus): its work and any other.
+            "harness_machine_cpu": machine_cpu_delta(
+                self.harness_machine_before, client_cpu, wall, self.harness_cpus
+            )
+            if self.harness_cpus
+            else None,
+            "harness_ran_on": cpu_list(os.sched_getaffinity(0)) if self.harness_cpus else None,
             "server_died_with_code": self.server_died,
             "timeline": self.timeline,
         }
@@ -1860,6 +1883,7 @@ def drive(
         monitor=monitor,
         quiet=config.quiet,
         cpus=config.server_cpus,
+        harness_cpus=config.harness_cpus,
     )
     result = asyncio.run(run.run())
     result["url"] = upload.url
@@ -1930,10 +1954,7 @@ def compare(result: dict[str, Any], ceiling: dict[str, Any] | None) -> None:
     )
     derived["noisy_phases"] = [
         name
-        for name, part in (
-            ("ceiling", (ceiling or {}).get("machine_cpu")),
-            ("load", result.get("machine_cpu")),
-        )
+        for name, part in noise_parts(result, ceiling)
         if part and (part.get("others_cores") or 0.0) > NOISY_CORES
     ]
     result["derived"] = derived
@@ -1950,10 +1971,11 @@ def machine_time_per_image(
 ) -> dict[str, float | None] | None:
     """Where the machine's time went during the load, per 2xx (window and grace), in seconds.
 
-    ``total`` is every CPU's time over the run (``/proc/stat``: busy, idle and steal) over the images.
-    The parts are the server's threads other than the main ones (its image work), its main threads
-    (the event loop: parsing, refusals, answers), the harness, other processes (the rest of the busy
-    time, kernel work outside these processes included), idle and steal; ``unaccounted`` is what they
+    ``total`` is every CPU's time over the run (``/proc/stat``: busy, idle and steal; with
+    --server-cpus the server's CPUs only) over the images. The parts are the server's threads other
+    than the main ones (its image work), its main threads (the event loop: parsing, refusals, answers),
+    the harness (0 with --server-cpus: its CPU is ``harness_elsewhere``), other processes (the rest of
+    the busy time, kernel work outside these processes included), idle and steal; ``unaccounted`` is what they
     miss of the total, about zero by construction: it only shows the server's per-thread reading
     disagreeing with its process totals, or ``others`` clipped at zero. Beside them, the ceiling's CPU
     per image, and its machine time per image (the same cores over its rate): goodput / ceiling is
@@ -2113,6 +2135,7 @@ def rounds_lines(summary: dict[str, Any]) -> list[str]:
         ("ceiling CPU ms per image", "ceiling_cpu_ms", "{:.1f}"),
         ("event loop ms per 2xx", "event_loop_ms", "{:.1f}"),
         ("harness ms per 2xx", "harness_ms", "{:.1f}"),
+        ("  on its own CPUs, ms per 2xx", "harness_elsewhere_ms", "{:.1f}"),
         ("ours / peer", "goodput_over_peer", "{:.0%}"),
     )
     last = ", and a last ceiling after them" if summary.get("bracketed") else ""
@@ -2129,24 +2152,30 @@ def rounds_lines(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
+def noise_parts(
+    run: dict[str, Any], ceiling: dict[str, Any] | None
+) -> list[tuple[str, dict[str, Any] | None]]:
+    """The phases whose other work is read: the ceiling, the load, and with --server-cpus the harness's
+    CPUs during the load (other work there slows the load generator, and so the offered load)."""
+    parts = [("ceiling", (ceiling or {}).get("machine_cpu")), ("load", run.get("machine_cpu"))]
+    if run.get("harness_machine_cpu") is not None:
+        parts.append(("load, on the harness's CPUs", run["harness_machine_cpu"]))
+    return parts
+
+
 def noise_lines(run: dict[str, Any], ceiling: dict[str, Any] | None) -> list[str]:
     """Other processes' CPU during the ceiling and the load, and a warning when it was large."""
     lines: list[str] = []
+    parts = noise_parts(run, ceiling)
     noise = [
-        f"{name} {part['others_cores']:.2f} cores"
-        for name, part in (
-            ("during the ceiling", (ceiling or {}).get("machine_cpu")),
-            ("during the load", run.get("machine_cpu")),
-        )
+        f"during the {name} {part['others_cores']:.2f} cores"
+        for name, part in parts
         if part and part.get("others_cores") is not None
     ]
+    where = "on the server's CPUs unless said" if run.get("machine_cpus") else "on the machine"
     if noise:
-        lines.append(f"  other processes' CPU on the machine (noise, from /proc/stat): {', '.join(noise)}")
-    busy = [
-        name
-        for name, part in (("ceiling", (ceiling or {}).get("machine_cpu")), ("load", run.get("machine_cpu")))
-        if part and (part.get("others_cores") or 0.0) > NOISY_CORES
-    ]
+        lines.append(f"  other processes' CPU {where} (noise, from /proc/stat): {', '.join(noise)}")
+    busy = [name for name, part in parts if part and (part.get("others_cores") or 0.0) > NOISY_CORES]
     if busy:
         lines.append(
             f"  WARNING: other work used over {NOISY_CORES} cores during the {' and the '.join(busy)}: "
@@ -2519,10 +2548,16 @@ def draw_chart(results: dict[str, Any], out: Path) -> None:
         fill="black",
         font=font(22),
     )
+    placed = results["config"]  # where the server and the harness ran (--server-cpus)
     subtitle = (
         (f"{results['label']}; " if results.get("label") else "")
         + f"on 503: {runs[0]['on_503'] if runs else '-'}; {len(runs)} run(s); {machine['nproc']} CPUs "
         f"({machine['cpu_model'] or '?'}); {results['started_at'][:19]}"
+        + (
+            f"; server on CPUs {placed['server_cpus']}, harness on {placed['harness_cpus']}"
+            if placed.get("server_cpus")
+            else ""
+        )
     )
     draw.text((20, 46), subtitle, fill=(60, 60, 60), font=font(14))
     if ceiling is not None:
@@ -2895,7 +2930,9 @@ def rounds_summary(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "image_work_ms": per_image("server_other_threads"),
         "ceiling_cpu_ms": per_image("ceiling_cpu"),
         "event_loop_ms": per_image("server_main_threads"),
-        "harness_ms": per_image("harness"),
+        # With --server-cpus the harness is not part of the machine time read: its CPU is shown apart.
+        "harness_ms": None if runs[0].get("machine_cpus") else per_image("harness"),
+        "harness_elsewhere_ms": per_image("harness_elsewhere"),
     }
 
 

@@ -569,23 +569,29 @@ def test_cpu_lists_are_read_as_taskset_takes_them() -> None:
     assert bench.parse_cpu_list("0-2") == {0, 1, 2}
     assert bench.parse_cpu_list("0, 2-3") == {0, 2, 3}
     assert bench.cpu_list({3, 0, 2}) == "0,2,3"
-    for bad in ("", "a", "2-1", "-1", "0,,1", "1-"):
+    for bad in ("", "a", "2-1", "-1", "0,,1", "1-", "0-99999999999"):  # the last: refused, not built
         with pytest.raises(argparse.ArgumentTypeError, match="not a CPU list"):
             bench.parse_cpu_list(bad)
 
 
-@pytest.mark.skipif(len(USABLE_CPUS) < 2, reason="needs two usable CPUs")
 def test_the_machine_s_time_is_read_on_the_chosen_cpus_only() -> None:
     bench = load_bench()
-    whole = bench.machine_cpu()
-    each = [bench.machine_cpu({cpu}) for cpu in USABLE_CPUS]
+    stat = Path("/proc/stat").read_text()  # one reading: the figures grow between two
+    whole = bench.machine_cpu(stat=stat)
+    every = [
+        int(line.split()[0][3:]) for line in stat.splitlines() if line[:3] == "cpu" and line[3].isdigit()
+    ]
+    each = [bench.machine_cpu({cpu}, stat) for cpu in every]
     assert whole is not None and all(part is not None for part in each)
-    assert bench.machine_cpu({10**6}) is None  # no such CPU: unknown, not zero
-    # The CPUs' own lines add up to at most the machine's (a CPU this process may not use is left out).
-    busy = sum(part[0] for part in each if part is not None)
-    assert 0 < busy <= whole[0] + 0.05 * len(USABLE_CPUS)
+    # The CPUs' own lines add up to the machine's, field by field (each line rounds to its ticks).
+    for field in range(3):
+        total = sum(part[field] for part in each if part is not None)
+        assert total == pytest.approx(whole[field], abs=0.02 * len(every) + 0.05)
+    assert bench.machine_cpu(set(every), stat) == pytest.approx(whole, abs=0.02 * len(every) + 0.05)
+    assert bench.machine_cpu({10**6}, stat) is None  # no such CPU: unknown, not zero
 
 
+@pytest.mark.skipif(not USABLE_CPUS, reason="CPU affinity is Linux's")
 def test_cpu_placement_is_checked_before_anything_runs(tmp_path: Path) -> None:
     photo = tmp_path / "photo.jpg"
     photo.write_bytes(image_bytes((64, 48)))
@@ -593,7 +599,7 @@ def test_cpu_placement_is_checked_before_anything_runs(tmp_path: Path) -> None:
     refusals = {
         ("--harness-cpus", "0"): "--harness-cpus goes with --server-cpus",
         ("--server-cpus", "0", "--url", "http://127.0.0.1:9"): "drop --url",
-        ("--server-cpus", str(10**6)): "may use CPUs",
+        ("--server-cpus", "4096"): "may use CPUs",
         ("--server-cpus", "0-1x"): "not a CPU list",
     }
     if USABLE_CPUS:
@@ -648,6 +654,14 @@ def test_bench_runs_the_server_on_cpus_of_its_own(tmp_path: Path) -> None:
     assert run["server"]["cpus_allowed"] == str(server_cpu)
     assert run["server"]["threads"] == 1
     assert run["machine_cpus"] == str(server_cpu)
+    assert run["harness_ran_on"] == str(harness_cpu)
+    assert run["harness_machine_cpu"]["ours_seconds"] == pytest.approx(run["client_cpu_seconds"])
+    # The load's machine time is one CPU's: busy, idle and steal over the wall time.
+    machine = run["machine_cpu"]
+    cores = (machine["busy_seconds"] + machine["idle_seconds"] + machine["steal_seconds"]) / run[
+        "wall_seconds"
+    ]
+    assert cores == pytest.approx(1.0, abs=0.2)
     parts = run["derived"]["machine_seconds_per_2xx"]
     assert parts["harness"] == 0.0
     assert parts["harness_elsewhere"] > 0
