@@ -52,6 +52,17 @@ def run_bench(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def short_run(tmp_path: Path, *flags: str) -> tuple[subprocess.CompletedProcess[str], Path]:
+    """bench.py for 2 s with 2 users (a 1 s ceiling) on a generated photo, its JSON in ``tmp_path``:
+    ``flags`` add to or override these (flags after ``--`` go to the server)."""
+    photo = tmp_path / "photo.jpg"
+    photo.write_bytes(image_bytes((640, 480), quality=90))
+    results_path = tmp_path / "results.json"
+    short = ("--file", str(photo), "--users", "2", "--duration", "2", "--ceiling-duration", "1")
+    own, server = (flags[: flags.index("--")], flags[flags.index("--") :]) if "--" in flags else (flags, ())
+    return run_bench(*short, *own, "--json", str(results_path), *server), results_path
+
+
 def test_an_idle_start_on_a_memory_reporting_machine_is_flagged() -> None:
     bench = load_bench()
     reporting = {"host_reclaims_free_memory": True}
@@ -405,29 +416,7 @@ def test_stages_ramp_linearly_between_targets() -> None:
 def test_bench_runs_against_its_own_server_and_reports(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    photo = tmp_path / "photo.jpg"
-    photo.write_bytes(image_bytes((640, 480), quality=90))
-    results_path = tmp_path / "results.json"
-
-    done = run_bench(
-        "--file",
-        str(photo),
-        "--users",
-        "2",
-        "--duration",
-        "2",
-        "--ceiling-duration",
-        "1",
-        "--rounds",
-        "2",
-        "--json",
-        str(results_path),
-        "--",
-        "--threads",
-        "1",
-        "--queue",
-        "1",
-    )
+    done, results_path = short_run(tmp_path, "--rounds", "2", "--", "--threads", "1", "--queue", "1")
 
     assert done.returncode == 0, done.stdout + done.stderr
     assert "goodput / ceiling" in done.stdout  # the table on stdout
@@ -620,26 +609,10 @@ def test_cpu_placement_is_checked_before_anything_runs(tmp_path: Path) -> None:
 def test_bench_runs_the_server_on_cpus_of_its_own(tmp_path: Path) -> None:
     """--server-cpus: the server and its ceiling run there, the harness elsewhere, and the machine's
     time is read on the server's CPUs, none of it the harness's."""
-    photo = tmp_path / "photo.jpg"
-    photo.write_bytes(image_bytes((640, 480), quality=90))
-    results_path = tmp_path / "results.json"
     server_cpu, harness_cpu = USABLE_CPUS[0], USABLE_CPUS[1]
 
-    done = run_bench(
-        "--file",
-        str(photo),
-        "--users",
-        "2",
-        "--duration",
-        "2",
-        "--ceiling-duration",
-        "1",
-        "--server-cpus",
-        str(server_cpu),
-        "--harness-cpus",
-        str(harness_cpu),
-        "--json",
-        str(results_path),
+    done, results_path = short_run(
+        tmp_path, "--server-cpus", str(server_cpu), "--harness-cpus", str(harness_cpu)
     )
 
     assert done.returncode == 0, done.stdout + done.stderr
@@ -686,17 +659,14 @@ def test_a_missing_peer_is_refused_with_its_install_command(tmp_path: Path) -> N
 
 @pytest.mark.slow
 def test_bench_runs_a_peer_side_by_side(tmp_path: Path) -> None:
-    photo = tmp_path / "photo.jpg"
-    photo.write_bytes(image_bytes((640, 480), quality=90))
     fake = tmp_path / "peers" / "node_modules" / ".bin" / "ipx"
     fake.parent.mkdir(parents=True)
     fake.write_text(FAKE_IPX.format(python=sys.executable))
     fake.chmod(0o755)
-    results_path = tmp_path / "results.json"
 
-    done = run_bench(
-        *("--file", str(photo), "--path", "/optimize", "--query", "width=100"),
-        *("--users", "2", "--duration", "2", "--no-ceiling", "--json", str(results_path)),
+    done, results_path = short_run(
+        tmp_path,
+        *("--path", "/optimize", "--query", "width=100", "--no-ceiling"),
         *("--peer", "ipx", "--peer-dir", str(fake.parents[2])),
         *("--", "--threads", "1"),
     )
