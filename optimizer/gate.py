@@ -38,7 +38,8 @@ RETURN_SURPLUS = 1
 # they were due, and would pin every answer at this cap, so it is kept short.
 MAX_WAITING_RETRY_AFTER = 5
 # A turn is owed only when this many refused clients are due back before the queued work runs out, so
-# that a slot left free is taken again before the workers could run dry.
+# that a slot left free is taken again before the workers could run dry. Fewer with a short queue (see
+# ``turns_need``).
 RETURNS_FOR_A_TURN = 3
 
 
@@ -174,9 +175,20 @@ class AdmissionGate:
         """Refused clients told to come back later than now (the ``optimizer_waiting_clients`` gauge)."""
         return self._waiting(time.monotonic())
 
+    @property
+    def turns_need(self) -> int:
+        """How many refused clients must be due back within the queued work for a turn to be owed.
+
+        Returning at about the rate slots free up, about as many of them fall within that horizon as
+        the queue has slots: 4 on two CPUs' defaults, 2 on one CPU's. ``RETURNS_FOR_A_TURN`` alone was
+        then rarely met on one CPU, and on S1 with the server on one CPU (3 slots, 50 users) 23-25 users
+        went without an image in 25 s; at one less than the queue, 15-22, for the same goodput and
+        refusals (four alternating pairs; docs/benchmarks.md)."""
+        return max(1, min(RETURNS_FOR_A_TURN, self.capacity - self.workers - 1))
+
     def turn_owed(self) -> bool:
-        """Whether the next free slot should go to a refused client: at least ``RETURNS_FOR_A_TURN`` of
-        them are due back before the work already queued would run out."""
+        """Whether the next free slot should go to a refused client: at least ``turns_need`` of them
+        are due back before the work already queued would run out."""
         if self._service_seconds <= 0:
             return False
         now = time.monotonic()
@@ -185,7 +197,7 @@ class AdmissionGate:
         # upload still arriving is no work yet; under the read-ahead there may be many).
         queued = max(0, self._in_flight - self._receiving - self.workers)
         horizon = now + queued * self._service_seconds / self.workers
-        return bisect.bisect_right(self._returns, horizon) >= RETURNS_FOR_A_TURN
+        return bisect.bisect_right(self._returns, horizon) >= self.turns_need
 
     def _waiting(self, now: float) -> int:
         """Refused clients not yet due back; forgets the ones that are."""

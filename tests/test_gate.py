@@ -88,6 +88,21 @@ def test_a_turn_is_owed_only_to_clients_due_back_before_the_queue_runs_out(clock
     assert not gate.turn_owed()  # due back already: they are no longer waiting
 
 
+def test_a_short_queue_owes_a_turn_to_fewer_returns(clock: Clock) -> None:
+    """About as many refused clients fall due within the queued work as the queue has slots: a
+    one-worker server's 2 would rarely make the 3 a longer queue asks for, and never take turns."""
+    assert served_gate(1.0, capacity=6, workers=2).turns_need == RETURNS_FOR_A_TURN  # two CPUs' defaults
+    assert served_gate(1.0, capacity=12, workers=4).turns_need == RETURNS_FOR_A_TURN
+    assert served_gate(1.0, capacity=2, workers=1).turns_need == 1  # the queue of one
+    # One worker, queue 2 (one CPU's defaults), 1 s per image: the 2 queued keep it busy for 2 s.
+    gate = served_gate(1.0, capacity=3, workers=1, inside=3)
+    assert gate.turns_need == 1
+    assert gate.refuse() == 3  # the slot estimate: 3 inside / 1 worker x 1 s
+    assert not gate.turn_owed()  # due back in 3 s: the worker would run dry first
+    clock.now += 1.5
+    assert gate.turn_owed()  # one due back within the queued work is enough here
+
+
 def test_uploads_still_arriving_are_no_queued_work_for_a_turn(clock: Clock) -> None:
     # All three inside are still receiving (as under the read-ahead): nothing would keep the workers
     # busy while a slot waits for a refused client, so the client just served keeps its turn.
