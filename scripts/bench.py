@@ -386,7 +386,7 @@ def machine_cpu(
         lines = (Path("/proc/stat").read_text() if stat is None else stat).splitlines()
         if cpus:
             wanted = {f"cpu{n}" for n in cpus}
-            rows = [line.split() for line in lines if line.split()[:1] and line.split()[0] in wanted]
+            rows = [fields for fields in map(str.split, lines) if fields and fields[0] in wanted]
             if len(rows) != len(wanted):
                 return None
         else:
