@@ -27,7 +27,7 @@ import re
 from collections.abc import Awaitable, Callable
 from email.parser import HeaderParser
 from email.utils import collapse_rfc2231_value
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from optimizer.errors import MalformedUpload, MissingImage
 
@@ -58,6 +58,19 @@ class ChunkSource(Protocol):
     def readany(self) -> Awaitable[bytes]: ...
 
 
+@runtime_checkable
+class RestSource(ChunkSource, Protocol):
+    """A source that can also hand over the rest of the body in one piece (``optimizer.takeover``)."""
+
+    @property
+    def unread(self) -> int:
+        """Bytes of the body not yet handed out."""
+
+    def read_rest(self, prefix: bytes | memoryview, size: int) -> Awaitable[tuple[bytes, bytes]]:
+        """``prefix`` and the rest of the body as two ``bytes``: its first ``size`` bytes, and the
+        others."""
+
+
 def boundary_of(content_type: str) -> bytes:
     """The boundary named by a multipart ``Content-Type`` header, or ``MalformedUpload``."""
     try:
@@ -80,6 +93,7 @@ class FormReader:
 
     def __init__(self, source: ChunkSource, boundary: bytes, received: Callable[[], None]) -> None:
         self._source = source
+        self._rest_source = source if isinstance(source, RestSource) else None
         self._received = received
         self._dash_boundary = b"--" + boundary
         self._delimiter = b"\r\n--" + boundary
@@ -99,6 +113,9 @@ class FormReader:
             if content_type.startswith("multipart/"):
                 raise MalformedUpload("nested multipart bodies are not accepted")
             chunks = Pieces() if name == field else None
+            if chunks is not None and kept is None and (whole := await self._rest_in_one()) is not None:
+                kept = whole
+                continue
             # Other fields are read too (they count against the cap) and dropped.
             await self._to_delimiter(chunks)
             if chunks is not None:
@@ -111,6 +128,35 @@ class FormReader:
         if kept is None:
             raise MissingImage(f"the form has no file part named '{field}'")
         return kept
+
+    async def _rest_in_one(self) -> bytes | None:
+        """The kept part's bytes as one ``bytes`` received in place, with no join, from a source that
+        can hand over the rest of the body so; ``None`` to read the part as usual.
+
+        The part's length is not known before its delimiter is found, so this bets on the usual layout:
+        the part is the form's last, and the close delimiter and CRLF end the body (curl, Go, browsers,
+        Python's clients). The bet is checked on what arrives; on any other layout the rest of the body,
+        now read, is parsed as usual from memory (one copy more)."""
+        source = self._rest_source
+        if source is None or not source.unread:
+            return None
+        delimiter = self._delimiter
+        if self._buf.find(delimiter, self._pos) >= 0:
+            return None  # the part ends in the chunk at hand: nothing to gain
+        close = delimiter + b"--\r\n"
+        prefix = memoryview(self._buf)[self._pos :]
+        size = len(prefix) + source.unread - len(close)
+        if size < len(prefix):
+            return None
+        data, rest = await source.read_rest(prefix, size)
+        overlap = min(len(delimiter) - 1, size)
+        # The bet holds if the part's first delimiter starts right after ``data``: none inside it, and
+        # none that starts in its last bytes. What follows that delimiter is parsed as usual.
+        if data.find(delimiter) < 0 and (data[size - overlap :] + rest).find(delimiter) == overlap:
+            self._buf, self._pos = rest, len(delimiter)
+            return data
+        self._buf, self._pos = data + rest, 0
+        return None
 
     async def _next_chunk(self, *, required: bool = True) -> bool:
         """Moves to the next chunk of the body; at its end, ``MalformedUpload`` if more was due."""

@@ -19,11 +19,12 @@ import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from aiohttp import StreamReader, hdrs, web
+from aiohttp import hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from optimizer.errors import BodyTooLarge, EmptyBody, MalformedUpload, UploadStalled
-from optimizer.formdata import FormReader, Pieces, boundary_of
+from optimizer.formdata import ChunkSource, FormReader, Pieces, boundary_of
+from optimizer.takeover import DirectBody, declared_body
 
 FIELD_NAME = "image"
 # What one recv() may take for an admitted upload (asyncio's default is 256 KiB; optimizer.server lowers
@@ -87,10 +88,12 @@ async def _read_upload(request: web.BaseRequest, limits: IntakeLimits) -> bytes:
                     raise BodyTooLarge(f"the upload is larger than the limit of {limits.max_bytes} bytes")
                 timer.reschedule(deadline())
 
+            # A body of declared length is received into the decoder's buffer (optimizer.takeover).
+            source = DirectBody(request, received) if declared_body(request) else stream
             if _is_form(request):
-                data = await _read_multipart(request, received)
+                data = await _read_multipart(request, source, received)
             else:
-                data = await _read_stream(stream, received)
+                data = await _read_stream(source, received)
     except (web.RequestPayloadError, HttpProcessingError):
         # aiohttp decodes the transfer and content encodings as it reads: a body that is not the gzip
         # or chunked stream its headers announce fails here.
@@ -114,15 +117,20 @@ def _is_form(request: web.BaseRequest) -> bool:
         raise MalformedUpload("the Content-Type header cannot be parsed") from None
 
 
-async def _read_stream(stream: StreamReader, received: Callable[[], None]) -> bytes:
+async def _read_stream(source: ChunkSource, received: Callable[[], None]) -> bytes:
+    if isinstance(source, DirectBody) and source.unread:
+        data, _ = await source.read_rest(b"", source.unread)
+        return data
     # readany() hands over each chunk as the HTTP parser made it; read(n) would slice (copy) them.
     pieces = Pieces()
-    while chunk := await stream.readany():
+    while chunk := await source.readany():
         pieces.add(chunk)
         received()
     return pieces.join()
 
 
-async def _read_multipart(request: web.BaseRequest, received: Callable[[], None]) -> bytes:
+async def _read_multipart(
+    request: web.BaseRequest, source: ChunkSource, received: Callable[[], None]
+) -> bytes:
     boundary = boundary_of(request.headers.get(hdrs.CONTENT_TYPE, ""))
-    return await FormReader(request.content, boundary, received).read_field(FIELD_NAME)
+    return await FormReader(source, boundary, received).read_field(FIELD_NAME)

@@ -87,6 +87,83 @@ def test_any_chunking_gives_the_image_back(
     assert read(split(body, cuts)) == image
 
 
+class RestChunks(Chunks):
+    """Chunks, and the rest of the body in one piece when asked, as ``optimizer.takeover.DirectBody``
+    hands it over."""
+
+    def __init__(self, pieces: Sequence[bytes]) -> None:
+        super().__init__(pieces)
+        self.rest: tuple[bytes, bytes] | None = None
+
+    @property
+    def unread(self) -> int:
+        return sum(len(piece) for piece in self.pieces)
+
+    async def read_rest(self, prefix: bytes | memoryview, size: int) -> tuple[bytes, bytes]:
+        assert self.rest is None, "the rest of a body is taken once"
+        whole = bytes(prefix) + b"".join(self.pieces)
+        assert len(prefix) <= size <= len(whole)
+        self.pieces.clear()
+        self.rest = whole[:size], whole[size:]
+        return self.rest
+
+
+def read_rest(pieces: Sequence[bytes]) -> tuple[bytes, RestChunks]:
+    source = RestChunks(pieces)
+    data = asyncio.run(FormReader(source, BOUNDARY, lambda: None).read_field("image"))
+    assert not source.pieces  # the whole body is read, epilogue included
+    return data, source
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    image=CONTENT,
+    other=CONTENT,
+    epilogue=st.sampled_from([b"", b"\r\n", b"\r", b"\r\n\r\n", b"\r\ntrailing words\r\n"]),
+    order=st.sampled_from([(0, 1), (1, 0), (0,)]),
+    cuts=st.lists(st.integers(min_value=0, max_value=10_000), max_size=4),
+)
+def test_the_rest_in_one_piece_gives_the_image_back_whatever_the_layout(
+    *, image: bytes, other: bytes, epilogue: bytes, order: tuple[int, ...], cuts: list[int]
+) -> None:
+    # The one-piece read bets that the image is the last part and the body ends with the close delimiter
+    # and CRLF; any other layout must still give the image, read as usual.
+    parts = [part("image", image), part("note", other)]
+    body = form(*(parts[i] for i in order), epilogue=epilogue)
+    data, _source = read_rest(split(body, cuts))
+    assert data == image
+
+
+@pytest.mark.parametrize("into_image", [0, 1, 50_000, 102_399])
+def test_the_usual_layout_is_received_in_place(into_image: int) -> None:
+    # The image is the form's last part, followed by the close delimiter and CRLF (curl, Go, the bench
+    # harness): the bytes handed over are the image itself, not a copy.
+    image = bytes(range(256)) * 400 + b"\r\n--" + BOUNDARY[:-1]
+    body = form(part("note", b"n"), part("image", image), epilogue=b"\r\n")
+    start = body.index(image)
+    data, source = read_rest([body[: start + into_image], body[start + into_image :]])
+    assert data == image
+    assert source.rest is not None
+    assert data is source.rest[0]
+
+
+def test_a_field_after_the_image_is_not_taken_for_part_of_it() -> None:
+    # The body ends as the bet expects, but the image is not the last part: its bytes stop at the first
+    # delimiter.
+    image = bytes(range(256)) * 40
+    body = form(part("image", image), part("note", b"a note"), epilogue=b"\r\n")
+    data, source = read_rest([body[:200], body[200:]])
+    assert data == image
+    assert source.rest is not None
+
+
+def test_a_part_that_ends_in_the_chunk_at_hand_is_read_as_usual() -> None:
+    body = form(part("image", b"small"), epilogue=b"\r\n")
+    data, source = read_rest([body[:20], body[20:]])
+    assert data == b"small"
+    assert source.rest is None
+
+
 def test_one_byte_chunks() -> None:
     image = bytes(range(256)) * 300 + b"\r\n--bench-0123"
     body = form(part("note", b"hello"), part("image", image), epilogue=b"\r\n")

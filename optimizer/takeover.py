@@ -1,0 +1,298 @@
+"""Receive the rest of a request body straight into the service's own buffer, past aiohttp's parser.
+
+Why: on its way to the handler every ``recv()`` of an upload is copied once more by aiohttp's HTTP
+parser (a new ``bytes`` per chunk, queued on the request's ``StreamReader``, whose flow control pauses
+and resumes the socket around it), and the image's chunks are then joined into the one ``bytes``
+object the decoder reads: two copies of the upload and ~70 trips through the parser on the event
+loop for a 4.4 MB photo, whose CPU the workers lose on a busy machine. Measured with the image work
+stubbed out (``scripts/transport_floor.py``, docs/benchmarks.md "The body past aiohttp's parser").
+
+How: for a body whose length is declared (no chunked transfer, no content coding), what aiohttp has
+already received is taken from its stream, and the connection's transport is switched to a
+``BufferedProtocol`` (asyncio then reads with ``recv_into`` straight into the buffer given) until the
+body's last byte. At that byte the transport goes back to aiohttp's protocol with a fresh parser: the
+old one still counts the body's bytes, and the connection's next request must be read from its start.
+The request's stream is then at its end, as if aiohttp had read the body itself.
+
+The buffer is a ``bytes`` object allocated without being zeroed (``OwnBytes``), as C code builds one,
+so the decoder gets the upload without a copy (``io.BytesIO`` shares a ``bytes`` it is given).
+
+This reaches into aiohttp's ``RequestHandler`` (its parser, its read buffer size and its server's
+keyword arguments) and into asyncio's socket transport. ``_switchable`` checks each of them, and where
+one is missing the rest of the body is read from aiohttp's stream into the same buffer (the join is
+still saved): behind TLS, on another event loop's transports (uvloop), in a host whose server was
+built differently, or after an aiohttp release that changed them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import asyncio.selector_events
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from aiohttp import StreamReader, hdrs, web
+from aiohttp.http_parser import HttpRequestParser, HttpRequestParserPy
+from aiohttp.web_protocol import RequestHandler, RequestPayloadError
+
+try:  # the queue bound aiohttp gives its own parsers (3.14); older releases have none
+    from aiohttp.web_protocol import MAX_MSG_QUEUE_SIZE
+except ImportError:  # pragma: no cover - depends on the aiohttp release
+    MAX_MSG_QUEUE_SIZE = 0
+
+try:
+    import ctypes
+
+    _new_bytes = ctypes.pythonapi.PyBytes_FromStringAndSize
+    _new_bytes.restype = ctypes.py_object
+    _new_bytes.argtypes = (ctypes.c_void_p, ctypes.c_ssize_t)
+    _bytes_address = ctypes.pythonapi.PyBytes_AsString
+    _bytes_address.restype = ctypes.c_void_p
+    _bytes_address.argtypes = (ctypes.py_object,)
+except (ImportError, AttributeError):  # pragma: no cover - not CPython, or built without ctypes
+    ctypes = None  # type: ignore[assignment]
+
+_PARSERS = frozenset({HttpRequestParser, HttpRequestParserPy})
+_SOCKET_TRANSPORT: type | None = getattr(asyncio.selector_events, "_SelectorSocketTransport", None)
+
+
+class OwnBytes:
+    """A ``bytes`` object of ``size`` bytes to be filled through ``view``, then handed out by ``take``.
+
+    CPython's ``PyBytes_FromStringAndSize(NULL, size)`` leaves the bytes unset, for the caller to fill
+    before anyone else sees the object: what ``socket.recv()`` does itself. Nothing else holds the
+    object until ``take()``, which also releases the view, so it is immutable from then on. Without
+    ctypes (another interpreter) the bytes are gathered in a ``bytearray`` and copied once by ``take``."""
+
+    def __init__(self, size: int) -> None:
+        self._data: bytes | bytearray
+        if ctypes is not None:
+            self._data = _new_bytes(None, size)
+            raw = (ctypes.c_char * size).from_address(_bytes_address(self._data))
+            self.view = memoryview(raw).cast("B")
+        else:  # pragma: no cover - not CPython
+            self._data = bytearray(size)
+            self.view = memoryview(self._data)
+
+    def take(self) -> bytes:
+        self.view.release()
+        data = self._data
+        return data if isinstance(data, bytes) else bytes(data)
+
+
+class _Filling:
+    """Buffers filled one after another, in order."""
+
+    def __init__(self, views: Sequence[memoryview]) -> None:
+        self._views = [view for view in views if len(view)]
+        self._at = 0  # into the first view
+
+    @property
+    def done(self) -> bool:
+        return not self._views
+
+    def space(self) -> memoryview:
+        return self._views[0][self._at :]
+
+    def advance(self, nbytes: int) -> None:
+        self._at += nbytes
+        if self._at == len(self._views[0]):
+            self._views.pop(0)
+            self._at = 0
+
+    def write(self, data: bytes) -> None:
+        """Copies ``data`` in (what aiohttp had received before the switch)."""
+        offset = 0
+        while offset < len(data):
+            space = self.space()
+            n = min(len(space), len(data) - offset)
+            space[:n] = data[offset : offset + n]
+            offset += n
+            self.advance(n)
+
+
+def declared_body(request: web.BaseRequest) -> bool:
+    """Whether the request's body is ``Content-Length`` bytes as sent: no chunked transfer and no content
+    coding for aiohttp to undo, so that its length is known before it arrives."""
+    headers = request.headers
+    return (
+        request.content_length is not None
+        and hdrs.TRANSFER_ENCODING not in headers
+        and headers.get(hdrs.CONTENT_ENCODING, "identity").strip().lower() == "identity"
+        and type(request.content) is StreamReader
+    )
+
+
+def _switchable(request: web.BaseRequest) -> bool:
+    """Whether the connection's transport can be switched to a ``_Receiver`` and back."""
+    protocol, transport = request.protocol, request.transport
+    return (
+        isinstance(protocol, RequestHandler)
+        and type(getattr(protocol, "_parser", None)) in _PARSERS
+        and isinstance(getattr(protocol, "_read_bufsize", None), int)
+        and isinstance(getattr(getattr(protocol, "_manager", None), "_kwargs", None), dict)
+        and getattr(protocol, "_payload_parser", True) is None
+        and not getattr(protocol, "_upgraded", True)
+        and _SOCKET_TRANSPORT is not None
+        and transport is not None
+        and isinstance(transport, _SOCKET_TRANSPORT)
+        and transport.get_extra_info("sslcontext") is None
+        and transport.is_reading()
+    )
+
+
+class DirectBody:
+    """The body of one request: chunks from aiohttp's stream (``readany``), until the caller takes the
+    rest of it in one piece (``read_rest``), received past the parser where the connection allows.
+
+    Only for a request ``declared_body`` accepted."""
+
+    def __init__(self, request: web.BaseRequest, received: Callable[[], None]) -> None:
+        assert request.content_length is not None
+        self._request = request
+        self._stream = request.content
+        self._received = received
+        self._handed = 0  # bytes handed out by readany()
+        self._declared = request.content_length
+
+    async def readany(self) -> bytes:
+        chunk = await self._stream.readany()
+        self._handed += len(chunk)
+        return chunk
+
+    @property
+    def unread(self) -> int:
+        """Bytes of the body not yet handed out."""
+        return self._declared - self._handed
+
+    async def read_rest(self, prefix: bytes | memoryview, size: int) -> tuple[bytes, bytes]:
+        """``prefix`` (the unread end of the last chunk handed out) and the rest of the body, as two
+        ``bytes``: the first ``size`` bytes, and what follows them."""
+        total = len(prefix) + self.unread
+        if not len(prefix) <= size <= total:
+            raise ValueError(f"cannot cut {total} bytes after {size}")
+        head = OwnBytes(size)
+        tail = bytearray(total - size)
+        try:
+            head.view[: len(prefix)] = prefix
+            await self._fill(_Filling([head.view[len(prefix) :], memoryview(tail)]))
+            self._handed = self._declared
+        finally:
+            data = head.take()
+        return data, bytes(tail)
+
+    async def _fill(self, filling: _Filling) -> None:
+        stream = self._stream
+        # What aiohttp has received already. Taking it may let aiohttp resume a paused parser, which
+        # then queues more: taken until nothing is left.
+        while not filling.done and (chunk := stream.read_nowait()):
+            filling.write(chunk)
+            self._received()
+        if filling.done:
+            # All of it had arrived, so aiohttp's parser has ended the body itself.
+            await stream.wait_eof()
+            return
+        parser = _fresh_parser(self._request.protocol) if _switchable(self._request) else None
+        if parser is None:
+            # aiohttp's stream, chunk by chunk: its parser's copy stays, the join is still saved.
+            while not filling.done:
+                chunk = await stream.readany()
+                if not chunk:  # the parser ends the body at its declared length, never before
+                    raise RuntimeError("the request body ended before its declared length")
+                filling.write(chunk)
+                self._received()
+            return
+        transport = self._request.transport
+        assert isinstance(transport, asyncio.Transport)
+        receiver = _Receiver(
+            self._request.protocol, transport, filling, stream, parser=parser, received=self._received
+        )
+        transport.set_protocol(receiver)
+        try:
+            # Ends at the body's last byte (the receiver ends the stream), or with the stream's error:
+            # the connection lost, or the service shutting down (optimizer.app sets it).
+            await stream.wait_eof()
+        finally:
+            receiver.give_back()
+
+
+class _Receiver(asyncio.BufferedProtocol):
+    """The connection's protocol while the body is received; everything but the body's bytes goes on
+    to aiohttp's protocol (``owner``), which gets the transport back at the body's end or on error."""
+
+    def __init__(
+        self,
+        owner: RequestHandler,
+        transport: asyncio.Transport,
+        filling: _Filling,
+        stream: StreamReader,
+        *,
+        parser: Any,
+        received: Callable[[], None],
+    ) -> None:
+        self._owner = owner
+        self._parser = parser
+        self._transport = transport
+        self._filling = filling
+        self._stream = stream
+        self._received = received
+        self._active = True
+
+    def give_back(self) -> None:
+        """The transport back to aiohttp's protocol (a no-op once done). Before the body's end (a read
+        deadline, a cancelled handler) aiohttp's parser still expects the rest of the body, so the
+        connection cannot carry another request: the caller answers and closes it."""
+        if self._active:
+            self._active = False
+            self._transport.set_protocol(self._owner)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._filling.space()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._stream.total_bytes += nbytes
+        self._filling.advance(nbytes)
+        if self._filling.done:
+            self.give_back()
+            # The old parser still counts the body's bytes: the next request needs one of its own.
+            self._owner._parser = self._parser
+            self._stream.feed_eof()
+        self._received()
+
+    def eof_received(self) -> bool | None:
+        # The client stopped sending before the body's end: aiohttp's protocol decides (it closes).
+        self.give_back()
+        self._owner.eof_received()
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.give_back()
+        self._owner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self._owner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._owner.resume_writing()
+
+
+def _fresh_parser(protocol: RequestHandler) -> Any:
+    """A new parser for the connection's next request, built as aiohttp's ``RequestHandler`` builds its
+    own (aiohttp 3.14, web_protocol.py); ``None`` if this aiohttp's parser takes other arguments."""
+    kwargs: dict[str, Any] = protocol._manager._kwargs  # type: ignore[union-attr]
+    parser_type: Any = type(protocol._parser)
+    try:
+        parser = parser_type(
+            protocol,
+            protocol._loop,
+            protocol._read_bufsize,
+            max_line_size=protocol.max_line_size,
+            max_field_size=protocol.max_field_size,
+            max_headers=protocol.max_headers,
+            payload_exception=RequestPayloadError,
+            auto_decompress=kwargs.get("auto_decompress", True),
+            max_msg_queue_size=MAX_MSG_QUEUE_SIZE,
+        )
+    except TypeError:
+        return None
+    return parser
