@@ -86,7 +86,10 @@ async def _read_upload(request: web.BaseRequest, limits: IntakeLimits) -> bytes:
             def received() -> None:
                 if stream.total_bytes > limits.max_bytes:
                     raise BodyTooLarge(f"the upload is larger than the limit of {limits.max_bytes} bytes")
-                timer.reschedule(deadline())
+                # Called from the transport too (optimizer.takeover), where the deadline may already
+                # have passed with the task not yet woken: it is then past moving.
+                if not timer.expired():
+                    timer.reschedule(deadline())
 
             # A body of declared length is received into the decoder's buffer (optimizer.takeover).
             source = DirectBody(request, received) if declared_body(request) else stream

@@ -61,7 +61,7 @@ class OwnBytes:
 
     CPython's ``PyBytes_FromStringAndSize(NULL, size)`` leaves the bytes unset, for the caller to fill
     before anyone else sees the object: what ``socket.recv()`` does itself. Nothing else holds the
-    object until ``take()``, which also releases the view, so it is immutable from then on. Without
+    object until ``take()``, after every view of it is released, so it is immutable from then on. Without
     ctypes (another interpreter) the bytes are gathered in a ``bytearray`` and copied once by ``take``."""
 
     def __init__(self, size: int) -> None:
@@ -75,6 +75,7 @@ class OwnBytes:
             self.view = memoryview(self._data)
 
     def take(self) -> bytes:
+        """The bytes. Views sliced from ``view`` must have been released: they could still write."""
         self.view.release()
         data = self._data
         return data if isinstance(data, bytes) else bytes(data)
@@ -100,6 +101,12 @@ class _Filling:
             self._views.pop(0)
             self._at = 0
 
+    def close(self) -> None:
+        """Releases the views left unfilled: nothing can write into the buffers through them any more."""
+        for view in self._views:
+            view.release()
+        self._views.clear()
+
     def write(self, data: bytes) -> None:
         """Copies ``data`` in (what aiohttp had received before the switch)."""
         offset = 0
@@ -118,7 +125,9 @@ def declared_body(request: web.BaseRequest) -> bool:
     return (
         request.content_length is not None
         and hdrs.TRANSFER_ENCODING not in headers
-        and headers.get(hdrs.CONTENT_ENCODING, "identity").strip().lower() == "identity"
+        # Every Content-Encoding header, not the first: aiohttp's parser decodes by the last one, and a
+        # body it decompresses is not Content-Length bytes long (a smuggled request, found in review).
+        and all(value.strip().lower() == "identity" for value in headers.getall(hdrs.CONTENT_ENCODING, ()))
         and type(request.content) is StreamReader
     )
 
@@ -127,7 +136,8 @@ def _switchable(request: web.BaseRequest) -> bool:
     """Whether the connection's transport can be switched to a ``_Receiver`` and back."""
     protocol, transport = request.protocol, request.transport
     return (
-        isinstance(protocol, RequestHandler)
+        # Not a subclass: one that does its own work in data_received() would not see the body.
+        type(protocol) is RequestHandler
         and type(getattr(protocol, "_parser", None)) in _PARSERS
         and isinstance(getattr(protocol, "_read_bufsize", None), int)
         and isinstance(getattr(getattr(protocol, "_manager", None), "_kwargs", None), dict)
@@ -173,11 +183,13 @@ class DirectBody:
             raise ValueError(f"cannot cut {total} bytes after {size}")
         head = OwnBytes(size)
         tail = bytearray(total - size)
+        filling = _Filling([head.view[len(prefix) :], memoryview(tail)])
         try:
             head.view[: len(prefix)] = prefix
-            await self._fill(_Filling([head.view[len(prefix) :], memoryview(tail)]))
+            await self._fill(filling)
             self._handed = self._declared
         finally:
+            filling.close()
             data = head.take()
         return data, bytes(tail)
 
@@ -213,12 +225,25 @@ class DirectBody:
             # the connection lost, or the service shutting down (optimizer.app sets it).
             await stream.wait_eof()
         finally:
-            receiver.give_back()
+            if not filling.done:
+                receiver.discard()
+
+
+# Where a receiver puts what it reads once the body is abandoned (shared: nothing reads it).
+_DISCARDED = memoryview(bytearray(64 * 1024))
 
 
 class _Receiver(asyncio.BufferedProtocol):
     """The connection's protocol while the body is received; everything but the body's bytes goes on
-    to aiohttp's protocol (``owner``), which gets the transport back at the body's end or on error."""
+    to aiohttp's protocol (``owner``), which gets the transport back at the body's end.
+
+    A body abandoned before its end (a read deadline, the service shutting down, a host that cancels
+    the handler and answers itself) never goes back: aiohttp's parser still expects the bytes taken
+    here, and would take what the client sends next for them, so that a request could be parsed from
+    the middle of one (found in review). The receiver keeps the connection and drops what it reads,
+    which is what aiohttp's own lingering does with an unread body, until the connection closes: the
+    answer says ``Connection: close`` and ``optimizer.linger`` stops reading and closes it, or, in a
+    host, aiohttp's lingering ends and closes it."""
 
     def __init__(
         self,
@@ -233,40 +258,42 @@ class _Receiver(asyncio.BufferedProtocol):
         self._owner = owner
         self._parser = parser
         self._transport = transport
-        self._filling = filling
+        self._filling: _Filling | None = filling
         self._stream = stream
         self._received = received
-        self._active = True
 
-    def give_back(self) -> None:
-        """The transport back to aiohttp's protocol (a no-op once done). Before the body's end (a read
-        deadline, a cancelled handler) aiohttp's parser still expects the rest of the body, so the
-        connection cannot carry another request: the caller answers and closes it."""
-        if self._active:
-            self._active = False
-            self._transport.set_protocol(self._owner)
+    def discard(self) -> None:
+        """From now on, what arrives is dropped (see the class's docstring)."""
+        self._filling = None
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        return self._filling.space()
+        return self._filling.space() if self._filling is not None else _DISCARDED
 
     def buffer_updated(self, nbytes: int) -> None:
+        filling = self._filling
+        if filling is None:
+            return
         self._stream.total_bytes += nbytes
-        self._filling.advance(nbytes)
-        if self._filling.done:
-            self.give_back()
+        filling.advance(nbytes)
+        if filling.done:
+            self._filling = None
+            self._transport.set_protocol(self._owner)
             # The old parser still counts the body's bytes: the next request needs one of its own.
             self._owner._parser = self._parser
             self._stream.feed_eof()
-        self._received()
+        try:
+            self._received()  # the read deadline moves on (optimizer.intake)
+        except Exception as exc:  # raised here, asyncio would abort the connection unanswered
+            self.discard()
+            self._stream.set_exception(exc)
 
     def eof_received(self) -> bool | None:
         # The client stopped sending before the body's end: aiohttp's protocol decides (it closes).
-        self.give_back()
         self._owner.eof_received()
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.give_back()
+        self.discard()
         self._owner.connection_lost(exc)
 
     def pause_writing(self) -> None:
