@@ -6,7 +6,8 @@ on the event loop. Measured with the pipeline stubbed out, a 4.4 MB upload cost 
 of CPU as a form against 1.5-1.7 ms as a raw body, and on two cores that loop time is taken from the
 workers (docs/benchmarks.md, "The event loop's share"). Here the chunks the HTTP parser produced are
 kept as they are (a ``memoryview`` where a part starts or ends inside one), the boundary is searched
-in place, and the only copy is the final ``join``.
+in place, and the only copy is the final ``join``; from a source that can hand over the rest of the
+body in one piece (``RestSource``, ``optimizer.takeover``), the usual layout needs no join either.
 
 What is parsed (RFC 7578 and RFC 2046 section 5.1.1): a preamble, then parts each introduced by
 ``--boundary`` plus optional transport padding and CRLF, their header block up to an empty line, and
