@@ -35,6 +35,8 @@ from aiohttp import StreamReader, hdrs, web
 from aiohttp.http_parser import HttpRequestParser, HttpRequestParserPy
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 
+from optimizer.errors import MalformedUpload
+
 try:  # the queue bound aiohttp gives its own parsers (3.14); older releases have none
     from aiohttp.web_protocol import MAX_MSG_QUEUE_SIZE
 except ImportError:  # pragma: no cover - depends on the aiohttp release
@@ -209,8 +211,8 @@ class DirectBody:
             # aiohttp's stream, chunk by chunk: its parser's copy stays, the join is still saved.
             while not filling.done:
                 chunk = await stream.readany()
-                if not chunk:  # the parser ends the body at its declared length, never before
-                    raise RuntimeError("the request body ended before its declared length")
+                if not chunk:  # aiohttp's parser ends a body at its declared length, not before
+                    raise MalformedUpload("the request body ended before its declared length")
                 filling.write(chunk)
                 self._received()
             return
