@@ -101,6 +101,7 @@ class FormReader:
         # The unread data: a chunk and an offset into it, so that nothing is sliced to move along.
         self._buf = b""
         self._pos = 0
+        self._pending = b""  # a chunk to read before the source's next one (see _rest_in_one)
 
     async def read_field(self, field: str) -> bytes:
         kept: bytes | None = None
@@ -137,7 +138,7 @@ class FormReader:
         The part's length is not known before its delimiter is found, so this bets on the usual layout:
         the part is the form's last, and the close delimiter and CRLF end the body (curl, Go, browsers,
         Python's clients). The bet is checked on what arrives; on any other layout the rest of the body,
-        now read, is parsed as usual from memory (one copy more)."""
+        now read, is parsed as usual from memory, as two chunks (the join copies the part, as always)."""
         source = self._rest_source
         if source is None or not source.unread:
             return None
@@ -156,12 +157,15 @@ class FormReader:
         if data.find(delimiter) < 0 and (data[size - overlap :] + rest).find(delimiter) == overlap:
             self._buf, self._pos = rest, len(delimiter)
             return data
-        self._buf, self._pos = data + rest, 0
+        self._buf, self._pos, self._pending = data, 0, rest
         return None
 
     async def _next_chunk(self, *, required: bool = True) -> bool:
         """Moves to the next chunk of the body; at its end, ``MalformedUpload`` if more was due."""
-        chunk = await self._source.readany()
+        if self._pending:
+            chunk, self._pending = self._pending, b""
+        else:
+            chunk = await self._source.readany()
         if not chunk:
             if required:
                 raise MalformedUpload("the multipart/form-data body ends in the middle of a part")
