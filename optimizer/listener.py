@@ -34,6 +34,8 @@ from typing import Any
 
 from aiohttp import web
 
+from optimizer.badrequests import problem_handlers
+
 log = logging.getLogger("optimizer")
 
 # One new connection per 10 ms while the gate is full: at most 100 refusals a second from new
@@ -231,7 +233,7 @@ class PacedSite(web.BaseSite):
         server = self._runner.server
         assert server is not None
         self._server = PacedServer(
-            listening_sockets(self._host, self._port, self._reuse_port), server, self._full
+            listening_sockets(self._host, self._port, self._reuse_port), problem_handlers(server), self._full
         )
 
 

@@ -95,7 +95,9 @@ def _image_operation(summary: str, description: str, settings: Settings, upload:
                 },
                 "content": {f"image/{name}": {"schema": binary} for name in OUTPUT_FORMATS},
             },
-            "400": _problem("invalid_parameter, empty_body, missing_image or malformed_upload (see `code`)"),
+            "400": _problem(
+                "invalid_parameter, empty_body, missing_image, malformed_upload or bad_request (see `code`)"
+            ),
             "408": _problem("upload_stalled: the upload fell behind the read deadline"),
             "413": _problem(
                 f"body_too_large (over {settings.max_body_bytes} bytes), too_many_pixels "

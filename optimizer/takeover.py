@@ -35,6 +35,7 @@ from aiohttp import StreamReader, hdrs, web
 from aiohttp.http_parser import HttpRequestParser, HttpRequestParserPy
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 
+from optimizer.badrequests import ProblemRequestHandler
 from optimizer.errors import MalformedUpload
 
 try:  # the queue bound aiohttp gives its own parsers (3.14); older releases have none
@@ -55,6 +56,7 @@ except (ImportError, AttributeError):  # pragma: no cover - not CPython, or buil
     ctypes = None  # type: ignore[assignment]
 
 _PARSERS = frozenset({HttpRequestParser, HttpRequestParserPy})
+_HANDLERS = frozenset({RequestHandler, ProblemRequestHandler})  # the latter changes only handle_error
 _SOCKET_TRANSPORT: type | None = getattr(asyncio.selector_events, "_SelectorSocketTransport", None)
 
 
@@ -138,8 +140,8 @@ def _switchable(request: web.BaseRequest) -> bool:
     """Whether the connection's transport can be switched to a ``_Receiver`` and back."""
     protocol, transport = request.protocol, request.transport
     return (
-        # Not a subclass: one that does its own work in data_received() would not see the body.
-        type(protocol) is RequestHandler
+        # Not any subclass: one that does its own work in data_received() would not see the body.
+        type(protocol) in _HANDLERS
         and type(getattr(protocol, "_parser", None)) in _PARSERS
         and isinstance(getattr(protocol, "_read_bufsize", None), int)
         and isinstance(getattr(getattr(protocol, "_manager", None), "_kwargs", None), dict)

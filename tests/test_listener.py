@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import sys
 import time
@@ -165,3 +166,37 @@ def test_the_burst_allowance_refills_at_the_pace() -> None:
     assert not bucket.take(10.005)  # half a token back
     assert bucket.take(10.015)  # one and a half since: one taken
     assert [bucket.take(20.0) for _ in range(4)] == [True, True, True, False]  # never more than 3 kept
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        pytest.param(
+            b"POST / HTTP/1.1\r\nHost: t\r\nContent-Encoding: br\r\nContent-Length: 5\r\n\r\nhello", id="br"
+        ),
+        pytest.param(b"GET / HTTP/1.1\r\nHost: t\r\nX-Long: " + b"a" * 9000 + b"\r\n\r\n", id="long-header"),
+        pytest.param(b"hello there\r\n\r\n", id="not-http"),
+    ],
+)
+async def test_a_request_the_parser_refuses_gets_a_problem_body(
+    served: tuple[str, Gate, list[float]], raw: bytes
+) -> None:
+    # aiohttp answers these itself, before any middleware, in plain text; the standalone server's
+    # connections answer them as every other 4xx, and close.
+    url, _gate, _pauses = served
+    host, port = url.removeprefix("http://").rstrip("/").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(raw)
+        async with asyncio.timeout(10):
+            answer = await reader.read()  # to the close
+    finally:
+        writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.split(b" ", 2)[1] == b"400"
+    assert b"Content-Type: application/problem+json" in head
+    problem = json.loads(body)
+    assert problem["code"] == "bad_request"
+    assert problem["status"] == 400
+    assert problem["detail"].startswith("the request cannot be parsed")
+    assert len(problem["detail"]) <= 300

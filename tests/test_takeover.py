@@ -20,6 +20,7 @@ from aiohttp.test_utils import TestClient
 from aiohttp.typedefs import Handler
 
 from optimizer import create_app, takeover
+from optimizer.listener import PacedSite
 from optimizer.state import STATE
 from tests.conftest import ClientFactory, decode, test_settings
 from tests.test_faults import noisy_jpeg
@@ -348,3 +349,23 @@ async def test_a_host_that_cancels_the_handler_mid_body_gets_no_request_from_its
     finally:
         writer.close()
     await until(lambda: service[STATE].gate.in_flight == 0)
+
+
+async def test_the_standalone_servers_connections_are_switched_too(photo: bytes, switches: list[int]) -> None:
+    # optimizer.listener builds them as optimizer.badrequests.ProblemRequestHandler, which changes only
+    # how a request the parser refuses is answered.
+    runner = web.AppRunner(create_app(test_settings()))
+    await runner.setup()
+    site = PacedSite(runner, "127.0.0.1", 0, reuse_port=False, full=lambda: False)
+    await site.start()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", runner.addresses[0][1])
+        try:
+            for request in (form_post(("image", photo)), post(photo, "image/jpeg")):
+                writer.write(request)
+                assert_resized(await read_answer(reader))
+        finally:
+            writer.close()
+    finally:
+        await runner.cleanup()
+    assert len(switches) == 2
