@@ -107,6 +107,17 @@ def assert_resized(answer: tuple[int, dict[str, str], bytes]) -> None:
     assert decode(body).size == (300, 225)
 
 
+async def upload_form_and_raw(port: int, photo: bytes) -> None:
+    """The photo as a form, then as a raw body, on one connection: each answered with the image."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        for request in (form_post(("image", photo)), post(photo, "image/jpeg")):
+            writer.write(request)
+            assert_resized(await read_answer(reader))
+    finally:
+        writer.close()
+
+
 async def test_uploads_on_one_connection_are_received_past_the_parser(
     make_client: ClientFactory, photo: bytes, switches: list[int]
 ) -> None:
@@ -156,13 +167,8 @@ async def test_without_a_switchable_transport_the_stream_fills_the_same_buffer(
     # aiohttp's stream instead.
     monkeypatch.setattr(takeover, "_switchable", lambda _request: False)
     client = await make_client()
-    reader, writer = await connect(client)
-    try:
-        for request in (form_post(("image", photo)), post(photo, "image/jpeg")):
-            writer.write(request)
-            assert_resized(await read_answer(reader))
-    finally:
-        writer.close()
+    assert client.server.port is not None
+    await upload_form_and_raw(client.server.port, photo)
     assert not switches
 
 
@@ -359,13 +365,7 @@ async def test_the_standalone_servers_connections_are_switched_too(photo: bytes,
     site = PacedSite(runner, "127.0.0.1", 0, reuse_port=False, full=lambda: False)
     await site.start()
     try:
-        reader, writer = await asyncio.open_connection("127.0.0.1", runner.addresses[0][1])
-        try:
-            for request in (form_post(("image", photo)), post(photo, "image/jpeg")):
-                writer.write(request)
-                assert_resized(await read_answer(reader))
-        finally:
-            writer.close()
+        await upload_form_and_raw(runner.addresses[0][1], photo)
     finally:
         await runner.cleanup()
     assert len(switches) == 2
