@@ -26,7 +26,10 @@ MAX_DETAIL = 300
 
 
 class ProblemRequestHandler(RequestHandler):
-    __slots__ = ()
+    __slots__ = ("_refused",)
+
+    # Told of each problem answered (the service counts them); aiohttp's constructor is left as it is.
+    _refused: Callable[[web.StreamResponse], None] | None
 
     def handle_error(
         self,
@@ -50,16 +53,23 @@ class ProblemRequestHandler(RequestHandler):
         problem = problem_response(status, "bad_request", title, f"the request cannot be parsed: {reason}")
         problem.headers["X-Content-Type-Options"] = "nosniff"
         problem.force_close()  # as aiohttp's: the parser has lost its place in the connection
+        if self._refused is not None:
+            self._refused(problem)
         return problem
 
 
-def problem_handlers(server: web.Server) -> Callable[[], RequestHandler]:
+def problem_handlers(
+    server: web.Server, refused: Callable[[web.StreamResponse], None] | None = None
+) -> Callable[[], RequestHandler]:
     """A protocol factory like ``server`` itself (aiohttp's ``Server.__call__``), making
-    ``ProblemRequestHandler`` connections with the server's own settings."""
+    ``ProblemRequestHandler`` connections with the server's own settings; ``refused`` is called with
+    each problem answer they make."""
     loop: Any = server._loop
     kwargs: dict[str, Any] = server._kwargs
 
     def connection() -> RequestHandler:
-        return ProblemRequestHandler(server, loop=loop, **kwargs)
+        handler = ProblemRequestHandler(server, loop=loop, **kwargs)
+        handler._refused = refused
+        return handler
 
     return connection

@@ -211,18 +211,27 @@ def queued_connections(sock: socket.socket) -> int | None:
 
 
 class PacedSite(web.BaseSite):
-    """``web.TCPSite`` with a ``PacedServer`` in place of asyncio's server."""
+    """``web.TCPSite`` with a ``PacedServer`` in place of asyncio's server. ``refused`` is told of
+    each request aiohttp's parser refused (``optimizer.badrequests``)."""
 
-    __slots__ = ("_full", "_host", "_port", "_reuse_port")
+    __slots__ = ("_full", "_host", "_port", "_refused", "_reuse_port")
 
     def __init__(
-        self, runner: web.BaseRunner, host: str, port: int, *, reuse_port: bool, full: Callable[[], bool]
+        self,
+        runner: web.BaseRunner,
+        host: str,
+        port: int,
+        *,
+        reuse_port: bool,
+        full: Callable[[], bool],
+        refused: Callable[[web.StreamResponse], None] | None = None,
     ) -> None:
         super().__init__(runner)
         self._host = host
         self._port = port
         self._reuse_port = reuse_port
         self._full = full
+        self._refused = refused
 
     @property
     def name(self) -> str:
@@ -233,7 +242,9 @@ class PacedSite(web.BaseSite):
         server = self._runner.server
         assert server is not None
         self._server = PacedServer(
-            listening_sockets(self._host, self._port, self._reuse_port), problem_handlers(server), self._full
+            listening_sockets(self._host, self._port, self._reuse_port),
+            problem_handlers(server, self._refused),
+            self._full,
         )
 
 

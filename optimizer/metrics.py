@@ -112,6 +112,13 @@ class ServiceMetrics:
         self.bytes_in.inc(bytes_in)
         self.bytes_out.inc(bytes_out)
 
+    def observe_unparsed(self, status: int, bytes_out: int) -> None:
+        """A request aiohttp's parser refused (optimizer.badrequests): no route, no time worth a sample
+        of the latency histogram, but counted with the other answers, so that an alert on 4xx sees it."""
+        self.requests.labels("unparsed", str(status)).inc()
+        self.refusals.labels("bad_request").inc()
+        self.bytes_out.inc(bytes_out)
+
     def observe_stages(self, seconds: Mapping[str, float]) -> None:
         for stage, value in seconds.items():
             self.stages.labels(stage).observe(value)

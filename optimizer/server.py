@@ -151,9 +151,14 @@ async def serve(settings: Settings) -> int:
     stop = asyncio.Event()
     _install_signal_handlers(stop)
     try:
-        gate = app[STATE].gate
+        gate, metrics = app[STATE].gate, app[STATE].metrics
         site = PacedSite(
-            runner, settings.host, settings.port, reuse_port=settings.reuse_port, full=lambda: gate.full
+            runner,
+            settings.host,
+            settings.port,
+            reuse_port=settings.reuse_port,
+            full=lambda: gate.full,
+            refused=lambda problem: metrics.observe_unparsed(problem.status, problem.content_length or 0),
         )
         try:
             await site.start()

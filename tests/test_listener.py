@@ -19,10 +19,11 @@ from optimizer.listener import ACCEPT_BURST, ACCEPT_PACE_SECONDS, PacedSite, Tok
 
 
 class Gate:
-    """Stands in for ``AdmissionGate.full``."""
+    """Stands in for ``AdmissionGate.full``; also keeps the problems the site reports refused."""
 
     def __init__(self) -> None:
         self.full = False
+        self.refused: list[web.StreamResponse] = []
 
 
 async def hello(request: web.Request) -> web.Response:
@@ -44,7 +45,9 @@ async def served(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[tuple[str, Ga
     runner = web.AppRunner(app)
     await runner.setup()
     gate = Gate()
-    site = PacedSite(runner, "127.0.0.1", 0, reuse_port=False, full=lambda: gate.full)
+    site = PacedSite(
+        runner, "127.0.0.1", 0, reuse_port=False, full=lambda: gate.full, refused=gate.refused.append
+    )
     await site.start()
     host, port = runner.addresses[0][:2]
     try:
@@ -182,8 +185,8 @@ async def test_a_request_the_parser_refuses_gets_a_problem_body(
     served: tuple[str, Gate, list[float]], raw: bytes
 ) -> None:
     # aiohttp answers these itself, before any middleware, in plain text; the standalone server's
-    # connections answer them as every other 4xx, and close.
-    url, _gate, _pauses = served
+    # connections answer them as every other 4xx, close, and tell the service (its metrics count them).
+    url, gate, _pauses = served
     host, port = url.removeprefix("http://").rstrip("/").rsplit(":", 1)
     reader, writer = await asyncio.open_connection(host, int(port))
     try:
@@ -200,3 +203,4 @@ async def test_a_request_the_parser_refuses_gets_a_problem_body(
     assert problem["status"] == 400
     assert problem["detail"].startswith("the request cannot be parsed")
     assert len(problem["detail"]) <= 300
+    assert [refused.status for refused in gate.refused] == [400]

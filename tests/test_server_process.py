@@ -22,6 +22,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -561,7 +562,8 @@ def test_a_broken_installation_is_not_restarted(tmp_path: Path) -> None:
 )
 def test_a_request_aiohttp_cannot_parse_is_one_warning_not_a_traceback(launch: Launch, head: bytes) -> None:
     """A client's malformed request is the client's mistake: one WARNING with the reason, not an ERROR
-    with a traceback that any client could repeat to fill the log."""
+    with a traceback that any client could repeat to fill the log; the metrics count it with the other
+    refusals."""
     server = launch()
     with socket.create_connection((HOST, server.port), timeout=REQUEST_TIMEOUT) as connection:
         connection.sendall(head)
@@ -572,6 +574,10 @@ def test_a_request_aiohttp_cannot_parse_is_one_warning_not_a_traceback(launch: L
     assert logged[0]["level"] == "warning"
     assert "traceback" not in logged[0]
     assert not [r for r in server.records() if r.get("level") == "error"]
+    with urllib.request.urlopen(f"{server.url}/metrics", timeout=REQUEST_TIMEOUT) as response:
+        metrics = response.read().decode()
+    assert 'optimizer_requests_total{route="unparsed",status="400"} 1.0' in metrics
+    assert 'optimizer_refusals_total{reason="bad_request"} 1.0' in metrics
 
 
 def test_a_bad_request_line_is_left_out_where_warnings_are() -> None:
