@@ -2378,6 +2378,34 @@ def font(size: int) -> Font:
     return ImageFont.load_default(size=size)
 
 
+def free_spot(
+    draw: ImageDraw.ImageDraw,
+    placed: list[tuple[float, float, float, float]],
+    text: str,
+    text_font: Any,
+    at: tuple[float, float],
+    within: tuple[float, float],
+) -> tuple[float, float]:
+    """Where to draw a value label so that it overlaps none placed before (series close together, such
+    as p50 and p95 on a fast server, would print their values over each other): ``at``, or a line
+    below or above it, then two, and so on, staying between the plot's top and bottom (``within``). The
+    box taken is added to ``placed``."""
+    x, y = at
+    top, bottom = within
+    box = draw.textbbox((x, y), text, font=text_font, anchor="lb")
+    line = box[3] - box[1] + 3
+    for step in (0, 1, -1, 2, -2, 3, -3, 4, -4):
+        box = draw.textbbox((x, y + step * line), text, font=text_font, anchor="lb")
+        inside = top <= box[1] and box[3] <= bottom
+        if inside and not any(
+            box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3] for b in placed
+        ):
+            y += step * line
+            break
+    placed.append(draw.textbbox((x, y), text, font=text_font, anchor="lb"))
+    return x, y
+
+
 def draw_panel(
     image: Image.Image,
     box: tuple[int, int, int, int],
@@ -2421,6 +2449,7 @@ def draw_panel(
         legend_x -= draw.textlength(s.name, font=tick_font) + 44
         draw.line((legend_x, top + 14, legend_x + 30, top + 14), fill=s.color, width=3)
         draw.text((legend_x + 36, top + 14), s.name, fill="black", font=tick_font, anchor="lm")
+    placed: list[tuple[float, float, float, float]] = []  # value labels drawn so far in this panel
     for s in series:
         points = [to_px(x, y) for x, y in sorted(s.points)]
         if s.dashed and len({y for _, y in s.points}) > 1:  # a reference that moves: dashes point to point
@@ -2449,7 +2478,9 @@ def draw_panel(
                 draw.line(points, fill=s.color, width=3)
             for (px, py), (_, value) in zip(points, sorted(s.points), strict=True):
                 draw.ellipse((px - 5, py - 5, px + 5, py + 5), fill=s.color)
-                draw.text((px + 8, py - 4), point_label(value), fill=s.color, font=tick_font, anchor="lb")
+                text = point_label(value)
+                at = free_spot(draw, placed, text, tick_font, (px + 8, py - 4), (py0, py1))
+                draw.text(at, text, fill=s.color, font=tick_font, anchor="lb")
 
 
 def ceiling_series(

@@ -23,7 +23,7 @@ from types import ModuleType
 from typing import Any
 
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from tests.conftest import ROOT, image_bytes
 
@@ -280,6 +280,22 @@ def test_the_chart_draws_each_load_s_own_ceiling_across_a_sweep() -> None:
         (0.0, 100.0),
         (16.0, 100.0),
     ]
+
+
+def test_value_labels_on_a_chart_never_cover_each_other() -> None:
+    # p50 and p95 of a fast server sit a pixel apart: their labels used to print over each other.
+    bench = load_bench()
+    draw = ImageDraw.Draw(Image.new("RGB", (400, 300)))
+    placed: list[tuple[float, float, float, float]] = []
+    spots = [
+        bench.free_spot(draw, placed, text, None, (100.0, 280.0), (50.0, 290.0))
+        for text in ("0.172", "0.216", "1.33")
+    ]
+    assert len(set(spots)) == 3
+    for i, first in enumerate(placed):
+        assert 50 <= first[1] and first[3] <= 290  # inside the plot, not over the axis's labels
+        for second in placed[i + 1 :]:
+            assert first[3] <= second[1] or second[3] <= first[1]
 
 
 def run_bench_in_process(bench: ModuleType, tmp_path: Path, *flags: str) -> dict[str, Any]:
