@@ -2383,6 +2383,7 @@ def free_spot(
     placed: list[tuple[float, float, float, float]],
     text: str,
     text_font: Any,
+    *,
     at: tuple[float, float],
     within: tuple[float, float],
 ) -> tuple[float, float]:
@@ -2479,7 +2480,7 @@ def draw_panel(
             for (px, py), (_, value) in zip(points, sorted(s.points), strict=True):
                 draw.ellipse((px - 5, py - 5, px + 5, py + 5), fill=s.color)
                 text = point_label(value)
-                at = free_spot(draw, placed, text, tick_font, (px + 8, py - 4), (py0, py1))
+                at = free_spot(draw, placed, text, tick_font, at=(px + 8, py - 4), within=(py0, py1))
                 draw.text(at, text, fill=s.color, font=tick_font, anchor="lb")
 
 

@@ -288,12 +288,12 @@ def test_value_labels_on_a_chart_never_cover_each_other() -> None:
     draw = ImageDraw.Draw(Image.new("RGB", (400, 300)))
     placed: list[tuple[float, float, float, float]] = []
     spots = [
-        bench.free_spot(draw, placed, text, None, (100.0, 280.0), (50.0, 290.0))
+        bench.free_spot(draw, placed, text, None, at=(100.0, 280.0), within=(50.0, 290.0))
         for text in ("0.172", "0.216", "1.33")
     ]
     assert len(set(spots)) == 3
     for i, first in enumerate(placed):
-        assert 50 <= first[1] and first[3] <= 290  # inside the plot, not over the axis's labels
+        assert first[1] >= 50 and first[3] <= 290  # inside the plot, not over the axis's labels
         for second in placed[i + 1 :]:
             assert first[3] <= second[1] or second[3] <= first[1]
 
