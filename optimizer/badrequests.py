@@ -28,8 +28,15 @@ MAX_DETAIL = 300
 class ProblemRequestHandler(RequestHandler):
     __slots__ = ("_refused",)
 
-    # Told of each problem answered (the service counts them); aiohttp's constructor is left as it is.
-    _refused: Callable[[web.StreamResponse], None] | None
+    def __init__(
+        self,
+        manager: web.Server,
+        *,
+        refused: Callable[[web.StreamResponse], None] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(manager, **kwargs)
+        self._refused = refused  # told of each problem answered (the service counts them)
 
     def handle_error(
         self,
@@ -68,8 +75,6 @@ def problem_handlers(
     kwargs: dict[str, Any] = server._kwargs
 
     def connection() -> RequestHandler:
-        handler = ProblemRequestHandler(server, loop=loop, **kwargs)
-        handler._refused = refused
-        return handler
+        return ProblemRequestHandler(server, loop=loop, refused=refused, **kwargs)
 
     return connection
