@@ -437,7 +437,7 @@ def rss_window(samples: Sequence[int], span: float) -> int:
 
 def summarise(result: SoakResult, capacity: float | None, max_growth: float) -> dict[str, Any]:
     """The figures of the run. The RSS growth that decides is the idle RSS's, from the end of the warm-up
-    to the end of the load; those of the window minimum and median under load are reported too."""
+    to the end of the load; that of the window medians under load is reported too."""
     measured = [outcome for outcome in result.outcomes if outcome.at >= result.warmup]
     after = [rss for t, rss in result.rss if t >= result.warmup]
     span = max(1e-9, result.seconds - result.warmup)
