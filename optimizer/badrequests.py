@@ -26,7 +26,7 @@ MAX_DETAIL = 300
 
 
 class ProblemRequestHandler(RequestHandler):
-    __slots__ = ("_refused",)
+    __slots__ = ("_problem", "_refused")
 
     def __init__(
         self,
@@ -36,7 +36,8 @@ class ProblemRequestHandler(RequestHandler):
         **kwargs: Any,
     ) -> None:
         super().__init__(manager, **kwargs)
-        self._refused = refused  # told of each problem answered (the service counts them)
+        self._refused = refused  # told of each problem sent (the service counts them)
+        self._problem: web.StreamResponse | None = None  # made, not yet sent
 
     def handle_error(
         self,
@@ -60,9 +61,20 @@ class ProblemRequestHandler(RequestHandler):
         problem = problem_response(status, "bad_request", title, f"the request cannot be parsed: {reason}")
         problem.headers["X-Content-Type-Options"] = "nosniff"
         problem.force_close()  # as aiohttp's: the parser has lost its place in the connection
-        if self._refused is not None:
-            self._refused(problem)
+        self._problem = problem
         return problem
+
+    async def finish_response(
+        self, request: BaseRequest, resp: web.StreamResponse, start_time: float | None
+    ) -> tuple[web.StreamResponse, bool]:
+        # Told once the answer has gone out: a client that reset the connection first got nothing, and
+        # is not counted as answered (found in review).
+        answered, reset = await super().finish_response(request, resp, start_time)
+        if resp is self._problem:
+            self._problem = None
+            if not reset and self._refused is not None:
+                self._refused(resp)
+        return answered, reset
 
 
 def problem_handlers(

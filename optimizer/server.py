@@ -49,7 +49,8 @@ class ClientErrorsAsWarnings(logging.Filter):
     """aiohttp logs every request its parser refuses (a header line over 8 KiB, a Content-Encoding it
     cannot decode, bytes that are not HTTP) at ERROR, with a traceback: the client's mistake reads as the
     server's, and any client can fill the log with them. Those become one WARNING line with the reason
-    (event ``bad_request``); errors of the server's own stay as they are."""
+    (event ``bad_request``), or one DEBUG line where aiohttp logged at debug (bytes that are not HTTP, as
+    a connection's first request); errors of the server's own stay as they are."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
@@ -58,11 +59,14 @@ class ClientErrorsAsWarnings(logging.Filter):
             remote = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
             record.msg = "refused a malformed request from %s: %s"
             record.args = (remote, reason)
-            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            # aiohttp logs bytes that are not HTTP, as a connection's first request, at debug level on
+            # purpose (scanners, TLS sent to the HTTP port): those stay at debug.
+            level = min(record.levelno, logging.WARNING)
+            record.levelno, record.levelname = level, logging.getLevelName(level)
             record.exc_info = record.exc_text = None
             record.fields = {"event": "bad_request", "status": error.code}
-            # The logger let it through as an error: a level set above warnings still leaves it out.
-            return logging.getLogger(record.name).isEnabledFor(logging.WARNING)
+            # The logger let it through at its own level: one set above the new level leaves it out.
+            return logging.getLogger(record.name).isEnabledFor(level)
         return True
 
 

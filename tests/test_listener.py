@@ -13,6 +13,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
 
 from optimizer import listener
 from optimizer.listener import ACCEPT_BURST, ACCEPT_PACE_SECONDS, PacedSite, TokenBucket, listening_sockets
@@ -204,3 +205,26 @@ async def test_a_request_the_parser_refuses_gets_a_problem_body(
     assert problem["detail"].startswith("the request cannot be parsed")
     assert len(problem["detail"]) <= 300
     assert [refused.status for refused in gate.refused] == [400]
+
+
+async def test_a_problem_the_client_never_got_is_not_counted(
+    served: tuple[str, Gate, list[float]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A client that resets the connection before its 400 goes out was answered nothing: the metrics
+    # must not count it as answered (found in review). aiohttp reports that as ``reset``.
+    async def client_gone(
+        _handler: RequestHandler, _request: web.BaseRequest, resp: web.StreamResponse, _start: float | None
+    ) -> tuple[web.StreamResponse, bool]:
+        return resp, True
+
+    monkeypatch.setattr(RequestHandler, "finish_response", client_gone)
+    url, gate, _pauses = served
+    host, port = url.removeprefix("http://").rstrip("/").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(b"hello there\r\n\r\n")
+        async with asyncio.timeout(10):
+            assert await reader.read() == b""  # closed, unanswered
+    finally:
+        writer.close()
+    assert gate.refused == []

@@ -30,7 +30,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp.http_exceptions import LineTooLong
+from aiohttp.http_exceptions import BadHttpMethod, LineTooLong
 
 from optimizer.allocator import GLIBC_TUNABLES, RESTARTED, is_glibc, start_environment
 from optimizer.server import ClientErrorsAsWarnings
@@ -604,3 +604,24 @@ def test_a_bad_request_line_is_left_out_where_warnings_are() -> None:
     assert record.levelname == "WARNING"
     assert record.getMessage().startswith("refused a malformed request from 127.0.0.1: ")
     assert record.exc_info is None
+
+
+def test_bytes_that_are_not_http_stay_at_debug_level() -> None:
+    """aiohttp logs a first request that is not HTTP at all at debug level, on purpose (scanners, TLS
+    sent to the HTTP port); the filter must not raise it to a warning (found in review)."""
+    logger = logging.getLogger("optimizer.http")
+    error = BadHttpMethod("\x16\x03\x01")
+    previous = logger.level
+    try:
+        logger.setLevel(logging.INFO)
+        record = logger.makeRecord(
+            logger.name, logging.DEBUG, __file__, 1, "Error handling request from %s", ("127.0.0.1",),
+            (type(error), error, None),
+        )  # fmt: skip
+        assert not ClientErrorsAsWarnings().filter(record)
+        logger.setLevel(logging.DEBUG)
+        assert ClientErrorsAsWarnings().filter(record)
+    finally:
+        logger.setLevel(previous)
+    assert record.levelname == "DEBUG"
+    assert record.getMessage().startswith("refused a malformed request from 127.0.0.1: ")
