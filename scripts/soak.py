@@ -320,6 +320,10 @@ class SoakResult:
     idle_end: int | None = None
     paused: float = 0.0
     idle: bool = False
+    warmed_up: bool = False
+    # Seconds from the start to when the arrivals resumed after the warm-up's pause: what is sent from
+    # then on is measured (the warm-up's own requests were all answered during the pause).
+    measured_from: float | None = None
 
 
 async def sample_rss(server: Server, result: SoakResult, started: float, stop: asyncio.Event) -> None:
@@ -338,17 +342,20 @@ async def sample_rss(server: Server, result: SoakResult, started: float, stop: a
 
 async def idle_rss(server: Server, result: SoakResult, outstanding: set[asyncio.Task[Outcome]]) -> int | None:
     """The server's RSS once every request sent has been answered and the server has trimmed its heap;
-    ``None`` when the server is gone. The caller sends nothing meanwhile."""
+    ``None`` when the server is gone or requests are still unanswered after their timeout. The caller
+    sends nothing meanwhile."""
     loop = asyncio.get_running_loop()
     paused_at = loop.time()
     result.idle = True
     try:
         if outstanding:
-            await asyncio.wait(outstanding, timeout=REQUEST_TIMEOUT + 5)
+            _, pending = await asyncio.wait(outstanding, timeout=REQUEST_TIMEOUT + 5)
+            if pending:
+                return None  # not idle: reading the RSS now would measure work in flight
         await asyncio.sleep(IDLE_SETTLE_SECONDS)
         reads = []
         for _ in range(IDLE_READS):
-            rss = read_rss(server.pid)
+            rss = read_rss(server.pid) if server.alive() else None
             if rss is None:
                 return None
             reads.append(rss)
@@ -388,20 +395,28 @@ async def open_loop(
 
     arrival = started
     while not stop.is_set() and (now := loop.time()) - started - result.paused < seconds:
-        if result.idle_after_warmup is None and now - started - result.paused >= warmup:
+        if not result.warmed_up and now - started - result.paused >= warmup:
+            result.warmed_up = True
             result.idle_after_warmup = await idle_rss(server, result, outstanding)
             arrival = now = loop.time()
-        if len(outstanding) >= MAX_OUTSTANDING:
-            result.dropped += 1
-        else:
-            task = asyncio.create_task(send(session, server.url, mix.pick(), started))
-            outstanding.add(task)
-            task.add_done_callback(collect)
-        if now - started >= next_report:
-            report_progress(result, now - started)
-            next_report += REPORT_EVERY
-        arrival += rng.expovariate(rate) if poisson else 1.0 / rate
-        await asyncio.sleep(max(0.0, arrival - loop.time()))
+            result.measured_from = now - started
+            next_report = now - started  # the progress lines go on from here
+            if stop.is_set():
+                break
+        if now >= arrival:  # not when woken only for the warm-up's end
+            if len(outstanding) >= MAX_OUTSTANDING:
+                result.dropped += 1
+            else:
+                task = asyncio.create_task(send(session, server.url, mix.pick(), started))
+                outstanding.add(task)
+                task.add_done_callback(collect)
+            if now - started >= next_report:
+                report_progress(result, now - started)
+                next_report += REPORT_EVERY
+            arrival += rng.expovariate(rate) if poisson else 1.0 / rate
+        # Awake when the warm-up ends even if the next arrival is later (a low rate, a Poisson gap).
+        wake = arrival if result.warmed_up else min(arrival, started + result.paused + warmup)
+        await asyncio.sleep(max(0.0, wake - loop.time()))
     if not stop.is_set():
         result.idle_end = await idle_rss(server, result, outstanding)
     elif outstanding:
@@ -438,8 +453,9 @@ def rss_window(samples: Sequence[int], span: float) -> int:
 def summarise(result: SoakResult, capacity: float | None, max_growth: float) -> dict[str, Any]:
     """The figures of the run. The RSS growth that decides is the idle RSS's, from the end of the warm-up
     to the end of the load; that of the window medians under load is reported too."""
-    measured = [outcome for outcome in result.outcomes if outcome.at >= result.warmup]
-    after = [rss for t, rss in result.rss if t >= result.warmup]
+    measured_from = result.warmup if result.measured_from is None else result.measured_from
+    measured = [outcome for outcome in result.outcomes if outcome.at >= measured_from]
+    after = [rss for t, rss in result.rss if t >= measured_from]
     span = max(1e-9, result.seconds - result.warmup)
     window = rss_window(after, span)
     first, last = after[:window], after[-window:]
@@ -558,7 +574,9 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
         argv, server_flags = argv[:cut], argv[cut + 1 :]
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.minutes <= 0 or args.warmup < 0 or args.warmup >= args.minutes * 60:
+    if args.minutes <= 0 or args.warmup <= 0 or args.warmup >= args.minutes * 60:
+        # The first idle RSS is read when the warm-up ends: at 0 that is the cold process, before the
+        # allocator has reached its working size, and any run would look like growth.
         parser.error("--warmup must be shorter than --minutes, and both positive")
     if args.rate is not None and args.rate <= 0:
         parser.error("--rate must be positive")
@@ -612,7 +630,12 @@ async def run(args: argparse.Namespace, server_flags: list[str]) -> int:
         failures.append("the server died during the soak")
     if not any(outcome.ok for outcome in result.outcomes):
         failures.append("no request succeeded")
-    if growth is None or growth > args.max_growth:
+    if growth is None:
+        failures.append(
+            "the idle RSS could not be read at the end of the warm-up or of the load (the server gone, "
+            "or requests still unanswered after their timeout)"
+        )
+    elif growth > args.max_growth:
         failures.append(
             f"the idle RSS grew {fmt(growth, '+.2f')} % after the warm-up (bound {args.max_growth:g} %)"
         )
