@@ -103,20 +103,16 @@ class ServiceMetrics:
         reserved_peak.set_function(lambda: budget.peak)
 
     def observe_request(
-        self, route: str, status: int, *, seconds: float, bytes_in: int, bytes_out: int, code: str
+        self, route: str, status: int, *, seconds: float | None, bytes_in: int, bytes_out: int, code: str
     ) -> None:
+        """``seconds`` None: an answer with no arrival time worth a latency sample (a request aiohttp's
+        parser refused, optimizer.badrequests), counted with the others all the same."""
         self.requests.labels(route, str(status)).inc()
-        self.latency.labels(route).observe(seconds)
+        if seconds is not None:
+            self.latency.labels(route).observe(seconds)
         if code and status >= 400:
             self.refusals.labels(code).inc()
         self.bytes_in.inc(bytes_in)
-        self.bytes_out.inc(bytes_out)
-
-    def observe_unparsed(self, status: int, bytes_out: int) -> None:
-        """A request aiohttp's parser refused (optimizer.badrequests): no route, no time worth a sample
-        of the latency histogram, but counted with the other answers, so that an alert on 4xx sees it."""
-        self.requests.labels("unparsed", str(status)).inc()
-        self.refusals.labels("bad_request").inc()
         self.bytes_out.inc(bytes_out)
 
     def observe_stages(self, seconds: Mapping[str, float]) -> None:

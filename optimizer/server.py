@@ -162,7 +162,15 @@ async def serve(settings: Settings) -> int:
             settings.port,
             reuse_port=settings.reuse_port,
             full=lambda: gate.full,
-            refused=lambda problem: metrics.observe_unparsed(problem.status, problem.content_length or 0),
+            # No route, no arrival time: counted with the other answers, so that an alert on 4xx sees it.
+            refused=lambda problem: metrics.observe_request(
+                "unparsed",
+                problem.status,
+                seconds=None,
+                bytes_in=0,
+                bytes_out=problem.content_length or 0,
+                code="bad_request",
+            ),
         )
         try:
             await site.start()
