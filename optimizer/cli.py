@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
 from optimizer import __version__, allocator
+from optimizer.nativelog import Relay
 from optimizer.settings import Settings, SettingsError, parse_value, setting_fields
 from optimizer.startup import EXIT_BAD_SETTINGS, EXIT_CANNOT_START, EXIT_FAILED
 
@@ -144,24 +145,17 @@ def configure_logging(level: str, *, capture_native: bool = True) -> None:
 
 def _capture_native_stderr() -> TextIO:
     """Keep stderr JSON lines only: C libraries (libtiff, libjpeg) write their messages straight to file
-    descriptor 2. Point fd 2 at a pipe whose lines a thread logs as JSON records ("optimizer.native"),
-    and return a stream on the real stderr for the log handler. faulthandler writes to the real stderr
-    directly, so a crash's traceback never depends on that thread."""
+    descriptor 2. Point fd 2 at a pipe whose lines a thread logs as JSON records ("optimizer.native", at
+    a bounded rate: ``optimizer.nativelog``), and return a stream on the real stderr for the log handler.
+    faulthandler writes to the real stderr directly, so a crash's traceback never depends on that
+    thread."""
     real = os.fdopen(os.dup(2), "w", buffering=1, encoding="utf-8", errors="replace")
     faulthandler.enable(file=real)
     read_end, write_end = os.pipe()
     os.dup2(write_end, 2)
     os.close(write_end)
     sys.stderr = os.fdopen(2, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False)
-    native = logging.getLogger("optimizer.native")
-
-    def relay() -> None:
-        with os.fdopen(read_end, "r", encoding="utf-8", errors="replace") as lines:
-            for line in lines:
-                if line.strip():
-                    native.warning("%s", line.rstrip())
-
-    relaying = threading.Thread(target=relay, name="optimizer-native-stderr", daemon=True)
+    relaying = threading.Thread(target=Relay(read_end).run, name="optimizer-native-stderr", daemon=True)
     relaying.start()
 
     def release() -> None:

@@ -19,10 +19,12 @@ import logging
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
 import urllib.request
+import zlib
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +35,7 @@ import pytest
 from aiohttp.http_exceptions import BadHttpMethod, LineTooLong
 
 from optimizer.allocator import GLIBC_TUNABLES, RESTARTED, is_glibc, start_environment
+from optimizer.nativelog import LINE_BURST
 from optimizer.server import ClientErrorsAsWarnings
 from optimizer.startup import EXIT_CANNOT_START
 from tests.conftest import ROOT, corpus_dir, decode, image_bytes
@@ -625,3 +628,43 @@ def test_bytes_that_are_not_http_stay_at_debug_level() -> None:
         logger.setLevel(previous)
     assert record.levelname == "DEBUG"
     assert record.getMessage().startswith("refused a malformed request from 127.0.0.1: ")
+
+
+def tiff_with_bad_tags(count: int) -> bytes:
+    """A 2x2 deflate TIFF (so libtiff reads it) with ``count`` private tags of type 0, which does not
+    exist: libtiff writes two lines to fd 2 for each (found in review: 4000 lines from 24 KB)."""
+    pixels = zlib.compress(b"\x80" * 4)
+    first_entries = 9
+    data_at = 8 + 2 + 12 * (first_entries + count) + 4
+    short, long_ = 3, 4
+    entries = [
+        (256, short, 2), (257, short, 2), (258, short, 8), (259, short, 8), (262, short, 1),
+        (273, long_, data_at), (277, short, 1), (278, short, 2), (279, long_, len(pixels)),
+    ] + [(40000 + i, 0, 0) for i in range(count)]  # fmt: skip
+    # A SHORT value sits in the first two of the entry's four value bytes; any other fills all four.
+    ifd = struct.pack("<H", len(entries)) + b"".join(
+        struct.pack("<HHIHH", tag, kind, 1, value, 0)
+        if kind == short
+        else struct.pack("<HHII", tag, kind, 1, value)
+        for tag, kind, value in entries
+    )
+    tiff = b"II*\x00" + struct.pack("<I", 8) + ifd + struct.pack("<I", 0)
+    assert len(tiff) == data_at
+    return tiff + pixels
+
+
+def test_a_file_made_to_fill_the_log_gets_a_bounded_number_of_lines(launch: Launch) -> None:
+    """What libtiff writes to fd 2 goes to the log at a bounded rate, with a count of the rest."""
+    server = launch()
+    request = urllib.request.Request(
+        f"{server.url}/optimize?format=png", data=tiff_with_bad_tags(2000), method="POST"
+    )
+    with urllib.request.urlopen(request, timeout=REQUEST_TIMEOUT) as response:
+        assert response.status == 200
+        assert decode(response.read()).size == (2, 2)
+    summary = server.wait_for_event("native_suppressed")
+    native = [r for r in server.records() if r.get("logger") == "optimizer.native"]
+    lines = [r for r in native if r.get("event") != "native_suppressed"]
+    assert 1 <= len(lines) <= LINE_BURST
+    assert int(summary["suppressed"]) >= 2000  # two lines a tag
+    assert all(r["level"] == "warning" for r in native)
