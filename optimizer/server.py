@@ -28,7 +28,7 @@ import threading
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from optimizer import allocator
+from optimizer import allocator, vips
 from optimizer.app import create_app, drain
 from optimizer.listener import PacedSite
 from optimizer.settings import Settings
@@ -136,6 +136,8 @@ def run(settings: Settings) -> int:
     """Serve until a signal, in this process (``optimizer.cli`` has read the settings and set up logging)."""
     allocator.tune()
     small_first_reads()
+    if settings.resizer == "vips":
+        vips.configure_process()  # this process is the service's alone
     return asyncio.run(serve(settings))
 
 

@@ -6,9 +6,10 @@ which makes the whole pipeline (Pillow decode + this + Pillow encode) faster tha
 thumbnail pipeline. The pixels agree with Pillow's to ~54 dB PSNR (tests/test_vips.py).
 
 Pillow still decodes, converts and encodes everything: libvips is handed decoded pixels in memory and
-never an upload's bytes, and every libvips loader is blocked besides, so none of its file parsers is
-reachable from a request. It comes from wheels (``pip install 'optimizer[vips]'``: pyvips and
-pyvips-binary, which bundles libvips; no system packages) and is imported only when chosen.
+never an upload's bytes, so none of its file parsers is reachable from a request; the standalone server
+blocks every libvips loader besides (``configure_process``). It comes from wheels (``pip install
+'optimizer[vips]'``: pyvips and pyvips-binary, which bundles libvips; no system packages) and is
+imported only when chosen.
 """
 
 from __future__ import annotations
@@ -49,15 +50,20 @@ class VipsUnavailable(RuntimeError):
 
 
 def load() -> ModuleType:
-    """Import, configure and try out pyvips once per process (idempotent, thread-safe)."""
+    """Import and try out pyvips once per process (idempotent, thread-safe).
+
+    It changes none of libvips's process-wide settings, which belong to the process: an application
+    that embeds the service may use libvips itself. ``configure_process`` makes them the service's."""
     global _module  # noqa: PLW0603 - one libvips per process: its settings are process-wide anyway
     with _lock:
         if _module is not None:
             return _module
         # libvips reports every resize's plan ("residual reducev by 0.53", ...) as GLib info messages,
         # which pyvips forwards to this logger: seven lines per image in the service's log at info level.
-        # Its warnings and errors still come through.
-        logging.getLogger("pyvips").setLevel(logging.WARNING)
+        # Its warnings and errors still come through. A level the host has set is kept.
+        pyvips_log = logging.getLogger("pyvips")
+        if pyvips_log.level == logging.NOTSET:
+            pyvips_log.setLevel(logging.WARNING)
         try:
             import pyvips  # noqa: PLC0415 - optional: only a process that chose the engine loads libvips
         except Exception as exc:  # ImportError, OSError (a shared library), pyvips's own "unable to init"
@@ -71,14 +77,6 @@ def load() -> ModuleType:
                 f"libvips {found} is too old (at least {'.'.join(map(str, MIN_LIBVIPS))} needed); "
                 f"install the bundled one with: {INSTALL_HINT}"
             )
-        # No operation cache: every request's pixels are different, and a cache would only hold memory.
-        pyvips.cache_set_max(0)
-        pyvips.cache_set_max_mem(0)
-        pyvips.cache_set_max_files(0)
-        # One thread per resize: parallelism comes from the service's pool, sized to the cores.
-        pyvips.concurrency_set(1)
-        # Only pixels in memory ever reach libvips; refuse every file loader outright.
-        pyvips.operation_block_set("VipsForeignLoad", True)
         try:
             # The very call every request makes, once: a broken libvips stops the start, not each request.
             from PIL import Image  # noqa: PLC0415 - see the import at the top
@@ -89,6 +87,25 @@ def load() -> ModuleType:
         module: ModuleType = pyvips
         _module = module
         return module
+
+
+def configure_process() -> None:
+    """libvips's process-wide settings for a process that uses it only for the service: the standalone
+    server calls this; a host that embeds the app and uses libvips for nothing else may call it too.
+
+    Until a review found it, ``load()`` did this, so a host that built ``Settings(resizer="vips")`` could
+    no longer open a file with pyvips.
+    """
+    pyvips = load()
+    # No operation cache: every request's pixels are different, and a cache would only hold memory.
+    pyvips.cache_set_max(0)
+    pyvips.cache_set_max_mem(0)
+    pyvips.cache_set_max_files(0)
+    # One thread per resize: parallelism comes from the service's pool, sized to the cores.
+    pyvips.concurrency_set(1)
+    # Only pixels in memory ever reach libvips; refuse every file loader outright, so that none of its
+    # parsers can be reached even by a mistake in this code.
+    pyvips.operation_block_set("VipsForeignLoad", True)
 
 
 # What a check in a child may take: an interpreter start, the import and one tiny resize (~0.1 s).

@@ -607,7 +607,9 @@ def ceiling_child(spec: dict[str, Any]) -> int:
     params = request_params(spec["path"], spec["query"], settings)
     limits = pipeline_limits(settings)
     if limits.resizer == "vips":
-        vips.load()  # before the clock starts, as a server loads it at start (with --processes only checked)
+        # Before the clock starts, and set up as the server sets up its own process (no cache, one thread
+        # per resize).
+        vips.configure_process()
     data = Path(spec["file"]).read_bytes()
     seconds = float(spec["seconds"])
     outputs: list[int] = []

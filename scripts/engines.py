@@ -78,12 +78,13 @@ def variants(data: bytes, width: int, quality: int, baseline: bool) -> dict[str,
     jobs: dict[str, Callable[[], int]] = {"pillow": lambda: len(optimize(data, params, pillow).data)}
     try:
         pyvips = vips.load()
+        vips.configure_process()  # as the server runs it: no cache, one thread per resize
     except vips.VipsUnavailable as exc:
         print(f"libvips variants skipped: {exc}", file=sys.stderr)
         return jobs
     with_vips: Limits = dataclasses.replace(pillow, resizer="vips")
     jobs["pillow+vips"] = lambda: len(optimize(data, params, with_vips).data)
-    # libvips's file loaders are blocked for the service (optimizer.vips); this reference needs one.
+    # configure_process() blocks libvips's file loaders for the service; this reference needs one.
     pyvips.operation_block_set("VipsForeignLoadJpeg", False)
 
     def libvips_alone() -> int:

@@ -136,11 +136,53 @@ def test_libvips_does_not_write_its_resize_plans_into_the_log(
     assert logging.getLogger("pyvips").getEffectiveLevel() == logging.WARNING
 
 
-def test_no_libvips_file_loader_is_reachable(pyvips: ModuleType) -> None:
+def _run_probe(code: str) -> str:
+    """``code`` in a fresh interpreter, whose libvips settings this test process does not share."""
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def test_the_standalone_servers_libvips_opens_no_file_and_keeps_nothing(pyvips: ModuleType) -> None:
     # The service hands libvips pixels only; a loader reached by mistake would parse hostile bytes.
-    jpeg = image_bytes((32, 32))
-    with pytest.raises(pyvips.Error):
-        pyvips.Image.new_from_buffer(jpeg, "").avg()
+    probe = """
+import asyncio, io, pyvips
+from PIL import Image
+from optimizer import server
+from optimizer.settings import Settings
+
+async def serve(settings):
+    return 0
+
+server.serve = serve  # everything the process does before it serves, then stop
+server.run(Settings(resizer="vips"))
+jpeg = io.BytesIO()
+Image.new("RGB", (32, 32)).save(jpeg, "JPEG")
+try:
+    pyvips.Image.new_from_buffer(jpeg.getvalue(), "").avg()
+except pyvips.Error:
+    print("blocked", pyvips.concurrency_get(), pyvips.cache_get_max(), pyvips.cache_get_max_mem())
+"""
+    assert _run_probe(probe) == "blocked 1 0 0"
+
+
+def test_an_embedding_hosts_libvips_is_left_as_it_was(pyvips: ModuleType) -> None:
+    """Found in review: building ``Settings(resizer="vips")`` blocked the host's own pyvips loaders."""
+    probe = """
+import io, pyvips
+from PIL import Image
+from optimizer import Settings, create_app
+
+png = io.BytesIO()
+Image.new("RGB", (32, 32), "red").save(png, "PNG")
+before = (pyvips.concurrency_get(), pyvips.cache_get_max())
+create_app(Settings(resizer="vips", threads=1))
+after = (pyvips.concurrency_get(), pyvips.cache_get_max())
+print(before == after, pyvips.Image.new_from_buffer(png.getvalue(), "").width)
+"""
+    assert _run_probe(probe) == "True 32"
 
 
 def test_the_pipeline_answers_the_same_with_either_engine(pyvips: ModuleType) -> None:
