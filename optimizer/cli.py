@@ -18,12 +18,19 @@ import sys
 import threading
 import traceback
 from collections.abc import Callable, Sequence
-from typing import Any, TextIO
+from typing import Any, NoReturn, TextIO
 
 from optimizer import __version__, allocator
 from optimizer.nativelog import Relay
-from optimizer.settings import Settings, SettingsError, parse_value, setting_fields
-from optimizer.startup import EXIT_BAD_SETTINGS, EXIT_CANNOT_START, EXIT_FAILED
+from optimizer.settings import (
+    Settings,
+    SettingsError,
+    flag_name,
+    parse_value,
+    setting_fields,
+    unknown_variables,
+)
+from optimizer.startup import EXIT_BAD_SETTINGS, EXIT_CANNOT_START, EXIT_FAILED, SUPERVISED
 
 __all__ = ["EXIT_BAD_SETTINGS", "main"]
 
@@ -40,12 +47,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = Settings.from_env(os.environ, **args)
     except SettingsError as exc:
-        print("optimizer: invalid settings:\n  " + str(exc).replace("\n", "\n  "), file=sys.stderr)
+        problems = str(exc).splitlines()
+        _early_record(f"invalid settings: {'; '.join(problems)}", event="invalid_settings", problems=problems)
         return EXIT_BAD_SETTINGS
     if settings.processes > 1:
         # A supervisor runs no native code, and its children must inherit the real stderr, not a pipe.
         configure_logging(settings.log_level, capture_native=False)
         allocator.report_restart()
+        _warn_unknown_variables()
         from optimizer.supervisor import Supervisor  # noqa: PLC0415 - see the module's docstring
 
         return Supervisor(settings, list(sys.argv[1:] if argv is None else argv)).run()
@@ -60,6 +69,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     configure_logging(settings.log_level)
     allocator.report_restart()
+    if SUPERVISED not in os.environ:  # a supervisor's children would repeat what it said
+        _warn_unknown_variables()
     try:
         code = run(settings)
     except Exception:
@@ -98,8 +109,32 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+def _early_record(message: str, **fields: Any) -> None:
+    """One JSON error line on stderr before logging is set up (its level is a setting), without setting
+    it up: ``main`` is also called by tests and embedders, whose logging must stay theirs."""
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, message, (), None, extra={"fields": fields})
+    print(JsonFormatter().format(record), file=sys.stderr)
+
+
+def _warn_unknown_variables() -> None:
+    for name, close in unknown_variables(os.environ):
+        log.warning(
+            "%s is not a setting and is ignored%s",
+            name,
+            f"; did you mean {close}?" if close else "",
+            extra={"fields": {"event": "unknown_setting", "variable": name, "did_you_mean": close}},
+        )
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        """A mistyped flag or value as the same JSON line as an invalid setting (exit 2, as argparse)."""
+        _early_record(f"{message} (see --help)", event="invalid_settings", problems=[message])
+        sys.exit(EXIT_BAD_SETTINGS)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="optimizer",
         description="Image-optimization HTTP service. Every flag can also be set by the environment "
         "variable named in its help; a flag wins over the variable.",
@@ -112,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     for spec in setting_fields():
         default = getattr(defaults, spec.name)
         parser.add_argument(
-            "--" + spec.name.replace("_", "-"),
+            flag_name(spec.name),
             dest=spec.name,
             metavar=spec.metadata["env"],
             default=argparse.SUPPRESS,

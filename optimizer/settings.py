@@ -9,6 +9,7 @@ cannot drift apart. Only ``optimizer.cli`` passes ``os.environ`` in: an embeddin
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import os
 import re
@@ -369,13 +370,18 @@ class Settings:
                 try:
                     values[attr] = parse_value(attr, environ[env])
                 except ValueError as exc:
-                    problems.append(f"{env}={environ[env]!r}: {exc}")
+                    problems.append(f"{env}={environ[env]!r}: {exc}{_service_link_hint(env, environ[env])}")
         try:
             # Validate the rest too (unparsable ones fall back to their defaults here), so that one
             # start reports every problem, not one round at a time.
             settings = cls(**values)
         except SettingsError as exc:
-            problems.extend(str(exc).splitlines())
+            # A value given as a flag is named as the flag the operator typed, not as its variable.
+            flags = {_env_name(attr): flag_name(attr) for attr in overrides if attr in _FIELDS}
+            problems.extend(
+                _NAMED.sub(lambda m: flags.get(m.group(0), m.group(0)), line, count=1)
+                for line in str(exc).splitlines()
+            )
         if problems:
             raise SettingsError("\n".join(problems))
         return settings
@@ -391,6 +397,44 @@ _FIELDS: dict[str, dataclasses.Field[Any]] = {f.name: f for f in dataclasses.fie
 def _env_name(attr: str) -> str:
     """The environment variable of a setting, as error messages name it."""
     return str(_FIELDS[attr].metadata["env"])
+
+
+def flag_name(attr: str) -> str:
+    """The command-line flag of a setting (``optimizer.cli`` makes them the same way)."""
+    return "--" + attr.replace("_", "-")
+
+
+# The variable a validation message starts with (``OPTIMIZER_PORT=70000: ...``, ``OPTIMIZER_HOST: ...``).
+_NAMED = re.compile(r"^OPTIMIZER_[A-Z0-9_]+(?=[=:])")
+
+# Variables with the prefix that are not settings and not mistakes: the benchmark's and the tests' own,
+# and those Kubernetes adds for a Service named "optimizer" in the namespace (service links:
+# OPTIMIZER_SERVICE_HOST, OPTIMIZER_PORT_80_TCP_ADDR, ...; the manifests in deploy/ turn them off).
+_NOT_SETTINGS = re.compile(r"OPTIMIZER_(?:CORPUS|PEER_DIR|SERVICE_[A-Z0-9_]+|PORT_\d+_[A-Z0-9_]+)")
+
+
+def unknown_variables(environ: Mapping[str, str]) -> Iterator[tuple[str, str | None]]:
+    """Each ``OPTIMIZER_*`` variable that is no setting, with the setting it is closest to, if any: a
+    misspelt variable would otherwise leave its default in place without a word."""
+    prefix = "OPTIMIZER_"
+    known = [_env_name(attr) for attr in _FIELDS]
+    # Compared without the prefix, which every name shares and would make any two look alike.
+    stems = {name.removeprefix(prefix): name for name in known}
+    for name in sorted(environ):
+        if name.startswith(prefix) and name not in known and not _NOT_SETTINGS.fullmatch(name):
+            close = difflib.get_close_matches(name.removeprefix(prefix), stems, n=1, cutoff=0.6)
+            yield name, stems[close[0]] if close else None
+
+
+def _service_link_hint(env: str, value: str) -> str:
+    """Kubernetes sets OPTIMIZER_PORT=tcp://10.0.0.1:80 in every pod of a namespace with a Service named
+    "optimizer" unless the pod turns service links off: say so rather than leave the operator puzzled."""
+    if env == "OPTIMIZER_PORT" and value.strip().startswith("tcp://"):
+        return (
+            " (this is a Kubernetes service link, set for a Service named optimizer: give the pod "
+            "enableServiceLinks: false, as deploy/kubernetes/deployment.yaml does)"
+        )
+    return ""
 
 
 def setting_fields() -> list[dataclasses.Field[Any]]:

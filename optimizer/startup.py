@@ -24,6 +24,10 @@ EXIT_CANNOT_START = 3
 # ``--processes``: children kept dying soon after being started, so the supervisor gave up.
 EXIT_CRASH_LOOP = 4
 
+# Set in a ``--processes`` supervisor's children: they read the same environment, and leave it to the
+# supervisor to say what is wrong with it.
+SUPERVISED = "_OPTIMIZER_SUPERVISED"
+
 # Codes a restart would not change.
 CANNOT_START = frozenset({EXIT_BAD_SETTINGS, EXIT_CANNOT_START})
 

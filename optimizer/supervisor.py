@@ -33,7 +33,7 @@ from collections.abc import Callable, Sequence
 from types import FrameType
 
 from optimizer.settings import Settings, default_memory_budget, effective_cpu_count
-from optimizer.startup import CANNOT_START, EXIT_CRASH_LOOP, report_listen_failure
+from optimizer.startup import CANNOT_START, EXIT_CRASH_LOOP, SUPERVISED, report_listen_failure
 
 log = logging.getLogger("optimizer.supervisor")
 
@@ -153,6 +153,7 @@ class Supervisor:
         # (exit at once). Only the supervisor's forwarding reaches the children.
         return subprocess.Popen(
             [sys.executable, "-m", "optimizer", *flags],
+            env={**os.environ, SUPERVISED: "1"},
             start_new_session=True,
             # The supervisor runs no threads, so a callback between fork and exec is safe here.
             preexec_fn=self._die_with_parent if self._prctl is not None else None,  # noqa: PLW1509

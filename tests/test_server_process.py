@@ -668,3 +668,32 @@ def test_a_file_made_to_fill_the_log_gets_a_bounded_number_of_lines(launch: Laun
     assert 1 <= len(lines) <= LINE_BURST
     assert int(summary["suppressed"]) >= 2000  # two lines a tag
     assert all(r["level"] == "warning" for r in native)
+
+
+@pytest.mark.parametrize("processes", ["1", "2"])
+def test_a_misspelt_variable_is_one_warning_naming_the_setting(launch: Launch, processes: str) -> None:
+    """It would otherwise leave its default in place without a word (found in review). With
+    ``--processes`` the supervisor says it once; its children read the same environment."""
+    server = launch("--processes", processes, "--threads", "1", OPTIMIZER_THREAD="5")
+    deadline = time.monotonic() + LOG_TIMEOUT
+    while sum(r.get("event") == "listening" for r in server.records()) < int(processes):
+        assert time.monotonic() < deadline, server.stderr_text()
+        time.sleep(0.05)
+    warnings = [r for r in server.records() if r.get("event") == "unknown_setting"]
+    assert len(warnings) == 1, server.stderr_text()
+    assert warnings[0]["level"] == "warning"
+    assert warnings[0]["variable"] == "OPTIMIZER_THREAD"
+    assert warnings[0]["did_you_mean"] == "OPTIMIZER_THREADS"
+    assert "OPTIMIZER_THREADS" in warnings[0]["message"]
+
+
+def test_invalid_settings_are_one_json_line() -> None:
+    result = run_cli("--host", HOST, "--port", "99999", OPTIMIZER_JPEG_QUALITY="0")
+    assert result.returncode == 2, result
+    (record,) = _log_records(result.stderr)
+    assert len(result.stderr.splitlines()) == 1
+    assert record["event"] == "invalid_settings"
+    assert record["problems"] == [
+        "--port=99999: must be between 0 and 65535",
+        "OPTIMIZER_JPEG_QUALITY=0: must be between 1 and 100",
+    ]

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+from typing import Any
 
 import pytest
 
@@ -16,6 +18,7 @@ from optimizer.settings import (
     effective_cpu_count,
     parse_value,
     setting_fields,
+    unknown_variables,
 )
 
 ENV_NAMES = [str(spec.metadata["env"]) for spec in setting_fields()]
@@ -375,38 +378,60 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     assert capsys.readouterr().out.startswith("optimizer ")
 
 
+def _error_record(err: str) -> dict[str, Any]:
+    """The one line the command wrote: a JSON record, as every line it writes is."""
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    record: dict[str, Any] = json.loads(lines[0])
+    assert record["level"] == "error"
+    assert record["event"] == "invalid_settings"
+    return record
+
+
 def test_bad_flag_value_is_refused_by_argparse(
     capsys: pytest.CaptureFixture[str], clean_env: pytest.MonkeyPatch
 ) -> None:
     with pytest.raises(SystemExit) as caught:
         main(["--port", "abc"])
     assert caught.value.code == 2
-    err = capsys.readouterr().err
-    assert "--port" in err
-    assert "expected a whole number" in err
+    record = _error_record(capsys.readouterr().err)
+    assert "--port" in record["message"]
+    assert "expected a whole number" in record["message"]
 
 
 def test_unknown_flag_is_refused(capsys: pytest.CaptureFixture[str], clean_env: pytest.MonkeyPatch) -> None:
     with pytest.raises(SystemExit) as caught:
         main(["--widht", "3"])
     assert caught.value.code == 2
-    assert "--widht" in capsys.readouterr().err
+    assert "--widht" in _error_record(capsys.readouterr().err)["message"]
 
 
 def test_invalid_flag_value(capsys: pytest.CaptureFixture[str], clean_env: pytest.MonkeyPatch) -> None:
+    """Named as the flag the operator typed (found in review: the variable was named)."""
     assert main(["--threads", "0"]) == EXIT_BAD_SETTINGS == 2
     captured = capsys.readouterr()
-    assert "invalid settings" in captured.err
-    assert "OPTIMIZER_THREADS=0: must be at least 1" in captured.err
+    record = _error_record(captured.err)
+    assert record["problems"] == ["--threads=0: must be at least 1"]
+    assert record["message"].startswith("invalid settings: ")
     assert captured.out == ""
 
 
 def test_invalid_environment(capsys: pytest.CaptureFixture[str], clean_env: pytest.MonkeyPatch) -> None:
     clean_env.setenv("OPTIMIZER_PORT", "abc")
     assert main([]) == 2
-    err = capsys.readouterr().err
-    assert "invalid settings" in err
-    assert "OPTIMIZER_PORT='abc': expected a whole number" in err
+    assert _error_record(capsys.readouterr().err)["problems"] == [
+        "OPTIMIZER_PORT='abc': expected a whole number"
+    ]
+
+
+def test_a_kubernetes_service_link_in_the_port_is_explained(
+    capsys: pytest.CaptureFixture[str], clean_env: pytest.MonkeyPatch
+) -> None:
+    clean_env.setenv("OPTIMIZER_PORT", "tcp://10.96.0.12:80")
+    assert main([]) == 2
+    (problem,) = _error_record(capsys.readouterr().err)["problems"]
+    assert problem.startswith("OPTIMIZER_PORT='tcp://10.96.0.12:80': expected a whole number")
+    assert "enableServiceLinks: false" in problem
 
 
 def test_several_problems_are_reported_together(
@@ -414,9 +439,8 @@ def test_several_problems_are_reported_together(
 ) -> None:
     clean_env.setenv("OPTIMIZER_JPEG_QUALITY", "0")
     assert main(["--port", "70000", "--log-level", "loud"]) == 2
-    err = capsys.readouterr().err
-    for name in ("OPTIMIZER_JPEG_QUALITY", "OPTIMIZER_PORT", "OPTIMIZER_LOG_LEVEL"):
-        assert name in err
+    problems = _error_record(capsys.readouterr().err)["problems"]
+    assert sorted(p.split("=")[0] for p in problems) == ["--log-level", "--port", "OPTIMIZER_JPEG_QUALITY"]
 
 
 def test_flag_wins_over_a_bad_variable(
@@ -426,9 +450,25 @@ def test_flag_wins_over_a_bad_variable(
     # (a problem is needed, or main() would start serving).
     clean_env.setenv("OPTIMIZER_THREADS", "0")
     assert main(["--threads", "2", "--port", "-1"]) == 2
-    err = capsys.readouterr().err
-    assert "OPTIMIZER_PORT" in err
-    assert "OPTIMIZER_THREADS" not in err
+    assert _error_record(capsys.readouterr().err)["problems"] == ["--port=-1: must be between 0 and 65535"]
+
+
+def test_unknown_variables_are_named_with_the_closest_setting() -> None:
+    environ = {
+        "OPTIMIZER_THREAD": "5",
+        "OPTIMIZER_MAX_BODY_SIZE": "1",
+        "OPTIMIZER_NONSENSE": "1",
+        "OPTIMIZER_PORT": "8080",  # a setting
+        "OPTIMIZER_CORPUS": "/corpus",  # the tests' and the benchmark's own
+        "OPTIMIZER_SERVICE_HOST": "10.96.0.12",  # Kubernetes service links
+        "OPTIMIZER_PORT_80_TCP_ADDR": "10.96.0.12",
+        "OTHER_THREADS": "1",
+    }
+    assert list(unknown_variables(environ)) == [
+        ("OPTIMIZER_MAX_BODY_SIZE", "OPTIMIZER_MAX_BODY_BYTES"),
+        ("OPTIMIZER_NONSENSE", None),
+        ("OPTIMIZER_THREAD", "OPTIMIZER_THREADS"),
+    ]
 
 
 def test_every_problem_is_reported_in_one_round() -> None:
