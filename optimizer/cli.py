@@ -30,7 +30,12 @@ from optimizer.settings import (
     setting_fields,
     unknown_variables,
 )
-from optimizer.startup import EXIT_BAD_SETTINGS, EXIT_CANNOT_START, EXIT_FAILED, SUPERVISED
+from optimizer.startup import (
+    EXIT_BAD_SETTINGS,
+    EXIT_CANNOT_START,
+    EXIT_FAILED,
+    SUPERVISED,
+)
 
 __all__ = ["EXIT_BAD_SETTINGS", "main"]
 

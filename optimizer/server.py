@@ -32,7 +32,13 @@ from optimizer import allocator, vips
 from optimizer.app import create_app, drain
 from optimizer.listener import PacedSite
 from optimizer.settings import Settings
-from optimizer.startup import EXIT_ABANDONED, EXIT_OK, report_listen_failure
+from optimizer.startup import (
+    EXIT_ABANDONED,
+    EXIT_OK,
+    STOP_SIGNALS,
+    held_stop_signals,
+    report_listen_failure,
+)
 from optimizer.state import STATE
 
 log = logging.getLogger("optimizer")
@@ -224,9 +230,6 @@ async def serve(settings: Settings) -> int:
     return EXIT_ABANDONED if abandoned else EXIT_OK
 
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-
-
 def _ignore_stop_signals() -> None:
     """Once stopped: a stop signal arriving now (the supervisor's SIGHUP after the operator's own SIGTERM
     has drained this process) would find the loop's handlers gone, kill the process by its default
@@ -266,3 +269,5 @@ def _install_signal_handlers(stop: asyncio.Event) -> None:
 
     for signum in STOP_SIGNALS:
         loop.add_signal_handler(signum, on_signal, signum)
+    for held in held_stop_signals():  # came while the server was starting: as if they came now
+        on_signal(held)

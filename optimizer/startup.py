@@ -10,6 +10,8 @@ install), and the operator is better served by one clear error and an exit than 
 from __future__ import annotations
 
 import logging
+import signal
+from types import FrameType
 
 # Stopped by a signal, and all admitted work finished.
 EXIT_OK = 0
@@ -42,3 +44,30 @@ def report_listen_failure(log: logging.Logger, host: str, port: int, exc: OSErro
         extra={"fields": {"event": "listen_failed", "host": host, "port": port}},
     )
     return EXIT_CANNOT_START
+
+
+# The signals that stop a server (SIGHUP: from its supervisor, or the terminal closing).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+# Stop signals that came before the server could act on them (``hold_stop_signals``), in order.
+_held: list[int] = []
+
+
+def hold_stop_signals() -> None:
+    """Remember a stop signal instead of dying of it, until the server's own handlers replace these and
+    act on what was held (``held_stop_signals``). Between the start of ``main`` and those handlers lie
+    the imports, the pool and the runner's setup (~0.3 s): a signal there used to end the process with
+    128 + N and no log line, and a ``--processes`` child stopped while starting made its supervisor exit
+    129. (What comes before ``main``, an interpreter start or two, stays the default action's.)"""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, _hold)
+
+
+def _hold(signum: int, _frame: FrameType | None) -> None:
+    _held.append(signum)
+
+
+def held_stop_signals() -> list[int]:
+    """The signals held so far, each given once: the caller acts on them now."""
+    held = list(_held)
+    _held.clear()
+    return held

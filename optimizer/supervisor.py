@@ -33,7 +33,13 @@ from collections.abc import Callable, Sequence
 from types import FrameType
 
 from optimizer.settings import Settings, default_memory_budget, effective_cpu_count
-from optimizer.startup import CANNOT_START, EXIT_CRASH_LOOP, SUPERVISED, report_listen_failure
+from optimizer.startup import (
+    CANNOT_START,
+    EXIT_CRASH_LOOP,
+    SUPERVISED,
+    held_stop_signals,
+    report_listen_failure,
+)
 
 log = logging.getLogger("optimizer.supervisor")
 
@@ -199,6 +205,12 @@ class Supervisor:
         flags = child_flags(settings, self.argv, dict(os.environ), port)
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._on_signal)
+        # A hang-up ends the supervisor as it always has (its children then get SIGHUP from the kernel).
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        for held in held_stop_signals():  # came while it was starting: as if they came now
+            if held == signal.SIGHUP:
+                signal.raise_signal(held)
+            self._on_signal(held, None)
         for _ in range(settings.processes):
             if self.signals_received:
                 break  # stopped while starting: no more children
@@ -234,6 +246,10 @@ class Supervisor:
                     running = True
                     continue
                 if self.stopping:
+                    # Dead of the stop it was sent: it had no handler yet, so it was still starting and
+                    # had admitted nothing. A clean stop, not the 129 it would otherwise count as.
+                    if code == -FORWARDED_STOP:
+                        code = 0
                     worst = max(worst, code if code >= 0 else 128 - code)
                     continue
                 now = time.monotonic()

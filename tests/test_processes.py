@@ -264,3 +264,64 @@ def test_after_giving_up_the_operators_first_signal_is_not_a_second() -> None:
     assert draining.signals[-1] == signal.SIGKILL
     draining.code = -signal.SIGKILL
     assert supervisor._watch([]) == EXIT_CRASH_LOOP  # why it stopped, not how the children ended
+
+
+class DiesOfTheStop(FakeChild):
+    """A child still starting when told to stop: no handler yet, so the signal's default action."""
+
+    def send_signal(self, signum: int) -> None:
+        self.signals.append(signum)
+        self.code = -signum
+
+
+def test_a_child_stopped_before_it_could_handle_the_signal_is_a_clean_stop() -> None:
+    """Found in review: a SIGTERM right after start made the supervisor exit 129. Such a child had
+    admitted nothing; a child killed by the operator's second signal still counts."""
+    supervisor = Supervisor(Settings(processes=2), [])
+    starting, serving = DiesOfTheStop(None, 1), FakeChild(None, 2)
+    supervisor.children = [starting, serving]  # type: ignore[list-item]
+    supervisor._on_signal(signal.SIGTERM, None)
+    assert supervisor._watch([]) == 0
+    killed = DiesOfTheStop(None, 3)
+    supervisor.children = [killed]  # type: ignore[list-item]
+    supervisor._on_signal(signal.SIGTERM, None)  # the second: SIGKILL
+    assert supervisor._watch([]) == 128 + signal.SIGKILL
+
+
+@pytest.mark.parametrize("processes", ["1", "2"])
+def test_a_stop_signal_while_starting_is_acted_on_once_the_handlers_are_in(processes: str) -> None:
+    """The signal comes after the entry point's hold and before the server's (or supervisor's) own
+    handlers: it stops the service cleanly, exit 0, and says so, instead of 143 and silence."""
+    probe = (
+        "import os, signal, sys\n"
+        "from optimizer import startup\n"
+        "from optimizer.cli import main\n"
+        "startup.hold_stop_signals()\n"
+        "os.kill(os.getpid(), signal.SIGTERM)\n"
+        f"sys.exit(main(['--host', '127.0.0.1', '--port', '0', '--processes', '{processes}', "
+        "'--threads', '1']))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    if processes == "2":  # the supervisor starts no child
+        assert '"event": "stopping"' in result.stderr
+        assert '"event": "listening"' not in result.stderr
+    else:
+        assert '"event": "stopped"' in result.stderr
+
+
+def test_held_stop_signals_are_given_once() -> None:
+    probe = (
+        "import os, signal\n"
+        "from optimizer.startup import hold_stop_signals, held_stop_signals\n"
+        "hold_stop_signals()\n"
+        "os.kill(os.getpid(), signal.SIGHUP)\n"
+        "os.kill(os.getpid(), signal.SIGTERM)\n"
+        "print(held_stop_signals(), held_stop_signals())\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert result.stdout.strip() == f"[{int(signal.SIGHUP)}, {int(signal.SIGTERM)}] []"
