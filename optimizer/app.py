@@ -22,24 +22,15 @@ from aiohttp.typedefs import Handler
 from optimizer import handlers
 from optimizer.errors import Draining, OptimizerError
 from optimizer.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from optimizer.observe import record
+from optimizer.observe import CLIENT_CLOSED, UNMATCHED_ROUTE, record
 from optimizer.openapi import openapi_document
-from optimizer.problems import error_response, problem_response
+from optimizer.problems import error_response, http_exception_response, problem_response
 from optimizer.settings import Settings
 from optimizer.state import STATE, ServiceState
 
 log = logging.getLogger("optimizer")
 
 POOL_START_SECONDS = 30.0
-
-# Status logged for a client that disconnected before it could be answered (nginx's convention).
-CLIENT_CLOSED = 499
-
-_HTTP_CODES = {
-    404: ("not_found", "Not Found"),
-    405: ("method_not_allowed", "Method Not Allowed"),
-    413: ("body_too_large", "Upload too large"),
-}
 
 
 def create_app(settings: Settings | None = None) -> web.Application:
@@ -61,6 +52,11 @@ def create_app(settings: Settings | None = None) -> web.Application:
     app.router.add_get("/readyz", handlers.readyz, expect_handler=plain)
     app.router.add_get("/metrics", _metrics, expect_handler=plain)
     app.router.add_get("/openapi.json", _openapi, expect_handler=plain)
+    # Last: what no route above takes. aiohttp's own answer for it came with its own Expect hook, which
+    # no middleware sees: "100 Continue" to an upload it was about to refuse, or a plain-text 417.
+    app.router.add_route(
+        "*", "/{path:.*}", handlers.unmatched, name=UNMATCHED_ROUTE, expect_handler=handlers.unmatched_expect
+    )
     app.cleanup_ctx.append(_worker_pool)
     app.on_shutdown.append(_on_shutdown)
     return app
@@ -175,9 +171,7 @@ async def _problems_and_access_log(request: web.Request, handler: Handler) -> we
         code = error.code
         response = error_response(error)
     except web.HTTPException as exc:
-        code, title = _HTTP_CODES.get(exc.status, ("http_error", exc.reason))
-        headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
-        response = problem_response(exc.status, code, title, exc.reason, headers)
+        code, response = http_exception_response(exc)
     except ConnectionResetError:
         code = "client_closed"
         response = web.Response(status=CLIENT_CLOSED)

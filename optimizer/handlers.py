@@ -18,10 +18,10 @@ from optimizer.errors import Draining, OptimizerError, Overloaded
 from optimizer.intake import read_upload, refuse_declared_length
 from optimizer.job import Job
 from optimizer.linger import stop_reading_unwanted_body
-from optimizer.observe import record
+from optimizer.observe import CLIENT_CLOSED, UNMATCHED_ROUTE, record
 from optimizer.params import RouteDefaults, parse_params
 from optimizer.pipeline import Limits, Output, Params, inspect, optimize
-from optimizer.problems import error_response
+from optimizer.problems import error_response, http_exception_response
 from optimizer.security import SECURITY_PARAMS, check_api_key, check_signature
 from optimizer.state import STATE, ServiceState
 
@@ -56,6 +56,11 @@ def finish(
     and whatever of the request's body is still unread stays unread (a refusal, but also a 404 or 405,
     which aiohttp would otherwise read to the end at full speed: 2 GB in 1.2 s to one 405)."""
     stop_reading_unwanted_body(request, response, state.lingering)
+    if "Upgrade" in request.headers and not response.prepared:
+        # The service upgrades to nothing, but aiohttp's parser takes whatever follows a request asking
+        # to upgrade as the new protocol's: a request pipelined behind it would go unanswered, never
+        # refused (found in review). Closing after the answer makes the client send it again.
+        response.force_close()
     response.headers.setdefault("X-Content-Type-Options", "nosniff")
     state.cors.decorate(request, response)
     record(request, response, code, time.perf_counter() - started, state.metrics)
@@ -107,17 +112,46 @@ async def _expect_continue(request: web.Request, defaults: RouteDefaults) -> web
     return await continue_if_asked(request)
 
 
-async def continue_if_asked(request: web.BaseRequest) -> web.StreamResponse | None:
+async def continue_if_asked(request: web.Request) -> web.StreamResponse | None:
     """The ``Expect`` hook of routes with nothing to refuse before a body, and the end of the image
     routes' own: ``100 Continue`` for ``100-continue``. Any other expectation is ignored (RFC 9110
     allows it) rather than left to aiohttp's default, a plain-text 417 that no middleware sees."""
     if request.version >= (1, 1) and request.headers.get("Expect", "").lower() == "100-continue":
-        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        try:
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        except ConnectionResetError:
+            # Gone before it was told to send. Logged and counted as any client gone; raised from
+            # here, before any middleware, aiohttp logged an ERROR with a traceback, that any client
+            # could repeat for free (found in review).
+            gone = web.Response(status=CLIENT_CLOSED)
+            return finish(request, gone, "client_closed", time.perf_counter(), request.app[STATE])
         # As aiohttp's own hook does: the interim answer is not the response. Counted, it would make
         # aiohttp take the response as begun, and a host's error after this would drop the connection
         # instead of answering it.
         request.writer.output_size = 0
     return None  # on to the handler
+
+
+async def unmatched(request: web.Request) -> web.StreamResponse:
+    """What no route takes: 405 naming the methods the path does take, or 404 (as aiohttp answers)."""
+    raise _no_route(request)
+
+
+async def unmatched_expect(request: web.Request) -> web.StreamResponse | None:
+    """The refusal itself rather than ``100 Continue``: the client then uploads nothing."""
+    code, response = http_exception_response(_no_route(request))
+    return finish(request, response, code, time.perf_counter(), request.app[STATE])
+
+
+def _no_route(request: web.Request) -> web.HTTPException:
+    path = request.rel_url.path
+    allowed = {
+        route.method
+        for resource in request.app.router.resources()
+        if resource.name != UNMATCHED_ROUTE and resource.raw_match(path)
+        for route in resource
+    }
+    return web.HTTPMethodNotAllowed(request.method, allowed) if allowed else web.HTTPNotFound()
 
 
 def _before_the_body(request: web.Request, state: ServiceState, defaults: RouteDefaults) -> Params:

@@ -32,6 +32,12 @@ def request_id(request: web.BaseRequest) -> str:
     return assigned
 
 
+# Status logged for a client that disconnected before it could be answered (nginx's convention).
+CLIENT_CLOSED = 499
+# The name of the app's last route, which takes what no other does (``optimizer.app``).
+UNMATCHED_ROUTE = "optimizer-unmatched"
+
+
 def route_label(request: web.BaseRequest) -> str:
     """The route pattern, e.g. ``/img/optimize``: bounded, unlike the raw path. A CORS preflight is
     ``/img/optimize preflight``: counted with the uploads, its near-instant answers would pull their
@@ -39,7 +45,7 @@ def route_label(request: web.BaseRequest) -> str:
     match_info = request.match_info if isinstance(request, web.Request) else None
     route = match_info.route if match_info is not None else None
     resource = route.resource if route is not None else None
-    if resource is None:
+    if resource is None or resource.name == UNMATCHED_ROUTE:
         return "unmatched"
     return f"{resource.canonical} preflight" if request.method == "OPTIONS" else resource.canonical
 

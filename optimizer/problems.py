@@ -35,3 +35,18 @@ def problem_response(
 
 def error_response(error: OptimizerError) -> web.Response:
     return problem_response(error.status, error.code, error.title, error.detail, error.headers)
+
+
+# aiohttp's own refusals that reach the service's code, by status: (code, title).
+_HTTP_CODES = {
+    404: ("not_found", "Not Found"),
+    405: ("method_not_allowed", "Method Not Allowed"),
+    413: ("body_too_large", "Upload too large"),
+}
+
+
+def http_exception_response(exc: web.HTTPException) -> tuple[str, web.Response]:
+    """An aiohttp refusal (404, 405, ...) as problem+json, and its code."""
+    code, title = _HTTP_CODES.get(exc.status, ("http_error", exc.reason))
+    headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+    return code, problem_response(exc.status, code, title, exc.reason, headers)

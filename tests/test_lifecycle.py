@@ -9,6 +9,8 @@ import asyncio
 import contextlib
 import functools
 import logging
+import socket
+import struct
 import sys
 import threading
 from collections.abc import Awaitable, Callable, Iterator
@@ -799,3 +801,74 @@ async def test_a_client_gone_before_its_header_was_read_is_not_decoded(
     header_read.set()
     await until(lambda: state.gate.in_flight == 0 and state.budget.in_use == 0)
     assert decoded == []  # its worker read the header, found nobody waiting, and stopped there
+
+
+@pytest.mark.parametrize(
+    ("target", "expect", "status", "code"),
+    [
+        ("POST /nope", "100-continue", 404, "not_found"),
+        ("PUT /optimize", "100-continue", 405, "method_not_allowed"),
+        ("POST /nope", "200-ok", 404, "not_found"),
+        ("GET /upload", "200-ok", 405, "method_not_allowed"),
+    ],
+)
+async def test_a_request_no_route_takes_is_refused_before_its_body_whatever_it_expects(
+    make_client: ClientFactory, target: str, expect: str, status: int, code: str
+) -> None:
+    """Found in review: aiohttp's hook for such requests said 100 Continue to an upload it was about to
+    refuse, or answered an unknown expectation with a plain-text 417 that no log or metric saw."""
+    client = await make_client()
+    head = (
+        f"{target} HTTP/1.1\r\nHost: test\r\nContent-Type: image/jpeg\r\n"
+        f"Content-Length: 1000000\r\nExpect: {expect}\r\n\r\n"
+    ).encode()
+    answer, writer = await raw_request(client, head)  # no body sent at all
+    writer.close()
+    assert answer.startswith(f"HTTP/1.1 {status}".encode()), answer
+    assert b"100 Continue" not in answer
+    assert b"application/problem+json" in answer
+    assert f'"code": "{code}"'.encode() in answer
+    if status == 405:
+        assert b"\r\nAllow: " in answer
+    assert client.app is not None
+    metrics = client.app[STATE].metrics.render().decode()
+    assert f'optimizer_requests_total{{route="unmatched",status="{status}"}} 1.0' in metrics
+
+
+async def test_a_client_gone_before_100_continue_is_one_access_line_not_an_error(
+    make_client: ClientFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found in review: writing 100 Continue to a client already gone raised before any middleware, and
+    aiohttp logged an ERROR with a traceback for each, uncounted."""
+    client = await make_client()
+    assert client.server.port is not None
+    for _ in range(20):
+        with socket.create_connection(("127.0.0.1", client.server.port)) as gone:
+            gone.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close with RST
+            gone.sendall(
+                b"POST /optimize HTTP/1.1\r\nHost: t\r\nContent-Type: image/jpeg\r\n"
+                b"Expect: 100-continue\r\nContent-Length: 5000\r\n\r\n"
+            )
+    assert client.app is not None
+    metrics = client.app[STATE].metrics
+    await until(lambda: b"client_closed" in metrics.render())
+    await asyncio.sleep(0.2)  # let the other connections' handlers run too
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def test_a_request_behind_one_asking_to_upgrade_is_not_swallowed(make_client: ClientFactory) -> None:
+    """aiohttp's parser takes what follows a request with ``Upgrade`` as the new protocol's bytes: the
+    connection is closed after the answer, so the client knows to send the rest again."""
+    client = await make_client()
+    head = (
+        b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n"
+        b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n"
+    )
+    assert client.server.port is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", client.server.port)
+    writer.write(head)
+    async with asyncio.timeout(10):
+        answer = await reader.read()  # to the end: the server closes
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 200")
+    assert b"Connection: close" in answer

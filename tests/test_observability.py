@@ -135,3 +135,32 @@ async def test_one_structured_log_line_per_request(
     assert fields[0]["bytes_out"] == int(response.headers["Content-Length"])
     assert fields[1]["code"] == "empty_body"
     json.dumps(fields)  # serialisable as the JSON log formatter needs
+
+
+async def test_embedded_apps_answer_their_own_unknown_paths_and_methods(
+    aiohttp_client: Callable[..., Awaitable[Client]],
+) -> None:
+    """Under its prefix each app answers what none of its routes takes, and counts it; elsewhere the
+    host's own routes and answers are untouched."""
+
+    async def hosts_own(_request: web.Request) -> web.Response:
+        return web.Response(text="host")
+
+    parent = web.Application()
+    parent.router.add_get("/hello", hosts_own)
+    parent.add_subapp("/a", create_app(test_settings()))
+    client = await aiohttp_client(TestServer(parent))
+    put = await client.put("/a/optimize", data=b"x")
+    assert put.status == 405
+    assert set(put.headers["Allow"].split(",")) == {"POST"}
+    assert (await put.json(content_type="application/problem+json"))["code"] == "method_not_allowed"
+    missing = await client.get("/a/nope")
+    assert missing.status == 404
+    assert missing.content_type == "application/problem+json"
+    assert (await (await client.get("/hello")).text()) == "host"
+    host_missing = await client.get("/elsewhere")
+    assert host_missing.status == 404
+    assert host_missing.content_type != "application/problem+json"  # the host's own 404
+    text = await (await client.get("/a/metrics")).text()
+    assert sample(text, "optimizer_requests_total", route="unmatched", status="405") == 1
+    assert sample(text, "optimizer_requests_total", route="unmatched", status="404") == 1
