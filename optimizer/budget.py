@@ -62,6 +62,14 @@ class MemoryBudget:
             self.peak = max(self.peak, self.in_use)
         return Reservation(self, nbytes)
 
+    def hold(self, nbytes: int) -> Reservation:
+        """Count ``nbytes`` that already exist (an answer not yet sent), room or not: what they take is
+        then room the decodes wait for, not memory on top of the budget."""
+        with self._lock:
+            self.in_use += nbytes
+            self.peak = max(self.peak, self.in_use)
+        return Reservation(self, nbytes)
+
     async def reserve(self, nbytes: int, wait: float) -> Reservation:
         """Hold ``nbytes``; waits up to ``wait`` seconds for room (503), refuses what cannot fit (413)."""
         loop = asyncio.get_running_loop()

@@ -23,6 +23,7 @@ from optimizer.params import RouteDefaults, parse_params
 from optimizer.pipeline import Limits, Output, Params, inspect, optimize
 from optimizer.problems import error_response, http_exception_response
 from optimizer.security import SECURITY_PARAMS, check_api_key, check_signature
+from optimizer.sending import OutgoingImage
 from optimizer.state import STATE, ServiceState
 
 OPTIMIZE_DEFAULTS = RouteDefaults()
@@ -204,7 +205,7 @@ async def _optimize(request: web.Request, defaults: RouteDefaults) -> web.Stream
         "encode": output.timings.encode,
     }
     state.metrics.observe_stages(timing)
-    return _image_response(output, timing)
+    return _image_response(output, timing, state)
 
 
 def _inspect_then_optimize(
@@ -222,12 +223,18 @@ def _inspect_then_optimize(
     return optimize(data, params, limits)
 
 
-def _image_response(out: Output, timing: dict[str, float]) -> web.Response:
+def _image_response(out: Output, timing: dict[str, float], state: ServiceState) -> web.Response:
     server_timing = ", ".join(f"{name};dur={seconds * 1000:.1f}" for name, seconds in timing.items())
-    return web.Response(
-        body=out.data,
+    body = OutgoingImage(
+        out.data,
         content_type=out.media_type,
+        budget=state.budget,
+        piece_seconds=state.settings.read_timeout,
+    )
+    return web.Response(
+        body=body,
         headers={
+            "Content-Length": str(len(out.data)),  # aiohttp counts a payload's only once it is sent
             "X-Image-Width": str(out.width),
             "X-Image-Height": str(out.height),
             "Server-Timing": server_timing,

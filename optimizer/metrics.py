@@ -91,13 +91,13 @@ class ServiceMetrics:
         budget_total.set_function(lambda: budget.total)
         reserved = Gauge(
             "optimizer_memory_reserved_bytes",
-            "Decode memory reserved by images being processed now.",
+            "Decode memory reserved by images being processed, and image answers not yet sent, now.",
             registry=registry,
         )
         reserved.set_function(lambda: budget.in_use)
         reserved_peak = Gauge(
             "optimizer_memory_reserved_peak_bytes",
-            "The most decode memory ever reserved at once since the start.",
+            "The most memory ever reserved at once since the start (decodes and unsent answers).",
             registry=registry,
         )
         reserved_peak.set_function(lambda: budget.peak)

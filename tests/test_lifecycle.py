@@ -8,7 +8,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import io
 import logging
+import random
 import socket
 import struct
 import sys
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 import pytest
 from aiohttp import ClientResponse, StreamReader, web
 from aiohttp.test_utils import TestClient, TestServer
+from PIL import Image
 
 from optimizer import app as app_module
 from optimizer import create_app, handlers
@@ -872,3 +875,53 @@ async def test_a_request_behind_one_asking_to_upgrade_is_not_swallowed(make_clie
     writer.close()
     assert answer.startswith(b"HTTP/1.1 200")
     assert b"Connection: close" in answer
+
+
+def noise_png(size: tuple[int, int]) -> bytes:
+    """Pixels no encoder can shrink: the answer is as large as the request for it can make it."""
+    buffer = io.BytesIO()
+    Image.frombytes("RGB", size, random.Random(7).randbytes(size[0] * size[1] * 3)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+async def test_an_answer_the_client_does_not_read_is_counted_then_dropped(
+    make_client: ClientFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found in review: a large answer nobody read stayed in the process, outside the memory budget, for
+    as long as the client kept its connection (1.8 GB of RSS for 18 of them, nothing in flight)."""
+    client = await make_client(read_timeout=1.0)
+    assert client.app is not None and client.server.port is not None
+    budget = client.app[STATE].budget
+    data = noise_png((800, 800))
+    with socket.socket() as reader:
+        reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the kernel cannot take it for us
+        reader.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(reader, ("127.0.0.1", client.server.port))
+        await asyncio.get_running_loop().sock_sendall(
+            reader,
+            b"POST /optimize?format=png&width=3000&enlarge=1 HTTP/1.1\r\nHost: t\r\n"
+            + f"Content-Type: image/png\r\nContent-Length: {len(data)}\r\n\r\n".encode()
+            + data,
+        )
+        await until(lambda: budget.in_use > 0 and in_flight(client) == 0, 30)  # out of the gate, unsent
+        held = budget.in_use
+        assert held > 10_000_000  # the answer, counted while it waits for the client
+        await until(lambda: budget.in_use == 0, 30)  # given up after the allowance
+    assert [r for r in caplog.records if getattr(r, "fields", {}).get("event") == "answer_abandoned"]
+
+
+async def test_an_answer_read_slowly_but_steadily_arrives_whole(make_client: ClientFactory) -> None:
+    client = await make_client(read_timeout=1.0)
+    data = noise_png((300, 300))
+    response = await client.post(
+        "/optimize?format=png&width=1200&enlarge=1", data=data, headers={"Content-Type": "image/png"}
+    )
+    assert response.status == 200
+    body = b""
+    while chunk := await response.content.read(200_000):
+        body += chunk
+        await asyncio.sleep(0.3)  # slower than the loopback, faster than the allowance per piece
+    assert len(body) == int(response.headers["Content-Length"])
+    assert decode(body).size == (1200, 1200)
+    assert client.app is not None
+    assert client.app[STATE].budget.in_use == 0

@@ -1,0 +1,74 @@
+"""An image answer on its way out: counted in the memory budget until sent, and given up when the client
+stops reading it.
+
+A job's memory reservation ends with its worker, but the encoded image then waits in the transport's
+buffer until the client reads it, and nothing bounded that. A client that uploaded a 6.8 MB noise PNG,
+asked for it as a 4500 px PNG and never read the answer kept 50 MB in the process for as long as it kept
+the connection open: 18 such connections, 1.8 GB of RSS with nothing in flight (found in review). So
+the answer goes out in pieces, each of which the client must take within ``read_timeout`` (the same
+allowance an upload gets), and until it is all sent it counts in the memory budget: unread answers take
+room the decodes then wait for, instead of memory on top of the budget.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from aiohttp import payload
+from aiohttp.abc import AbstractStreamWriter
+
+from optimizer.budget import MemoryBudget
+
+# Each piece must leave within the allowance: at the 10 s default, a client reading slower than ~26 KB/s
+# is dropped. Larger than most answers (a few hundred KB at 800 px), which then go out in one write.
+PIECE_BYTES = 256 * 1024
+
+log = logging.getLogger("optimizer")
+
+
+class ClientNotReading(ConnectionResetError):
+    """The client took none of a piece of its answer in time; the connection has been aborted."""
+
+
+class OutgoingImage(payload.Payload):
+    """Not a ``BytesPayload``, which warns about large bodies written at once: this one is not."""
+
+    _value: bytes
+
+    def __init__(self, data: bytes, *, content_type: str, budget: MemoryBudget, piece_seconds: float) -> None:
+        super().__init__(data, content_type=content_type)
+        self._size = len(data)
+        self._budget = budget
+        self._piece_seconds = piece_seconds
+
+    def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
+        return self._value.decode(encoding, errors)
+
+    async def write(self, writer: AbstractStreamWriter) -> None:
+        data = memoryview(self._value)
+        # Counted from the first byte sent, not from the response's making: an answer never sent (a host's
+        # middleware replaced it, the handler was cancelled) then holds nothing.
+        held = self._budget.hold(len(data))
+        try:
+            for start in range(0, len(data), PIECE_BYTES):
+                try:
+                    async with asyncio.timeout(self._piece_seconds):
+                        await writer.write(data[start : start + PIECE_BYTES])
+                except TimeoutError:
+                    transport = getattr(writer, "transport", None)
+                    if transport is not None:
+                        transport.abort()  # drops what is buffered: the memory comes back now
+                    log.warning(
+                        "dropped a connection whose client stopped reading its answer (%d of %d bytes "
+                        "given to the transport)",
+                        start,
+                        len(data),
+                        extra={"fields": {"event": "answer_abandoned", "bytes_out": len(data)}},
+                    )
+                    raise ClientNotReading(
+                        f"the client took less than {PIECE_BYTES} bytes of its answer in "
+                        f"{self._piece_seconds:g} s"
+                    ) from None
+        finally:
+            held.release()
