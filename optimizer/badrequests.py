@@ -10,6 +10,7 @@ connections with it. An application that embeds the service keeps its own server
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any
@@ -25,19 +26,99 @@ from optimizer.problems import problem_response
 MAX_DETAIL = 300
 
 
+# Where a problem answer made here keeps its ``code``, for whoever counts it (``refused``).
+PROBLEM_CODE = web.ResponseKey("optimizer_problem_code", str)
+
+
 class ProblemRequestHandler(RequestHandler):
-    __slots__ = ("_problem", "_refused")
+    """aiohttp's connection, with two things changed: the parser's refusals are problem+json, and a
+    request head must arrive whole within ``head_timeout`` seconds.
+
+    **The head's deadline.** aiohttp bounds nothing before a request head is complete but its idle
+    timeout (3630 s, longer than load balancers keep idle connections): a client sending a header byte
+    now and then, or nothing at all, held a connection and its file descriptor for an hour, and 260 of
+    them under a limit of 256 descriptors made the service stop answering (found in review). As Go's
+    ReadHeaderTimeout and nginx's client_header_timeout do, a new connection must send a whole head
+    within the deadline, and so must one that starts a head after sitting idle between requests (the
+    idle time itself stays aiohttp's). A head left unfinished gets 408 ``upload_stalled``; a connection
+    that sent nothing is just closed.
+    """
+
+    __slots__ = ("_head_deadline", "_head_started", "_head_timeout", "_problem", "_refused")
 
     def __init__(
         self,
         manager: web.Server,
         *,
         refused: Callable[[web.StreamResponse], None] | None = None,
+        head_timeout: float | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(manager, **kwargs)
         self._refused = refused  # told of each problem sent (the service counts them)
         self._problem: web.StreamResponse | None = None  # made, not yet sent
+        self._head_timeout = head_timeout
+        self._head_deadline: asyncio.TimerHandle | None = None
+        self._head_started = False  # bytes of the awaited head have arrived
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._arm_head_deadline()  # the first request's head, from the connection's start
+
+    def data_received(self, data: bytes) -> None:
+        idle = self._waiter is not None and not self._waiter.done()  # between requests
+        heads = self._request_count
+        super().data_received(data)
+        if self._request_count != heads:
+            self._disarm_head_deadline()  # a head is whole (pipelined ones too)
+        elif data and (idle or self._head_deadline is not None):
+            self._head_started = True
+            if self._head_deadline is None:
+                self._arm_head_deadline()  # a head begins after the connection sat idle
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._disarm_head_deadline()
+        super().connection_lost(exc)
+
+    def _arm_head_deadline(self) -> None:
+        if self._head_timeout is not None and self._head_deadline is None:
+            self._head_deadline = self._loop.call_later(self._head_timeout, self._head_too_late)
+
+    def _disarm_head_deadline(self) -> None:
+        if self._head_deadline is not None:
+            self._head_deadline.cancel()
+            self._head_deadline = None
+        self._head_started = False
+
+    def _head_too_late(self) -> None:
+        self._head_deadline = None
+        transport = self.transport
+        waiting = self._waiter is not None and not self._waiter.done()
+        if (
+            transport is None
+            or self._force_close
+            or self._messages
+            or not (waiting or self._request_count == 0)
+        ):
+            return  # a request is under way after all: its body has deadlines of its own
+        if self._head_started:
+            problem = problem_response(
+                408,
+                "upload_stalled",
+                "Request Timeout",
+                f"the request's head did not arrive whole within {self._head_timeout:g} s",
+            )
+            problem.headers["X-Content-Type-Options"] = "nosniff"
+            problem.headers["Connection"] = "close"
+            problem[PROBLEM_CODE] = "upload_stalled"
+            body = problem.body if isinstance(problem.body, bytes) else b""
+            head = "".join(f"{name}: {value}\r\n" for name, value in problem.headers.items())
+            transport.write(
+                f"HTTP/1.1 408 Request Timeout\r\n{head}Content-Length: {len(body)}\r\n\r\n".encode() + body
+            )
+            if self._refused is not None:
+                self._refused(problem)
+        self.force_close()  # closes the transport once the answer, if any, is written
 
     def handle_error(
         self,
@@ -61,6 +142,7 @@ class ProblemRequestHandler(RequestHandler):
         problem = problem_response(status, "bad_request", title, f"the request cannot be parsed: {reason}")
         problem.headers["X-Content-Type-Options"] = "nosniff"
         problem.force_close()  # as aiohttp's: the parser has lost its place in the connection
+        problem[PROBLEM_CODE] = "bad_request"
         self._problem = problem
         return problem
 
@@ -78,7 +160,9 @@ class ProblemRequestHandler(RequestHandler):
 
 
 def problem_handlers(
-    server: web.Server, refused: Callable[[web.StreamResponse], None] | None = None
+    server: web.Server,
+    refused: Callable[[web.StreamResponse], None] | None = None,
+    head_timeout: float | None = None,
 ) -> Callable[[], RequestHandler]:
     """A protocol factory like ``server`` itself (aiohttp's ``Server.__call__``), making
     ``ProblemRequestHandler`` connections with the server's own settings; ``refused`` is called with
@@ -87,6 +171,6 @@ def problem_handlers(
     kwargs: dict[str, Any] = server._kwargs
 
     def connection() -> RequestHandler:
-        return ProblemRequestHandler(server, loop=loop, refused=refused, **kwargs)
+        return ProblemRequestHandler(server, loop=loop, refused=refused, head_timeout=head_timeout, **kwargs)
 
     return connection

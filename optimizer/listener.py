@@ -212,9 +212,10 @@ def queued_connections(sock: socket.socket) -> int | None:
 
 class PacedSite(web.BaseSite):
     """``web.TCPSite`` with a ``PacedServer`` in place of asyncio's server. ``refused`` is told of
-    each request aiohttp's parser refused (``optimizer.badrequests``)."""
+    each request aiohttp's parser refused, and of each head that came too late (``head_timeout``;
+    ``optimizer.badrequests``)."""
 
-    __slots__ = ("_full", "_host", "_port", "_refused", "_reuse_port")
+    __slots__ = ("_full", "_head_timeout", "_host", "_port", "_refused", "_reuse_port")
 
     def __init__(
         self,
@@ -225,6 +226,7 @@ class PacedSite(web.BaseSite):
         reuse_port: bool,
         full: Callable[[], bool],
         refused: Callable[[web.StreamResponse], None] | None = None,
+        head_timeout: float | None = None,
     ) -> None:
         super().__init__(runner)
         self._host = host
@@ -232,6 +234,7 @@ class PacedSite(web.BaseSite):
         self._reuse_port = reuse_port
         self._full = full
         self._refused = refused
+        self._head_timeout = head_timeout
 
     @property
     def name(self) -> str:
@@ -243,7 +246,7 @@ class PacedSite(web.BaseSite):
         assert server is not None
         self._server = PacedServer(
             listening_sockets(self._host, self._port, self._reuse_port),
-            problem_handlers(server, self._refused),
+            problem_handlers(server, self._refused, self._head_timeout),
             self._full,
         )
 

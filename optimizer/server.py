@@ -30,6 +30,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from optimizer import allocator, vips
 from optimizer.app import create_app, drain
+from optimizer.badrequests import PROBLEM_CODE
 from optimizer.listener import PacedSite
 from optimizer.settings import Settings
 from optimizer.startup import (
@@ -177,8 +178,9 @@ async def serve(settings: Settings) -> int:
                 seconds=None,
                 bytes_in=0,
                 bytes_out=problem.content_length or 0,
-                code="bad_request",
+                code=problem.get(PROBLEM_CODE, "bad_request"),
             ),
+            head_timeout=settings.read_timeout,
         )
         try:
             await site.start()

@@ -16,6 +16,7 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
 from optimizer import listener
+from optimizer.badrequests import PROBLEM_CODE
 from optimizer.listener import ACCEPT_BURST, ACCEPT_PACE_SECONDS, PacedSite, TokenBucket, listening_sockets
 
 
@@ -228,3 +229,111 @@ async def test_a_problem_the_client_never_got_is_not_counted(
     finally:
         writer.close()
     assert gate.refused == []
+
+
+HEAD_TIMEOUT = 0.5
+
+
+async def echo_length(request: web.Request) -> web.Response:
+    return web.Response(text=str(len(await request.read())))
+
+
+@pytest.fixture
+async def deadline_site() -> AsyncIterator[tuple[str, int, Gate]]:
+    """A ``PacedSite`` whose connections must send each request head within ``HEAD_TIMEOUT``."""
+    app = web.Application()
+    app.router.add_get("/", hello)
+    app.router.add_post("/", echo_length)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    gate = Gate()
+    site = PacedSite(
+        runner,
+        "127.0.0.1",
+        0,
+        reuse_port=False,
+        full=lambda: gate.full,
+        refused=gate.refused.append,
+        head_timeout=HEAD_TIMEOUT,
+    )
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    try:
+        yield host, port, gate
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_head_left_unfinished_gets_408_and_the_connection_closes(
+    deadline_site: tuple[str, int, Gate],
+) -> None:
+    """Found in review: a client sending a header byte now and then held its connection for an hour."""
+    host, port, gate = deadline_site
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        writer.write(b"GET / HTTP/1.1\r\nHost: t\r\n")  # and never the blank line
+        async with asyncio.timeout(10):
+            answer = await reader.read()  # to the close
+    finally:
+        writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408 ")
+    assert b"Connection: close" in head
+    assert json.loads(body)["code"] == "upload_stalled"
+    assert [(refused.status, refused.get(PROBLEM_CODE)) for refused in gate.refused] == [
+        (408, "upload_stalled")
+    ]
+
+
+async def test_a_connection_that_sends_nothing_is_closed_unanswered(
+    deadline_site: tuple[str, int, Gate],
+) -> None:
+    host, port, gate = deadline_site
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        async with asyncio.timeout(10):
+            assert await reader.read() == b""
+    finally:
+        writer.close()
+    assert gate.refused == []
+
+
+async def test_idle_keep_alive_and_a_slow_body_are_not_the_heads_deadline(
+    deadline_site: tuple[str, int, Gate],
+) -> None:
+    """Between requests the connection may sit idle (aiohttp's idle timeout applies), and a body takes
+    as long as the service's own deadlines allow."""
+    host, port, gate = deadline_site
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        writer.write(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        async with asyncio.timeout(10):
+            assert (await reader.readuntil(b"hello")).startswith(b"HTTP/1.1 200")
+        await asyncio.sleep(HEAD_TIMEOUT * 3)  # idle between requests
+        writer.write(b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 6\r\n\r\nabc")
+        await asyncio.sleep(HEAD_TIMEOUT * 3)  # the head is whole; the body is slow
+        writer.write(b"def")
+        async with asyncio.timeout(10):
+            answer = await reader.readuntil(b"\r\n\r\n")
+            assert answer.startswith(b"HTTP/1.1 200")
+            assert await reader.readexactly(1) == b"6"
+    finally:
+        writer.close()
+    assert gate.refused == []
+
+
+async def test_a_head_begun_after_idle_time_has_its_own_deadline(
+    deadline_site: tuple[str, int, Gate],
+) -> None:
+    host, port, _gate = deadline_site
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        writer.write(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        async with asyncio.timeout(10):
+            await reader.readuntil(b"hello")
+        await asyncio.sleep(HEAD_TIMEOUT * 2)
+        writer.write(b"GET / HTTP/1.1\r\n")  # a head begun, never finished
+        async with asyncio.timeout(10):
+            assert (await reader.read()).startswith(b"HTTP/1.1 408 ")
+    finally:
+        writer.close()
