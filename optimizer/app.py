@@ -18,11 +18,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
+from aiohttp.web_urldispatcher import SystemRoute, UrlMappingMatchInfo
 
 from optimizer import handlers
 from optimizer.errors import Draining, OptimizerError
 from optimizer.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from optimizer.observe import CLIENT_CLOSED, UNMATCHED_ROUTE, record
+from optimizer.observe import CLIENT_CLOSED, record
 from optimizer.openapi import openapi_document
 from optimizer.problems import error_response, http_exception_response, problem_response
 from optimizer.settings import Settings
@@ -37,6 +38,7 @@ def create_app(settings: Settings | None = None) -> web.Application:
     settings = settings if settings is not None else Settings()
     # client_max_size only guards request.read()/post(); intake enforces the cap while streaming.
     app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[_problems_and_access_log])
+    app.router.__class__ = _Router  # no state of its own: only what no route matches changes
     app[STATE] = ServiceState.from_settings(settings)
     state = app[STATE]
     routes = (
@@ -52,14 +54,29 @@ def create_app(settings: Settings | None = None) -> web.Application:
     app.router.add_get("/readyz", handlers.readyz, expect_handler=plain)
     app.router.add_get("/metrics", _metrics, expect_handler=plain)
     app.router.add_get("/openapi.json", _openapi, expect_handler=plain)
-    # Last: what no route above takes. aiohttp's own answer for it came with its own Expect hook, which
-    # no middleware sees: "100 Continue" to an upload it was about to refuse, or a plain-text 417.
-    app.router.add_route(
-        "*", "/{path:.*}", handlers.unmatched, name=UNMATCHED_ROUTE, expect_handler=handlers.unmatched_expect
-    )
     app.cleanup_ctx.append(_worker_pool)
     app.on_shutdown.append(_on_shutdown)
     return app
+
+
+class _Router(web.UrlDispatcher):
+    """aiohttp's router, with the service's ``Expect`` hook for what no route matches.
+
+    aiohttp answers a path or method no route takes through a route of its own, whose ``Expect`` hook
+    runs before any middleware: it said "100 Continue" to an upload it was about to refuse, and
+    answered an expectation other than ``100-continue`` with a plain-text 417 that no log or metric saw
+    (found in review). That route stays aiohttp's (a host's ``normalize_path_middleware`` looks for it;
+    a catch-all route of the app's own broke its redirects, found in the next review); only its hook is
+    the service's, which answers the 404 or 405 at once."""
+
+    async def resolve(self, request: web.Request) -> UrlMappingMatchInfo:
+        match = await super().resolve(request)
+        route = match.route
+        # A new route per unmatched request: changing its hook changes nothing else. Where a later aiohttp
+        # names the attribute otherwise, its own hook stays (tests/test_lifecycle.py would say so).
+        if isinstance(route, SystemRoute) and hasattr(route, "_expect_handler"):
+            route._expect_handler = handlers.unmatched_expect
+        return match
 
 
 async def _metrics(request: web.Request) -> web.Response:

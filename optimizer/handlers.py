@@ -18,7 +18,7 @@ from optimizer.errors import Draining, OptimizerError, Overloaded
 from optimizer.intake import read_upload, refuse_declared_length
 from optimizer.job import Job
 from optimizer.linger import stop_reading_unwanted_body
-from optimizer.observe import CLIENT_CLOSED, UNMATCHED_ROUTE, record
+from optimizer.observe import CLIENT_CLOSED, record
 from optimizer.params import RouteDefaults, parse_params
 from optimizer.pipeline import Limits, Output, Params, inspect, optimize
 from optimizer.problems import error_response, http_exception_response
@@ -133,26 +133,14 @@ async def continue_if_asked(request: web.Request) -> web.StreamResponse | None:
     return None  # on to the handler
 
 
-async def unmatched(request: web.Request) -> web.StreamResponse:
-    """What no route takes: 405 naming the methods the path does take, or 404 (as aiohttp answers)."""
-    raise _no_route(request)
-
-
 async def unmatched_expect(request: web.Request) -> web.StreamResponse | None:
-    """The refusal itself rather than ``100 Continue``: the client then uploads nothing."""
-    code, response = http_exception_response(_no_route(request))
+    """The ``Expect`` hook of what no route matches (``optimizer.app``): the 404 or 405 itself, rather
+    than ``100 Continue``, so that the client uploads nothing; whatever it expects."""
+    refusal = request.match_info.http_exception
+    if refusal is None:  # matched after all
+        return await continue_if_asked(request)
+    code, response = http_exception_response(refusal)
     return finish(request, response, code, time.perf_counter(), request.app[STATE])
-
-
-def _no_route(request: web.Request) -> web.HTTPException:
-    path = request.rel_url.path
-    allowed = {
-        route.method
-        for resource in request.app.router.resources()
-        if resource.name != UNMATCHED_ROUTE and resource.raw_match(path)
-        for route in resource
-    }
-    return web.HTTPMethodNotAllowed(request.method, allowed) if allowed else web.HTTPNotFound()
 
 
 def _before_the_body(request: web.Request, state: ServiceState, defaults: RouteDefaults) -> Params:
@@ -234,7 +222,6 @@ def _image_response(out: Output, timing: dict[str, float], state: ServiceState) 
     return web.Response(
         body=body,
         headers={
-            "Content-Length": str(len(out.data)),  # aiohttp counts a payload's only once it is sent
             "X-Image-Width": str(out.width),
             "X-Image-Height": str(out.height),
             "Server-Timing": server_timing,

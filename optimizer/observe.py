@@ -11,6 +11,7 @@ import re
 import uuid
 
 from aiohttp import web
+from aiohttp.payload import Payload
 
 from optimizer.metrics import ServiceMetrics
 
@@ -34,8 +35,6 @@ def request_id(request: web.BaseRequest) -> str:
 
 # Status logged for a client that disconnected before it could be answered (nginx's convention).
 CLIENT_CLOSED = 499
-# The name of the app's last route, which takes what no other does (``optimizer.app``).
-UNMATCHED_ROUTE = "optimizer-unmatched"
 
 
 def route_label(request: web.BaseRequest) -> str:
@@ -45,7 +44,7 @@ def route_label(request: web.BaseRequest) -> str:
     match_info = request.match_info if isinstance(request, web.Request) else None
     route = match_info.route if match_info is not None else None
     resource = route.resource if route is not None else None
-    if resource is None or resource.name == UNMATCHED_ROUTE:
+    if resource is None:
         return "unmatched"
     return f"{resource.canonical} preflight" if request.method == "OPTIONS" else resource.canonical
 
@@ -62,7 +61,10 @@ def record(
     if not response.prepared:
         response.headers[REQUEST_ID_HEADER] = rid
     bytes_in = request.content.total_bytes
-    bytes_out = response.content_length or 0
+    bytes_out = response.content_length
+    if bytes_out is None and isinstance(response, web.Response) and isinstance(response.body, Payload):
+        bytes_out = response.body.size  # an image answer: aiohttp sets its length only once it is sent
+    bytes_out = bytes_out or 0
     metrics.observe_request(
         route_label(request),
         response.status,

@@ -45,6 +45,10 @@ class OutgoingImage(payload.Payload):
     def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
         return self._value.decode(encoding, errors)
 
+    async def as_bytes(self, encoding: str = "utf-8", errors: str = "strict") -> bytes:
+        """The image, for a host's middleware that reads answers (``response.body`` is this payload)."""
+        return self._value
+
     async def write(self, writer: AbstractStreamWriter) -> None:
         data = memoryview(self._value)
         # Counted from the first byte sent, not from the response's making: an answer never sent (a host's

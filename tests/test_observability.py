@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable
 
 import pytest
 from aiohttp import web
+from aiohttp.payload import Payload
 from aiohttp.test_utils import TestClient, TestServer
 
 from optimizer import create_app
@@ -161,6 +163,64 @@ async def test_embedded_apps_answer_their_own_unknown_paths_and_methods(
     host_missing = await client.get("/elsewhere")
     assert host_missing.status == 404
     assert host_missing.content_type != "application/problem+json"  # the host's own 404
+    # An upload that expects 100-continue is refused before its body, under the prefix too.
+    assert client.server.port is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", client.server.port)
+    writer.write(
+        b"POST /a/nope HTTP/1.1\r\nHost: t\r\nContent-Length: 100000\r\nExpect: 100-continue\r\n\r\n"
+    )
+    async with asyncio.timeout(10):
+        head = await reader.readuntil(b"\r\n\r\n")
+    writer.close()
+    assert head.startswith(b"HTTP/1.1 404")
     text = await (await client.get("/a/metrics")).text()
     assert sample(text, "optimizer_requests_total", route="unmatched", status="405") == 1
-    assert sample(text, "optimizer_requests_total", route="unmatched", status="404") == 1
+    assert sample(text, "optimizer_requests_total", route="unmatched", status="404") == 2
+
+
+async def test_a_hosts_path_normalising_still_redirects_under_the_prefix(
+    aiohttp_client: Callable[..., Awaitable[Client]],
+) -> None:
+    """Found in review: a catch-all route of the app's own (an earlier fix for Expect on unmatched paths)
+    made aiohttp's ``normalize_path_middleware`` see a match, and stop redirecting."""
+    parent = web.Application(
+        middlewares=[web.normalize_path_middleware(merge_slashes=True, remove_slash=True, append_slash=False)]
+    )
+    parent.add_subapp("/img", create_app(test_settings()))
+    client = await aiohttp_client(TestServer(parent))
+    for path in ("/img//healthz", "/img/healthz/"):
+        response = await client.get(path, allow_redirects=False)
+        assert response.status == 308, path
+        assert response.headers["Location"] == "/img/healthz"
+
+
+async def test_a_hosts_middleware_may_read_or_replace_an_image_answer(
+    aiohttp_client: Callable[..., Awaitable[Client]],
+) -> None:
+    """The body is a payload sent in pieces (``optimizer.sending``): readable with ``as_bytes()``, and
+    replaced as any body, its length following (found in review: a fixed Content-Length went stale)."""
+    seen: list[bytes] = []
+
+    @web.middleware
+    async def stamp(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        response = await handler(request)
+        if isinstance(response, web.Response) and response.content_type.startswith("image/"):
+            assert isinstance(response.body, Payload)
+            seen.append(await response.body.as_bytes())
+            if request.headers.get("X-Stamp"):
+                response.body = b"STAMPED"
+        return response
+
+    parent = web.Application(middlewares=[stamp])
+    parent.add_subapp("/img", create_app(test_settings()))
+    client = await aiohttp_client(TestServer(parent))
+    plain = await client.post("/img/optimize", data=multipart(image_bytes()))
+    assert plain.status == 200
+    assert await plain.read() == seen[0]
+    assert int(plain.headers["Content-Length"]) == len(seen[0])
+    stamped = await client.post("/img/optimize", data=multipart(image_bytes()), headers={"X-Stamp": "1"})
+    assert stamped.status == 200
+    assert stamped.headers["Content-Length"] == "7"
+    assert await stamped.read() == b"STAMPED"
