@@ -44,7 +44,16 @@ class ProblemRequestHandler(RequestHandler):
     that sent nothing is just closed.
     """
 
-    __slots__ = ("_head_deadline", "_head_started", "_head_timeout", "_problem", "_refused")
+    # __weakref__: the listener keeps its connections in a WeakSet (``optimizer.listener``).
+    __slots__ = (
+        "__weakref__",
+        "_head_deadline",
+        "_head_started",
+        "_head_timeout",
+        "_problem",
+        "_refused",
+        "_waiting_since",
+    )
 
     def __init__(
         self,
@@ -60,10 +69,20 @@ class ProblemRequestHandler(RequestHandler):
         self._head_timeout = head_timeout
         self._head_deadline: asyncio.TimerHandle | None = None
         self._head_started = False  # bytes of the awaited head have arrived
+        self._waiting_since = 0.0  # when the connection began to wait for its next request
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
+        self._waiting_since = self._loop.time()
         self._arm_head_deadline()  # the first request's head, from the connection's start
+
+    def waiting_since(self) -> float | None:
+        """Since when (loop time) the connection has been waiting for a request, idle or with a head
+        still arriving; ``None`` while a request is under way or queued, or once it is closing."""
+        idle = self._waiter is not None and not self._waiter.done()
+        if self.transport is None or self._force_close or self._messages:
+            return None
+        return self._waiting_since if idle or self._request_count == 0 else None
 
     def data_received(self, data: bytes) -> None:
         idle = self._waiter is not None and not self._waiter.done()  # between requests
@@ -152,6 +171,7 @@ class ProblemRequestHandler(RequestHandler):
         # Told once the answer has gone out: a client that reset the connection first got nothing, and
         # is not counted as answered (found in review).
         answered, reset = await super().finish_response(request, resp, start_time)
+        self._waiting_since = self._loop.time()
         if resp is self._problem:
             self._problem = None
             if not reset and self._refused is not None:

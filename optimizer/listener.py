@@ -29,12 +29,13 @@ import errno
 import logging
 import socket
 import struct
+import weakref
 from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
 
-from optimizer.badrequests import problem_handlers
+from optimizer.badrequests import ProblemRequestHandler, problem_handlers
 
 log = logging.getLogger("optimizer")
 
@@ -59,6 +60,9 @@ MAX_QUEUED_WHILE_PACING = 50
 _RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 # At most one warning about them per this many seconds.
 _WARN_EVERY_SECONDS = 5.0
+# Out of descriptors, at least this many connections waiting for a request are closed to make room, or a
+# tenth of them if more (see ``PacedServer._shed_waiting``).
+SHED_AT_LEAST = 16
 # struct tcp_info (linux/tcp.h): for a listening socket, tcpi_unacked is the accept queue's length.
 _TCP_INFO_SIZE = 104
 _TCPI_UNACKED_OFFSET = 24
@@ -102,6 +106,7 @@ class PacedServer(asyncio.AbstractServer):
         self._full = full
         self._loop = asyncio.get_running_loop()
         self._opening: set[asyncio.Task[Any]] = set()
+        self._connections: weakref.WeakSet[ProblemRequestHandler] = weakref.WeakSet()
         self._warned_at = -_WARN_EVERY_SECONDS
         self._burst = TokenBucket(1 / ACCEPT_PACE_SECONDS, ACCEPT_BURST)
         self._accepting = [self._loop.create_task(self._accept_forever(sock)) for sock in sockets]
@@ -180,12 +185,17 @@ class PacedServer(asyncio.AbstractServer):
 
     async def _connect(self, conn: socket.socket) -> None:
         try:
-            await self._loop.connect_accepted_socket(self._factory, conn)
+            _transport, protocol = await self._loop.connect_accepted_socket(self._factory, conn)
         except Exception as exc:  # the client left before its transport was made, and the like
             log.debug("could not open an accepted connection: %s", exc)
             conn.close()
+            return
+        if isinstance(protocol, ProblemRequestHandler):
+            self._connections.add(protocol)
 
     def _out_of_resources(self, exc: OSError) -> None:
+        if exc.errno in (errno.EMFILE, errno.ENFILE):
+            self._shed_waiting()
         now = self._loop.time()
         if now - self._warned_at >= _WARN_EVERY_SECONDS:
             self._warned_at = now
@@ -195,6 +205,32 @@ class PacedServer(asyncio.AbstractServer):
                 ACCEPT_ERROR_PAUSE_SECONDS,
                 extra={"fields": {"event": "accept_failed", "error": str(exc)}},
             )
+
+    def _shed_waiting(self) -> None:
+        """Out of descriptors: close the connections that have waited longest for a request (idle
+        between requests, or sending a head too slowly), as nginx reuses its keep-alive connections
+        when it runs out. Without this, connections that send nothing, or an unfinished head behind a
+        whole request, which no deadline covers (``optimizer.badrequests``), could hold every descriptor
+        until aiohttp's idle timeout, an hour, and no new client would be accepted (found in review)."""
+        waiting = [
+            (since, handler)
+            for handler in self._connections
+            if (since := handler.waiting_since()) is not None
+        ]
+        if not waiting:
+            return
+        waiting.sort(key=lambda pair: pair[0])
+        shed = waiting[: max(SHED_AT_LEAST, len(waiting) // 10)]
+        for _since, handler in shed:
+            handler.force_close()
+        log.warning(
+            "out of file descriptors: closed %d of %d connections waiting for a request (the longest for "
+            "%.0f s) to accept new ones",
+            len(shed),
+            len(waiting),
+            self._loop.time() - shed[0][0],
+            extra={"fields": {"event": "connections_shed", "closed": len(shed), "waiting": len(waiting)}},
+        )
 
 
 def queued_connections(sock: socket.socket) -> int | None:

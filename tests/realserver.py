@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -64,7 +65,11 @@ def read_rss(pid: int) -> int:
 class RealServer:
     """A running server process; ``start()`` returns once it listens."""
 
-    def __init__(self, flags: list[str], env: dict[str, str]) -> None:
+    def __init__(self, flags: list[str], env: dict[str, str], *, max_files: int | None = None) -> None:
+        def limit_files() -> None:  # in the child, before it runs Python
+            if max_files is not None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (max_files, max_files))
+
         self.proc: subprocess.Popen[str] = subprocess.Popen(
             [sys.executable, "-m", "optimizer", "--host", HOST, "--port", "0", *flags],
             cwd=ROOT,
@@ -72,6 +77,7 @@ class RealServer:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
+            preexec_fn=limit_files if max_files is not None else None,  # noqa: PLW1509 - no threads fork here
             text=True,
             encoding="utf-8",
             errors="replace",

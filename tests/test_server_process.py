@@ -697,3 +697,33 @@ def test_invalid_settings_are_one_json_line() -> None:
         "--port=99999: must be between 0 and 65535",
         "OPTIMIZER_JPEG_QUALITY=0: must be between 1 and 100",
     ]
+
+
+def test_out_of_descriptors_the_connections_waiting_longest_make_room() -> None:
+    """Found in review: connections that never finish a head (here within a long head deadline) held
+    every descriptor, and the service stopped accepting. Out of descriptors, it closes the ones that have
+    waited longest for a request, and a new client is served."""
+    server = RealServer(["--read-timeout", "120"], server_env(), max_files=96)
+    waiting: list[socket.socket] = []
+    try:
+        server.start()
+        for _ in range(120):  # more than the descriptors: the rest wait in the accept queue
+            connection = socket.create_connection((HOST, server.port), timeout=REQUEST_TIMEOUT)
+            connection.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n")  # never finished
+            waiting.append(connection)
+        with urllib.request.urlopen(f"{server.url}/healthz", timeout=REQUEST_TIMEOUT) as response:
+            assert response.status == 200
+        shed = server.wait_for_event("connections_shed")
+        assert int(shed["closed"]) >= 1
+        closed = 0
+        for connection in waiting[:20]:  # the first to come are the first to go
+            connection.settimeout(REQUEST_TIMEOUT)
+            with contextlib.suppress(ConnectionResetError):
+                answer = connection.recv(100)
+                assert answer == b"", answer  # closed unanswered: no 408, the deadline is far off
+                closed += 1
+        assert closed >= 1
+    finally:
+        for connection in waiting:
+            connection.close()
+        server.stop()
