@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import sys
@@ -234,6 +235,15 @@ async def test_a_problem_the_client_never_got_is_not_counted(
 HEAD_TIMEOUT = 0.5
 
 
+@contextlib.asynccontextmanager
+async def connected(host: str, port: int) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        yield reader, writer
+    finally:
+        writer.close()
+
+
 async def echo_length(request: web.Request) -> web.Response:
     return web.Response(text=str(len(await request.read())))
 
@@ -269,13 +279,10 @@ async def test_a_head_left_unfinished_gets_408_and_the_connection_closes(
 ) -> None:
     """Found in review: a client sending a header byte now and then held its connection for an hour."""
     host, port, gate = deadline_site
-    reader, writer = await asyncio.open_connection(host, port)
-    try:
+    async with connected(host, port) as (reader, writer):
         writer.write(b"GET / HTTP/1.1\r\nHost: t\r\n")  # and never the blank line
         async with asyncio.timeout(10):
             answer = await reader.read()  # to the close
-    finally:
-        writer.close()
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 408 ")
     assert b"Connection: close" in head
@@ -289,12 +296,9 @@ async def test_a_connection_that_sends_nothing_is_closed_unanswered(
     deadline_site: tuple[str, int, Gate],
 ) -> None:
     host, port, gate = deadline_site
-    reader, writer = await asyncio.open_connection(host, port)
-    try:
+    async with connected(host, port) as (reader, writer):
         async with asyncio.timeout(10):
             assert await reader.read() == b""
-    finally:
-        writer.close()
     assert gate.refused == []
 
 
@@ -304,8 +308,7 @@ async def test_idle_keep_alive_and_a_slow_body_are_not_the_heads_deadline(
     """Between requests the connection may sit idle (aiohttp's idle timeout applies), and a body takes
     as long as the service's own deadlines allow."""
     host, port, gate = deadline_site
-    reader, writer = await asyncio.open_connection(host, port)
-    try:
+    async with connected(host, port) as (reader, writer):
         writer.write(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
         async with asyncio.timeout(10):
             assert (await reader.readuntil(b"hello")).startswith(b"HTTP/1.1 200")
@@ -317,8 +320,6 @@ async def test_idle_keep_alive_and_a_slow_body_are_not_the_heads_deadline(
             answer = await reader.readuntil(b"\r\n\r\n")
             assert answer.startswith(b"HTTP/1.1 200")
             assert await reader.readexactly(1) == b"6"
-    finally:
-        writer.close()
     assert gate.refused == []
 
 
@@ -326,8 +327,7 @@ async def test_a_head_begun_after_idle_time_has_its_own_deadline(
     deadline_site: tuple[str, int, Gate],
 ) -> None:
     host, port, _gate = deadline_site
-    reader, writer = await asyncio.open_connection(host, port)
-    try:
+    async with connected(host, port) as (reader, writer):
         writer.write(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
         async with asyncio.timeout(10):
             await reader.readuntil(b"hello")
@@ -335,5 +335,3 @@ async def test_a_head_begun_after_idle_time_has_its_own_deadline(
         writer.write(b"GET / HTTP/1.1\r\n")  # a head begun, never finished
         async with asyncio.timeout(10):
             assert (await reader.read()).startswith(b"HTTP/1.1 408 ")
-    finally:
-        writer.close()
