@@ -296,7 +296,7 @@ async def test_a_connection_that_sends_nothing_is_closed_unanswered(
     deadline_site: tuple[str, int, Gate],
 ) -> None:
     host, port, gate = deadline_site
-    async with connected(host, port) as (reader, writer):
+    async with connected(host, port) as (reader, _writer):
         async with asyncio.timeout(10):
             assert await reader.read() == b""
     assert gate.refused == []
