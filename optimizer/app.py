@@ -72,9 +72,11 @@ class _Router(web.UrlDispatcher):
     async def resolve(self, request: web.Request) -> UrlMappingMatchInfo:
         match = await super().resolve(request)
         route = match.route
-        # A new route per unmatched request: changing its hook changes nothing else. Where a later aiohttp
-        # names the attribute otherwise, its own hook stays (tests/test_lifecycle.py would say so).
-        if isinstance(route, SystemRoute) and hasattr(route, "_expect_handler"):
+        # A new route per unmatched request: changing its hook changes nothing else. Not one a sub-app
+        # added to the service's app made (its apps are filled in on the way up): that app has no state
+        # of the service's (found in review: a 500). Where a later aiohttp names the attribute
+        # otherwise, its own hook stays (tests/test_lifecycle.py would say so).
+        if isinstance(route, SystemRoute) and not match.apps and hasattr(route, "_expect_handler"):
             route._expect_handler = handlers.unmatched_expect
         return match
 

@@ -80,8 +80,8 @@ class ProblemRequestHandler(RequestHandler):
         """Since when (loop time) the connection has been waiting for a request, idle or with a head
         still arriving; ``None`` while a request is under way or queued, or once it is closing."""
         idle = self._waiter is not None and not self._waiter.done()
-        if self.transport is None or self._force_close or self._messages:
-            return None
+        if self.transport is None or self._force_close or not self._keepalive or self._messages:
+            return None  # gone, closing (a refused upload's connection lingers on its own), or busy
         return self._waiting_since if idle or self._request_count == 0 else None
 
     def data_received(self, data: bytes) -> None:

@@ -163,16 +163,18 @@ async def test_embedded_apps_answer_their_own_unknown_paths_and_methods(
     host_missing = await client.get("/elsewhere")
     assert host_missing.status == 404
     assert host_missing.content_type != "application/problem+json"  # the host's own 404
-    # An upload that expects 100-continue is refused before its body, under the prefix too.
+    # Under a host an upload that expects 100-continue is invited (the host's middlewares may still
+    # answer it), then refused as problem+json; never a plain-text 417.
     assert client.server.port is not None
     reader, writer = await asyncio.open_connection("127.0.0.1", client.server.port)
-    writer.write(
-        b"POST /a/nope HTTP/1.1\r\nHost: t\r\nContent-Length: 100000\r\nExpect: 100-continue\r\n\r\n"
-    )
+    writer.write(b"POST /a/nope HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
     async with asyncio.timeout(10):
+        assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 100")
+        writer.write(b"01234")
         head = await reader.readuntil(b"\r\n\r\n")
     writer.close()
     assert head.startswith(b"HTTP/1.1 404")
+    assert b"application/problem+json" in head
     text = await (await client.get("/a/metrics")).text()
     assert sample(text, "optimizer_requests_total", route="unmatched", status="405") == 1
     assert sample(text, "optimizer_requests_total", route="unmatched", status="404") == 2
@@ -224,3 +226,50 @@ async def test_a_hosts_middleware_may_read_or_replace_an_image_answer(
     assert stamped.status == 200
     assert stamped.headers["Content-Length"] == "7"
     assert await stamped.read() == b"STAMPED"
+
+
+async def test_under_a_host_an_upload_expecting_100_continue_is_still_redirected(
+    aiohttp_client: Callable[..., Awaitable[Client]],
+) -> None:
+    """The host's middlewares may answer what no route of the service's matches: the service's hook
+    must not refuse it first (found in review: 404 instead of the 308)."""
+    parent = web.Application(
+        middlewares=[web.normalize_path_middleware(merge_slashes=True, remove_slash=True, append_slash=False)]
+    )
+    parent.add_subapp("/img", create_app(test_settings()))
+    client = await aiohttp_client(TestServer(parent))
+    assert client.server.port is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", client.server.port)
+    writer.write(
+        b"POST /img/optimize/ HTTP/1.1\r\nHost: t\r\nContent-Length: 10\r\nExpect: 100-continue\r\n\r\n"
+    )
+    async with asyncio.timeout(10):
+        interim = await reader.readuntil(b"\r\n\r\n")
+        assert interim.startswith(b"HTTP/1.1 100")
+        writer.write(b"0123456789")
+        final = await reader.readuntil(b"\r\n\r\n")
+    writer.close()
+    assert final.startswith(b"HTTP/1.1 308")
+    assert b"Location: /img/optimize" in final
+
+
+async def test_a_sub_app_of_the_services_app_keeps_aiohttps_answers(
+    aiohttp_client: Callable[..., Awaitable[Client]],
+) -> None:
+    """Found in review: the service's hook on a nested app's unmatched route found no service state
+    there, and answered 500."""
+    service = create_app(test_settings())
+    service.add_subapp("/extra", web.Application())
+    client = await aiohttp_client(TestServer(service))
+    assert client.server.port is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", client.server.port)
+    writer.write(
+        b"POST /extra/missing HTTP/1.1\r\nHost: t\r\nContent-Length: 10\r\nExpect: 100-continue\r\n\r\n"
+    )
+    async with asyncio.timeout(10):
+        head = await reader.readuntil(b"\r\n\r\n")
+        if head.startswith(b"HTTP/1.1 100"):
+            writer.write(b"0123456789")
+            head = await reader.readuntil(b"\r\n\r\n")
+    writer.close()
+    assert head.startswith(b"HTTP/1.1 404"), head
