@@ -139,6 +139,25 @@ async def test_one_structured_log_line_per_request(
     json.dumps(fields)  # serialisable as the JSON log formatter needs
 
 
+async def upload_expecting_continue(client: Client, path: str) -> tuple[bytes, bytes]:
+    """POST 10 bytes to ``path`` with ``Expect: 100-continue``, the body only once invited: the first
+    answer's head, and the final one's (the same, when the server refused before the body)."""
+    assert client.server.port is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", client.server.port)
+    try:
+        writer.write(
+            f"POST {path} HTTP/1.1\r\nHost: t\r\nContent-Length: 10\r\nExpect: 100-continue\r\n\r\n".encode()
+        )
+        async with asyncio.timeout(10):
+            first = final = await reader.readuntil(b"\r\n\r\n")
+            if first.startswith(b"HTTP/1.1 100"):
+                writer.write(b"0123456789")
+                final = await reader.readuntil(b"\r\n\r\n")
+    finally:
+        writer.close()
+    return first, final
+
+
 async def test_embedded_apps_answer_their_own_unknown_paths_and_methods(
     aiohttp_client: Callable[..., Awaitable[Client]],
 ) -> None:
@@ -165,14 +184,8 @@ async def test_embedded_apps_answer_their_own_unknown_paths_and_methods(
     assert host_missing.content_type != "application/problem+json"  # the host's own 404
     # Under a host an upload that expects 100-continue is invited (the host's middlewares may still
     # answer it), then refused as problem+json; never a plain-text 417.
-    assert client.server.port is not None
-    reader, writer = await asyncio.open_connection("127.0.0.1", client.server.port)
-    writer.write(b"POST /a/nope HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
-    async with asyncio.timeout(10):
-        assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 100")
-        writer.write(b"01234")
-        head = await reader.readuntil(b"\r\n\r\n")
-    writer.close()
+    first, head = await upload_expecting_continue(client, "/a/nope")
+    assert first.startswith(b"HTTP/1.1 100")
     assert head.startswith(b"HTTP/1.1 404")
     assert b"application/problem+json" in head
     text = await (await client.get("/a/metrics")).text()
@@ -238,17 +251,8 @@ async def test_under_a_host_an_upload_expecting_100_continue_is_still_redirected
     )
     parent.add_subapp("/img", create_app(test_settings()))
     client = await aiohttp_client(TestServer(parent))
-    assert client.server.port is not None
-    reader, writer = await asyncio.open_connection("127.0.0.1", client.server.port)
-    writer.write(
-        b"POST /img/optimize/ HTTP/1.1\r\nHost: t\r\nContent-Length: 10\r\nExpect: 100-continue\r\n\r\n"
-    )
-    async with asyncio.timeout(10):
-        interim = await reader.readuntil(b"\r\n\r\n")
-        assert interim.startswith(b"HTTP/1.1 100")
-        writer.write(b"0123456789")
-        final = await reader.readuntil(b"\r\n\r\n")
-    writer.close()
+    interim, final = await upload_expecting_continue(client, "/img/optimize/")
+    assert interim.startswith(b"HTTP/1.1 100")
     assert final.startswith(b"HTTP/1.1 308")
     assert b"Location: /img/optimize" in final
 
@@ -261,15 +265,5 @@ async def test_a_sub_app_of_the_services_app_keeps_aiohttps_answers(
     service = create_app(test_settings())
     service.add_subapp("/extra", web.Application())
     client = await aiohttp_client(TestServer(service))
-    assert client.server.port is not None
-    reader, writer = await asyncio.open_connection("127.0.0.1", client.server.port)
-    writer.write(
-        b"POST /extra/missing HTTP/1.1\r\nHost: t\r\nContent-Length: 10\r\nExpect: 100-continue\r\n\r\n"
-    )
-    async with asyncio.timeout(10):
-        head = await reader.readuntil(b"\r\n\r\n")
-        if head.startswith(b"HTTP/1.1 100"):
-            writer.write(b"0123456789")
-            head = await reader.readuntil(b"\r\n\r\n")
-    writer.close()
+    _first, head = await upload_expecting_continue(client, "/extra/missing")
     assert head.startswith(b"HTTP/1.1 404"), head
