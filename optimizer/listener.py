@@ -108,6 +108,8 @@ class PacedServer(asyncio.AbstractServer):
         self._opening: set[asyncio.Task[Any]] = set()
         self._connections: weakref.WeakSet[ProblemRequestHandler] = weakref.WeakSet()
         self._warned_at = -_WARN_EVERY_SECONDS
+        self._shed_logged_at = -_WARN_EVERY_SECONDS
+        self._shed_unlogged = 0  # connections closed since the last connections_shed line
         self._burst = TokenBucket(1 / ACCEPT_PACE_SECONDS, ACCEPT_BURST)
         self._accepting = [self._loop.create_task(self._accept_forever(sock)) for sock in sockets]
 
@@ -223,14 +225,27 @@ class PacedServer(asyncio.AbstractServer):
         shed = waiting[: max(SHED_AT_LEAST, len(waiting) // 10)]
         for _since, handler in shed:
             handler.force_close()
+        # One line every few seconds however often it sheds (every accept failure, 0.1 s apart).
+        self._shed_unlogged += len(shed)
+        now = self._loop.time()
+        if now - self._shed_logged_at < _WARN_EVERY_SECONDS:
+            return
         log.warning(
-            "out of file descriptors: closed %d of %d connections waiting for a request (the longest for "
-            "%.0f s) to accept new ones",
-            len(shed),
+            "out of file descriptors: closed %d connections waiting for a request (the longest for %.0f s) "
+            "to accept new ones; %d were waiting",
+            self._shed_unlogged,
+            now - shed[0][0],
             len(waiting),
-            self._loop.time() - shed[0][0],
-            extra={"fields": {"event": "connections_shed", "closed": len(shed), "waiting": len(waiting)}},
+            extra={
+                "fields": {
+                    "event": "connections_shed",
+                    "closed": self._shed_unlogged,
+                    "waiting": len(waiting),
+                }
+            },
         )
+        self._shed_logged_at = now
+        self._shed_unlogged = 0
 
 
 def queued_connections(sock: socket.socket) -> int | None:

@@ -148,7 +148,10 @@ class Settings:
         "largest output width or height, at most 16383; also the cap for width/height",
     )
     read_timeout: float = _setting(
-        10.0, "OPTIMIZER_READ_TIMEOUT", "seconds an upload has to arrive, extended as bytes come in"
+        10.0,
+        "OPTIMIZER_READ_TIMEOUT",
+        "seconds an upload has to arrive, extended as bytes come in; also a request head's deadline, and "
+        "each 256 KiB of an image answer's",
     )
     min_upload_rate: int = _setting(
         16 * 1024,
@@ -158,7 +161,8 @@ class Settings:
     memory_budget: int | None = _setting(
         None,
         "OPTIMIZER_MEMORY_BUDGET",
-        "bytes of decode memory all workers together may hold (default: half the memory limit)",
+        "bytes of decode memory, and of image answers not yet sent, all workers together may hold "
+        "(default: half the memory limit)",
     )
     memory_wait: float = _setting(
         5.0, "OPTIMIZER_MEMORY_WAIT", "seconds an image may wait for room in the memory budget before 503"
@@ -407,10 +411,13 @@ def flag_name(attr: str) -> str:
 # The variable a validation message starts with (``OPTIMIZER_PORT=70000: ...``, ``OPTIMIZER_HOST: ...``).
 _NAMED = re.compile(r"^OPTIMIZER_[A-Z0-9_]+(?=[=:])")
 
-# Variables with the prefix that are not settings and not mistakes: the benchmark's and the tests' own,
+# Variables with the prefix that are not settings and not mistakes: the tests' and the benchmark's own,
 # and those Kubernetes adds for a Service named "optimizer" in the namespace (service links:
 # OPTIMIZER_SERVICE_HOST, OPTIMIZER_PORT_80_TCP_ADDR, ...; the manifests in deploy/ turn them off).
-_NOT_SETTINGS = re.compile(r"OPTIMIZER_(?:CORPUS|PEER_DIR|SERVICE_[A-Z0-9_]+|PORT_\d+_[A-Z0-9_]+)")
+OTHER_VARIABLES = ("OPTIMIZER_CORPUS", "OPTIMIZER_PEER_DIR")
+_NOT_SETTINGS = re.compile(
+    "|".join([*OTHER_VARIABLES, r"OPTIMIZER_SERVICE_[A-Z0-9_]+", r"OPTIMIZER_PORT_\d+_[A-Z0-9_]+"])
+)
 
 
 def unknown_variables(environ: Mapping[str, str]) -> Iterator[tuple[str, str | None]]:
