@@ -18,7 +18,7 @@ from optimizer.errors import Draining, OptimizerError, Overloaded
 from optimizer.intake import read_upload, refuse_declared_length
 from optimizer.job import Job
 from optimizer.linger import stop_reading_unwanted_body
-from optimizer.observe import CLIENT_CLOSED, record
+from optimizer.observe import CLIENT_CLOSED, record, request_id
 from optimizer.params import RouteDefaults, parse_params
 from optimizer.pipeline import Limits, Output, Params, inspect, optimize
 from optimizer.problems import error_response, http_exception_response
@@ -196,7 +196,7 @@ async def _optimize(request: web.Request, defaults: RouteDefaults) -> web.Stream
         "encode": output.timings.encode,
     }
     state.metrics.observe_stages(timing)
-    return _image_response(output, timing, state)
+    return _image_response(output, timing, state, request)
 
 
 def _inspect_then_optimize(
@@ -214,13 +214,16 @@ def _inspect_then_optimize(
     return optimize(data, params, limits)
 
 
-def _image_response(out: Output, timing: dict[str, float], state: ServiceState) -> web.Response:
+def _image_response(
+    out: Output, timing: dict[str, float], state: ServiceState, request: web.Request
+) -> web.Response:
     server_timing = ", ".join(f"{name};dur={seconds * 1000:.1f}" for name, seconds in timing.items())
     body = OutgoingImage(
         out.data,
         content_type=out.media_type,
         budget=state.budget,
         piece_seconds=state.settings.read_timeout,
+        request_id=request_id(request),
     )
     return web.Response(
         body=body,

@@ -36,11 +36,14 @@ class OutgoingImage(payload.Payload):
 
     _value: bytes
 
-    def __init__(self, data: bytes, *, content_type: str, budget: MemoryBudget, piece_seconds: float) -> None:
+    def __init__(
+        self, data: bytes, *, content_type: str, budget: MemoryBudget, piece_seconds: float, request_id: str
+    ) -> None:
         super().__init__(data, content_type=content_type)
         self._size = len(data)
         self._budget = budget
         self._piece_seconds = piece_seconds
+        self._request_id = request_id  # the access line, written when the answer was made, said 200
 
     def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
         return self._value.decode(encoding, errors)
@@ -68,7 +71,14 @@ class OutgoingImage(payload.Payload):
                         "given to the transport)",
                         start,
                         len(data),
-                        extra={"fields": {"event": "answer_abandoned", "bytes_out": len(data)}},
+                        extra={
+                            "fields": {
+                                "event": "answer_abandoned",
+                                "request_id": self._request_id,
+                                "bytes_out": len(data),
+                                "bytes_given": start,
+                            }
+                        },
                     )
                     raise ClientNotReading(
                         f"the client took less than {PIECE_BYTES} bytes of its answer in "
