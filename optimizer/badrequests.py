@@ -79,13 +79,16 @@ class ProblemRequestHandler(RequestHandler):
     def waiting_since(self) -> float | None:
         """Since when (loop time) the connection has been waiting for a request, idle or with a head
         still arriving; ``None`` while a request is under way or queued, or once it is closing."""
-        idle = self._waiter is not None and not self._waiter.done()
         if self.transport is None or self._force_close or not self._keepalive or self._messages:
             return None  # gone, closing (a refused upload's connection lingers on its own), or busy
-        return self._waiting_since if idle or self._request_count == 0 else None
+        return self._waiting_since if self._idle() or self._request_count == 0 else None
+
+    def _idle(self) -> bool:
+        """Between requests: aiohttp's loop waits for the next message."""
+        return self._waiter is not None and not self._waiter.done()
 
     def data_received(self, data: bytes) -> None:
-        idle = self._waiter is not None and not self._waiter.done()  # between requests
+        idle = self._idle()
         heads = self._request_count
         super().data_received(data)
         if self._request_count != heads:
@@ -112,14 +115,8 @@ class ProblemRequestHandler(RequestHandler):
     def _head_too_late(self) -> None:
         self._head_deadline = None
         transport = self.transport
-        waiting = self._waiter is not None and not self._waiter.done()
-        if (
-            transport is None
-            or self._force_close
-            or self._messages
-            or not (waiting or self._request_count == 0)
-        ):
-            return  # a request is under way after all: its body has deadlines of its own
+        if transport is None or self.waiting_since() is None:
+            return  # a request is under way after all (its body has deadlines of its own), or closing
         if self._head_started:
             problem = problem_response(
                 408,
