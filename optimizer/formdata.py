@@ -6,8 +6,9 @@ on the event loop. Measured with the pipeline stubbed out, a 4.4 MB upload cost 
 of CPU as a form against 1.5-1.7 ms as a raw body, and on two cores that loop time is taken from the
 workers (docs/benchmarks.md, "The event loop's share"). Here the chunks the HTTP parser produced are
 kept as they are (a ``memoryview`` where a part starts or ends inside one), the boundary is searched
-in place, and the only copy is the final ``join``; from a source that can hand over the rest of the
-body in one piece (``RestSource``, ``optimizer.takeover``), the usual layout needs no join either.
+in place (``optimizer.search``), and the only copy is the final ``join``; from a source that can hand
+over the rest of the body in one piece (``RestSource``, ``optimizer.takeover``), the usual layout needs
+no join either.
 
 What is parsed (RFC 7578 and RFC 2046 section 5.1.1): a preamble, then parts each introduced by
 ``--boundary`` plus optional transport padding and CRLF, their header block up to an empty line, and
@@ -30,6 +31,7 @@ from email.parser import HeaderParser
 from email.utils import collapse_rfc2231_value
 from typing import Protocol, runtime_checkable
 
+from optimizer import search
 from optimizer.errors import MalformedUpload, MissingImage
 
 # RFC 2046: a boundary is 1 to 70 characters.
@@ -143,7 +145,7 @@ class FormReader:
         if source is None or not source.unread:
             return None
         delimiter = self._delimiter
-        if self._buf.find(delimiter, self._pos) >= 0:
+        if search.find(self._buf, delimiter, self._pos) >= 0:
             return None  # the part ends in the chunk at hand: nothing to gain
         close = delimiter + b"--\r\n"
         prefix = memoryview(self._buf)[self._pos :]
@@ -154,7 +156,7 @@ class FormReader:
         overlap = min(len(delimiter) - 1, size)
         # The bet holds if the part's first delimiter starts right after ``data``: none inside it, and
         # none that starts in its last bytes. What follows that delimiter is parsed as usual.
-        if data.find(delimiter) < 0 and (data[size - overlap :] + rest).find(delimiter) == overlap:
+        if search.find(data, delimiter) < 0 and (data[size - overlap :] + rest).find(delimiter) == overlap:
             self._buf, self._pos = rest, len(delimiter)
             return data
         self._buf, self._pos, self._pending = data, 0, rest
@@ -254,7 +256,7 @@ class FormReader:
         overlap = len(delimiter) - 1
         while True:
             buf, pos = self._buf, self._pos
-            found = buf.find(delimiter, pos)
+            found = search.find(buf, delimiter, pos)
             if found >= 0:
                 _keep(chunks, buf, pos, found)
                 self._pos = found + len(delimiter)
