@@ -92,7 +92,7 @@ def boundary_of(content_type: str) -> bytes:
 class FormReader:
     """Reads a whole form body from ``source`` and keeps the bytes of the part named ``field``.
 
-    ``received`` is called after every chunk (the caller's byte cap and read deadline)."""
+    ``received`` is called after every chunk (the caller's byte cap)."""
 
     def __init__(self, source: ChunkSource, boundary: bytes, received: Callable[[], None]) -> None:
         self._source = source

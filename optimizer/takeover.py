@@ -286,7 +286,7 @@ class _Receiver(asyncio.BufferedProtocol):
             self._owner._parser = self._parser
             self._stream.feed_eof()
         try:
-            self._received()  # the read deadline moves on (optimizer.intake)
+            self._received()  # the byte cap (optimizer.intake)
         except Exception as exc:  # raised here, asyncio would abort the connection unanswered
             self.discard()
             self._stream.set_exception(exc)

@@ -214,6 +214,57 @@ async def test_a_body_that_stalls_past_the_parser_gets_408_and_a_closed_connecti
         writer.close()
 
 
+def chunked(body: bytes, size: int) -> bytes:
+    """``body`` in chunked transfer coding, ``size`` bytes a chunk."""
+    pieces = [body[at : at + size] for at in range(0, len(body), size)]
+    return b"".join(b"%x\r\n%s\r\n" % (len(piece), piece) for piece in pieces) + b"0\r\n\r\n"
+
+
+@pytest.mark.parametrize("framing", ["declared length", "chunked"])
+async def test_a_body_arriving_steadily_outlasts_the_read_timeout(
+    make_client: ClientFactory, photo: bytes, switches: list[int], framing: str
+) -> None:
+    # Every min_upload_rate bytes buy one more second (mod_reqtimeout's rule): the deadline is moved
+    # by what arrives, whether past aiohttp's parser or through it.
+    client = await make_client(read_timeout=0.4, min_upload_rate=100_000)
+    if framing == "chunked":
+        head = b"POST /optimize?width=300 HTTP/1.1\r\nHost: test\r\nContent-Type: image/jpeg\r\n"
+        request = head + b"Transfer-Encoding: chunked\r\n\r\n" + chunked(photo, 16 * 1024)
+    else:
+        request = post(photo, "image/jpeg")
+    reader, writer = await connect(client)
+    try:
+        pieces = 12  # each earns more time than the pause after it takes, over 3 x the read timeout
+        size = -(-len(request) // pieces)
+        for at in range(0, len(request), size):
+            writer.write(request[at : at + size])
+            await writer.drain()
+            await asyncio.sleep(0.12)
+        assert_resized(await read_answer(reader))
+    finally:
+        writer.close()
+    assert bool(switches) == (framing == "declared length")
+
+
+async def test_a_body_that_stalls_after_earning_time_gets_408(
+    make_client: ClientFactory, photo: bytes, switches: list[int]
+) -> None:
+    # The deadline was moved on by the first bytes, and must still fire once they stop.
+    client = await make_client(read_timeout=0.3, min_upload_rate=500_000)
+    reader, writer = await connect(client)
+    try:
+        request = post(photo, "image/jpeg")
+        writer.write(request[: len(request) // 2])  # earns ~0.5 s more, then nothing
+        async with asyncio.timeout(20):
+            status, _headers, body = await read_answer(reader)
+        assert status == 408
+        assert json.loads(body)["code"] == "upload_stalled"
+        assert switches
+        await until(lambda: client.app[STATE].gate.in_flight == 0)
+    finally:
+        writer.close()
+
+
 async def test_a_declared_length_over_the_cap_is_refused_before_any_buffer(
     make_client: ClientFactory, switches: list[int]
 ) -> None:
