@@ -20,7 +20,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn, TextIO
 
-from optimizer import __version__, allocator
+from optimizer import __version__, allocator, nativelog
 from optimizer.nativelog import Relay
 from optimizer.settings import (
     Settings,
@@ -197,6 +197,7 @@ def _capture_native_stderr() -> TextIO:
     sys.stderr = os.fdopen(2, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False)
     relaying = threading.Thread(target=Relay(read_end).run, name="optimizer-native-stderr", daemon=True)
     relaying.start()
+    nativelog.start_marks()  # the relay names the request each line came with
 
     def release() -> None:
         """At exit: fd 2 back to the real stderr, which closes the pipe's last write end, so the relay
@@ -204,6 +205,7 @@ def _capture_native_stderr() -> TextIO:
         global _release_stderr  # noqa: PLW0603 - one relay per process
         _release_stderr = None
         sys.stderr.flush()
+        nativelog.stop_marks()  # a job's mark must not reach the real stderr
         os.dup2(real.fileno(), 2)
         relaying.join(RELAY_DRAIN_SECONDS)
 

@@ -19,16 +19,18 @@ from typing import Any, TypeVar
 from optimizer.budget import Reservation
 from optimizer.errors import ShutdownDeadline
 from optimizer.gate import Slot
+from optimizer.nativelog import attributed
 from optimizer.state import ServiceState
 
 T = TypeVar("T")
 
 
-def _timed(fn: Callable[..., T], submitted: float, *args: object) -> tuple[T, float, float]:
+def _timed(fn: Callable[..., T], submitted: float, request_id: str, *args: object) -> tuple[T, float, float]:
     """Runs in a worker: the result, seconds spent queued, seconds spent working."""
     started = time.perf_counter()
     try:
-        result = fn(*args)
+        with attributed(request_id):  # what C libraries write to fd 2 meanwhile names the request
+            result = fn(*args)
     except StopIteration as exc:
         # asyncio cannot carry a StopIteration through a future: the request would hang, not fail.
         raise RuntimeError("StopIteration escaped from the image pipeline") from exc
@@ -36,9 +38,10 @@ def _timed(fn: Callable[..., T], submitted: float, *args: object) -> tuple[T, fl
 
 
 class Job:
-    def __init__(self, slot: Slot, state: ServiceState) -> None:
+    def __init__(self, slot: Slot, state: ServiceState, request_id: str) -> None:
         self._slot = slot
         self._state = state
+        self._request_id = request_id
         self._loop = asyncio.get_running_loop()
         self._reservation: Reservation | None = None
         self._pending = 0
@@ -54,7 +57,7 @@ class Job:
         pool = self._state.pool
         if pool is None:
             raise RuntimeError("the optimizer application has not been started")
-        future = pool.submit(_timed, fn, time.perf_counter(), *args)
+        future = pool.submit(_timed, fn, time.perf_counter(), self._request_id, *args)
         self._pending += 1
         future.add_done_callback(self._ended_in_thread)
         waiting = asyncio.wrap_future(future, loop=self._loop)

@@ -6,15 +6,28 @@ upload) on every request, and the corpus's 4.9 KB TIFF without dimensions makes 
 burst of ``LINE_BURST`` lines through, then ``LINES_PER_SECOND``, and counts the rest: at most once every
 ``SUMMARY_SECONDS`` one record says how many were left out (``"event": "native_suppressed"``). So what a
 library says about an ordinary bad file is still there whole, and no client can fill the disk.
+
+Which request made a library speak: the library writes from a worker thread with no request in sight,
+so each job in the pool writes a mark to fd 2 as it starts and as it ends (``attributed``), and the
+relay gives each line the ids of the requests whose jobs were running while it arrived, in
+``request_ids`` (``"event": "native"``). Writes to a pipe of up to ``PIPE_BUF`` bytes are never split,
+and the pipe keeps the order of writes, so a line written inside a job's marks is read inside them;
+with several workers the ids of the others running at the time come along. A mark carries a token
+drawn at start-up, so that a file whose bytes end up in a library's message cannot forge one. Marks
+are only written while a relay reads fd 2 (``start_marks``): embedded in another application, fd 2 is
+the host's and nothing is written to it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import secrets
 import select
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 # A bad file's whole story fits (a truncated JPEG: 1-2 lines; a broken TIFF: a few dozen, cut here).
 LINE_BURST = 20
@@ -29,6 +42,48 @@ MAX_LINE_CHARS = 2000
 READ_BYTES = 65536
 
 NATIVE_LOGGER = "optimizer.native"
+
+# A mark: START, the token, "+" or "-", the thread's id, for "+" a space and the request id, END. The
+# two control characters do not occur in what libraries print about a file, and the token is secret.
+_START, _END = b"\x1e", b"\x1f"
+_token = secrets.token_hex(8).encode()
+_marking = False  # a relay reads fd 2 (start_marks) and has not stopped
+
+
+def start_marks() -> None:
+    """From now on jobs mark their start and end on fd 2: a ``Relay`` reads it."""
+    global _marking  # noqa: PLW0603 - one relay per process
+    _marking = True
+
+
+def stop_marks() -> None:
+    """Before fd 2 goes back to the real stderr, or when the relay stops reading it."""
+    global _marking  # noqa: PLW0603 - one relay per process
+    _marking = False
+
+
+@contextlib.contextmanager
+def attributed(request_id: str) -> Iterator[None]:
+    """Around one job in a worker thread: what libraries write meanwhile is logged with ``request_id``."""
+    if not _marking:
+        yield
+        return
+    thread = str(threading.get_ident()).encode()
+    _mark(b"+" + thread + b" " + request_id.encode("ascii", "replace")[:MAX_ID_BYTES])
+    try:
+        yield
+    finally:
+        _mark(b"-" + thread)
+
+
+# Request ids are at most 128 characters (optimizer.observe); a mark stays far below PIPE_BUF (4096).
+MAX_ID_BYTES = 128
+MAX_MARK_BYTES = 1 + 16 + 1 + 24 + 1 + MAX_ID_BYTES + 1
+
+
+def _mark(body: bytes) -> None:
+    with contextlib.suppress(OSError):  # fd 2 closed at exit: nothing to attribute any more
+        os.write(2, _START + _token + body + _END)
 
 
 class LineBudget:
@@ -77,28 +132,83 @@ class Relay:
         # When the last count of left-out lines was logged: never, so the first may be logged at once.
         self._summarised = clock() - SUMMARY_SECONDS
         self._first_dropped = 0.0  # when the first line of the current count was left out
+        self._unparsed = b""  # the beginning of a mark whose end has not been read yet
+        self._running: dict[bytes, str] = {}  # thread -> the request its job is for, from the marks
+        self._line = bytearray()  # the line being read
+        self._line_ids: set[str] = set()  # the requests running while its bytes arrived
 
     def run(self) -> None:
-        pending = b""
-        while True:
-            if not select.select([self._fd], [], [], self._timeout())[0]:
-                self._summarise(force=True)  # quiet since lines were left out: say so now
-                continue
-            chunk = os.read(self._fd, READ_BYTES)
-            if not chunk:
-                break
-            *lines, pending = (pending + chunk).split(b"\n")
-            if len(pending) > MAX_LINE_CHARS * 4:  # no end of line in sight: a line of its own
-                lines.append(pending)
-                pending = b""
-            for line in lines:
-                self.line(line)
-        if pending:
-            self.line(pending)
-        self._summarise(force=True)
-        os.close(self._fd)
+        try:
+            while True:
+                if not select.select([self._fd], [], [], self._timeout())[0]:
+                    self._summarise(force=True)  # quiet since lines were left out: say so now
+                    continue
+                chunk = os.read(self._fd, READ_BYTES)
+                if not chunk:
+                    break
+                self.feed(chunk)
+            self.feed(b"", end=True)
+            self._summarise(force=True)
+        finally:
+            stop_marks()  # nobody reads the pipe any more: jobs must not fill it with marks
+            os.close(self._fd)
 
-    def line(self, raw: bytes) -> None:
+    def feed(self, chunk: bytes, *, end: bool = False) -> None:
+        """What was read from the pipe: marks are taken out, lines logged."""
+        data, self._unparsed = self._unparsed + chunk, b""
+        at = 0
+        while True:
+            start = data.find(_START, at)
+            if start < 0:
+                self._text(data[at:])
+                break
+            self._text(data[at:start])
+            stop = data.find(_END, start)
+            if data.startswith(_START + _token, start) and stop >= 0:
+                self._mark(data[start + 1 + len(_token) : stop])
+                at = stop + 1
+            elif (
+                not end
+                and (_START + _token).startswith(data[start : start + 1 + len(_token)])
+                and (len(data) - start <= MAX_MARK_BYTES)
+            ):
+                self._unparsed = data[start:]  # a mark's beginning: its end is in the next read
+                break
+            else:  # the character in a library's own output
+                self._text(data[start : start + 1])
+                at = start + 1
+        if end and self._line:
+            self._emit()
+
+    def _mark(self, body: bytes) -> None:
+        kind = body[:1]
+        thread, _, request = body[1:].partition(b" ")
+        if kind == b"+":
+            self._running[thread] = request.decode("ascii", "replace")
+        elif kind == b"-":
+            self._running.pop(thread, None)
+
+    def _text(self, text: bytes) -> None:
+        if not text:
+            return
+        *ended, rest = text.split(b"\n")
+        running = self._running.values()
+        for piece in ended:
+            self._line += piece
+            self._line_ids.update(running)
+            self._emit()
+        if rest:
+            self._line += rest
+            self._line_ids.update(running)
+            if len(self._line) > MAX_LINE_CHARS * 4:  # no end of line in sight: a line of its own
+                self._emit()
+
+    def _emit(self) -> None:
+        raw, ids = bytes(self._line), self._line_ids
+        self._line, self._line_ids = bytearray(), set()
+        self.line(raw, ids)
+
+    def line(self, raw: bytes, request_ids: set[str] | frozenset[str] = frozenset()) -> None:
         text = raw.decode("utf-8", errors="replace").rstrip()
         if not text.strip():
             return
@@ -109,7 +219,10 @@ class Relay:
             return
         if len(text) > MAX_LINE_CHARS:
             text = text[:MAX_LINE_CHARS] + f"... ({len(text) - MAX_LINE_CHARS} more characters)"
-        self._log.warning("%s", text)
+        fields: dict[str, object] = {"event": "native"}
+        if request_ids:
+            fields["request_ids"] = sorted(request_ids)
+        self._log.warning("%s", text, extra={"fields": fields})
 
     def _timeout(self) -> float | None:
         """Sleep for ever unless a count of left-out lines is waiting to be logged."""

@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from optimizer import nativelog
 from optimizer.nativelog import (
     LINE_BURST,
     LINES_PER_SECOND,
@@ -138,3 +139,81 @@ def test_a_steady_flood_is_counted_every_so_often_and_nothing_is_lost(
     assert logged <= LINE_BURST + simulated * LINES_PER_SECOND + 1
     assert len(counts) <= simulated / SUMMARY_SECONDS + 2
     assert len(counts) >= 2  # not only the one at the end
+
+
+def _marks(caplog: pytest.LogCaptureFixture) -> list[tuple[str, list[str]]]:
+    return [
+        (r.getMessage(), getattr(r, "fields", {}).get("request_ids", []))
+        for r in _native(caplog)
+        if _suppressed(r) is None
+    ]
+
+
+def mark(body: bytes) -> bytes:
+    """A job's mark as ``nativelog.attributed`` writes it."""
+    return nativelog._START + nativelog._token + body + nativelog._END
+
+
+def test_lines_are_named_with_the_requests_whose_jobs_were_running(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, NATIVE_LOGGER)
+    stream = (
+        b"before any job\n"
+        + mark(b"+1 req-a")
+        + b"TIFFReadDirectory: from a\n"
+        + mark(b"+2 req-b")
+        + b"both running\n"
+        + mark(b"-1")
+        + b"only b\n"
+        + mark(b"-2")
+        + b"after\n"
+    )
+    # Every way the pipe's reads can cut it, marks included.
+    for size in (len(stream), 1, 2, 7, 19):
+        caplog.clear()
+        read_fd, write_fd = os.pipe()
+        relay = Relay(read_fd, clock=FakeClock())
+        for at in range(0, len(stream), size):
+            relay.feed(stream[at : at + size])
+        relay.feed(b"", end=True)
+        os.close(read_fd)
+        os.close(write_fd)
+        assert _marks(caplog) == [
+            ("before any job", []),
+            ("TIFFReadDirectory: from a", ["req-a"]),
+            ("both running", ["req-a", "req-b"]),
+            ("only b", ["req-b"]),
+            ("after", []),
+        ], size
+
+
+def test_a_line_torn_by_another_jobs_mark_is_named_with_both(caplog: pytest.LogCaptureFixture) -> None:
+    # libtiff writes a warning in three pieces; another worker's mark can fall between them.
+    caplog.set_level(logging.WARNING, NATIVE_LOGGER)
+    _relay_all(mark(b"+1 req-a") + b"TIFFReadDirectory: " + mark(b"+2 req-b") + mark(b"-1") + b"Unknown.\n")
+    assert _marks(caplog) == [("TIFFReadDirectory: Unknown.", ["req-a", "req-b"])]
+
+
+def test_a_mark_without_the_token_is_text(caplog: pytest.LogCaptureFixture) -> None:
+    # A file's bytes quoted in a library's message cannot name or end a request.
+    caplog.set_level(logging.WARNING, NATIVE_LOGGER)
+    forged = nativelog._START + b"0123456789abcdef+1 forged" + nativelog._END
+    _relay_all(mark(b"+1 real") + forged + b" said\n" + nativelog._START + b"lone\n" + mark(b"-1"))
+    records = _marks(caplog)
+    assert [ids for _, ids in records] == [["real"], ["real"]]
+    assert "forged" in records[0][0]
+
+
+def test_jobs_write_marks_only_while_a_relay_reads_fd_2(monkeypatch: pytest.MonkeyPatch) -> None:
+    written: list[bytes] = []
+    monkeypatch.setattr(nativelog, "_mark", written.append)
+    with nativelog.attributed("req-1"):
+        pass
+    assert written == []  # embedded: fd 2 is the host's
+    nativelog.start_marks()
+    try:
+        with pytest.raises(ValueError), nativelog.attributed("req-2"):
+            raise ValueError
+    finally:
+        nativelog.stop_marks()
+    thread = str(threading.get_ident()).encode()
+    assert written == [b"+" + thread + b" req-2", b"-" + thread]

@@ -657,7 +657,10 @@ def test_a_file_made_to_fill_the_log_gets_a_bounded_number_of_lines(launch: Laun
     """What libtiff writes to fd 2 goes to the log at a bounded rate, with a count of the rest."""
     server = launch()
     request = urllib.request.Request(
-        f"{server.url}/optimize?format=png", data=tiff_with_bad_tags(2000), method="POST"
+        f"{server.url}/optimize?format=png",
+        data=tiff_with_bad_tags(2000),
+        method="POST",
+        headers={"X-Request-ID": "the-bad-tiff"},
     )
     with urllib.request.urlopen(request, timeout=REQUEST_TIMEOUT) as response:
         assert response.status == 200
@@ -668,6 +671,9 @@ def test_a_file_made_to_fill_the_log_gets_a_bounded_number_of_lines(launch: Laun
     assert 1 <= len(lines) <= LINE_BURST
     assert int(summary["suppressed"]) >= 2000  # two lines a tag
     assert all(r["level"] == "warning" for r in native)
+    # Each line names the request whose decode made libtiff write it, and no mark reaches the log.
+    assert all(r["event"] == "native" and r["request_ids"] == ["the-bad-tiff"] for r in lines), lines
+    assert not any("\x1e" in r["message"] or "\x1f" in r["message"] for r in native)
 
 
 @pytest.mark.parametrize("processes", ["1", "2"])
