@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -49,3 +52,16 @@ def test_a_delimiter_at_the_edges_of_a_large_buffer(where: str) -> None:
 def test_other_buffers_are_searched_as_they_are() -> None:
     data = bytearray(b"x" * (2 * search.MEMMEM_FROM) + DELIMITER)
     assert search.find(data, DELIMITER) == len(data) - len(DELIMITER)  # type: ignore[arg-type]
+
+
+def test_without_ctypes_the_service_imports_and_finds_with_bytes_find() -> None:
+    # An interpreter built without libffi has no _ctypes (found in review: the import failed).
+    script = (
+        "import sys; sys.modules['_ctypes'] = None\n"
+        "import optimizer.intake\n"
+        "from optimizer import search\n"
+        "assert search._memmem is None\n"
+        "buf = bytes(200_000) + b'--x'\n"
+        "assert search.find(buf, b'--x') == 200_000\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=60)
