@@ -193,11 +193,10 @@ def _capture_native_stderr() -> TextIO:
     faulthandler.enable(file=real)
     read_end, write_end = os.pipe()
     os.dup2(write_end, 2)
-    os.close(write_end)
     sys.stderr = os.fdopen(2, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False)
     relaying = threading.Thread(target=Relay(read_end).run, name="optimizer-native-stderr", daemon=True)
     relaying.start()
-    nativelog.start_marks()  # the relay names the request each line came with
+    nativelog.start_marks(write_end)  # the relay names the request each line came with
 
     def release() -> None:
         """At exit: fd 2 back to the real stderr, which closes the pipe's last write end, so the relay
@@ -205,7 +204,7 @@ def _capture_native_stderr() -> TextIO:
         global _release_stderr  # noqa: PLW0603 - one relay per process
         _release_stderr = None
         sys.stderr.flush()
-        nativelog.stop_marks()  # a job's mark must not reach the real stderr
+        nativelog.stop_marks()  # closes the marks' own write end; the pipe's last is fd 2, next
         os.dup2(real.fileno(), 2)
         relaying.join(RELAY_DRAIN_SECONDS)
 

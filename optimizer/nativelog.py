@@ -8,14 +8,14 @@ burst of ``LINE_BURST`` lines through, then ``LINES_PER_SECOND``, and counts the
 library says about an ordinary bad file is still there whole, and no client can fill the disk.
 
 Which request made a library speak: the library writes from a worker thread with no request in sight,
-so each job in the pool writes a mark to fd 2 as it starts and as it ends (``attributed``), and the
-relay gives each line the ids of the requests whose jobs were running while it arrived, in
-``request_ids`` (``"event": "native"``). Writes to a pipe of up to ``PIPE_BUF`` bytes are never split,
-and the pipe keeps the order of writes, so a line written inside a job's marks is read inside them;
-with several workers the ids of the others running at the time come along. A mark carries a token
-drawn at start-up, so that a file whose bytes end up in a library's message cannot forge one. Marks
-are only written while a relay reads fd 2 (``start_marks``): embedded in another application, fd 2 is
-the host's and nothing is written to it.
+so each job in the pool writes a mark into the same pipe as it starts and as it ends (``attributed``),
+and the relay gives each line the ids of the requests whose jobs were running while it arrived, in
+``request_ids`` (``"event": "native"``; a line written outside any job has none). Writes to a pipe of
+up to ``PIPE_BUF`` bytes are never split, and the pipe keeps the order of writes, so a line written
+inside a job's marks is read inside them; with several workers the ids of the others running at the
+time come along. A mark carries a token drawn at start-up, so that a file whose bytes end up in a
+library's message cannot forge one. Marks are only written while a relay reads the pipe
+(``start_marks``): embedded in another application, fd 2 is the host's and nothing is written to it.
 """
 
 from __future__ import annotations
@@ -44,28 +44,36 @@ READ_BYTES = 65536
 NATIVE_LOGGER = "optimizer.native"
 
 # A mark: START, the token, "+" or "-", the thread's id, for "+" a space and the request id, END. The
-# two control characters do not occur in what libraries print about a file, and the token is secret.
+# token is secret: bytes of a file that a library quotes cannot make a mark, whatever they hold.
 _START, _END = b"\x1e", b"\x1f"
 _token = secrets.token_hex(8).encode()
-_marking = False  # a relay reads fd 2 (start_marks) and has not stopped
+# Marks go through a descriptor of their own onto the relay's pipe, never through fd 2 itself: once
+# stop_marks() has closed it, no mark can be written anywhere, even by a job still running at exit
+# after fd 2 went back to the real stderr (found in review). The lock makes closing wait for a write.
+_mark_lock = threading.Lock()
+_mark_fd: int | None = None
 
 
-def start_marks() -> None:
-    """From now on jobs mark their start and end on fd 2: a ``Relay`` reads it."""
-    global _marking  # noqa: PLW0603 - one relay per process
-    _marking = True
+def start_marks(pipe_fd: int) -> None:
+    """From now on jobs mark their start and end on ``pipe_fd`` (the relay's pipe; taken over)."""
+    global _mark_fd  # noqa: PLW0603 - one relay per process
+    with _mark_lock:
+        _mark_fd = pipe_fd
 
 
 def stop_marks() -> None:
-    """Before fd 2 goes back to the real stderr, or when the relay stops reading it."""
-    global _marking  # noqa: PLW0603 - one relay per process
-    _marking = False
+    """No more marks: before fd 2 goes back to the real stderr, or when the relay stops reading."""
+    global _mark_fd  # noqa: PLW0603 - one relay per process
+    with _mark_lock:
+        if _mark_fd is not None:
+            os.close(_mark_fd)
+            _mark_fd = None
 
 
 @contextlib.contextmanager
 def attributed(request_id: str) -> Iterator[None]:
     """Around one job in a worker thread: what libraries write meanwhile is logged with ``request_id``."""
-    if not _marking:
+    if _mark_fd is None:
         yield
         return
     thread = str(threading.get_ident()).encode()
@@ -82,8 +90,10 @@ MAX_MARK_BYTES = 1 + 16 + 1 + 24 + 1 + MAX_ID_BYTES + 1
 
 
 def _mark(body: bytes) -> None:
-    with contextlib.suppress(OSError):  # fd 2 closed at exit: nothing to attribute any more
-        os.write(2, _START + _token + body + _END)
+    with _mark_lock:
+        if _mark_fd is not None:
+            with contextlib.suppress(OSError):  # the relay closed its end: nothing reads marks any more
+                os.write(_mark_fd, _START + _token + body + _END)
 
 
 class LineBudget:
@@ -132,6 +142,7 @@ class Relay:
         # When the last count of left-out lines was logged: never, so the first may be logged at once.
         self._summarised = clock() - SUMMARY_SECONDS
         self._first_dropped = 0.0  # when the first line of the current count was left out
+        self._last_line = 0.0  # when the last line arrived, logged or left out
         self._unparsed = b""  # the beginning of a mark whose end has not been read yet
         self._running: dict[bytes, str] = {}  # thread -> the request its job is for, from the marks
         self._line = bytearray()  # the line being read
@@ -140,18 +151,27 @@ class Relay:
     def run(self) -> None:
         try:
             while True:
-                if not select.select([self._fd], [], [], self._timeout())[0]:
-                    self._summarise(force=True)  # quiet since lines were left out: say so now
-                    continue
-                chunk = os.read(self._fd, READ_BYTES)
-                if not chunk:
-                    break
-                self.feed(chunk)
+                if select.select([self._fd], [], [], self._timeout())[0]:
+                    chunk = os.read(self._fd, READ_BYTES)
+                    if not chunk:
+                        break
+                    self.feed(chunk)
+                # Quiet is measured in lines: the jobs' marks keep the pipe busy under steady traffic.
+                if self._budget.dropped and self._clock() >= self._summary_due():
+                    self._summarise(force=True)
             self.feed(b"", end=True)
             self._summarise(force=True)
+        except Exception:
+            # Logged through the service's handler, which writes to the real stderr, not to this pipe.
+            self._log.exception(
+                "the relay of C libraries' stderr stopped: what they write is lost from now on",
+                extra={"fields": {"event": "native_relay_stopped"}},
+            )
         finally:
-            stop_marks()  # nobody reads the pipe any more: jobs must not fill it with marks
+            # The read end first: a job blocked writing a mark into a full pipe gets EPIPE and lets go of
+            # the lock that stop_marks() takes.
             os.close(self._fd)
+            stop_marks()
 
     def feed(self, chunk: bytes, *, end: bool = False) -> None:
         """What was read from the pipe: marks are taken out, lines logged."""
@@ -212,6 +232,7 @@ class Relay:
         text = raw.decode("utf-8", errors="replace").rstrip()
         if not text.strip():
             return
+        self._last_line = self._clock()
         self._summarise(force=False)
         if not self._budget.take():
             if self._budget.dropped == 1:
@@ -224,11 +245,16 @@ class Relay:
             fields["request_ids"] = sorted(request_ids)
         self._log.warning("%s", text, extra={"fields": fields})
 
+    def _summary_due(self) -> float:
+        """When a count of left-out lines is logged if no line comes first: QUIET_SECONDS after the last
+        line, and no sooner than SUMMARY_SECONDS after the last count."""
+        return max(self._last_line + QUIET_SECONDS, self._summarised + SUMMARY_SECONDS)
+
     def _timeout(self) -> float | None:
         """Sleep for ever unless a count of left-out lines is waiting to be logged."""
         if not self._budget.dropped:
             return None
-        return max(QUIET_SECONDS, self._summarised + SUMMARY_SECONDS - self._clock())
+        return max(0.0, self._summary_due() - self._clock())
 
     def _summarise(self, *, force: bool) -> None:
         dropped = self._budget.dropped

@@ -203,17 +203,68 @@ def test_a_mark_without_the_token_is_text(caplog: pytest.LogCaptureFixture) -> N
     assert "forged" in records[0][0]
 
 
-def test_jobs_write_marks_only_while_a_relay_reads_fd_2(monkeypatch: pytest.MonkeyPatch) -> None:
-    written: list[bytes] = []
-    monkeypatch.setattr(nativelog, "_mark", written.append)
-    with nativelog.attributed("req-1"):
-        pass
-    assert written == []  # embedded: fd 2 is the host's
-    nativelog.start_marks()
+def test_jobs_write_marks_only_while_a_relay_reads_the_pipe() -> None:
+    read_fd, write_fd = os.pipe()
     try:
+        with nativelog.attributed("req-1"):
+            pass  # embedded: no relay, and fd 2 is the host's
+        nativelog.start_marks(write_fd)
         with pytest.raises(ValueError), nativelog.attributed("req-2"):
             raise ValueError
+        with nativelog.attributed("req-3"):
+            nativelog.stop_marks()  # at exit, with a job still running: its end is not written
+        with nativelog.attributed("req-4"):
+            pass
+        thread = str(threading.get_ident()).encode()
+        assert os.read(read_fd, 4096) == mark(b"+" + thread + b" req-2") + mark(b"-" + thread) + mark(
+            b"+" + thread + b" req-3"
+        )
+        with pytest.raises(OSError):  # the marks' write end was closed by stop_marks
+            os.fstat(write_fd)
     finally:
         nativelog.stop_marks()
-    thread = str(threading.get_ident()).encode()
-    assert written == [b"+" + thread + b" req-2", b"-" + thread]
+        os.close(read_fd)
+
+
+def test_a_steady_run_of_marks_does_not_hold_back_the_count(caplog: pytest.LogCaptureFixture) -> None:
+    # Jobs write marks all the time under traffic: the count of left-out lines is due QUIET_SECONDS
+    # after the last line, not after the pipe's last byte (found in review).
+    caplog.set_level(logging.WARNING, NATIVE_LOGGER)
+    read_fd, write_fd = os.pipe()
+    relay = threading.Thread(target=Relay(read_fd).run)
+    relay.start()
+    try:
+        os.write(write_fd, b"".join(b"warning %d\n" % i for i in range(LINE_BURST + 5)))
+        deadline = time.monotonic() + 30
+        while not any(_suppressed(r) for r in _native(caplog)) and time.monotonic() < deadline:
+            os.write(write_fd, mark(b"+1 req") + mark(b"-1"))
+            time.sleep(0.05)
+        assert any(_suppressed(r) for r in _native(caplog)), "no count while the marks kept coming"
+    finally:
+        os.close(write_fd)
+        relay.join(10)
+    summaries = [r for r in _native(caplog) if _suppressed(r) is not None]
+    assert [_suppressed(r) for r in summaries] == [5]
+
+
+def test_a_relay_that_fails_says_so_and_stops_the_marks(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    caplog.set_level(logging.WARNING, NATIVE_LOGGER)
+    read_fd, write_fd = os.pipe()
+    marks_read, marks_write = os.pipe()
+    nativelog.start_marks(marks_write)
+    relay = Relay(read_fd)
+
+    def broken(chunk: bytes, *, end: bool = False) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(relay, "feed", broken)
+    os.write(write_fd, b"a line\n")
+    relay.run()
+    os.close(write_fd)
+    os.close(marks_read)
+    stopped = [r for r in _native(caplog) if getattr(r, "fields", {}).get("event") == "native_relay_stopped"]
+    assert len(stopped) == 1
+    assert stopped[0].levelno == logging.ERROR
+    assert nativelog._mark_fd is None  # jobs no longer write marks nobody reads
