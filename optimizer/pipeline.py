@@ -24,7 +24,15 @@ from PIL import Image, ImageChops, ImageCms, ImageFile, ImageMath
 
 from optimizer import vips
 from optimizer.errors import CorruptImage, EmptyBody, TooManyPixels, UnsupportedFormat
-from optimizer.jpegscans import DC_ONLY_SCALE, buffers_whole_image, decode_dc_scans_only, scans_to_decode
+from optimizer.jpegscans import (
+    DC_ONLY_SCALE,
+    TooManySegments,
+    buffers_whole_image,
+    check_headers,
+    decode_dc_scans_only,
+    scans_to_decode,
+)
+from optimizer.pngchunks import TooManyChunks, check_chunks
 from optimizer.sniff import PILLOW_FORMATS, sniff
 
 # Every exception type Pillow's decoders are known to raise on bad data (measured over the corpus and
@@ -73,9 +81,20 @@ REDUCING_GAP = 3.0
 # (counted by estimate_memory).
 DECODE_BLOCK = 1 << 20
 # Scans a JPEG may have: libjpeg decodes repeated progressive scans with a warning, each one a pass over
-# the whole image. libjpeg-turbo suggests this limit for its own scan limit (TJPARAM_SCANLIMIT): far
-# above any encoder's script (jpegtran and mozjpeg write 6-20), and at most ~2 s of CPU at the pixel limit.
+# the whole image. libjpeg-turbo suggests 500 for its own scan limit (TJPARAM_SCANLIMIT), far above any
+# encoder's script (jpegtran and mozjpeg write 6-20); but at 50 Mpx 489 scans took 8.6 s of CPU (a
+# review: 0.36 ns per pixel and scan), so large images get fewer: scans x pixels within SCAN_WORK
+# (100 scans at the default 50 Mpx, ~1.8 s), and never fewer than MIN_SCANS.
 MAX_SCANS = 500
+MIN_SCANS = 64
+SCAN_WORK = 5_000_000_000
+
+
+def scan_limit(pixels: int) -> int:
+    """The most scans a JPEG of ``pixels`` (its full size, whatever the draft scale) may have."""
+    return max(MIN_SCANS, min(MAX_SCANS, SCAN_WORK // max(pixels, 1)))
+
+
 # AVIF encodes are slow at libavif's default speed 6; 8 costs a little size for several times the speed.
 # One encoder thread: parallelism comes from the service's pool, not from inside one request.
 AVIF_SPEED = 8
@@ -263,7 +282,10 @@ def optimize(data: bytes, params: Params, limits: Limits) -> Output:
         icc = im.info.get("icc_profile")
         timings.decode = (mid := time.perf_counter()) - started
 
-        out = normalise_mode(im)
+        try:
+            out = normalise_mode(im)
+        except ValueError:  # Pillow refusing what the file's own tables say, after the decode
+            raise CorruptImage(f"the {source_format} image's colour tables are inconsistent") from None
         out = resize(out, _unrotate(target, orientation), limits.resizer)
         out = orient(out, orientation)
         out = to_srgb(out, icc if isinstance(icc, bytes) else None)
@@ -295,6 +317,14 @@ def open_image(data: bytes, limits: Limits) -> Image.Image:
             f"the upload is not an accepted image type{named}; accepted: "
             + ", ".join(sorted(limits.input_formats))
         )
+    try:
+        # Before Pillow's parsers loop over them in Python, one by one.
+        if family == "jpeg":
+            check_headers(data)
+        elif family == "png":
+            check_chunks(data)
+    except (TooManySegments, TooManyChunks) as exc:
+        raise CorruptImage(f"{exc}; an encoder writes a few dozen") from None
     try:
         # formats= restricts Pillow to the plugins of the sniffed family, so no other decoder ever runs.
         im = Image.open(io.BytesIO(data), formats=PILLOW_FORMATS[family])
@@ -384,11 +414,12 @@ def decode(im: Image.Image, size: tuple[int, int]) -> None:
     """Decode the first frame, letting libjpeg scale a JPEG down by 1/2, 1/4 or 1/8 on the way."""
     try:
         if im.format in ("JPEG", "MPO"):
+            limit = scan_limit(im.width * im.height)  # before the draft makes the size the scaled one
             if size != im.size:
                 # Picks the smallest DCT scale that still covers ``size``: about 5x faster on a large photo.
                 im.draft(None, size)
                 decode_dc_scans_only(im)
-            _refuse_endless_scans(im)  # in the stream libjpeg will read: a rewritten one is short
+            _refuse_endless_scans(im, limit)  # in the stream libjpeg will read: a rewritten one is short
         if isinstance(im, ImageFile.ImageFile):  # always, for an image from Image.open()
             im.decodermaxblock = max(im.decodermaxblock, DECODE_BLOCK)
         key_scale = _grey_key_scale(im)
@@ -419,13 +450,19 @@ def _grey_key_scale(im: Image.Image) -> int:
     return 255 // (2**depth - 1) if colour_type == 0 and depth in (2, 4) else 1
 
 
-def _refuse_endless_scans(im: Image.Image) -> None:
-    """``CorruptImage`` for a JPEG of more than ``MAX_SCANS`` scans (see ``jpegscans.scans_to_decode``)."""
+def _refuse_endless_scans(im: Image.Image, limit: int) -> None:
+    """``CorruptImage`` for a JPEG of more than ``limit`` scans (see ``jpegscans.scans_to_decode``)."""
     fp = getattr(im, "fp", None)  # the upload, as open_image wraps it
-    if isinstance(fp, io.BytesIO) and scans_to_decode(fp.getvalue(), MAX_SCANS) > MAX_SCANS:
+    if not isinstance(fp, io.BytesIO):
+        return
+    try:
+        scans = scans_to_decode(fp.getvalue(), limit)
+    except TooManySegments as exc:  # a flood of segments between the scans
+        raise CorruptImage(f"{exc}; an encoder writes a few dozen") from None
+    if scans > limit:
         raise CorruptImage(
-            f"the JPEG has more than {MAX_SCANS} scans; an encoder writes a few dozen at most, and each "
-            "costs a pass over the whole image"
+            f"the JPEG has more than {limit} scans, the limit for its size; an encoder writes a few dozen "
+            "at most, and each costs a pass over the whole image"
         )
 
 
@@ -439,6 +476,11 @@ def normalise_mode(im: Image.Image) -> Image.Image:
         return _deep_to_l(im, has_alpha)
     if mode == "1":
         return im.convert("LA" if has_alpha else "L")
+    transparency = im.info.get("transparency")
+    if mode == "P" and isinstance(transparency, bytes) and len(transparency) > 256:
+        # More alpha entries than a palette has: libpng drops them with a warning, and browsers show the
+        # image; Pillow's conversion raised (a 500, found in review).
+        im.info["transparency"] = transparency[:256]
     if mode in ("P", "PA", "L", "RGB"):
         if mode == "PA" or im.has_transparency_data:
             return im.convert("LA" if mode == "L" else "RGBA")
@@ -501,7 +543,7 @@ def to_srgb(im: Image.Image, icc: bytes | None) -> Image.Image:
     colour = im.convert("RGB") if alpha is not None else im
     if icc and colour.mode in ("RGB", "CMYK"):
         try:
-            profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+            profile = ImageCms.ImageCmsProfile(io.BytesIO(_without_float_luts(icc)))
             if not ImageCms.getProfileDescription(profile).strip().startswith("sRGB"):
                 converted = ImageCms.profileToProfile(colour, profile, _SRGB, outputMode="RGB")
                 if converted is not None:
@@ -514,6 +556,36 @@ def to_srgb(im: Image.Image, icc: bytes | None) -> Image.Image:
         colour = colour.copy() if colour is im else colour
         colour.putalpha(alpha)
     return colour
+
+
+# ICC v4's floating-point transforms (D2Bx, B2Dx): a list of processing elements that LittleCMS reads
+# and runs one by one, each a copy even when the list points at the same element again. A review built
+# a 626-byte PNG whose profile lists 20 000 of them: 35 s of CPU and 750 MB for one 8x8 image, all
+# outside the memory budget. LittleCMS prefers these tags to the A2Bx/B2Ax lookup tables and the
+# matrix-and-curves a profile also carries (the fixed-size forms browsers use); renamed, they are
+# unknown tags and ignored. A profile with nothing else cannot be used and is ignored, as browsers do.
+_FLOAT_LUT_TAGS = frozenset(prefix + bytes([digit]) for prefix in (b"D2B", b"B2D") for digit in b"0123")
+_ICC_HEADER = 128
+_ICC_TAG_ENTRY = 12
+
+
+def _without_float_luts(icc: bytes) -> bytes:
+    """``icc`` with its D2Bx/B2Dx tags renamed (lower case: unknown to LittleCMS), else as it is."""
+    if len(icc) < _ICC_HEADER + 4:
+        return icc
+    (count,) = struct.unpack_from(">I", icc, _ICC_HEADER)
+    table_end = _ICC_HEADER + 4 + _ICC_TAG_ENTRY * count
+    if table_end > len(icc):
+        return icc  # LittleCMS refuses such a table itself
+    found = [
+        at for at in range(_ICC_HEADER + 4, table_end, _ICC_TAG_ENTRY) if icc[at : at + 4] in _FLOAT_LUT_TAGS
+    ]
+    if not found:
+        return icc
+    renamed = bytearray(icc)
+    for at in found:
+        renamed[at : at + 4] = icc[at : at + 4].lower()
+    return bytes(renamed)
 
 
 def fit_mode_to_format(im: Image.Image, params: Params) -> Image.Image:
