@@ -95,6 +95,10 @@ def scan_limit(pixels: int) -> int:
     return max(MIN_SCANS, min(MAX_SCANS, SCAN_WORK // max(pixels, 1)))
 
 
+# Pillow decodes a BMP's RLE8 and RLE4 data in Python, a turn of a loop per run and per byte of
+# padding: a 1 KB file of one 50 Mpx row took 4.4 s (a review). Such BMPs are icons and old screenshots.
+RLE_MAX_PIXELS = 8_000_000
+_BMP_RLE8, _BMP_RLE4 = 1, 2
 # AVIF encodes are slow at libavif's default speed 6; 8 costs a little size for several times the speed.
 # One encoder thread: parallelism comes from the service's pool, not from inside one request.
 AVIF_SPEED = 8
@@ -152,7 +156,12 @@ def inspect(data: bytes, params: Params, limits: Limits) -> int:
         orientation = read_orientation(im, loaded=False)
         target = target_size(_upright_size(im.size, orientation), params, limits.max_dimension)
         return estimate_memory(
-            im, _unrotate(target, orientation), params.format, compressed=len(data), resizer=limits.resizer
+            im,
+            _unrotate(target, orientation),
+            params.format,
+            compressed=len(data),
+            resizer=limits.resizer,
+            orientation=orientation,
         )
 
 
@@ -176,6 +185,7 @@ def estimate_memory(
     *,
     compressed: int = 0,
     resizer: str = "pillow",
+    orientation: int = 0,
 ) -> int:
     """Peak bytes ``optimize`` will allocate for ``im`` (header read, nothing decoded) to reach ``size``.
 
@@ -207,6 +217,8 @@ def estimate_memory(
         else:
             work += target_w * dec_h * stored  # the horizontal pass of Pillow's resize
         work += target_w * target_h * stored  # the output
+    if orientation in _TRANSPOSE:
+        work += target_w * target_h * stored  # orient's turned copy, beside the image it turns
     grey = im.mode in ("1", "L", "LA", "La", "F") or im.mode.startswith("I")  # to_srgb leaves grey as it is
     if ("icc_profile" in im.info and not grey) or im.mode == "CMYK":
         # to_srgb: the converted copy; with alpha also the alpha band, an RGB copy and the merge
@@ -217,6 +229,8 @@ def estimate_memory(
     if im.format == "TIFF":
         if (tile := _tiff_tile(im)) is not None:
             decoded += tile[0] * tile[1] * 8  # libtiff's buffer for one tile, up to 4 samples of 16 bits
+        else:
+            decoded += _tiff_strip_buffers(im, compressed)
         tags = getattr(im, "tag_v2", None)
         if tags is not None and tags.get(_ORIENTATION_TAG, 1) != 1:
             decoded *= 2  # Pillow turns the loaded frame into a copy (see read_orientation)
@@ -224,10 +238,36 @@ def estimate_memory(
         # Pillow decodes through libwebp's animation decoder: its canvas and the previous frame's, and
         # the frame handed over as bytes, beside Pillow's own (measured: 15.6 bytes per pixel in all).
         decoded += width * height * 4 * 3
+    if _python_rle(im):
+        decoded += 2 * width * height  # BmpRleDecoder's bytearray of the pixels, and its bytes() copy
     feeding = min(compressed, 2 * DECODE_BLOCK)  # a block read, and the unconsumed rest joined to it
     if coefficients and scale == DC_ONLY_SCALE:
         feeding += compressed  # the stream without its AC scans (optimizer.jpegscans), at most as long
     return max(coefficients + decoded + feeding, work) + _FIXED_OVERHEAD
+
+
+def _tiff_strip_buffers(im: Image.Image, compressed: int) -> int:
+    """libtiff's buffers for one strip of a stripped TIFF: the strip decoded at the file's own depth (or
+    as RGBA, the way Pillow reads YCbCr and JPEG-in-TIFF), and its compressed bytes. A TIFF of one
+    strip holds its whole image twice that way: a 7000x7000 16-bit CMYK file peaked at 564 MB against
+    198 estimated (a review)."""
+    tags = getattr(im, "tag_v2", None)
+    if tags is None:
+        return 0
+    width, height = im.size
+    rows = tags.get(278)  # RowsPerStrip; absent: the whole image is one strip
+    rows = min(rows, height) if isinstance(rows, int) and rows > 0 else height
+    bits = tags.get(258, 1)  # BitsPerSample, one per sample (Pillow gives a tuple)
+    samples = tags.get(277, 1)  # SamplesPerPixel
+    per_pixel = (
+        sum(bits) if isinstance(bits, tuple) else int(bits) * (samples if isinstance(samples, int) else 1)
+    )
+    scanline = max(-(-width * per_pixel // 8), width * 4)
+    counts = tags.get(279)  # StripByteCounts
+    largest = (
+        max(counts) if isinstance(counts, tuple) and counts else counts if isinstance(counts, int) else 0
+    )
+    return rows * scanline + min(largest, compressed)
 
 
 def _packed_bands(mode: str, has_alpha: bool) -> int:
@@ -345,6 +385,12 @@ def open_image(data: bytes, limits: Limits) -> Image.Image:
         raise TooManyPixels(
             f"the image is {width}x{height} = {width * height} pixels; the limit is {limits.max_pixels}"
         )
+    if _python_rle(im) and width * height > RLE_MAX_PIXELS:
+        im.close()
+        raise TooManyPixels(
+            f"the image is an RLE-compressed BMP of {width}x{height} = {width * height} pixels; the "
+            f"limit for such a BMP is {RLE_MAX_PIXELS} (Pillow decodes it in Python)"
+        )
     if im.format == "TIFF" and (tile := _tiff_tile(im)) is not None and tile[0] * tile[1] > limits.max_pixels:
         # libtiff allocates one whole tile whatever the image's size: a 16x16 TIFF declaring one 26752 px
         # square tile took 2 GiB. A tile may be larger than its image; it is decoded pixels all the same.
@@ -354,6 +400,11 @@ def open_image(data: bytes, limits: Limits) -> Image.Image:
             f"the limit is {limits.max_pixels}"
         )
     return im
+
+
+def _python_rle(im: Image.Image) -> bool:
+    """Whether ``im`` is a BMP whose RLE8 or RLE4 data Pillow decodes in Python (``BmpRleDecoder``)."""
+    return im.format == "BMP" and im.info.get("compression") in (_BMP_RLE8, _BMP_RLE4)
 
 
 def _tiff_tile(im: Image.Image) -> tuple[int, int] | None:

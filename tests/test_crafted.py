@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from optimizer import pipeline, pngchunks
-from optimizer.errors import CorruptImage
+from optimizer.errors import CorruptImage, TooManyPixels
 from optimizer.pipeline import Limits, Params
 from optimizer.settings import KNOWN_INPUT_FORMATS
 from tests.test_memory_estimate import MIB, measured_peak
@@ -141,3 +141,92 @@ def test_chunks_after_the_image_data_count_too() -> None:
     flooded = data[:end] + chunk(b"prIv", b"") * (pngchunks.MAX_ANCILLARY_CHUNKS + 1) + data[end:]
     with pytest.raises(CorruptImage, match="chunks"):
         pipeline.inspect(flooded, Params(width=2), LIMITS)
+
+
+def covers(path: Path, width: str, fmt: str) -> None:
+    """The estimate covers the peak measured in a child process (as tests/test_memory_estimate.py)."""
+    params = Params(width=None if width == "-" else int(width), format=fmt)
+    estimate = pipeline.inspect(path.read_bytes(), params, LIMITS)
+    peak = measured_peak(path, width, fmt, "pillow")
+    assert peak <= estimate * 1.1 + 2 * MIB, f"estimate {estimate / MIB:.1f} MiB < peak {peak / MIB:.1f} MiB"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["png", "jpeg"])
+def test_turning_an_upright_full_size_image_is_in_the_estimate(tmp_path: Path, fmt: str) -> None:
+    """orient() turns a copy beside the image it turns: at full size, 2x the estimate (the review)."""
+    gradient = Image.linear_gradient("L").resize((2000, 1500))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "orientation-6.jpg"
+    Image.merge("RGB", [gradient, gradient.transpose(Image.Transpose.FLIP_LEFT_RIGHT), gradient]).save(
+        path, "JPEG", exif=exif
+    )
+    covers(path, "-", fmt)
+
+
+def tiff_in_one_strip(width: int, height: int, bits: int, samples: int, photometric: int) -> bytes:
+    """A deflate TIFF of zero pixels whose whole image is one strip (RowsPerStrip = height)."""
+    data = zlib.compress(bytes(width * samples * bits // 8) * height, 1)
+    tags = [
+        (256, 4, 1, width),
+        (257, 4, 1, height),
+        (258, 3, samples, 0),
+        (259, 3, 1, 8),
+        (262, 3, 1, photometric),
+    ]
+    tags += [
+        (273, 4, 1, 0),
+        (277, 3, 1, samples),
+        (278, 4, 1, height),
+        (279, 4, 1, len(data)),
+        (284, 3, 1, 1),
+    ]
+    bits_at = 8 + 2 + 12 * len(tags) + 4
+    data_at = bits_at + 2 * samples
+    entries = b""
+    for tag, kind, count, given in tags:
+        value = {258: bits_at if samples > 2 else bits, 273: data_at}.get(tag, given)
+        if kind == 4 or (tag == 258 and samples > 2):
+            entries += struct.pack("<HHII", tag, kind, count, value)
+        else:
+            entries += struct.pack("<HHIHH", tag, kind, count, value, 0)
+    ifd = struct.pack("<H", len(tags)) + entries + struct.pack("<I", 0)
+    return b"II*\x00" + struct.pack("<I", 8) + ifd + struct.pack(f"<{samples}H", *[bits] * samples) + data
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("bits", "samples", "photometric"),
+    [(16, 4, 5), (16, 3, 2), (8, 3, 2)],
+    ids=["cmyk-16", "rgb-16", "rgb-8"],
+)
+def test_a_tiff_of_one_strip_has_its_strip_buffer_in_the_estimate(
+    tmp_path: Path, bits: int, samples: int, photometric: int
+) -> None:
+    """libtiff holds the whole strip at the file's depth beside Pillow's image: 2.8x the estimate for a
+    16-bit CMYK file (the review)."""
+    path = tmp_path / "one-strip.tif"
+    path.write_bytes(tiff_in_one_strip(2500, 2500, bits, samples, photometric))
+    covers(path, "300", "jpeg")
+
+
+def rle8_bmp(width: int, height: int, body: bytes) -> bytes:
+    palette = b"".join(bytes([i, i, i, 0]) for i in range(256))
+    info = struct.pack("<IiiHHIIiiII", 40, width, height, 1, 8, 1, len(body), 2835, 2835, 256, 0)
+    offset = 14 + len(info) + len(palette)
+    return b"BM" + struct.pack("<IHHI", offset + len(body), 0, 0, offset) + info + palette + body
+
+
+def test_an_rle_bmp_beyond_what_python_decodes_quickly_is_refused() -> None:
+    """One 50 Mpx row padded byte by byte in Pillow's Python decoder took 4.4 s (the review)."""
+    data = rle8_bmp(pipeline.RLE_MAX_PIXELS + 1, 1, b"\x01\x05\x00\x00\x00\x01")
+    with pytest.raises(TooManyPixels, match="RLE"):
+        pipeline.inspect(data, Params(width=300), LIMITS)
+
+
+@pytest.mark.slow
+def test_an_rle_bmp_has_its_decoders_copies_in_the_estimate(tmp_path: Path) -> None:
+    path = tmp_path / "rle8.bmp"
+    path.write_bytes(rle8_bmp(3_000_000, 1, b"\x01\x05\x00\x00\x00\x01"))  # one pixel, then padding
+    covers(path, "300", "jpeg")
