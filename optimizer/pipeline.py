@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from PIL import Image, ImageChops, ImageCms, ImageFile, ImageMath
 
 from optimizer import vips
-from optimizer.errors import CorruptImage, EmptyBody, TooManyPixels, UnsupportedFormat
+from optimizer.errors import BodyTooLarge, CorruptImage, EmptyBody, TooManyPixels, UnsupportedFormat
 from optimizer.jpegscans import (
     DC_ONLY_SCALE,
     TooManySegments,
@@ -34,6 +34,7 @@ from optimizer.jpegscans import (
 )
 from optimizer.pngchunks import TooManyChunks, check_chunks
 from optimizer.sniff import PILLOW_FORMATS, sniff
+from optimizer.tiffifd import TooManyValues, check_directory
 
 # Every exception type Pillow's decoders are known to raise on bad data (measured over the corpus and
 # Pillow's fuzz files); caught only around open() and load(), so that a bug of ours is not mistaken for a
@@ -54,6 +55,7 @@ _DECODE_ERRORS: tuple[type[BaseException], ...] = (
 
 _ORIENTATION_TAG = 0x0112
 # EXIF orientation -> the transposition that makes the image upright (orientations 5-8 swap the axes).
+_A_MIRROR = 2  # an orientation whose turn keeps the size
 _TRANSPOSE: dict[int, Image.Transpose] = {
     2: Image.Transpose.FLIP_LEFT_RIGHT,
     3: Image.Transpose.ROTATE_180,
@@ -95,9 +97,11 @@ def scan_limit(pixels: int) -> int:
     return max(MIN_SCANS, min(MAX_SCANS, SCAN_WORK // max(pixels, 1)))
 
 
-# Pillow decodes a BMP's RLE8 and RLE4 data in Python, a turn of a loop per run and per byte of
-# padding: a 1 KB file of one 50 Mpx row took 4.4 s (a review). Such BMPs are icons and old screenshots.
+# Pillow decodes a BMP's RLE8 and RLE4 data in Python, a turn of a loop per run, per escape and per
+# byte of padding: a 1 KB file of one 50 Mpx row took 4.4 s, 24 MB of empty escapes 3.2 s (reviews).
+# Such BMPs are icons and old screenshots.
 RLE_MAX_PIXELS = 8_000_000
+RLE_MAX_BYTES = 2 * 1024 * 1024
 _BMP_RLE8, _BMP_RLE4 = 1, 2
 # AVIF encodes are slow at libavif's default speed 6; 8 costs a little size for several times the speed.
 # One encoder thread: parallelism comes from the service's pool, not from inside one request.
@@ -155,13 +159,18 @@ def inspect(data: bytes, params: Params, limits: Limits) -> int:
     with open_image(data, limits) as im:
         orientation = read_orientation(im, loaded=False)
         target = target_size(_upright_size(im.size, orientation), params, limits.max_dimension)
+        turn = orientation
+        if not orientation and im.format == "PNG" and b"eXIf" in data:
+            # An eXIf chunk after the image data is only read with the pixels (see optimize): count a
+            # turn, a mirror for its size (a rotated PNG's copy went uncounted, found in review).
+            turn = _A_MIRROR
         return estimate_memory(
             im,
             _unrotate(target, orientation),
             params.format,
             compressed=len(data),
             resizer=limits.resizer,
-            orientation=orientation,
+            orientation=turn,
         )
 
 
@@ -247,27 +256,36 @@ def estimate_memory(
 
 
 def _tiff_strip_buffers(im: Image.Image, compressed: int) -> int:
-    """libtiff's buffers for one strip of a stripped TIFF: the strip decoded at the file's own depth (or
-    as RGBA, the way Pillow reads YCbCr and JPEG-in-TIFF), and its compressed bytes. A TIFF of one
-    strip holds its whole image twice that way: a 7000x7000 16-bit CMYK file peaked at 564 MB against
-    198 estimated (a review)."""
+    """libtiff's buffers for one strip of a compressed, stripped TIFF: the strip decoded at the file's
+    own depth (as RGBA where Pillow has libtiff convert: YCbCr, JPEG-in-TIFF), and its compressed bytes.
+    A TIFF of one strip holds its whole image twice that way: a 7000x7000 16-bit CMYK file peaked at
+    564 MB against 198 estimated (a review). An uncompressed TIFF is read by Pillow's own decoder, in
+    place."""
     tags = getattr(im, "tag_v2", None)
-    if tags is None:
+    if tags is None or tags.get(_TIFF_COMPRESSION, 1) == 1:
         return 0
     width, height = im.size
-    rows = tags.get(278)  # RowsPerStrip; absent: the whole image is one strip
+    rows = tags.get(_TIFF_ROWS_PER_STRIP)  # absent: the whole image is one strip
     rows = min(rows, height) if isinstance(rows, int) and rows > 0 else height
-    bits = tags.get(258, 1)  # BitsPerSample, one per sample (Pillow gives a tuple)
-    samples = tags.get(277, 1)  # SamplesPerPixel
+    bits = tags.get(_TIFF_BITS_PER_SAMPLE, 1)  # one per sample (Pillow gives a tuple)
+    samples = tags.get(_TIFF_SAMPLES_PER_PIXEL, 1)
     per_pixel = (
         sum(bits) if isinstance(bits, tuple) else int(bits) * (samples if isinstance(samples, int) else 1)
     )
-    scanline = max(-(-width * per_pixel // 8), width * 4)
-    counts = tags.get(279)  # StripByteCounts
+    scanline = -(-width * per_pixel // 8)
+    if tags.get(_TIFF_PHOTOMETRIC) == _TIFF_YCBCR or tags.get(_TIFF_COMPRESSION) in _TIFF_JPEG:
+        scanline = max(scanline, width * 4)
+    counts = tags.get(_TIFF_STRIP_BYTE_COUNTS)
     largest = (
         max(counts) if isinstance(counts, tuple) and counts else counts if isinstance(counts, int) else 0
     )
     return rows * scanline + min(largest, compressed)
+
+
+_TIFF_BITS_PER_SAMPLE, _TIFF_COMPRESSION, _TIFF_PHOTOMETRIC = 258, 259, 262
+_TIFF_SAMPLES_PER_PIXEL, _TIFF_ROWS_PER_STRIP, _TIFF_STRIP_BYTE_COUNTS = 277, 278, 279
+_TIFF_YCBCR = 6
+_TIFF_JPEG = frozenset({6, 7})  # old-style and new-style JPEG compression
 
 
 def _packed_bands(mode: str, has_alpha: bool) -> int:
@@ -363,8 +381,10 @@ def open_image(data: bytes, limits: Limits) -> Image.Image:
             check_headers(data)
         elif family == "png":
             check_chunks(data)
-    except (TooManySegments, TooManyChunks) as exc:
-        raise CorruptImage(f"{exc}; an encoder writes a few dozen") from None
+        elif family == "tiff":
+            check_directory(data)
+    except (TooManySegments, TooManyChunks, TooManyValues) as exc:
+        raise CorruptImage(str(exc)) from None
     try:
         # formats= restricts Pillow to the plugins of the sniffed family, so no other decoder ever runs.
         im = Image.open(io.BytesIO(data), formats=PILLOW_FORMATS[family])
@@ -384,6 +404,12 @@ def open_image(data: bytes, limits: Limits) -> Image.Image:
         im.close()
         raise TooManyPixels(
             f"the image is {width}x{height} = {width * height} pixels; the limit is {limits.max_pixels}"
+        )
+    if _python_rle(im) and len(data) > RLE_MAX_BYTES:
+        im.close()
+        raise BodyTooLarge(
+            f"the upload is an RLE-compressed BMP of {len(data)} bytes; the limit for such a BMP is "
+            f"{RLE_MAX_BYTES} (Pillow decodes it in Python)"
         )
     if _python_rle(im) and width * height > RLE_MAX_PIXELS:
         im.close()
@@ -509,7 +535,7 @@ def _refuse_endless_scans(im: Image.Image, limit: int) -> None:
     try:
         scans = scans_to_decode(fp.getvalue(), limit)
     except TooManySegments as exc:  # a flood of segments between the scans
-        raise CorruptImage(f"{exc}; an encoder writes a few dozen") from None
+        raise CorruptImage(str(exc)) from None
     if scans > limit:
         raise CorruptImage(
             f"the JPEG has more than {limit} scans, the limit for its size; an encoder writes a few dozen "
@@ -528,10 +554,15 @@ def normalise_mode(im: Image.Image) -> Image.Image:
     if mode == "1":
         return im.convert("LA" if has_alpha else "L")
     transparency = im.info.get("transparency")
-    if mode == "P" and isinstance(transparency, bytes) and len(transparency) > 256:
-        # More alpha entries than a palette has: libpng drops them with a warning, and browsers show the
-        # image; Pillow's conversion raised (a 500, found in review).
-        im.info["transparency"] = transparency[:256]
+    if mode == "P" and transparency is not None:
+        entries = len(im.getpalette() or ()) // 3 or 256  # none: Pillow's default palette of 256 greys
+        if (isinstance(transparency, bytes) and len(transparency) > entries) or (
+            isinstance(transparency, int) and transparency >= entries
+        ):
+            # More alpha entries than the palette has colours: libpng drops the whole tRNS chunk as
+            # invalid, and browsers show the image opaque; Pillow's conversion raised (a 500, found in
+            # review). A tRNS of one 0 among 255s arrives as that entry's index, past the palette here.
+            del im.info["transparency"]
     if mode in ("P", "PA", "L", "RGB"):
         if mode == "PA" or im.has_transparency_data:
             return im.convert("LA" if mode == "L" else "RGBA")

@@ -37,7 +37,7 @@ def check_chunks(data: bytes) -> None:
         if chunks > MAX_CHUNKS or ancillary > MAX_ANCILLARY_CHUNKS:
             raise TooManyChunks(
                 f"the PNG has more than {MAX_CHUNKS} chunks, or more than {MAX_ANCILLARY_CHUNKS} besides "
-                "its image data"
+                "its image data; an encoder writes a few"
             )
         if kind == b"IEND":
             return

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from optimizer import pipeline, pngchunks
-from optimizer.errors import CorruptImage, TooManyPixels
+from optimizer import pipeline, pngchunks, tiffifd
+from optimizer.errors import BodyTooLarge, CorruptImage, TooManyPixels
 from optimizer.pipeline import Limits, Params
 from optimizer.settings import KNOWN_INPUT_FORMATS
 from tests.test_memory_estimate import MIB, measured_peak
@@ -102,14 +102,28 @@ def png(*chunks: bytes, size: tuple[int, int] = (4, 4), colour_type: int = 2) ->
     )
 
 
-@pytest.mark.parametrize("entries", [256, 257, 1000])
-def test_more_alpha_entries_than_a_palette_has_are_dropped_as_libpng_does(entries: int) -> None:
-    """257 entries made Pillow's conversion raise: a 500 (the review)."""
-    alpha = bytes([0]) + bytes([255]) * (entries - 1)  # palette index 0 (every pixel here) transparent
-    data = png(chunk(b"PLTE", bytes(768)), chunk(b"tRNS", alpha), colour_type=3)
+@pytest.mark.parametrize(
+    ("colours", "alpha", "transparent"),
+    [
+        pytest.param(256, bytes([0, 128]) + bytes([255]) * 254, True, id="valid"),
+        pytest.param(16, bytes([0, 128]) + bytes([255]) * 15, False, id="one-past-the-palette"),
+        pytest.param(256, bytes([0, 128]) + bytes([255]) * 998, False, id="1000-entries"),
+        pytest.param(256, bytes([255]) * 280 + bytes([0]) + bytes([255]) * 19, False, id="a-zero-past-256"),
+    ],
+)
+def test_more_alpha_entries_than_the_palette_has_colours_are_dropped_as_libpng_does(
+    colours: int, alpha: bytes, transparent: bool
+) -> None:
+    """257 entries made Pillow's conversion raise: a 500 (the review). libpng drops such a tRNS chunk
+    whole, and the image is shown opaque; a valid one keeps its transparency."""
+    data = png(
+        chunk(b"PLTE", bytes(i % 256 for i in range(3 * colours))), chunk(b"tRNS", alpha), colour_type=3
+    )
     out = pipeline.optimize(data, Params(format="png"), LIMITS)
     with Image.open(io.BytesIO(out.data)) as im:
-        assert im.convert("RGBA").getpixel((0, 0)) == (0, 0, 0, 0)
+        corner = im.convert("RGBA").getpixel((0, 0))  # palette entry 0, the first alpha entry
+    assert isinstance(corner, tuple)
+    assert corner[3] == (0 if transparent else 255)
 
 
 @pytest.mark.parametrize(
@@ -230,3 +244,70 @@ def test_an_rle_bmp_has_its_decoders_copies_in_the_estimate(tmp_path: Path) -> N
     path = tmp_path / "rle8.bmp"
     path.write_bytes(rle8_bmp(3_000_000, 1, b"\x01\x05\x00\x00\x00\x01"))  # one pixel, then padding
     covers(path, "300", "jpeg")
+
+
+@pytest.mark.slow
+def test_a_png_turned_by_an_exif_chunk_after_its_image_data_has_the_turn_in_the_estimate(
+    tmp_path: Path,
+) -> None:
+    """Such a chunk is only read with the pixels: the estimate missed the turned copy (the review)."""
+    gradient = Image.linear_gradient("L").resize((2000, 1500))
+    buffer = io.BytesIO()
+    Image.merge("RGB", [gradient, gradient, gradient.transpose(Image.Transpose.FLIP_LEFT_RIGHT)]).save(
+        buffer, "PNG", compress_level=1
+    )
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    plain = buffer.getvalue()
+    end = plain.rindex(chunk(b"IEND", b""))
+    path = tmp_path / "late-exif.png"
+    path.write_bytes(plain[:end] + chunk(b"eXIf", exif.tobytes()) + plain[end:])
+    assert pipeline.optimize(path.read_bytes(), Params(format="png"), LIMITS).width == 1500  # turned
+    covers(path, "-", "png")
+
+
+def test_an_rle_bmp_larger_than_python_decodes_quickly_is_refused() -> None:
+    """24 MB of escapes that make no pixels took 3.2 s (the review)."""
+    escapes = b"\x00\x02\x00\x00" * (pipeline.RLE_MAX_BYTES // 4 + 1)
+    with pytest.raises(BodyTooLarge, match="RLE"):
+        pipeline.inspect(rle8_bmp(1, 1, escapes + b"\x00\x01"), Params(width=300), LIMITS)
+
+
+def tiff_of_strips(strips: int, entries: int = 0) -> bytes:
+    """A 2x2 uncompressed grey TIFF in ``strips`` strips (all but four pointing past the pixels' rows),
+    with ``entries`` more directory entries of one private tag."""
+    tags = [(256, 3, 1, 2), (257, 3, 1, 2), (258, 3, 1, 8), (259, 3, 1, 1), (262, 3, 1, 1)]
+    tags += [(273, 4, strips, 0), (277, 3, 1, 1), (278, 3, 1, 1), (279, 4, strips, 0)]
+    tags += [(65000, 3, 1, 0)] * entries
+    offsets_at = 8 + 2 + 12 * len(tags) + 4
+    counts_at = offsets_at + 4 * strips
+    pixels_at = counts_at + 4 * strips
+    directory = struct.pack("<H", len(tags))
+    for tag, kind, count, given in tags:
+        value = {273: offsets_at, 279: counts_at}.get(tag, given)
+        directory += struct.pack(
+            "<HHII" if kind == 4 else "<HHIHH", tag, kind, count, value, *([] if kind == 4 else [0])
+        )
+    offsets = struct.pack(f"<{strips}I", *(pixels_at + i % 4 for i in range(strips)))
+    counts = struct.pack(f"<{strips}I", *[1] * strips)
+    return b"II*\x00" + struct.pack("<I", 8) + directory + struct.pack("<I", 0) + offsets + counts + bytes(4)
+
+
+@pytest.mark.parametrize(
+    ("strips", "entries", "refused"),
+    [
+        pytest.param(2, 0, False, id="two-strips"),
+        pytest.param(tiffifd.MAX_VALUES // 2 + 1, 0, True, id="too-many-strips"),
+        pytest.param(2, tiffifd.MAX_ENTRIES, True, id="too-many-entries"),
+    ],
+)
+def test_a_tiff_directory_too_large_for_pillows_parser_is_refused(
+    strips: int, entries: int, refused: bool
+) -> None:
+    """2 000 000 strip offsets took 9.7 s and 620 MB, mostly while only the header was read (the review)."""
+    data = tiff_of_strips(strips, entries)
+    if refused:
+        with pytest.raises(CorruptImage, match="TIFF's directory"):
+            pipeline.inspect(data, Params(width=300), LIMITS)
+    else:
+        assert pipeline.inspect(data, Params(width=300), LIMITS) > 0
