@@ -311,3 +311,23 @@ def test_a_tiff_directory_too_large_for_pillows_parser_is_refused(
             pipeline.inspect(data, Params(width=300), LIMITS)
     else:
         assert pipeline.inspect(data, Params(width=300), LIMITS) > 0
+
+
+@pytest.mark.slow
+def test_metadata_pillow_reads_on_opening_is_in_the_estimate(tmp_path: Path) -> None:
+    """63 zTXt chunks of 1 MiB in a 65 KiB PNG peaked at 64 MiB against 2 estimated (the review)."""
+    text = zlib.compress(b"a" * (1024 * 1024 - 100), 9)
+    path = tmp_path / "text.png"
+    path.write_bytes(png(*[chunk(b"zTXt", b"k%d\x00\x00" % i + text) for i in range(63)], size=(1, 1)))
+    covers(path, "300", "jpeg")
+
+
+@pytest.mark.slow
+def test_a_large_icc_profile_is_in_the_estimate(tmp_path: Path) -> None:
+    """Its APP2 segments, the joined profile and LittleCMS's copy: a 22 MB profile peaked at 24 MiB
+    against 4 estimated (the review)."""
+    path = tmp_path / "large-profile.jpg"
+    Image.new("RGB", (64, 64), (10, 200, 30)).save(
+        path, "JPEG", icc_profile=pipeline._SRGB.tobytes() + bytes(12_000_000)
+    )
+    covers(path, "32", "jpeg")
