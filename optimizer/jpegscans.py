@@ -103,16 +103,9 @@ def check_headers(data: bytes) -> None:
     one byte at a time (24 MB of it took 5.7 s, in review). To be called before it does. (Segments after
     the first scan are counted by the walk that counts scans, ``scans_to_decode``; libjpeg reads them in
     C.)"""
-    junk, previous = 0, 2
-    for marker, pos, end in _segments(data):
-        junk += pos - previous
-        if junk > MAX_JUNK:
-            raise TooManySegments(
-                f"the JPEG has more than {MAX_JUNK} bytes of junk between its headers; an encoder writes none"
-            )
+    for marker, _pos, _end in _segments(data, junk_limit=MAX_JUNK):
         if marker == _SOS:
             return
-        previous = end
 
 
 def decode_dc_scans_only(im: Image.Image) -> None:
@@ -167,18 +160,30 @@ def _scans(data: bytes) -> Iterator[bool]:
             frame = (marker in _PROGRESSIVE_SOF, data[pos + 9])
 
 
-def _segments(data: bytes) -> Iterator[tuple[int, int, int]]:
+def _segments(data: bytes, junk_limit: int | None = None) -> Iterator[tuple[int, int, int]]:
     """(marker, position, end) of each marker segment from SOI to EOI, stepping over each scan's
     entropy-coded data (in C: a regular expression, not a Python loop over the bytes). Bytes where a
     marker should be are skipped, as libjpeg skips them (with a warning). A segment too short for what
     the callers read of it (an SOF's component count, an SOS's) ends the walk, without an error, as
     does anything else that stops making sense: libjpeg fails on such a stream anyway. Past
-    ``MAX_SEGMENTS`` markers (restart markers and stray SOIs included), ``TooManySegments``."""
+    ``MAX_SEGMENTS`` markers (restart markers and stray SOIs included), or past ``junk_limit`` bytes
+    skipped where a marker should be (up to the end of the data, if no marker follows them),
+    ``TooManySegments``."""
     if data[:2] != b"\xff\xd8":
         return
     pos, size = 2, len(data)
-    walked = 0
-    while (found := _NEXT_MARKER.search(data, pos)) is not None:
+    walked = junk = 0
+    while True:
+        found = _NEXT_MARKER.search(data, pos)
+        if junk_limit is not None:
+            junk += (found.end() - 2 if found is not None else size) - pos
+            if junk > junk_limit:
+                raise TooManySegments(
+                    f"the JPEG has more than {junk_limit} bytes of junk between its headers; an encoder "
+                    "writes none"
+                )
+        if found is None:
+            return
         walked += 1
         if walked > MAX_SEGMENTS:
             raise TooManySegments(

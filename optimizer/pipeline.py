@@ -17,13 +17,14 @@ from __future__ import annotations
 import io
 import os
 import struct
+import sys
 import time
 from dataclasses import dataclass, field
 
 from PIL import Image, ImageChops, ImageCms, ImageFile, ImageMath
 
 from optimizer import vips
-from optimizer.errors import BodyTooLarge, CorruptImage, EmptyBody, TooManyPixels, UnsupportedFormat
+from optimizer.errors import CorruptImage, EmptyBody, TooManyPixels, UnsupportedFormat
 from optimizer.jpegscans import (
     DC_ONLY_SCALE,
     TooManySegments,
@@ -34,7 +35,7 @@ from optimizer.jpegscans import (
 )
 from optimizer.pngchunks import TooManyChunks, check_chunks
 from optimizer.sniff import PILLOW_FORMATS, sniff
-from optimizer.tiffifd import TooManyValues, check_directory
+from optimizer.tiffifd import TooManyValues, check_directory, check_exif
 
 # Every exception type Pillow's decoders are known to raise on bad data (measured over the corpus and
 # Pillow's fuzz files); caught only around open() and load(), so that a bug of ours is not mistaken for a
@@ -55,7 +56,7 @@ _DECODE_ERRORS: tuple[type[BaseException], ...] = (
 
 _ORIENTATION_TAG = 0x0112
 # EXIF orientation -> the transposition that makes the image upright (orientations 5-8 swap the axes).
-_A_MIRROR = 2  # an orientation whose turn keeps the size
+_A_MIRROR, _A_QUARTER_TURN = 2, 6  # orientations whose turns keep the size, and swap its axes
 _TRANSPOSE: dict[int, Image.Transpose] = {
     2: Image.Transpose.FLIP_LEFT_RIGHT,
     3: Image.Transpose.ROTATE_180,
@@ -98,10 +99,10 @@ def scan_limit(pixels: int) -> int:
 
 
 # Pillow decodes a BMP's RLE8 and RLE4 data in Python, a turn of a loop per run, per escape and per
-# byte of padding: a 1 KB file of one 50 Mpx row took 4.4 s, 24 MB of empty escapes 3.2 s (reviews).
-# Such BMPs are icons and old screenshots.
+# byte of padding: a 1 KB file of one 50 Mpx row took 4.4 s (a review). Such BMPs are icons and old
+# screenshots.
 RLE_MAX_PIXELS = 8_000_000
-RLE_MAX_BYTES = 2 * 1024 * 1024
+RLE_SLACK_BYTES = 4096  # headers and palette, and an end of bitmap
 _BMP_RLE8, _BMP_RLE4 = 1, 2
 # AVIF encodes are slow at libavif's default speed 6; 8 costs a little size for several times the speed.
 # One encoder thread: parallelism comes from the service's pool, not from inside one request.
@@ -158,19 +159,21 @@ def inspect(data: bytes, params: Params, limits: Limits) -> int:
     its peak, to reserve before any pixel is decoded."""
     with open_image(data, limits) as im:
         orientation = read_orientation(im, loaded=False)
-        target = target_size(_upright_size(im.size, orientation), params, limits.max_dimension)
-        turn = orientation
+        orientations = [orientation]
         if not orientation and im.format == "PNG" and b"eXIf" in data:
-            # An eXIf chunk after the image data is only read with the pixels (see optimize): count a
-            # turn, a mirror for its size (a rotated PNG's copy went uncounted, found in review).
-            turn = _A_MIRROR
-        return estimate_memory(
-            im,
-            _unrotate(target, orientation),
-            params.format,
-            compressed=len(data),
-            resizer=limits.resizer,
-            orientation=turn,
+            # An eXIf chunk after the image data is only read with the pixels (see optimize): whichever
+            # it says, upright or turned a quarter, with its copy (both went uncounted, found in review).
+            orientations = [_A_MIRROR, _A_QUARTER_TURN]
+        return max(
+            estimate_memory(
+                im,
+                _unrotate(target_size(_upright_size(im.size, turn), params, limits.max_dimension), turn),
+                params.format,
+                compressed=len(data),
+                resizer=limits.resizer,
+                orientation=turn,
+            )
+            for turn in orientations
         )
 
 
@@ -232,8 +235,6 @@ def estimate_memory(
     if ("icc_profile" in im.info and not grey) or im.mode == "CMYK":
         # to_srgb: the converted copy; with alpha also the alpha band, an RGB copy and the merge
         work += target_w * target_h * (9 if has_alpha else 4)
-        profile = im.info.get("icc_profile")
-        work += len(profile) if isinstance(profile, bytes) and not grey else 0  # LittleCMS's own copy
     if has_alpha and output_format == "jpeg":
         work += target_w * target_h * 6  # flattening: an RGB copy and the inverted alpha
     work += target_w * target_h * _ENCODER_BYTES_PER_PIXEL.get(output_format, 6)
@@ -258,12 +259,27 @@ def estimate_memory(
     return max(coefficients + decoded + feeding, work) + held + _FIXED_OVERHEAD
 
 
+# Copies of a metadata block Pillow holds at its peak: the segments or chunks read, the joined block,
+# and a copy on its way (measured with a 16 MB ICC profile in JPEG, WebP, AVIF and TIFF, in review).
+_METADATA_COPIES = 3
+_PYTHON_INT_BYTES = 36  # an int in a tuple: the object and the pointer to it
+
+
 def _metadata_bytes(im: Image.Image) -> int:
-    """What Pillow read from the file's metadata on opening: PNG text chunks decompressed (up to 64 MiB
-    of them), ICC profiles and EXIF, a JPEG's APPn segments. A 65 KiB PNG of 1 MiB zTXt chunks peaked
-    at 64 MiB against 2 estimated, a JPEG with a 22 MB ICC profile at 24 MiB against 4 (a review)."""
-    held = sum(len(value) for value in im.info.values() if isinstance(value, (bytes, str)))
-    return held + sum(len(segment) for _marker, segment in getattr(im, "applist", ()))
+    """What Pillow read from the file's metadata on opening, and holds: PNG text chunks decompressed (up
+    to 64 MiB of them), ICC profiles, EXIF and XMP, each in several copies at its peak, and a TIFF's
+    directories (values as Python ints, and the tags' data). A 65 KiB PNG of 1 MiB zTXt chunks peaked at
+    64 MiB against 2 estimated, a JPEG with a 22 MB ICC profile at 24 MiB against 4 (reviews)."""
+    held = sum(
+        len(value) if isinstance(value, bytes) else sys.getsizeof(value)  # a str of 4 bytes a character
+        for value in im.info.values()
+        if isinstance(value, (bytes, str))
+    )
+    held *= _METADATA_COPIES
+    if im.format == "TIFF" and isinstance(fp := getattr(im, "fp", None), io.BytesIO):
+        directories = check_directory(fp.getvalue())  # within its limits: open_image checked them
+        held += directories.values * _PYTHON_INT_BYTES + directories.data_bytes * _METADATA_COPIES
+    return held
 
 
 def _tiff_strip_buffers(im: Image.Image, compressed: int) -> int:
@@ -416,11 +432,13 @@ def open_image(data: bytes, limits: Limits) -> Image.Image:
         raise TooManyPixels(
             f"the image is {width}x{height} = {width * height} pixels; the limit is {limits.max_pixels}"
         )
-    if _python_rle(im) and len(data) > RLE_MAX_BYTES:
+    if _python_rle(im) and len(data) > 2 * width * height + 2 * height + RLE_SLACK_BYTES:
+        # Runs of one pixel take two bytes, a row's end two more: a file longer than that holds escapes
+        # that make no pixels, each a turn of Pillow's Python loop (24 MB of them took 3.2 s, in review).
         im.close()
-        raise BodyTooLarge(
-            f"the upload is an RLE-compressed BMP of {len(data)} bytes; the limit for such a BMP is "
-            f"{RLE_MAX_BYTES} (Pillow decodes it in Python)"
+        raise CorruptImage(
+            f"the RLE-compressed BMP is {len(data)} bytes, longer than any encoding of its {width}x{height} "
+            "pixels"
         )
     if _python_rle(im) and width * height > RLE_MAX_PIXELS:
         im.close()
@@ -467,9 +485,12 @@ def read_orientation(im: Image.Image, *, loaded: bool) -> int:
         # Pillow applies a TIFF's orientation itself: the size is upright from open(), and load() turns
         # the pixels (TiffImagePlugin's load_end). Applied again, every oriented TIFF came out wrong.
         return 0
+    exif = im.info.get("exif")
     try:
+        if isinstance(exif, bytes):
+            check_exif(exif)  # before Pillow turns each of its values into an int
         value = im.getexif().get(_ORIENTATION_TAG, 0)
-    except Exception:
+    except Exception:  # TooManyValues included: an EXIF block made to be large is not read
         return 0
     return value if isinstance(value, int) and 1 <= value <= 8 else 0
 
@@ -565,7 +586,9 @@ def normalise_mode(im: Image.Image) -> Image.Image:
     if mode == "1":
         return im.convert("LA" if has_alpha else "L")
     transparency = im.info.get("transparency")
-    if mode == "P" and transparency is not None:
+    if (
+        mode == "P" and transparency is not None and im.format == "PNG"
+    ):  # a GIF's index is valid past its table
         entries = len(im.getpalette() or ()) // 3 or 256  # none: Pillow's default palette of 256 greys
         if (isinstance(transparency, bytes) and len(transparency) > entries) or (
             isinstance(transparency, int) and transparency >= entries

@@ -1,62 +1,132 @@
-"""Refuse a TIFF whose first directory would keep Pillow's parser busy in Python.
+"""Refuse a TIFF (or an EXIF block, which is one) whose directories would keep Pillow busy in Python.
 
-Pillow reads the first image file directory entry by entry in Python, turns every numeric value into a
-Python int (36 bytes or more each), and for an uncompressed TIFF makes one Python tile per strip: a
-review's 23 MB TIFF of a 2x2 image with 2 000 000 strip offsets took 9.7 s of CPU and 620 MB, most of
-it while only the header was being read, before the memory budget was asked. A real TIFF has a few
-dozen entries and at most tens of thousands of values (the offsets and byte counts of its strips).
-The walk here reads the directory's entries only, up to the limits.
+Pillow reads an image file directory entry by entry in Python, turns every numeric value into a Python
+int (~36 bytes each), and for an uncompressed TIFF makes one Python tile per strip. Reviews built:
+- a 23 MB TIFF of a 2x2 image with 2 000 000 strip offsets: 9.7 s of CPU and 620 MB, most of it while
+  only the header was read, before the memory budget was asked;
+- the same with the offsets stored as bytes (Pillow iterates them as ints): 20.6 s and 2.7 GB;
+- an EXIF directory of 3 000 000 RATIONALs behind a clean first directory, read when Pillow finishes
+  loading a TIFF (``getexif``): 5.9 s and 529 MB; in a PNG's eXIf, 345 MB inside the header's read.
+A real TIFF has a few dozen entries per directory and up to some hundred thousand values (the
+offsets and byte counts of its strips). The walk here reads the first directory and the EXIF, GPS
+and interoperability directories it points at, entries only, up to the limits.
 """
 
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 
-MAX_ENTRIES = 4096
-# Numeric values (SHORT, LONG, RATIONAL, FLOAT, ...) whose data lies in the file, all tags together:
-# 65 536 strips with their byte counts (a 50 Mpx image of one row per strip has 7000), ~0.3 s of Pillow.
-MAX_VALUES = 131_072
-# Bytes per value of the numeric field types (TIFF 6.0 and BigTIFF); bytes, ASCII and UNDEFINED data
-# stays one bytes object in Pillow.
-_NUMERIC_SIZE = {3: 2, 4: 4, 5: 8, 8: 2, 9: 4, 10: 8, 11: 4, 12: 8, 13: 4, 16: 8, 17: 8, 18: 8}
+MAX_ENTRIES = 4096  # per directory
+# Numeric values whose data lies in the file, all walked directories together: ~40 MB as Python ints.
+MAX_VALUES = 1_048_576
+# Strips or tiles of an uncompressed TIFF, for each of which Pillow makes a Python tile (~5 us, 300 B).
+MAX_RAW_STRIPS = 65_536
+# Bytes per value of the numeric field types (TIFF 6.0 and BigTIFF). SBYTE (6) becomes a tuple too;
+# BYTE (1) stays one bytes object, except in the tags below, which Pillow goes through value by value.
+_NUMERIC_SIZE = {3: 2, 4: 4, 5: 8, 6: 1, 8: 2, 9: 4, 10: 8, 11: 4, 12: 8, 13: 4, 16: 8, 17: 8, 18: 8}
+_TYPE_SIZE = {1: 1, 2: 1, 7: 1, **_NUMERIC_SIZE}
+_BYTE = 1
+_OFFSETS = frozenset({273, 279, 324, 325})  # StripOffsets, StripByteCounts, TileOffsets, TileByteCounts
+_COMPRESSION = 259
+_SUB_DIRECTORIES = frozenset({34665, 34853, 40965})  # EXIF, GPS, interoperability
 
 
 class TooManyValues(Exception):
-    """The TIFF's first directory is larger than the limits allow."""
+    """A directory is larger than the limits allow."""
 
 
-def check_directory(data: bytes) -> None:
-    """``TooManyValues`` past the limits; a directory cut short or malformed is left to Pillow."""
-    order = {b"II": "<", b"MM": ">"}.get(data[:2])
-    if order is None or len(data) < 16:
-        return
-    (magic,) = struct.unpack_from(order + "H", data, 2)
-    if magic == 42:
-        (offset,) = struct.unpack_from(order + "I", data, 4)
-        count_format, entry_format, entry_size = "H", "HHII", 12
-    elif magic == 43:  # BigTIFF
-        (offset,) = struct.unpack_from(order + "Q", data, 8)
-        count_format, entry_format, entry_size = "Q", "HHQQ", 20
-    else:
-        return
-    count_size = struct.calcsize(count_format)
-    if offset + count_size > len(data):
-        return
-    (entries,) = struct.unpack_from(order + count_format, data, offset)
-    if entries > MAX_ENTRIES:
-        raise TooManyValues(f"the TIFF's directory has {entries} entries; the limit is {MAX_ENTRIES}")
-    values = 0
-    at = offset + count_size
-    for _ in range(entries):
-        if at + entry_size > len(data):
+@dataclass(frozen=True, slots=True)
+class Summary:
+    values: int  # numeric values Pillow turns into ints
+    data_bytes: int  # bytes of all the tags' data that lies in the file
+
+
+def check_directory(data: bytes) -> Summary:
+    """The walked directories' sizes, or ``TooManyValues`` past the limits. A directory cut short or
+    malformed ends the walk: Pillow refuses or ignores it itself."""
+    walk = _Walk(data)
+    walk.run()
+    return Summary(walk.values, walk.data_bytes)
+
+
+def check_exif(exif: bytes) -> Summary:
+    """``check_directory`` for an EXIF block (a TIFF structure, after ``Exif\\0\\0`` in a JPEG)."""
+    return check_directory(exif[6:] if exif.startswith(b"Exif\x00\x00") else exif)
+
+
+class _Walk:
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+        self.values = 0
+        self.data_bytes = 0
+
+    def run(self) -> None:
+        data = self._data
+        order = {b"II": "<", b"MM": ">"}.get(data[:2])
+        if order is None or len(data) < 16:
             return
-        _tag, kind, count, _value = struct.unpack_from(order + entry_format, data, at)
-        size = _NUMERIC_SIZE.get(kind)
-        if size is not None and count * size <= len(data):  # Pillow skips values the file cannot hold
-            values += count
-            if values > MAX_VALUES:
-                raise TooManyValues(
-                    f"the TIFF's directory holds more than {MAX_VALUES} numeric values; an encoder writes "
-                    "a few thousand"
-                )
-        at += entry_size
+        (magic,) = struct.unpack_from(order + "H", data, 2)
+        if magic == 42:
+            (first,) = struct.unpack_from(order + "I", data, 4)
+            big = False
+        elif magic == 43:  # BigTIFF
+            (first,) = struct.unpack_from(order + "Q", data, 8)
+            big = True
+        else:
+            return
+        pending, seen = [first], set()
+        while pending:
+            offset = pending.pop()
+            if offset not in seen:
+                seen.add(offset)
+                pending += self._directory(order, big, offset, first=offset == first)
+
+    def _directory(self, order: str, big: bool, offset: int, *, first: bool) -> list[int]:
+        """Counts one directory's values; the sub-directories it points at."""
+        data, size = self._data, len(self._data)
+        count_format, head_format, entry_size, inline = ("Q", "HHQ", 20, 8) if big else ("H", "HHI", 12, 4)
+        count_size = struct.calcsize(count_format)
+        if offset + count_size > size:
+            return []
+        (entries,) = struct.unpack_from(order + count_format, data, offset)
+        if entries > MAX_ENTRIES:
+            raise TooManyValues(f"a TIFF directory has {entries} entries; the limit is {MAX_ENTRIES}")
+        pointers: list[int] = []
+        strips = 0
+        compressed = False
+        at = offset + count_size
+        for _ in range(entries):
+            if at + entry_size > size:
+                break
+            tag, kind, count = struct.unpack_from(order + head_format, data, at)
+            value_at = at + entry_size - inline
+            at += entry_size
+            length = count * _TYPE_SIZE.get(kind, 0)
+            if length > size:
+                continue  # Pillow skips values the file cannot hold
+            self.data_bytes += length if length > inline else 0
+            if kind in _NUMERIC_SIZE or (kind == _BYTE and tag in _OFFSETS):
+                self.values += count
+            if tag in (273, 324):
+                strips = max(strips, count)
+            if count == 1 and kind in _SCALAR:
+                (value,) = struct.unpack_from(order + _SCALAR[kind], data, value_at)
+                if tag == _COMPRESSION:
+                    compressed = value not in (0, 1)
+                elif tag in _SUB_DIRECTORIES and kind != 3:
+                    pointers.append(value)
+        if self.values > MAX_VALUES:
+            raise TooManyValues(
+                f"the TIFF's directories hold more than {MAX_VALUES} numeric values; an encoder writes "
+                "a few thousand"
+            )
+        if first and not compressed and strips > MAX_RAW_STRIPS:
+            raise TooManyValues(
+                f"the uncompressed TIFF has {strips} strips or tiles; the limit is {MAX_RAW_STRIPS}"
+            )
+        return pointers
+
+
+# How to read a single value in an entry's value field: SHORT, LONG, IFD, LONG8, IFD8.
+_SCALAR = {3: "H", 4: "I", 13: "I", 16: "Q", 18: "Q"}
