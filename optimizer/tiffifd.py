@@ -14,6 +14,7 @@ and interoperability directories it points at, entries only, up to the limits.
 
 from __future__ import annotations
 
+import contextlib
 import struct
 from dataclasses import dataclass
 
@@ -46,8 +47,9 @@ def check_directory(data: bytes) -> Summary:
     """The walked directories' sizes, or ``TooManyValues`` past the limits. A directory cut short or
     malformed ends the walk: Pillow refuses or ignores it itself."""
     walk = _Walk(data)
-    walk.run()
-    return Summary(walk.values, walk.data_bytes)
+    with contextlib.suppress(struct.error):  # a field cut by the end: Pillow fails on it or ignores it
+        walk.run()
+    return Summary(walk.values, min(walk.data_bytes, len(data)))
 
 
 def check_exif(exif: bytes) -> Summary:
@@ -75,12 +77,19 @@ class _Walk:
             big = True
         else:
             return
-        pending, seen = [first], set()
-        while pending:
-            offset = pending.pop()
-            if offset not in seen:
+        # Pillow follows the first directory's EXIF and GPS pointers and the EXIF directory's
+        # interoperability one: four directories at most, and so does this walk (directories that
+        # overlap could otherwise make it read millions of entries, found in review).
+        pending: list[tuple[int, bool]] = [(first, True)]
+        seen: set[int] = set()
+        while pending and len(seen) < MAX_DIRECTORIES:
+            offset, is_first = pending.pop(0)
+            if offset and offset not in seen:  # 0: none (Pillow reads nothing there)
                 seen.add(offset)
-                pending += self._directory(order, big, offset, first=offset == first)
+                pending += [
+                    (pointer, False) for pointer in self._directory(order, big, offset, first=is_first)
+                ]
+        self.data_bytes = min(self.data_bytes, len(data))  # Pillow keeps at most the file's size of it
 
     def _directory(self, order: str, big: bool, offset: int, *, first: bool) -> list[int]:
         """Counts one directory's values; the sub-directories it points at."""
@@ -91,7 +100,9 @@ class _Walk:
             return []
         (entries,) = struct.unpack_from(order + count_format, data, offset)
         if entries > MAX_ENTRIES:
-            raise TooManyValues(f"a TIFF directory has {entries} entries; the limit is {MAX_ENTRIES}")
+            if first:
+                raise TooManyValues(f"a TIFF directory has {entries} entries; the limit is {MAX_ENTRIES}")
+            return []  # a sub-directory pointer into something else: Pillow's read of it fails or is cheap
         pointers: list[int] = []
         strips = 0
         compressed = False
@@ -110,12 +121,14 @@ class _Walk:
                 self.values += count
             if tag in (273, 324):
                 strips = max(strips, count)
-            if count == 1 and kind in _SCALAR:
-                (value,) = struct.unpack_from(order + _SCALAR[kind], data, value_at)
+            if count == 1 and kind in _INTEGER and tag in (_COMPRESSION, *_SUB_DIRECTORIES):
+                value = self._integer(order, kind, value_at, inline)
+                if value is None:
+                    continue
                 if tag == _COMPRESSION:
                     compressed = value not in (0, 1)
-                elif tag in _SUB_DIRECTORIES and kind != 3:
-                    pointers.append(value)
+                else:
+                    pointers.append(value)  # of any integer type: Pillow follows them all
         if self.values > MAX_VALUES:
             raise TooManyValues(
                 f"the TIFF's directories hold more than {MAX_VALUES} numeric values; an encoder writes "
@@ -127,6 +140,20 @@ class _Walk:
             )
         return pointers
 
+    def _integer(self, order: str, kind: int, value_at: int, inline: int) -> int | None:
+        """An entry's single integer value: in its value field, or where that field points when the
+        type is wider (an 8-byte integer in a classic TIFF); ``None`` past the end of the data."""
+        code = _INTEGER[kind]
+        width = struct.calcsize(code)
+        at = value_at
+        if width > inline:
+            (at,) = struct.unpack_from(order + "I", self._data, value_at)
+        if at + width > len(self._data):
+            return None
+        (value,) = struct.unpack_from(order + code, self._data, at)
+        return int(value) if value >= 0 else None
 
-# How to read a single value in an entry's value field: SHORT, LONG, IFD, LONG8, IFD8.
-_SCALAR = {3: "H", 4: "I", 13: "I", 16: "Q", 18: "Q"}
+
+MAX_DIRECTORIES = 4
+# The integer types, and how to read one: SHORT, LONG, SSHORT, SLONG, IFD, LONG8, SLONG8, IFD8.
+_INTEGER = {3: "H", 4: "I", 8: "h", 9: "i", 13: "I", 16: "Q", 17: "q", 18: "Q"}

@@ -371,14 +371,17 @@ def test_strip_offsets_stored_as_bytes_count_too(kind: int) -> None:
         pipeline.inspect(tiff_header(entries, bytes(strips)), Params(width=4), LIMITS)
 
 
-def test_an_exif_directory_behind_a_clean_first_one_is_checked() -> None:
+@pytest.mark.parametrize(
+    ("kind", "field"), [(4, "<I"), (3, "<HH"), (9, "<i")], ids=["long", "short", "slong"]
+)
+def test_an_exif_directory_behind_a_clean_first_one_is_checked(kind: int, field: str) -> None:
     """An EXIF directory of 3 000 000 RATIONALs took 5.9 s and 529 MB when Pillow finished loading the
-    TIFF (the review)."""
+    TIFF (a review); Pillow follows a pointer of any integer type, and so must the walk (the next)."""
     entries = plain_entries(0)
     directory_end = 8 + 2 + 12 * (len(entries) + 1) + 4
     exif_at = directory_end + 64
     entries[5] = (273, 4, 1, struct.pack("<I", directory_end))
-    entries.append((34665, 4, 1, struct.pack("<I", exif_at)))
+    entries.append((34665, kind, 1, struct.pack(field, exif_at, *([0] if kind == 3 else []))))
     rationals = tiffifd.MAX_VALUES + 1
     exif = (
         struct.pack("<H", 1) + struct.pack("<HHII", 37500, 5, rationals, exif_at + 18) + struct.pack("<I", 0)
@@ -439,3 +442,78 @@ def test_a_late_exif_turn_of_a_long_png_is_estimated_at_its_turned_size(tmp_path
     path = tmp_path / "long.png"
     path.write_bytes(plain[:end] + chunk(b"eXIf", exif.tobytes()) + plain[end:])
     covers(path, "400", "png")
+
+
+def test_the_walk_reads_at_most_the_directories_pillow_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sub-directory pointers chained through overlapping directories made the walk itself read
+    millions of entries: 20 s for 25 MB (a review). Pillow follows the EXIF, GPS and interoperability
+    pointers only: four directories."""
+    links = 50
+    entries = plain_entries(0)
+    directory_end = 8 + 2 + 12 * (len(entries) + 1) + 4
+    entries[5] = (273, 4, 1, struct.pack("<I", directory_end))
+    chain_at = directory_end + 64
+    entries.append((34665, 4, 1, struct.pack("<I", chain_at)))
+    chain = b""
+    for link in range(links):  # each an EXIF directory of 1000 entries whose last points at the next
+        next_at = chain_at + (link + 1) * (2 + 12 * 1000 + 4)
+        chain += struct.pack("<H", 1000) + struct.pack("<HHII", 0x9999, 7, 0, 0) * 999
+        chain += struct.pack("<HHII", 34665, 4, 1, next_at) + struct.pack("<I", 0)
+    data = tiff_header(entries, bytes(64) + chain)
+    read: list[int] = []
+    original = tiffifd._Walk._directory
+
+    def counting(self: tiffifd._Walk, *args: object, **kwargs: object) -> list[int]:
+        read.append(1)
+        return original(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(tiffifd._Walk, "_directory", counting)
+    tiffifd.check_directory(data)
+    assert len(read) <= tiffifd.MAX_DIRECTORIES
+
+
+def test_malformed_directories_end_the_walk_quietly() -> None:
+    """An 8-byte integer in a classic TIFF's last entry was read past the end: a 500 (a review). A
+    sub-directory pointer of 0, or into other bytes, refused the file and lost a JPEG's orientation."""
+    entries = plain_entries(0)
+    directory_end = 8 + 2 + 12 * (len(entries) + 2) + 4
+    entries[5] = (273, 4, 1, struct.pack("<I", directory_end))
+    entries.append((34853, 4, 1, struct.pack("<I", 0)))  # GPS: none
+    entries.append((40965, 16, 1, struct.pack("<I", directory_end + 60)))  # an 8-byte value past the end
+    data = tiff_header(entries, bytes(64))
+    assert pipeline.optimize(data, Params(width=4), LIMITS).width == 4
+    ifd = struct.pack("<H", 2) + struct.pack("<HHIHH", 0x0112, 3, 1, 6, 0)  # turned a quarter
+    ifd += struct.pack("<HHII", 0x8825, 4, 1, 0) + struct.pack("<I", 0)  # GPS at 0: none
+    exif = b"Exif\x00\x00II*\x00" + struct.pack("<I", 8) + ifd
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 8)).save(buffer, "JPEG", exif=exif)
+    out = pipeline.optimize(buffer.getvalue(), Params(), LIMITS)
+    assert (out.width, out.height) == (8, 16)  # turned
+
+
+def test_tag_data_is_counted_at_most_once_for_the_file() -> None:
+    """200 tags pointing at the same 1 MiB were estimated at 632 MB (a review); Pillow keeps at most the
+    file's size of tag data."""
+    blob = bytes(1 << 20)
+    entries = plain_entries(0)
+    directory_end = 8 + 2 + 12 * (len(entries) + 200) + 4
+    entries[5] = (273, 4, 1, struct.pack("<I", directory_end))
+    entries += [(60000 + i, 7, len(blob), struct.pack("<I", directory_end + 64)) for i in range(200)]
+    data = tiff_header(entries, bytes(64) + blob)
+    assert tiffifd.check_directory(data).data_bytes <= len(data)
+
+
+def test_an_rle_bmp_with_an_icc_profile_after_its_pixels_is_not_too_long() -> None:
+    """The length rule counted a BITMAPV5HEADER's profile, which may follow the pixels (a review)."""
+    width, height = 4, 4
+    rows = (b"\x04\x01" + b"\x00\x00") * height + b"\x00\x01"
+    palette = b"".join(bytes([i, i, i, 0]) for i in range(256))
+    profile = pipeline._SRGB.tobytes() + bytes(8000)
+    info = bytearray(struct.pack("<IiiHHIIiiII", 124, width, height, 1, 8, 1, len(rows), 0, 0, 256, 0))
+    info += bytes(124 - len(info))
+    pixels_at = 14 + 124 + len(palette)
+    struct.pack_into("<I", info, 56, 0x4D424544)  # bV5CSType PROFILE_EMBEDDED ("MBED")
+    struct.pack_into("<II", info, 112, 124 + len(palette) + len(rows), len(profile))
+    body = bytes(info) + palette + rows + profile
+    data = b"BM" + struct.pack("<IHHI", 14 + len(body), 0, 0, pixels_at) + body
+    assert pipeline.optimize(data, Params(width=2), LIMITS).width == 2
