@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from PIL import Image, ImageChops, ImageCms, ImageFile, ImageMath
 
-from optimizer import vips
+from optimizer import gifblocks, vips, webpchunks
 from optimizer.errors import CorruptImage, EmptyBody, TooManyPixels, UnsupportedFormat
 from optimizer.jpegscans import (
     DC_ONLY_SCALE,
@@ -276,6 +276,7 @@ def _metadata_bytes(im: Image.Image) -> int:
         if isinstance(value, (bytes, str))
     )
     held *= _METADATA_COPIES
+    held += sum(len(segment) for _marker, segment in getattr(im, "applist", ()))  # a JPEG's APPn and COM
     if im.format == "TIFF" and isinstance(fp := getattr(im, "fp", None), io.BytesIO):
         directories = check_directory(fp.getvalue())  # within its limits: open_image checked them
         held += directories.values * _PYTHON_INT_BYTES + directories.data_bytes * _METADATA_COPIES
@@ -410,7 +411,17 @@ def open_image(data: bytes, limits: Limits) -> Image.Image:
             check_chunks(data)
         elif family == "tiff":
             check_directory(data)
-    except (TooManySegments, TooManyChunks, TooManyValues) as exc:
+        elif family == "gif":
+            gifblocks.check_blocks(data)
+        elif family == "webp":
+            webpchunks.check_chunks(data)
+    except (
+        TooManySegments,
+        TooManyChunks,
+        TooManyValues,
+        gifblocks.TooManyBlocks,
+        webpchunks.TooManyChunks,
+    ) as exc:
         raise CorruptImage(str(exc)) from None
     try:
         # formats= restricts Pillow to the plugins of the sniffed family, so no other decoder ever runs.

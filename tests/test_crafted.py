@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from optimizer import pipeline, pngchunks, tiffifd
+from optimizer import gifblocks, pipeline, pngchunks, tiffifd, webpchunks
 from optimizer.errors import CorruptImage, TooManyPixels
 from optimizer.pipeline import Limits, Params
 from optimizer.settings import KNOWN_INPUT_FORMATS
@@ -517,3 +517,107 @@ def test_an_rle_bmp_with_an_icc_profile_after_its_pixels_is_not_too_long() -> No
     body = bytes(info) + palette + rows + profile
     data = b"BM" + struct.pack("<IHHI", 14 + len(body), 0, 0, pixels_at) + body
     assert pipeline.optimize(data, Params(width=2), LIMITS).width == 2
+
+
+def one_pixel_gif() -> tuple[bytes, bytes]:
+    """A 1x1 GIF from Pillow, split after its header and colour table."""
+    buffer = io.BytesIO()
+    Image.new("P", (1, 1)).save(buffer, "GIF")
+    gif = buffer.getvalue()
+    table = 3 << ((gif[10] & 0x07) + 1) if gif[10] & 0x80 else 0
+    return gif[: 13 + table], gif[13 + table :]
+
+
+@pytest.mark.parametrize(
+    ("blocks", "refused"),
+    [
+        pytest.param(b"!\xfe" + b"\x05hello" * 10 + b"\x00", False, id="a-comment"),
+        pytest.param(b"!\xfe" + b"\x01x" * (gifblocks.MAX_SUB_BLOCKS + 1) + b"\x00", True, id="sub-blocks"),
+        pytest.param(b"!\xfe\x00" * (gifblocks.MAX_EXTENSIONS + 1), True, id="extensions"),
+    ],
+)
+def test_a_gif_of_endless_extensions_is_refused_before_pillow_reads_them(
+    blocks: bytes, refused: bool
+) -> None:
+    """12 million one-byte comment sub-blocks took 5.2 s and 1 GB in Pillow's open (a review)."""
+    head, tail = one_pixel_gif()
+    data = head + blocks + tail
+    if refused:
+        with pytest.raises(CorruptImage, match="GIF"):
+            pipeline.inspect(data, Params(width=1), LIMITS)
+    else:
+        assert pipeline.optimize(data, Params(width=1), LIMITS).width == 1
+
+
+def test_a_webp_of_endless_chunks_is_refused_before_libwebp_reads_them() -> None:
+    """3 million empty chunks held 147 MB inside Pillow's open (a review)."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(buffer, "WEBP", lossless=True)
+    webp = buffer.getvalue()
+    body = webp[12:] + b"ZZZZ\x00\x00\x00\x00" * webpchunks.MAX_CHUNKS
+    flooded = b"RIFF" + struct.pack("<I", 4 + len(body)) + b"WEBP" + body
+    with pytest.raises(CorruptImage, match="WebP"):
+        pipeline.inspect(flooded, Params(width=1), LIMITS)
+    frames = [Image.new("RGB", (8, 8), (i, 0, 0)) for i in range(20)]
+    animated = io.BytesIO()
+    frames[0].save(animated, "WEBP", save_all=True, append_images=frames[1:])
+    assert pipeline.optimize(animated.getvalue(), Params(width=4), LIMITS).width == 4
+
+
+@pytest.mark.parametrize(
+    ("segment", "refused"),
+    [
+        pytest.param(
+            b"\xff\xdb" + struct.pack(">H", 2 + 65 * 4) + bytes([0] + [1] * 64) * 4, False, id="dqt"
+        ),
+        pytest.param(
+            b"\xff\xdb" + struct.pack(">H", 2 + 65 * 1000) + bytes([0] + [1] * 64) * 1000,
+            True,
+            id="dqt-flood",
+        ),
+        pytest.param(
+            b"\xff\xed"
+            + struct.pack(">H", 2 + 14 + 12 * 5000)
+            + b"Photoshop 3.0\x00"
+            + b"8BIM\x04\x04\x00\x00\x00\x00\x00\x00" * 5000,
+            False,
+            id="app13",
+        ),
+    ],
+)
+def test_tables_and_resources_pillow_parses_one_by_one_are_bounded(segment: bytes, refused: bool) -> None:
+    """388 000 quantization tables took Pillow 1.8 s, 2 million Photoshop resources 1.5 s (a review)."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buffer, "JPEG")
+    base = buffer.getvalue()
+    copies = 2 if refused else 1
+    data = base[:2] + segment * copies + base[2:]
+    if refused:
+        with pytest.raises(CorruptImage, match="quantization tables"):
+            pipeline.inspect(data, Params(width=4), LIMITS)
+    else:
+        assert pipeline.optimize(data, Params(width=4), LIMITS).width == 4
+
+
+def test_photoshop_resources_past_their_limit_are_refused() -> None:
+    resources = b"8BIM\x04\x04\x00\x00\x00\x00\x00\x00" * 5000
+    segment = b"\xff\xed" + struct.pack(">H", 2 + 14 + len(resources)) + b"Photoshop 3.0\x00" + resources
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buffer, "JPEG")
+    base = buffer.getvalue()
+    copies = 4 * 1024 * 1024 // len(segment) + 1
+    with pytest.raises(CorruptImage, match="Photoshop"):
+        pipeline.inspect(base[:2] + segment * copies + base[2:], Params(width=4), LIMITS)
+
+
+@pytest.mark.slow
+def test_jpeg_segments_pillow_keeps_are_in_the_estimate(tmp_path: Path) -> None:
+    """APPn and COM segments Pillow keeps in its applist but not in info: 25 MB of APP15 peaked at
+    25 MiB against 4 estimated (a review)."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buffer, "JPEG")
+    base = buffer.getvalue()
+    segment = b"\xff\xef" + struct.pack(">H", 65535) + bytes(65533)
+    path = tmp_path / "app15.jpg"
+    path.write_bytes(base[:2] + segment * 160 + base[2:])
+    covers(path, "4", "jpeg")
