@@ -11,6 +11,7 @@ from __future__ import annotations
 
 MAX_EXTENSIONS = 1024
 MAX_SUB_BLOCKS = 16_384  # 4 MB of extension data in full 255-byte sub-blocks
+MAX_JUNK = 65_536  # bytes that start no block, which Pillow steps over one at a time
 _HEADER = 13
 _EXTENSION, _IMAGE, _TRAILER = 0x21, 0x2C, 0x3B
 
@@ -20,22 +21,35 @@ class TooManyBlocks(Exception):
 
 
 def check_blocks(data: bytes) -> None:
-    """``TooManyBlocks`` past the limits; a GIF cut short or malformed is left to Pillow to refuse."""
+    """``TooManyBlocks`` past the limits; a GIF cut short or malformed is left to Pillow to refuse.
+
+    Walks as Pillow reads: up to the first image or the trailer, stepping over bytes that start no block
+    one at a time (a stray byte before the extensions let a review's flood past the first version)."""
     if len(data) < _HEADER:
         return
     flags = data[10]
     pos = _HEADER + (3 << ((flags & 0x07) + 1) if flags & 0x80 else 0)  # the global colour table
-    extensions = sub_blocks = 0
+    extensions = sub_blocks = junk = 0
     size = len(data)
-    while pos < size and data[pos] == _EXTENSION:
+    while pos < size and data[pos] not in (_IMAGE, _TRAILER):
+        if data[pos] != _EXTENSION:
+            junk += 1
+            if junk > MAX_JUNK:
+                raise TooManyBlocks(f"the GIF has more than {MAX_JUNK} stray bytes before its first image")
+            pos += 1
+            continue
         extensions += 1
+        if extensions > MAX_EXTENSIONS:
+            raise TooManyBlocks(
+                f"the GIF has more than {MAX_EXTENSIONS} extension blocks before its first image"
+            )
         pos += 2  # the introducer and the label
         while pos < size and (length := data[pos]):
             sub_blocks += 1
+            if sub_blocks > MAX_SUB_BLOCKS:
+                raise TooManyBlocks(
+                    f"the GIF has more than {MAX_SUB_BLOCKS} extension sub-blocks before its first image; an "
+                    "encoder writes a few"
+                )
             pos += 1 + length
         pos += 1  # the terminator
-        if extensions > MAX_EXTENSIONS or sub_blocks > MAX_SUB_BLOCKS:
-            raise TooManyBlocks(
-                f"the GIF has more than {MAX_EXTENSIONS} extension blocks or {MAX_SUB_BLOCKS} sub-blocks "
-                "before its first image; an encoder writes a few"
-            )

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from PIL import Image, ImageChops, ImageCms, ImageFile, ImageMath
 
-from optimizer import gifblocks, vips, webpchunks
+from optimizer import avifboxes, gifblocks, vips, webpchunks
 from optimizer.errors import CorruptImage, EmptyBody, TooManyPixels, UnsupportedFormat
 from optimizer.jpegscans import (
     DC_ONLY_SCALE,
@@ -250,6 +250,8 @@ def estimate_memory(
         # Pillow decodes through libwebp's animation decoder: its canvas and the previous frame's, and
         # the frame handed over as bytes, beside Pillow's own (measured: 15.6 bytes per pixel in all).
         decoded += width * height * 4 * 3
+        if isinstance(fp := getattr(im, "fp", None), io.BytesIO):  # and its demuxer's record of each chunk
+            decoded += webpchunks.check_chunks(fp.getvalue()) * webpchunks.BYTES_PER_CHUNK
     if _python_rle(im):
         decoded += 2 * width * height  # BmpRleDecoder's bytearray of the pixels, and its bytes() copy
     held = _metadata_bytes(im)  # already in memory, and for as long as the image is open
@@ -415,12 +417,15 @@ def open_image(data: bytes, limits: Limits) -> Image.Image:
             gifblocks.check_blocks(data)
         elif family == "webp":
             webpchunks.check_chunks(data)
+        elif family == "avif":
+            avifboxes.check_boxes(data)
     except (
         TooManySegments,
         TooManyChunks,
         TooManyValues,
         gifblocks.TooManyBlocks,
         webpchunks.TooManyChunks,
+        avifboxes.TooManyEntries,
     ) as exc:
         raise CorruptImage(str(exc)) from None
     try:
