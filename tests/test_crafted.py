@@ -709,3 +709,49 @@ def test_a_webp_of_many_frames_has_the_demuxers_records_in_the_estimate(tmp_path
 def box_le(kind: bytes, body: bytes) -> bytes:
     """A RIFF chunk, padded to an even length."""
     return kind + struct.pack("<I", len(body)) + body + bytes(len(body) & 1)
+
+
+def sample_table(*children: bytes) -> bytes:
+    return box(b"moov", box(b"trak", box(b"mdia", box(b"minf", box(b"stbl", b"".join(children))))))
+
+
+@pytest.mark.parametrize(
+    "boxes",
+    [
+        pytest.param(
+            sample_table(
+                box(b"stsz", bytes(4) + struct.pack(">II", 1, 1)),
+                box(b"stsc", bytes(4) + struct.pack(">IIII", 1, 1, avifboxes.MAX_SAMPLES + 1, 1)),
+                box(b"stco", bytes(4) + struct.pack(">II", 1, 0)),
+            ),
+            id="samples-per-chunk",
+        ),
+        pytest.param(
+            sample_table(box(b"stts", bytes(4) + struct.pack(">III", 1, avifboxes.MAX_SAMPLES + 1, 1))),
+            id="time-to-sample",
+        ),
+        pytest.param(
+            box(
+                b"meta",
+                bytes(4)
+                + box(
+                    b"iref",
+                    bytes(4)
+                    + box(
+                        b"dimg",
+                        struct.pack(">HH", 1, avifboxes.MAX_ITEMS)
+                        + struct.pack(">H", 2) * avifboxes.MAX_ITEMS,
+                    ),
+                ),
+            ),
+            id="item-references",
+        ),
+        pytest.param(box(b"free", b"") * (avifboxes.MAX_BOXES + 1), id="boxes"),
+    ],
+)
+def test_what_an_avifs_entries_make_is_counted(boxes: bytes) -> None:
+    """One stsc entry of 2 million samples per chunk made 2 million records (192 MiB), 60 000 ids in an
+    iref 60 000 items (2.2 s), 3 million tiny boxes took the walk itself 1 s (a review)."""
+    data = box(b"ftyp", b"avif" + bytes(4) + b"avifmif1") + boxes
+    with pytest.raises(CorruptImage, match="AVIF"):
+        pipeline.inspect(data, Params(width=1), LIMITS)
