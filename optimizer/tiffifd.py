@@ -18,8 +18,9 @@ import contextlib
 import struct
 from dataclasses import dataclass
 
-MAX_ENTRIES = 4096  # per directory
-# Numeric values whose data lies in the file, all walked directories together: ~40 MB as Python ints.
+MAX_ENTRIES = 4096  # per directory (a sub-directory past the end of the data is skipped instead)
+# Numeric values, inline or whose data lies in the file, all walked directories together: ~40 MB as
+# Python ints.
 MAX_VALUES = 1_048_576
 # Strips or tiles of an uncompressed TIFF, for each of which Pillow makes a Python tile (~5 us, 300 B).
 MAX_RAW_STRIPS = 65_536
@@ -77,8 +78,8 @@ class _Walk:
             big = True
         else:
             return
-        # Pillow follows the first directory's EXIF and GPS pointers and the EXIF directory's
-        # interoperability one: four directories at most, and so does this walk (directories that
+        # Pillow reads the first directory and the EXIF, GPS and interoperability ones: the walk follows
+        # those three pointers from any directory it reads, four directories at most (directories that
         # overlap could otherwise make it read millions of entries, found in review).
         pending: list[tuple[int, bool]] = [(first, True)]
         seen: set[int] = set()
@@ -100,9 +101,11 @@ class _Walk:
             return []
         (entries,) = struct.unpack_from(order + count_format, data, offset)
         if entries > MAX_ENTRIES:
-            if first:
+            if first or offset + count_size + entries * entry_size <= size:
+                # Pillow reads a sub-directory that fits in the file as surely as the first one (a
+                # review's EXIF directory of 5000 entries took it 2.5 s and 218 MB).
                 raise TooManyValues(f"a TIFF directory has {entries} entries; the limit is {MAX_ENTRIES}")
-            return []  # a sub-directory pointer into something else: Pillow's read of it fails or is cheap
+            return []  # a pointer into other bytes, past the end: Pillow's read of it fails
         pointers: list[int] = []
         strips = 0
         compressed = False
