@@ -21,6 +21,21 @@ from tests.test_memory_estimate import MIB, measured_peak
 LIMITS = Limits(max_pixels=50_000_000, max_dimension=8192, input_formats=KNOWN_INPUT_FORMATS)
 
 
+def refused_or_made(data: bytes, width: int, refusal: str | None) -> None:
+    """``data`` refused from its headers (``CorruptImage`` matching ``refusal``), or made ``width`` wide."""
+    if refusal is not None:
+        with pytest.raises(CorruptImage, match=refusal):
+            pipeline.inspect(data, Params(width=width), LIMITS)
+    else:
+        assert pipeline.optimize(data, Params(width=width), LIMITS).width == width
+
+
+def eight_pixel_jpeg() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
 def float_lut_profile(stages: int) -> bytes:
     """An ICC v4 RGB profile whose D2B0 lists ``stages`` processing elements, alternately one shared
     curve set and one shared matrix: 8 bytes each in the file, a copy each in LittleCMS."""
@@ -140,13 +155,7 @@ def test_more_alpha_entries_than_the_palette_has_colours_are_dropped_as_libpng_d
 )
 def test_a_flood_of_chunks_is_refused_before_pillow_loops_over_it(flood: bytes, refused: bool) -> None:
     """2.2 million empty private chunks took 8.1 s of CPU (the review)."""
-    data = png(flood)
-    params = Params(width=2)
-    if refused:
-        with pytest.raises(CorruptImage, match="chunks"):
-            pipeline.inspect(data, params, LIMITS)
-    else:
-        assert pipeline.optimize(data, params, LIMITS).width == 2
+    refused_or_made(png(flood), 2, "chunks" if refused else None)
 
 
 def test_chunks_after_the_image_data_count_too() -> None:
@@ -246,22 +255,27 @@ def test_an_rle_bmp_has_its_decoders_copies_in_the_estimate(tmp_path: Path) -> N
     covers(path, "300", "jpeg")
 
 
+def turned_late(image: Image.Image, path: Path) -> None:
+    """``image`` as a PNG whose eXIf chunk (orientation 6, a quarter turn) follows its image data."""
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG", compress_level=1)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    plain = buffer.getvalue()
+    end = plain.rindex(chunk(b"IEND", b""))
+    path.write_bytes(plain[:end] + chunk(b"eXIf", exif.tobytes()) + plain[end:])
+
+
 @pytest.mark.slow
 def test_a_png_turned_by_an_exif_chunk_after_its_image_data_has_the_turn_in_the_estimate(
     tmp_path: Path,
 ) -> None:
     """Such a chunk is only read with the pixels: the estimate missed the turned copy (the review)."""
     gradient = Image.linear_gradient("L").resize((2000, 1500))
-    buffer = io.BytesIO()
-    Image.merge("RGB", [gradient, gradient, gradient.transpose(Image.Transpose.FLIP_LEFT_RIGHT)]).save(
-        buffer, "PNG", compress_level=1
-    )
-    exif = Image.Exif()
-    exif[0x0112] = 6
-    plain = buffer.getvalue()
-    end = plain.rindex(chunk(b"IEND", b""))
     path = tmp_path / "late-exif.png"
-    path.write_bytes(plain[:end] + chunk(b"eXIf", exif.tobytes()) + plain[end:])
+    turned_late(
+        Image.merge("RGB", [gradient, gradient, gradient.transpose(Image.Transpose.FLIP_LEFT_RIGHT)]), path
+    )
     assert pipeline.optimize(path.read_bytes(), Params(format="png"), LIMITS).width == 1500  # turned
     covers(path, "-", "png")
 
@@ -310,8 +324,7 @@ def test_a_tiff_directory_too_large_for_pillows_parser_is_refused(
     """2 000 000 strip offsets took 9.7 s and 620 MB, mostly while only the header was read (the review)."""
     data = tiff_of_strips(strips, entries)
     if refused:
-        with pytest.raises(CorruptImage, match="TIFF"):
-            pipeline.inspect(data, Params(width=300), LIMITS)
+        refused_or_made(data, 300, "TIFF")
     else:
         assert pipeline.inspect(data, Params(width=300), LIMITS) > 0
 
@@ -433,14 +446,8 @@ def test_a_gifs_transparent_index_past_its_table_still_counts() -> None:
 def test_a_late_exif_turn_of_a_long_png_is_estimated_at_its_turned_size(tmp_path: Path) -> None:
     """20000x1000 at width 1000: turned a quarter, the output is 1000x20000 (the review: 83 MiB estimated
     against a 122 MiB peak)."""
-    buffer = io.BytesIO()
-    Image.linear_gradient("L").resize((8000, 400)).convert("RGB").save(buffer, "PNG", compress_level=1)
-    exif = Image.Exif()
-    exif[0x0112] = 6
-    plain = buffer.getvalue()
-    end = plain.rindex(chunk(b"IEND", b""))
     path = tmp_path / "long.png"
-    path.write_bytes(plain[:end] + chunk(b"eXIf", exif.tobytes()) + plain[end:])
+    turned_late(Image.linear_gradient("L").resize((8000, 400)).convert("RGB"), path)
     covers(path, "400", "png")
 
 
@@ -541,12 +548,7 @@ def test_a_gif_of_endless_extensions_is_refused_before_pillow_reads_them(
 ) -> None:
     """12 million one-byte comment sub-blocks took 5.2 s and 1 GB in Pillow's open (a review)."""
     head, tail = one_pixel_gif()
-    data = head + blocks + tail
-    if refused:
-        with pytest.raises(CorruptImage, match="GIF"):
-            pipeline.inspect(data, Params(width=1), LIMITS)
-    else:
-        assert pipeline.optimize(data, Params(width=1), LIMITS).width == 1
+    refused_or_made(head + blocks + tail, 1, "GIF" if refused else None)
 
 
 def test_a_webp_of_endless_chunks_is_refused_before_libwebp_reads_them() -> None:
@@ -587,36 +589,24 @@ def test_a_webp_of_endless_chunks_is_refused_before_libwebp_reads_them() -> None
 )
 def test_tables_and_resources_pillow_parses_one_by_one_are_bounded(segment: bytes, refused: bool) -> None:
     """388 000 quantization tables took Pillow 1.8 s, 2 million Photoshop resources 1.5 s (a review)."""
-    buffer = io.BytesIO()
-    Image.new("RGB", (8, 8)).save(buffer, "JPEG")
-    base = buffer.getvalue()
+    base = eight_pixel_jpeg()
     copies = 2 if refused else 1
-    data = base[:2] + segment * copies + base[2:]
-    if refused:
-        with pytest.raises(CorruptImage, match="quantization tables"):
-            pipeline.inspect(data, Params(width=4), LIMITS)
-    else:
-        assert pipeline.optimize(data, Params(width=4), LIMITS).width == 4
+    refused_or_made(base[:2] + segment * copies + base[2:], 4, "quantization tables" if refused else None)
 
 
 def test_photoshop_resources_past_their_limit_are_refused() -> None:
     resources = b"8BIM\x04\x04\x00\x00\x00\x00\x00\x00" * 5000
     segment = b"\xff\xed" + struct.pack(">H", 2 + 14 + len(resources)) + b"Photoshop 3.0\x00" + resources
-    buffer = io.BytesIO()
-    Image.new("RGB", (8, 8)).save(buffer, "JPEG")
-    base = buffer.getvalue()
+    base = eight_pixel_jpeg()
     copies = 4 * 1024 * 1024 // len(segment) + 1
-    with pytest.raises(CorruptImage, match="Photoshop"):
-        pipeline.inspect(base[:2] + segment * copies + base[2:], Params(width=4), LIMITS)
+    refused_or_made(base[:2] + segment * copies + base[2:], 4, "Photoshop")
 
 
 @pytest.mark.slow
 def test_jpeg_segments_pillow_keeps_are_in_the_estimate(tmp_path: Path) -> None:
     """APPn and COM segments Pillow keeps in its applist but not in info: 25 MB of APP15 peaked at
     25 MiB against 4 estimated (a review)."""
-    buffer = io.BytesIO()
-    Image.new("RGB", (8, 8)).save(buffer, "JPEG")
-    base = buffer.getvalue()
+    base = eight_pixel_jpeg()
     segment = b"\xff\xef" + struct.pack(">H", 65535) + bytes(65533)
     path = tmp_path / "app15.jpg"
     path.write_bytes(base[:2] + segment * 160 + base[2:])
