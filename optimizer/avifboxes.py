@@ -10,7 +10,9 @@ counts libavif sizes its records by, up to the limits.
 
 from __future__ import annotations
 
+import contextlib
 import struct
+from dataclasses import dataclass
 
 MAX_ITEMS = 4096  # items, their locations and property associations
 MAX_SAMPLES = 16_384  # samples of an image sequence, and its table entries
@@ -19,8 +21,7 @@ _MAX_DEPTH = 8
 _CONTAINERS = frozenset(
     {b"moov", b"trak", b"mdia", b"minf", b"stbl", b"dinf", b"iprp", b"ipco", b"edts", b"meta"}
 )
-# Full boxes with an entry count: where it is after the box header, its format, and what it counts.
-_ITEM_COUNTS = {b"ipma": (4, ">I")}
+# Full boxes with an entry count: where it is after the box header, and its format.
 _SAMPLE_COUNTS = {b"stsz": (8, ">I"), b"stz2": (8, ">I"), b"stts": (4, ">I"), b"stsc": (4, ">I")}
 _SAMPLE_COUNTS |= {b"stco": (4, ">I"), b"co64": (4, ">I"), b"stss": (4, ">I"), b"ctts": (4, ">I")}
 
@@ -30,110 +31,143 @@ class TooManyEntries(Exception):
 
 
 MAX_BOXES = 65_536  # a real AVIF has some dozens; 3 million tiny ones took the walk itself 1 s
+# Property associations (ipma): a few per item; 4096 entries of 255 each held 77 MiB (a review).
+MAX_ASSOCIATIONS = 16_384
 
 
-def check_boxes(data: bytes) -> None:
-    """``TooManyEntries`` past the limits; boxes cut short or malformed end the walk (libavif refuses
-    or ignores them)."""
-    try:
-        _walk(data, 0, len(data), 0, [0])
-    except (struct.error, IndexError):
-        return
+@dataclass(frozen=True, slots=True)
+class Summary:
+    grid_tiles: int  # item ids named by dimg references: a grid's tiles, each decoded on its own
 
 
-def _walk(data: bytes, start: int, end: int, depth: int, walked: list[int]) -> None:
-    pos = start
-    while pos + 8 <= end:
-        walked[0] += 1
-        if walked[0] > MAX_BOXES:
-            raise TooManyEntries(f"the AVIF has more than {MAX_BOXES} boxes; the limit is {MAX_BOXES}")
-        size, kind = struct.unpack_from(">I4s", data, pos)
-        header = 8
-        if size == 1:
-            (size,) = struct.unpack_from(">Q", data, pos + 8)
-            header = 16
-        elif size == 0:
-            size = end - pos
-        if size < header or pos + size > end:
-            return
-        body = pos + header
-        if kind in _CONTAINERS and depth < _MAX_DEPTH:
-            _walk(data, body + (4 if kind == b"meta" else 0), pos + size, depth + 1, walked)
-            if kind == b"stbl":
-                _check_samples(data, body, pos + size)
-        elif kind == b"iref":
-            _check_references(data, body, pos + size)
-        else:
-            _count(data, kind, body)
-        pos += size
+def check_boxes(data: bytes) -> Summary:
+    """What the estimate needs, or ``TooManyEntries`` past the limits. The counts run over the whole
+    file (a meta in each of eleven tracks multiplied per-box limits to 808 MiB, in review); boxes cut
+    short or malformed end the walk (libavif refuses or ignores them)."""
+    walk = _Walk(data)
+    with contextlib.suppress(struct.error, IndexError):
+        walk.boxes(0, len(data), 0)
+    return Summary(walk.tiles)
 
 
-def _children(data: bytes, start: int, end: int) -> dict[bytes, int]:
-    """The body offsets of a container's direct children, by type (the first of each)."""
-    found: dict[bytes, int] = {}
+class _Walk:
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.totals: dict[str, int] = {}
+        self.tiles = 0
+
+    def add(self, what: str, count: int, limit: int) -> None:
+        total = self.totals[what] = self.totals.get(what, 0) + count
+        if total > limit:
+            raise TooManyEntries(f"the AVIF declares more than {limit} {what}")
+
+    def boxes(self, start: int, end: int, depth: int) -> None:
+        data, pos = self.data, start
+        while pos + 8 <= end:
+            self.add("boxes", 1, MAX_BOXES)
+            size, kind = struct.unpack_from(">I4s", data, pos)
+            header = 8
+            if size == 1:
+                (size,) = struct.unpack_from(">Q", data, pos + 8)
+                header = 16
+            elif size == 0:
+                size = end - pos
+            if size < header or pos + size > end:
+                return
+            body, box_end = pos + header, pos + size
+            if kind in _CONTAINERS and depth < _MAX_DEPTH:
+                self.boxes(body + (4 if kind == b"meta" else 0), box_end, depth + 1)
+                if kind == b"stbl":
+                    self.samples(body, box_end)
+            elif kind == b"iref":
+                self.references(body, box_end)
+            elif kind == b"ipma":
+                self.associations(body, box_end)
+            else:
+                self.count(kind, body)
+            pos = box_end
+
+    def count(self, kind: bytes, body: int) -> None:
+        data = self.data
+        version = data[body]
+        if kind == b"iinf":
+            self.add(
+                "items", struct.unpack_from(">H" if version == 0 else ">I", data, body + 4)[0], MAX_ITEMS
+            )
+        elif kind == b"iloc":
+            self.add(
+                "item locations",
+                struct.unpack_from(">H" if version < 2 else ">I", data, body + 6)[0],
+                MAX_ITEMS,
+            )
+        elif kind in _SAMPLE_COUNTS:
+            at, code = _SAMPLE_COUNTS[kind]
+            self.add(f"{kind.decode()} entries", struct.unpack_from(code, data, body + at)[0], MAX_SAMPLES)
+
+    def associations(self, start: int, end: int) -> None:
+        """Each entry's property associations, not the entries: libavif keeps one record each."""
+        data = self.data
+        version, wide_index = data[start], data[start + 3] & 1
+        (entries,) = struct.unpack_from(">I", data, start + 4)
+        self.add("item property entries", entries, MAX_ITEMS)
+        pos = start + 8
+        for _ in range(entries):
+            pos += 2 if version < 1 else 4  # the item id
+            if pos >= end:
+                return
+            associations = data[pos]
+            self.add("property associations", associations, MAX_ASSOCIATIONS)
+            pos += 1 + associations * (2 if wide_index else 1)
+
+    def samples(self, start: int, end: int) -> None:
+        """The samples a sample table makes, not its entries: one stsc entry of 2 million samples per
+        chunk made libavif 2 million records, 192 MiB (found in review)."""
+        data, children = self.data, _children(self.data, start, end)
+        chunks = 0
+        for kind in (b"stco", b"co64"):
+            if kind in children:
+                chunks = max(chunks, struct.unpack_from(">I", data, children[kind][0] + 4)[0])
+        if b"stsc" in children:
+            at, box_end = children[b"stsc"]
+            entries = min(struct.unpack_from(">I", data, at + 4)[0], (box_end - at - 8) // 12)
+            widest = max(
+                (struct.unpack_from(">I", data, at + 12 + 12 * i)[0] for i in range(entries)), default=0
+            )
+            self.add("samples", widest * max(chunks, 1), MAX_SAMPLES)
+        if b"stts" in children:
+            at, box_end = children[b"stts"]
+            entries = min(struct.unpack_from(">I", data, at + 4)[0], (box_end - at - 8) // 8)
+            self.add(
+                "samples",
+                sum(struct.unpack_from(">I", data, at + 8 + 8 * i)[0] for i in range(entries)),
+                MAX_SAMPLES,
+            )
+
+    def references(self, start: int, end: int) -> None:
+        """Each item id an iref reference names is an item to libavif, found by a search through all of
+        them: 60 000 ids in a 120 KB file took 2.2 s (found in review). A grid's tiles are its dimg ids."""
+        data = self.data
+        wide = data[start] != 0  # version 1: 32-bit item ids
+        pos = start + 4
+        while pos + 8 <= end:
+            size, kind = struct.unpack_from(">I4s", data, pos)
+            if size < 8 or pos + size > end:
+                break
+            (named,) = struct.unpack_from(">H", data, pos + 8 + (4 if wide else 2))
+            self.add("item references", named + 1, MAX_ITEMS)
+            if kind == b"dimg":
+                self.tiles += named
+            pos += size
+
+
+def _children(data: bytes, start: int, end: int) -> dict[bytes, tuple[int, int]]:
+    """A container's direct children by type (the first of each): where their bodies start and end."""
+    found: dict[bytes, tuple[int, int]] = {}
     pos = start
     while pos + 8 <= end:
         size, kind = struct.unpack_from(">I4s", data, pos)
         if size < 8 or pos + size > end:
             break
-        found.setdefault(kind, pos + 8)
+        found.setdefault(kind, (pos + 8, pos + size))
         pos += size
     return found
-
-
-def _check_samples(data: bytes, start: int, end: int) -> None:
-    """The samples a sample table makes, not its entries: one stsc entry of 2 million samples per chunk
-    made libavif 2 million records, 192 MiB (found in review)."""
-    children = _children(data, start, end)
-    chunks = 0
-    for kind in (b"stco", b"co64"):
-        if kind in children:
-            chunks = max(chunks, struct.unpack_from(">I", data, children[kind] + 4)[0])
-    if b"stsc" in children:
-        at = children[b"stsc"]
-        (entries,) = struct.unpack_from(">I", data, at + 4)
-        widest = max(
-            (struct.unpack_from(">I", data, at + 8 + 12 * i + 4)[0] for i in range(entries)), default=0
-        )
-        _limit(widest * max(chunks, 1), MAX_SAMPLES, "samples (chunks x samples per chunk)")
-    if b"stts" in children:
-        at = children[b"stts"]
-        (entries,) = struct.unpack_from(">I", data, at + 4)
-        samples = sum(struct.unpack_from(">I", data, at + 8 + 8 * i)[0] for i in range(entries))
-        _limit(samples, MAX_SAMPLES, "samples (time-to-sample)")
-
-
-def _check_references(data: bytes, start: int, end: int) -> None:
-    """Each item id an iref reference names is an item to libavif, found by a search through all of
-    them: 60 000 ids in a 120 KB file took 2.2 s (found in review)."""
-    wide = data[start] != 0  # version 1: 32-bit item ids
-    pos, named = start + 4, 0
-    while pos + 8 <= end:
-        size, _kind = struct.unpack_from(">I4s", data, pos)
-        if size < 8 or pos + size > end:
-            break
-        count_at = pos + 8 + (4 if wide else 2)
-        named += struct.unpack_from(">H", data, count_at)[0] + 1
-        _limit(named, MAX_ITEMS, "item references")
-        pos += size
-
-
-def _count(data: bytes, kind: bytes, body: int) -> None:
-    version = data[body]
-    if kind == b"iinf":
-        (items,) = struct.unpack_from(">H" if version == 0 else ">I", data, body + 4)
-        _limit(items, MAX_ITEMS, "items")
-    elif kind == b"iloc":
-        (items,) = struct.unpack_from(">H" if version < 2 else ">I", data, body + 6)
-        _limit(items, MAX_ITEMS, "item locations")
-    elif kind in _ITEM_COUNTS:
-        at, code = _ITEM_COUNTS[kind]
-        _limit(struct.unpack_from(code, data, body + at)[0], MAX_ITEMS, "item properties")
-    elif kind in _SAMPLE_COUNTS:
-        at, code = _SAMPLE_COUNTS[kind]
-        _limit(struct.unpack_from(code, data, body + at)[0], MAX_SAMPLES, "samples")
-
-
-def _limit(count: int, limit: int, what: str) -> None:
-    if count > limit:
-        raise TooManyEntries(f"the AVIF declares {count} {what}; the limit is {limit}")

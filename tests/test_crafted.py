@@ -759,3 +759,32 @@ def test_an_exif_directory_of_too_many_entries_that_fits_is_refused() -> None:
     exif = struct.pack("<H", many) + struct.pack("<HHII", 65000, 7, 0, 0) * many + struct.pack("<I", 0)
     with pytest.raises(CorruptImage, match="entries"):
         pipeline.inspect(tiff_header(entries, bytes(64) + exif), Params(width=4), LIMITS)
+
+
+def avif(*boxes: bytes) -> bytes:
+    return box(b"ftyp", b"avis" + bytes(4) + b"avifmif1") + b"".join(boxes)
+
+
+def test_an_avifs_counts_run_over_the_whole_file() -> None:
+    """A meta in each of eleven tracks, each under the limits, held 808 MiB inside libavif (a review)."""
+    items = avifboxes.MAX_ITEMS // 2 + 1
+    track = box(b"trak", box(b"meta", bytes(4) + box(b"iinf", bytes(4) + struct.pack(">H", items))))
+    refused_or_made(avif(box(b"moov", track * 2)), 1, "AVIF declares")
+
+
+def test_an_avifs_property_associations_are_counted() -> None:
+    """4096 ipma entries of 255 associations each held 77 MiB against an estimate of 4 (a review)."""
+    entries = avifboxes.MAX_ASSOCIATIONS // 255 + 1
+    ipma = box(
+        b"ipma", bytes(4) + struct.pack(">I", entries) + (struct.pack(">HB", 1, 255) + bytes(255)) * entries
+    )
+    refused_or_made(avif(box(b"meta", bytes(4) + box(b"iprp", ipma))), 1, "property associations")
+
+
+def test_a_grid_is_counted_for_the_estimate_and_short_tables_end_the_walk() -> None:
+    """A grid's tiles each get a frame of their own in libavif (150 MiB against 75 estimated, a review);
+    a sample table whose counts run past its box must not read the next box as entries."""
+    dimg = box(b"iref", bytes(4) + box(b"dimg", struct.pack(">HH", 1, 3) + struct.pack(">HHH", 2, 3, 4)))
+    assert avifboxes.check_boxes(avif(box(b"meta", bytes(4) + dimg))).grid_tiles == 3
+    short = box(b"stsc", bytes(4) + struct.pack(">I", 5)) + box(b"stco", bytes(4) + struct.pack(">I", 5))
+    assert avifboxes.check_boxes(avif(sample_table(short))).grid_tiles == 0  # no refusal, no error
