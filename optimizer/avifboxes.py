@@ -14,6 +14,8 @@ import contextlib
 import struct
 from dataclasses import dataclass
 
+from optimizer.errors import StructureLimit
+
 MAX_ITEMS = 4096  # items, their locations and property associations
 MAX_SAMPLES = 16_384  # samples of an image sequence, and its table entries
 _MAX_DEPTH = 8
@@ -26,7 +28,7 @@ _SAMPLE_COUNTS = {b"stsz": (8, ">I"), b"stz2": (8, ">I"), b"stts": (4, ">I"), b"
 _SAMPLE_COUNTS |= {b"stco": (4, ">I"), b"co64": (4, ">I"), b"stss": (4, ">I"), b"ctts": (4, ">I")}
 
 
-class TooManyEntries(Exception):
+class TooManyEntries(StructureLimit):
     """The AVIF declares more items or samples than the limits allow."""
 
 

@@ -32,6 +32,11 @@ from collections.abc import Mapping
 from typing import ClassVar
 
 
+class StructureLimit(Exception):
+    """A file's structure is past a limit of the walks that run before Pillow parses it (segments,
+    chunks, blocks, boxes, directory values): ``optimizer.pipeline`` answers it as ``CorruptImage``."""
+
+
 class OptimizerError(Exception):
     """Base class: a failure with a status, a stable code and a message safe to show a client."""
 

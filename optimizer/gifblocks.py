@@ -9,6 +9,8 @@ sub-blocks). The walk here reads the block structure only, up to the limits.
 
 from __future__ import annotations
 
+from optimizer.errors import StructureLimit
+
 MAX_EXTENSIONS = 1024
 MAX_SUB_BLOCKS = 16_384  # 4 MB of extension data in full 255-byte sub-blocks
 MAX_JUNK = 65_536  # bytes that start no block, which Pillow steps over one at a time
@@ -16,7 +18,7 @@ _HEADER = 13
 _EXTENSION, _IMAGE, _TRAILER = 0x21, 0x2C, 0x3B
 
 
-class TooManyBlocks(Exception):
+class TooManyBlocks(StructureLimit):
     """The GIF has more extension blocks before its first image than the limits allow."""
 
 

@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 
 from PIL import Image, JpegImagePlugin, features
 
+from optimizer.errors import StructureLimit
+
 # libjpeg scales by 1/8 when Pillow's draft asks for it: the only scale where a component may need DC alone.
 DC_ONLY_SCALE = 8
 # Coefficients (zigzag order) whose precision decides whether libjpeg-turbo smooths (SAVED_COEFS - 1).
@@ -96,7 +98,7 @@ _APP13 = 0xED
 _MAX_HEADER_BYTES = {_DQT: 65_536, _APP13: 4 * 1024 * 1024}
 
 
-class TooManySegments(Exception):
+class TooManySegments(StructureLimit):
     """The stream has more than ``MAX_SEGMENTS`` marker segments, or more than ``MAX_JUNK`` bytes of junk
     before its first scan."""
 

@@ -19,23 +19,23 @@ import os
 import struct
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from PIL import Image, ImageChops, ImageCms, ImageFile, ImageMath
 
 from optimizer import avifboxes, gifblocks, vips, webpchunks
-from optimizer.errors import CorruptImage, EmptyBody, TooManyPixels, UnsupportedFormat
+from optimizer.errors import CorruptImage, EmptyBody, StructureLimit, TooManyPixels, UnsupportedFormat
 from optimizer.jpegscans import (
     DC_ONLY_SCALE,
-    TooManySegments,
     buffers_whole_image,
     check_headers,
     decode_dc_scans_only,
     scans_to_decode,
 )
-from optimizer.pngchunks import TooManyChunks, check_chunks
+from optimizer.pngchunks import check_chunks
 from optimizer.sniff import PILLOW_FORMATS, sniff
-from optimizer.tiffifd import TooManyValues, check_directory, check_exif
+from optimizer.tiffifd import check_directory, check_exif
 
 # Every exception type Pillow's decoders are known to raise on bad data (measured over the corpus and
 # Pillow's fuzz files); caught only around open() and load(), so that a bug of ours is not mistaken for a
@@ -412,26 +412,10 @@ def open_image(data: bytes, limits: Limits) -> Image.Image:
         )
     try:
         # Before Pillow's parsers loop over them in Python, one by one.
-        if family == "jpeg":
-            check_headers(data)
-        elif family == "png":
-            check_chunks(data)
-        elif family == "tiff":
-            check_directory(data)
-        elif family == "gif":
-            gifblocks.check_blocks(data)
-        elif family == "webp":
-            webpchunks.check_chunks(data)
-        elif family == "avif":
-            avifboxes.check_boxes(data)
-    except (
-        TooManySegments,
-        TooManyChunks,
-        TooManyValues,
-        gifblocks.TooManyBlocks,
-        webpchunks.TooManyChunks,
-        avifboxes.TooManyEntries,
-    ) as exc:
+        check = _STRUCTURE_CHECKS.get(family)
+        if check is not None:
+            check(data)
+    except StructureLimit as exc:
         raise CorruptImage(str(exc)) from None
     try:
         # formats= restricts Pillow to the plugins of the sniffed family, so no other decoder ever runs.
@@ -478,6 +462,17 @@ def open_image(data: bytes, limits: Limits) -> Image.Image:
     return im
 
 
+# The walks of a file's structure, by format family, that refuse what would keep a parser looping.
+_STRUCTURE_CHECKS: dict[str, Callable[[bytes], object]] = {
+    "jpeg": check_headers,
+    "png": check_chunks,
+    "tiff": check_directory,
+    "gif": gifblocks.check_blocks,
+    "webp": webpchunks.check_chunks,
+    "avif": avifboxes.check_boxes,
+}
+
+
 def _python_rle(im: Image.Image) -> bool:
     """Whether ``im`` is a BMP whose RLE8 or RLE4 data Pillow decodes in Python (``BmpRleDecoder``)."""
     return im.format == "BMP" and im.info.get("compression") in (_BMP_RLE8, _BMP_RLE4)
@@ -522,7 +517,7 @@ def read_orientation(im: Image.Image, *, loaded: bool) -> int:
         if isinstance(exif, bytes):
             check_exif(exif)  # before Pillow turns each of its values into an int
         value = im.getexif().get(_ORIENTATION_TAG, 0)
-    except Exception:  # TooManyValues included: an EXIF block made to be large is not read
+    except Exception:  # StructureLimit included: an EXIF block made to be large is not read
         return 0
     return value if isinstance(value, int) and 1 <= value <= 8 else 0
 
@@ -598,7 +593,7 @@ def _refuse_endless_scans(im: Image.Image, limit: int) -> None:
         return
     try:
         scans = scans_to_decode(fp.getvalue(), limit)
-    except TooManySegments as exc:  # a flood of segments between the scans
+    except StructureLimit as exc:  # a flood of segments between the scans
         raise CorruptImage(str(exc)) from None
     if scans > limit:
         raise CorruptImage(

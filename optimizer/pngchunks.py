@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import struct
 
+from optimizer.errors import StructureLimit
+
 # Chunks other than image data (IDAT, and APNG's fdAT and fcTL, which Pillow reads frame by frame),
 # IHDR and IEND included.
 MAX_ANCILLARY_CHUNKS = 1024
@@ -21,7 +23,7 @@ _SIGNATURE = 8
 _CHUNK_OVERHEAD = 12  # length, type and CRC
 
 
-class TooManyChunks(Exception):
+class TooManyChunks(StructureLimit):
     """The PNG has more chunks than the limits allow."""
 
 

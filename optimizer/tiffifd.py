@@ -18,6 +18,8 @@ import contextlib
 import struct
 from dataclasses import dataclass
 
+from optimizer.errors import StructureLimit
+
 MAX_ENTRIES = 4096  # per directory (a sub-directory past the end of the data is skipped instead)
 # Numeric values, inline or whose data lies in the file, all walked directories together: ~40 MB as
 # Python ints.
@@ -34,7 +36,7 @@ _COMPRESSION = 259
 _SUB_DIRECTORIES = frozenset({34665, 34853, 40965})  # EXIF, GPS, interoperability
 
 
-class TooManyValues(Exception):
+class TooManyValues(StructureLimit):
     """A directory is larger than the limits allow."""
 
 

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import struct
 
+from optimizer.errors import StructureLimit
+
 MAX_CHUNKS = 65_536  # frames of an animation included
 # What libwebp's demuxer keeps for each chunk or frame (~200 bytes measured in review), for the estimate.
 BYTES_PER_CHUNK = 256
 _RIFF_HEADER = 12
 
 
-class TooManyChunks(Exception):
+class TooManyChunks(StructureLimit):
     """The WebP has more chunks than the limit allows."""
 
 
