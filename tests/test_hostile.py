@@ -303,22 +303,24 @@ async def push_corpus(session: aiohttp.ClientSession, url: str, sources: Sequenc
     return await asyncio.gather(*(one(data) for data in sources))
 
 
-async def corpus_rss(server: RealServer) -> tuple[int, int]:
-    """(idle RSS after one warm-up request, RSS after the corpus went through twice and a settle)."""
+async def corpus_rss(server: RealServer, passes: int) -> tuple[int, list[int]]:
+    """(idle RSS after one warm-up request, RSS after each pass of the corpus and a settle)."""
     root = corpus_dir()
     sources = [(root / row["file"]).read_bytes() for row in ROWS]
+    settled: list[int] = []
     async with aiohttp.ClientSession() as session:
         warm = await push_corpus(session, server.url, [image_bytes((64, 48))])
         assert warm == [200]
         await asyncio.sleep(1.0)
         idle = server.rss()
-        for _ in range(2):
+        for _ in range(passes):
             statuses = await push_corpus(session, server.url, sources)
             assert all(status < 500 for status in statuses), statuses
-        await asyncio.sleep(2.0)  # settle: the workers finish, freed memory may go back
-        async with session.get(f"{server.url}/readyz") as response:
-            assert (await response.json())["in_flight"] == 0
-    return idle, server.rss()
+            await asyncio.sleep(2.0)  # settle: the workers finish, freed memory may go back
+            settled.append(server.rss())
+            async with session.get(f"{server.url}/readyz") as response:
+                assert (await response.json())["in_flight"] == 0
+    return idle, settled
 
 
 @pytest.mark.slow
@@ -326,23 +328,25 @@ async def test_memory_back_near_idle_after_the_corpus() -> None:
     # The server gives image-sized buffers their own mappings (returned when freed) and trims glibc's
     # arenas once idle, so after the whole corpus, twice, RSS comes back near its idle figure.
     with running_server("--threads", "2", "--queue", "2") as server:
-        idle, after = await corpus_rss(server)
+        idle, settled = await corpus_rss(server, passes=2)
+    after = settled[-1]
     assert after <= idle + 64 * MB, f"idle {idle / MB:.0f} MB, after the corpus {after / MB:.0f} MB"
 
 
 @pytest.mark.slow
 async def test_memory_plateaus_with_the_speed_first_allocator_setting() -> None:
     # README: MALLOC_TRIM_THRESHOLD_=268435456 trades memory for speed (glibc keeps freed memory for
-    # reuse). What stays must then be a plateau, not growth: a third pass adds (almost) nothing.
+    # reuse). What stays must then be a plateau, not growth: a third pass settles no higher than the
+    # highest pass before it. Not than the second alone: the idle malloc_trim returns the free chunks of
+    # every arena but shrinks only the main arena's top, and a thread's arena gives its top back only
+    # past the trim threshold, which 256 MiB puts beyond its 64 MiB heap. So whether a pass's freed
+    # memory ends up merged into the top (kept) or in the bins (returned) swings the settled figure by
+    # tens of MB from one pass to the next with nothing growing (one of 20 runs: 135, 86, 137 MB).
     with running_server("--threads", "2", "--queue", "2", MALLOC_TRIM_THRESHOLD_="268435456") as server:
-        idle, after_two = await corpus_rss(server)
-        root = corpus_dir()
-        async with aiohttp.ClientSession() as session:
-            await push_corpus(session, server.url, [(root / row["file"]).read_bytes() for row in ROWS])
-        await asyncio.sleep(2.0)
-        after_three = server.rss()
-    assert after_two <= idle + 192 * MB, f"idle {idle / MB:.0f} MB, after the corpus {after_two / MB:.0f} MB"
-    assert after_three <= after_two + 16 * MB, f"{after_two / MB:.0f} MB, then {after_three / MB:.0f} MB"
+        idle, settled = await corpus_rss(server, passes=3)
+    figures = ", ".join(f"{rss / MB:.0f}" for rss in settled)
+    assert max(settled[:2]) <= idle + 192 * MB, f"idle {idle / MB:.0f} MB, after each pass {figures} MB"
+    assert settled[2] <= max(settled[:2]) + 16 * MB, f"after each pass {figures} MB"
 
 
 # --- fuzzed query strings and headers -------------------------------------------------------------------
