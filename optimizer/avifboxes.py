@@ -6,6 +6,13 @@ is opened, with a record for each: a review's 3.7 MB AVIF of 160 000 items took 
 171 MB, all against estimates of 4, before the memory budget was asked. A real AVIF has a few items (a
 grid some hundreds) and a sequence one sample per frame. The walk here reads box headers and the entry
 counts libavif sizes its records by, up to the limits.
+
+Two things Pillow's open does with what libavif hands it are checked here too, because both happen
+before the service sees the image: each item location's extents are a record in libavif (4000 items of
+65 535 extents, in 32 KB because an extent may take no bytes at all, held 4 GB and 11 s of CPU), and
+an Exif item is parsed in Python at open (an EXIF directory of 65 535 entries in a 787 KB file took
+0.1 s with the GIL held, twice a request): its payload gets the same limits as any EXIF block
+(``optimizer.tiffifd``).
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import struct
 from dataclasses import dataclass
 
 from optimizer.errors import StructureLimit
+from optimizer.tiffifd import check_exif
 
 MAX_ITEMS = 4096  # items, their locations and property associations
 MAX_SAMPLES = 16_384  # samples of an image sequence, and its table entries
@@ -35,6 +43,13 @@ class TooManyEntries(StructureLimit):
 MAX_BOXES = 65_536  # a real AVIF has some dozens; 3 million tiny ones took the walk itself 1 s
 # Property associations (ipma): a few per item; 4096 entries of 255 each held 77 MiB (a review).
 MAX_ASSOCIATIONS = 16_384
+# Extents of all item locations: an encoder writes one an item (libavif, a grid's tiles included).
+MAX_EXTENTS = 16_384
+# Exif items whose payload is walked: an encoder writes one. Each walk is bounded (four directories
+# of 4096 entries), but not thousands of them.
+MAX_EXIF_ITEMS = 16
+# iloc's construction methods: from the file's start, or from the start of the meta's idat.
+_FILE_OFFSET, _IDAT_OFFSET = 0, 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,7 +64,24 @@ def check_boxes(data: bytes) -> Summary:
     walk = _Walk(data)
     with contextlib.suppress(struct.error, IndexError):
         walk.boxes(0, len(data), 0)
+    exif_items = [item for item in walk.exif_items if item in walk.locations]
+    if len(exif_items) > MAX_EXIF_ITEMS:
+        raise TooManyEntries(
+            f"the AVIF declares more than {MAX_EXIF_ITEMS} Exif items; an encoder writes one"
+        )
+    for item in exif_items:
+        try:
+            check_exif(_exif_tiff(walk.payload(item)))
+        except StructureLimit as exc:
+            raise TooManyEntries(f"the AVIF's Exif item: {exc}") from None
     return Summary(walk.tiles)
+
+
+def _exif_tiff(payload: bytes) -> bytes:
+    """An Exif item's TIFF structure: after its 4-byte header offset, from the first TIFF header, as
+    libavif finds it (with an ``Exif\0\0`` before it, Pillow reads the same structure)."""
+    found = [at for at in (payload.find(b"II*\x00", 4), payload.find(b"MM\x00*", 4)) if at >= 0]
+    return payload[min(found) :] if found else b""
 
 
 class _Walk:
@@ -57,6 +89,26 @@ class _Walk:
         self.data = data
         self.totals: dict[str, int] = {}
         self.tiles = 0
+        self.exif_items: list[int] = []  # ids of the items of type Exif
+        # Each item's construction method and extents (offset, length); its base offset is added in.
+        self.locations: dict[int, tuple[int, list[tuple[int, int]]]] = {}
+        self.idat: tuple[int, int] = (0, 0)  # the first idat's body, where method 1 extents point
+
+    def payload(self, item: int) -> bytes:
+        """An item's bytes, its extents joined, as libavif reads them; what lies past the end of the
+        file or the idat is left out (libavif refuses such an item)."""
+        method, extents = self.locations[item]
+        start, end = (0, len(self.data)) if method == _FILE_OFFSET else self.idat
+        if method not in (_FILE_OFFSET, _IDAT_OFFSET):
+            return b""  # from another item: libavif does not read Exif that way
+        parts, total = [], 0
+        for offset, length in extents:
+            begin = start + offset
+            stop = end if length == 0 else min(end, begin + length)  # 0: to the end of the source
+            if begin < stop and total < len(self.data):
+                parts.append(self.data[begin : min(stop, begin + len(self.data) - total)])
+                total += len(parts[-1])
+        return b"".join(parts)
 
     def add(self, what: str, count: int, limit: int) -> None:
         total = self.totals[what] = self.totals.get(what, 0) + count
@@ -85,26 +137,72 @@ class _Walk:
                 self.references(body, box_end)
             elif kind == b"ipma":
                 self.associations(body, box_end)
+            elif kind == b"iinf":
+                self.item_types(body, box_end)
+            elif kind == b"iloc":
+                self.item_locations(body, box_end)
+            elif kind == b"idat" and self.idat == (0, 0):
+                self.idat = (body, box_end)
             else:
                 self.count(kind, body)
             pos = box_end
 
     def count(self, kind: bytes, body: int) -> None:
         data = self.data
-        version = data[body]
-        if kind == b"iinf":
-            self.add(
-                "items", struct.unpack_from(">H" if version == 0 else ">I", data, body + 4)[0], MAX_ITEMS
-            )
-        elif kind == b"iloc":
-            self.add(
-                "item locations",
-                struct.unpack_from(">H" if version < 2 else ">I", data, body + 6)[0],
-                MAX_ITEMS,
-            )
-        elif kind in _SAMPLE_COUNTS:
+        if kind in _SAMPLE_COUNTS:
             at, code = _SAMPLE_COUNTS[kind]
             self.add(f"{kind.decode()} entries", struct.unpack_from(code, data, body + at)[0], MAX_SAMPLES)
+
+    def item_types(self, start: int, end: int) -> None:
+        """Counts the items; notes which are Exif (infe version 2 and 3 name a type, 0 and 1 none)."""
+        data = self.data
+        version = data[start]
+        self.add("items", struct.unpack_from(">H" if version == 0 else ">I", data, start + 4)[0], MAX_ITEMS)
+        pos = start + (6 if version == 0 else 8)
+        while pos + 8 <= end:
+            self.add("boxes", 1, MAX_BOXES)
+            size, kind = struct.unpack_from(">I4s", data, pos)
+            if size < 8 or pos + size > end:
+                return
+            if kind == b"infe" and data[pos + 8] in (2, 3):
+                wide = data[pos + 8] == 3
+                item = struct.unpack_from(">I" if wide else ">H", data, pos + 12)[0]
+                item_type = data[pos + (18 if wide else 16) : pos + (22 if wide else 20)]
+                if item_type == b"Exif":
+                    self.exif_items.append(item)
+            pos += size
+
+    def item_locations(self, start: int, end: int) -> None:
+        """Counts the items' locations and their extents, libavif's record each; keeps where they are.
+        A location cut short by the box's end ends this box's reading only."""
+        data = self.data
+        version = data[start]
+        offset_size, length_size = data[start + 4] >> 4, data[start + 4] & 15
+        base_size, index_size = data[start + 5] >> 4, (data[start + 5] & 15 if version in (1, 2) else 0)
+        id_size = 2 if version < 2 else 4
+        count = _number(data, start + 6, id_size, end)
+        self.add("item locations", count, MAX_ITEMS)
+        pos = start + 6 + id_size
+        with contextlib.suppress(IndexError):
+            for _ in range(count):
+                item = _number(data, pos, id_size, end)
+                pos += id_size
+                method = 0
+                if version in (1, 2):
+                    method = _number(data, pos, 2, end) & 15
+                    pos += 2
+                base = _number(data, pos + 2, base_size, end)  # after the data reference index
+                pos += 2 + base_size
+                extent_count = _number(data, pos, 2, end)
+                pos += 2
+                self.add("item extents", extent_count, MAX_EXTENTS)
+                extents = []
+                for _ in range(extent_count):
+                    offset = _number(data, pos + index_size, offset_size, end)
+                    length = _number(data, pos + index_size + offset_size, length_size, end)
+                    pos += index_size + offset_size + length_size
+                    extents.append((base + offset, length))
+                self.locations.setdefault(item, (method, extents))
 
     def associations(self, start: int, end: int) -> None:
         """Each entry's property associations, not the entries: libavif keeps one record each."""
@@ -160,6 +258,13 @@ class _Walk:
             if kind == b"dimg":
                 self.tiles += named
             pos += size
+
+
+def _number(data: bytes, pos: int, size: int, end: int) -> int:
+    """A big-endian unsigned integer of ``size`` bytes (0 makes 0); ``IndexError`` past ``end``."""
+    if pos + size > end:
+        raise IndexError("a field runs past its box")
+    return int.from_bytes(data[pos : pos + size], "big")
 
 
 def _children(data: bytes, start: int, end: int) -> dict[bytes, tuple[int, int]]:
