@@ -27,6 +27,7 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from optimizer.av1seq import max_frame_size
 from optimizer.errors import StructureLimit
 from optimizer.tiffifd import check_exif
 
@@ -60,10 +61,16 @@ _VISUAL_SAMPLE_ENTRY = 78
 _FILE_OFFSET, _IDAT_OFFSET = 0, 1
 # A colour property's ICC profile is referred to, not copied, and one profile may serve several items.
 _NOT_COPIED = frozenset({b"colr"})
+# Of an AV1 item's or sample's data, the part read for its sequence header (OBUs before it are small).
+_HEADER_BYTES = 64 * 1024
 
 
 class TooManyEntries(StructureLimit):
     """The AVIF declares more items or samples than the limits allow."""
+
+
+class LargerThanDeclared(StructureLimit):
+    """An item's or a track's AV1 data codes frames larger than the size the AVIF declares for it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,12 +82,22 @@ class Summary:
 class _Meta:
     """What one ``meta`` box says about its items: libavif resolves ids and idat offsets per meta."""
 
+    item_types: dict[int, bytes] = field(default_factory=dict)  # from infe versions 2 and 3
     exif_items: list[int] = field(default_factory=list)
     # Each item's construction method and extents (offset with the base added, length).
     locations: dict[int, tuple[int, list[tuple[int, int]]]] = field(default_factory=dict)
     idat: tuple[int, int] | None = None  # the first idat's body
-    property_sizes: list[int] = field(default_factory=list)  # ipco's children in order (1-based in ipma)
-    associated: list[int] = field(default_factory=list)  # the property indices ipma names
+    properties: list[tuple[bytes, int, int]] = field(default_factory=list)  # ipco's: type, body, end
+    item_properties: dict[int, list[int]] = field(default_factory=dict)  # ipma's 1-based indices
+
+
+@dataclass(slots=True)
+class _Track:
+    """A track's declared size (tkhd) and where its first sample is, for its sequence header."""
+
+    size: tuple[int, int] | None = None
+    first_chunk: int | None = None
+    first_sample_bytes: int | None = None
 
 
 def check_boxes(data: bytes) -> Summary:
@@ -90,6 +107,7 @@ def check_boxes(data: bytes) -> Summary:
     with contextlib.suppress(struct.error, IndexError):
         walk.boxes(0, len(data), 0)
     walk.check_associated_bytes()
+    walk.check_frame_sizes()
     exif = [(meta, item) for meta in walk.metas for item in meta.exif_items if item in meta.locations]
     if len(exif) > MAX_EXIF_ITEMS:
         raise TooManyEntries(
@@ -118,6 +136,8 @@ class _Walk:
         self.meta = _Meta()  # boxes outside any meta are looked at too, as if in one
         self.metas = [self.meta]
         self.located_bytes = 0
+        self.track = _Track()
+        self.tracks = [self.track]
 
     def add(self, what: str, count: int, limit: int) -> None:
         total = self.totals[what] = self.totals.get(what, 0) + count
@@ -156,16 +176,25 @@ class _Walk:
                 self.boxes(body + 4, box_end, depth + 1)
             finally:
                 self.meta = outer
+        elif kind == b"trak" and depth < _MAX_DEPTH:
+            outer_track, self.track = self.track, _Track()
+            self.tracks.append(self.track)
+            try:
+                self.boxes(body, box_end, depth + 1)
+            finally:
+                self.track = outer_track
         elif kind in _CONTAINERS and depth < _MAX_DEPTH:
             self.boxes(body, box_end, depth + 1)
             if kind == b"stbl":
                 self.samples(body, box_end)
+        elif kind == b"tkhd":
+            at = body + (88 if self.data[body] == 1 else 76)  # width and height, 16.16 fixed point
+            width, height = struct.unpack_from(">II", self.data, at)
+            self.track.size = (width >> 16, height >> 16)
         elif kind == b"iref":
             self.references(body, box_end)
         elif kind == b"ipco":
-            self.meta.property_sizes += [
-                0 if kind in _NOT_COPIED else end - start for kind, start, end in self.children(body, box_end)
-            ]
+            self.meta.properties += self.children(body, box_end)
         elif kind == b"ipma":
             self.associations(body, box_end)
         elif kind == b"iinf":
@@ -191,7 +220,9 @@ class _Walk:
             if kind == b"infe" and data[body] in (2, 3) and body + 12 <= box_end:
                 wide = data[body] == 3
                 item = struct.unpack_from(">I" if wide else ">H", data, body + 4)[0]
-                if data[body + (10 if wide else 8) : body + (14 if wide else 12)] == b"Exif":
+                item_type = data[body + (10 if wide else 8) : body + (14 if wide else 12)]
+                self.meta.item_types.setdefault(item, item_type)
+                if item_type == b"Exif":
                     self.meta.exif_items.append(item)
 
     def item_locations(self, start: int, end: int) -> None:
@@ -235,7 +266,8 @@ class _Walk:
 
     def payload(self, meta: _Meta, item: int) -> bytes:
         """An item's bytes, its extents joined, as libavif reads them; what lies past the end of the
-        file or the idat is left out (libavif refuses such an item)."""
+        file or the idat is left out (libavif refuses such an item). All items' together are at most
+        the file's size (``item_locations``)."""
         method, extents = meta.locations[item]
         if method == _FILE_OFFSET:
             start, end = 0, len(self.data)
@@ -256,17 +288,20 @@ class _Walk:
         self.add("item property entries", entries, MAX_ITEMS)
         pos = start + 8
         for _ in range(entries):
-            pos += 2 if version < 1 else 4  # the item id
+            item = _number(data, pos, 2 if version < 1 else 4, end)
+            pos += 2 if version < 1 else 4
             if pos >= end:
                 return
             associations = data[pos]
             self.add("property associations", associations, MAX_ASSOCIATIONS)
+            named = self.meta.item_properties.setdefault(item, [])
             for index in range(associations):
                 at = pos + 1 + index * (2 if wide_index else 1)
                 if at + (2 if wide_index else 1) > end:
                     return
-                named = struct.unpack_from(">H", data, at)[0] & 0x7FFF if wide_index else data[at] & 0x7F
-                self.meta.associated.append(named)
+                named.append(
+                    struct.unpack_from(">H", data, at)[0] & 0x7FFF if wide_index else data[at] & 0x7F
+                )
             pos += 1 + associations * (2 if wide_index else 1)
 
     def check_associated_bytes(self) -> None:
@@ -274,13 +309,36 @@ class _Walk:
         and some slack for small properties that tiles share."""
         total = 0
         for meta in self.metas:
-            sizes = meta.property_sizes
-            total += sum(sizes[index - 1] for index in meta.associated if 0 < index <= len(sizes))
+            sizes = [0 if kind in _NOT_COPIED else end - body for kind, body, end in meta.properties]
+            for named in meta.item_properties.values():
+                total += sum(sizes[index - 1] for index in named if 0 < index <= len(sizes))
         if total > len(self.data) + ASSOCIATED_BYTES_SLACK:
             raise TooManyEntries(
                 f"the AVIF associates {total} bytes of properties with its items, more than its "
                 f"{len(self.data)} bytes hold"
             )
+
+    def check_frame_sizes(self) -> None:
+        """Each AV1 item's frames within its ispe, each track's within its tkhd."""
+        data = self.data
+        for meta in self.metas:
+            for item, item_type in meta.item_types.items():
+                if item_type != b"av01" or item not in meta.locations:
+                    continue
+                declared = None
+                for index in meta.item_properties.get(item, ()):
+                    if 0 < index <= len(meta.properties) and meta.properties[index - 1][0] == b"ispe":
+                        _kind, body, end = meta.properties[index - 1]
+                        if body + 12 <= end:
+                            declared = struct.unpack_from(">II", data, body + 4)
+                        break
+                _within(f"item {item}", declared, self.payload(meta, item)[:_HEADER_BYTES])
+        for track in self.tracks:
+            if track.first_chunk is not None and track.first_sample_bytes is not None:
+                sample = data[
+                    track.first_chunk : track.first_chunk + min(track.first_sample_bytes, _HEADER_BYTES)
+                ]
+                _within("track", track.size, sample)
 
     def samples(self, start: int, end: int) -> None:
         """The samples a sample table makes, not its entries: one stsc entry of 2 million samples per
@@ -290,7 +348,16 @@ class _Walk:
         chunks = widest = timed = 0
         for kind, body, box_end in self.children(start, end):
             if kind in (b"stco", b"co64"):
-                chunks += struct.unpack_from(">I", data, body + 4)[0]
+                count = struct.unpack_from(">I", data, body + 4)[0]
+                if count and chunks == 0 and self.track.first_chunk is None:
+                    self.track.first_chunk = struct.unpack_from(
+                        ">I" if kind == b"stco" else ">Q", data, body + 8
+                    )[0]
+                chunks += count
+            elif kind == b"stsz" and self.track.first_sample_bytes is None:
+                fixed, count = struct.unpack_from(">II", data, body + 4)
+                if count:
+                    self.track.first_sample_bytes = fixed or struct.unpack_from(">I", data, body + 12)[0]
             elif kind == b"stsc":
                 entries = min(struct.unpack_from(">I", data, body + 4)[0], (box_end - body - 8) // 12)
                 for i in range(entries):
@@ -324,6 +391,16 @@ class _Walk:
             self.add("item references", named + 1, MAX_ITEMS)
             if kind == b"dimg":
                 self.tiles += named
+
+
+def _within(what: str, declared: tuple[int, int] | None, stream: bytes) -> None:
+    """``LargerThanDeclared`` if the AV1 ``stream`` may code frames wider or taller than ``declared``."""
+    coded = max_frame_size(stream) if declared is not None else None
+    if declared is not None and coded is not None and (coded[0] > declared[0] or coded[1] > declared[1]):
+        raise LargerThanDeclared(
+            f"the AVIF's {what} is declared {declared[0]}x{declared[1]}, but its AV1 data codes frames up "
+            f"to {coded[0]}x{coded[1]}"
+        )
 
 
 def _number(data: bytes, pos: int, size: int, end: int) -> int:

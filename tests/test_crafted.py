@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from optimizer import avifboxes, gifblocks, pipeline, pngchunks, tiffifd, webpchunks
+from optimizer import av1seq, avifboxes, gifblocks, pipeline, pngchunks, tiffifd, webpchunks
 from optimizer.errors import CorruptImage, TooManyPixels
 from optimizer.pipeline import Limits, Params
 from optimizer.settings import KNOWN_INPUT_FORMATS
@@ -990,3 +990,83 @@ def test_references_behind_a_64_bit_box_are_counted() -> None:
     iref = box(b"iref", bytes(4) + long_box(b"thmb", struct.pack(">HHH", 1, 1, 2)) + dimg)
     with pytest.raises(CorruptImage, match="item references"):
         pipeline.inspect(avif(meta_box(iref)), Params(width=1), LIMITS)
+
+
+def declared_smaller(data: bytes, kind: bytes, at: int, fmt: str, size: tuple[int, int]) -> bytes:
+    """``data`` with the size in its first ``kind`` box (``at`` bytes into the body) replaced."""
+    body = data.index(kind) + 4
+    return data[: body + at] + struct.pack(fmt, *size) + data[body + at + struct.calcsize(fmt) :]
+
+
+def test_an_avif_coding_frames_larger_than_it_declares_is_refused() -> None:
+    """libavif decodes the frame the AV1 data codes, then scales it to the declared size: a 1.2 KB file
+    declaring 64x64 and coding 8192x8192 took 163 MB at load against an estimate of 2, a grid of such
+    tiles 12.6 s, a sequence declaring 16x16 in its tkhd 332 MB (a review)."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 48)).save(buffer, "AVIF")
+    still = buffer.getvalue()
+    assert pipeline.optimize(still, Params(width=8), LIMITS).width == 8
+    with pytest.raises(CorruptImage, match="declared 32x48, but its AV1 data codes frames up to 64x48"):
+        pipeline.inspect(declared_smaller(still, b"ispe", 4, ">II", (32, 48)), Params(width=8), LIMITS)
+    frames = [Image.new("RGB", (64, 48), (i * 40, 0, 0)) for i in range(3)]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, "AVIF", save_all=True, append_images=frames[1:])
+    sequence = buffer.getvalue()
+    assert pipeline.optimize(sequence, Params(width=8), LIMITS).width == 8
+    tkhd_size = 76 if sequence[sequence.index(b"tkhd") + 4] == 0 else 88  # 16.16 fixed point
+    smaller = declared_smaller(sequence, b"tkhd", tkhd_size, ">II", (16 << 16, 16 << 16))
+    with pytest.raises(CorruptImage, match="track is declared 16x16"):
+        pipeline.inspect(smaller, Params(width=8), LIMITS)
+
+
+def operating_points() -> str:
+    bits = ""
+    for _ in range(2):
+        bits += f"{0:012b}" + f"{8:05b}" + "0"  # idc, level 8 (so a tier bit)
+        bits += "1" + f"{0:010b}" + f"{0:010b}" + "0"  # a decoder model for this point
+        bits += "1" + f"{3:04b}"  # an initial display delay for this point
+    return bits
+
+
+@pytest.mark.parametrize(
+    ("bits", "size"),
+    [
+        # profile 0, still picture, reduced still picture header, level 0; then the sizes.
+        pytest.param(
+            "000" + "1" + "1" + f"{0:05b}" + "0110" + "0101" + f"{63:07b}" + f"{47:06b}",
+            (64, 48),
+            id="reduced",
+        ),
+        pytest.param(
+            "000"
+            + "0"
+            + "0"  # profile, not still, full header
+            + "1"
+            + f"{1:032b}"
+            + f"{25:032b}"
+            + "1"
+            + "010"  # timing info, equal interval, uvlc(1)
+            + "1"
+            + f"{9:05b}"
+            + f"{1:032b}"
+            + f"{4:05b}"
+            + f"{4:05b}"  # decoder model info
+            + "1"
+            + f"{1:05b}"  # initial display delay; two operating points
+            + operating_points()
+            + f"{10:04b}"
+            + f"{10:04b}"
+            + f"{1919:011b}"
+            + f"{1079:011b}",
+            (1920, 1080),
+            id="timing-decoder-model-two-points",
+        ),
+    ],
+)
+def test_an_av1_sequence_header_gives_the_largest_frame(bits: str, size: tuple[int, int]) -> None:
+    bits += "0" * (-len(bits) % 8)
+    header = int(bits, 2).to_bytes(len(bits) // 8, "big")
+    obu = bytes([0b0_0001_0_1_0, len(header)]) + header  # a sequence header, with its size
+    temporal_delimiter = bytes([0b0_0010_0_1_0, 0])
+    assert av1seq.max_frame_size(temporal_delimiter + obu) == size
+    assert av1seq.max_frame_size(temporal_delimiter + obu[:4]) is None  # cut short

@@ -1,0 +1,105 @@
+"""The largest frame an AV1 stream may code, from its sequence header (AV1 specification, 5.5).
+
+An AVIF declares its size in boxes (``ispe`` for an item, ``tkhd`` for a track), and that is the size
+Pillow reports and the memory estimate is made from; but the decoder allocates for the frames the AV1
+data codes, up to 16384x16384, and libavif then scales the result to the declared size. A review's
+1.2 KB file declaring 64x64 and coding 8192x8192 took 163 MB at load, against an estimate of 2. The
+sequence header says how large any frame of the stream may be, so it is read before Pillow is asked.
+"""
+
+from __future__ import annotations
+
+_SEQUENCE_HEADER = 1  # obu_type
+_MAX_OBUS = 16  # temporal delimiters, metadata and padding may come first; a sequence header early
+
+
+class _Bits:
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.pos = 0  # in bits
+
+    def read(self, count: int) -> int:
+        if self.pos + count > len(self.data) * 8:
+            raise IndexError("the sequence header is cut short")
+        value = 0
+        for _ in range(count):
+            byte = self.data[self.pos >> 3]
+            value = value << 1 | (byte >> (7 - (self.pos & 7))) & 1
+            self.pos += 1
+        return value
+
+    def uvlc(self) -> int:
+        zeros = 0
+        while not self.read(1):
+            zeros += 1
+            if zeros >= 32:
+                return (1 << 32) - 1
+        return self.read(zeros) + (1 << zeros) - 1
+
+
+def max_frame_size(stream: bytes) -> tuple[int, int] | None:
+    """(width, height) from the first sequence header among the stream's first OBUs, or ``None`` when
+    there is none there or it cannot be read (the decoder then refuses the stream or has no frame)."""
+    pos = 0
+    try:
+        for _ in range(_MAX_OBUS):
+            if pos >= len(stream):
+                return None
+            header = stream[pos]
+            obu_type, extension, has_size = header >> 3 & 15, header >> 2 & 1, header >> 1 & 1
+            pos += 1 + extension
+            size = len(stream) - pos
+            if has_size:
+                size, pos = _leb128(stream, pos)
+            if obu_type == _SEQUENCE_HEADER:
+                return _sequence_header(stream[pos : pos + size])
+            pos += size
+    except IndexError:
+        return None
+    return None
+
+
+def _leb128(data: bytes, pos: int) -> tuple[int, int]:
+    value = 0
+    for i in range(8):
+        byte = data[pos + i]
+        value |= (byte & 0x7F) << (7 * i)
+        if not byte & 0x80:
+            return value, pos + i + 1
+    return value, pos + 8
+
+
+def _sequence_header(payload: bytes) -> tuple[int, int]:
+    bits = _Bits(payload)
+    bits.read(3)  # seq_profile
+    bits.read(1)  # still_picture
+    if bits.read(1):  # reduced_still_picture_header
+        bits.read(5)  # seq_level_idx[0]
+    else:
+        decoder_model = False
+        delay_length = 0
+        if bits.read(1):  # timing_info_present_flag
+            bits.read(32)  # num_units_in_display_tick
+            bits.read(32)  # time_scale
+            if bits.read(1):  # equal_picture_interval
+                bits.uvlc()  # num_ticks_per_picture_minus_1
+            decoder_model = bool(bits.read(1))
+            if decoder_model:
+                delay_length = bits.read(5) + 1  # buffer_delay_length_minus_1
+                bits.read(32)  # num_units_in_decoding_tick
+                bits.read(5)  # buffer_removal_time_length_minus_1
+                bits.read(5)  # frame_presentation_time_length_minus_1
+        initial_display_delay = bool(bits.read(1))
+        for _ in range(bits.read(5) + 1):  # operating_points_cnt_minus_1
+            bits.read(12)  # operating_point_idc
+            if bits.read(5) > 7:  # seq_level_idx
+                bits.read(1)  # seq_tier
+            if decoder_model and bits.read(1):  # decoder_model_present_for_this_op
+                bits.read(delay_length)  # decoder_buffer_delay
+                bits.read(delay_length)  # encoder_buffer_delay
+                bits.read(1)  # low_delay_mode_flag
+            if initial_display_delay and bits.read(1):  # initial_display_delay_present_for_this_op
+                bits.read(4)  # initial_display_delay_minus_1
+    width_bits = bits.read(4) + 1
+    height_bits = bits.read(4) + 1
+    return bits.read(width_bits) + 1, bits.read(height_bits) + 1
