@@ -9,24 +9,33 @@ sequence header says how large any frame of the stream may be, so it is read bef
 
 from __future__ import annotations
 
+import functools
+
+from optimizer.errors import StructureLimit
+
 _SEQUENCE_HEADER = 1  # obu_type
-_MAX_OBUS = 16  # temporal delimiters, metadata and padding may come first; a sequence header early
+# OBUs in one item's or sample's data: a temporal delimiter, a sequence header, metadata and a frame or
+# a frame header and its tile groups; a stream of very many tiny ones is made to keep the walk busy.
+MAX_OBUS = 1024
+_HEADER_BYTES = 1024  # more than the largest sequence header (32 operating points with every option)
+
+
+class UnreadableStream(StructureLimit):
+    """The AV1 data has a sequence header that cannot be read, or more OBUs than a frame needs."""
 
 
 class _Bits:
+    """A big-endian bit reader over one integer: shifts, not a Python step per bit."""
+
     def __init__(self, data: bytes) -> None:
-        self.data = data
-        self.pos = 0  # in bits
+        self.value = int.from_bytes(data, "big")
+        self.left = len(data) * 8  # bits not read yet
 
     def read(self, count: int) -> int:
-        if self.pos + count > len(self.data) * 8:
+        if count > self.left:
             raise IndexError("the sequence header is cut short")
-        value = 0
-        for _ in range(count):
-            byte = self.data[self.pos >> 3]
-            value = value << 1 | (byte >> (7 - (self.pos & 7))) & 1
-            self.pos += 1
-        return value
+        self.left -= count
+        return (self.value >> self.left) & ((1 << count) - 1)
 
     def uvlc(self) -> int:
         zeros = 0
@@ -37,31 +46,42 @@ class _Bits:
         return self.read(zeros) + (1 << zeros) - 1
 
 
-def max_frame_size(stream: bytes) -> tuple[int, int] | None:
-    """(width, height) from the first sequence header among the stream's first OBUs, or ``None`` when
-    there is none there or it cannot be read (the decoder then refuses the stream or has no frame)."""
-    pos = 0
-    try:
-        for _ in range(_MAX_OBUS):
-            if pos >= len(stream):
-                return None
-            header = stream[pos]
-            obu_type, extension, has_size = header >> 3 & 15, header >> 2 & 1, header >> 1 & 1
-            pos += 1 + extension
-            size = len(stream) - pos
-            if has_size:
-                size, pos = _leb128(stream, pos)
-            if obu_type == _SEQUENCE_HEADER:
-                return _sequence_header(stream[pos : pos + size])
-            pos += size
-    except IndexError:
-        return None
-    return None
+def max_frame_size(stream: bytes, headers: set[bytes] | None = None) -> tuple[int, int] | None:
+    """The widest and the tallest frame any sequence header in ``stream`` allows (the decoder uses the
+    latest before each frame, so all count), or ``None`` when there is none (the decoder has no frame
+    then). ``UnreadableStream`` for a header the walk cannot read or more than ``MAX_OBUS`` OBUs. The
+    distinct headers read are added to ``headers``."""
+    pos, width, height = 0, 0, 0
+    for _ in range(MAX_OBUS):
+        if pos >= len(stream):
+            return (width, height) if width else None
+        header = stream[pos]
+        obu_type, extension, has_size = header >> 3 & 15, header >> 2 & 1, header >> 1 & 1
+        pos += 1 + extension
+        size = len(stream) - pos  # without a size field the OBU runs to the end
+        if has_size:
+            size, pos = _leb128(stream, pos)
+        if obu_type == _SEQUENCE_HEADER:
+            try:
+                # A header takes a few hundred bytes; what follows in the OBU is not read.
+                payload = bytes(stream[pos : pos + min(size, _HEADER_BYTES)])
+                if headers is not None:
+                    headers.add(payload)
+                frame = _sequence_header(payload)
+            except IndexError:
+                raise UnreadableStream("an AV1 sequence header in the AVIF cannot be read") from None
+            width, height = max(width, frame[0]), max(height, frame[1])
+        pos += size
+    if pos < len(stream):
+        raise UnreadableStream(f"the AVIF's AV1 data holds more than {MAX_OBUS} OBUs in one frame's data")
+    return (width, height) if width else None
 
 
 def _leb128(data: bytes, pos: int) -> tuple[int, int]:
     value = 0
     for i in range(8):
+        if pos + i >= len(data):
+            return len(data), len(data)  # cut short: nothing more to read
         byte = data[pos + i]
         value |= (byte & 0x7F) << (7 * i)
         if not byte & 0x80:
@@ -69,6 +89,7 @@ def _leb128(data: bytes, pos: int) -> tuple[int, int]:
     return value, pos + 8
 
 
+@functools.lru_cache(maxsize=256)  # items and samples repeat one header: each distinct one is read once
 def _sequence_header(payload: bytes) -> tuple[int, int]:
     bits = _Bits(payload)
     bits.read(3)  # seq_profile

@@ -255,15 +255,27 @@ def estimate_memory(
     if _python_rle(im):
         decoded += 2 * width * height  # BmpRleDecoder's bytearray of the pixels, and its bytes() copy
     fp = getattr(im, "fp", None)
-    if im.format == "AVIF" and isinstance(fp, io.BytesIO) and avifboxes.check_boxes(fp.getvalue()).grid_tiles:
-        # libavif decodes a grid's tiles each into a frame of its own, then into the image: 150 MiB for
-        # a 4032x4160 grid of 4095 tiles against 75 estimated (a review).
-        decoded += width * height * 4
+    if im.format == "AVIF" and isinstance(fp, io.BytesIO):
+        decoded += _avif_frames(avifboxes.check_boxes(fp.getvalue()), width * height)
     held = _metadata_bytes(im)  # already in memory, and for as long as the image is open
     feeding = min(compressed, 2 * DECODE_BLOCK)  # a block read, and the unconsumed rest joined to it
     if coefficients and scale == DC_ONLY_SCALE:
         feeding += compressed  # the stream without its AC scans (optimizer.jpegscans), at most as long
     return max(coefficients + decoded + feeding, work) + held + _FIXED_OVERHEAD
+
+
+_AV1_FRAME_BYTES_PER_PIXEL = 8
+
+
+def _avif_frames(boxes: avifboxes.Summary, pixels: int) -> int:
+    """libavif's frames beyond the image: a grid's tiles, each decoded into a frame of its own, then
+    into the image (150 MiB for a 4032x4160 grid of 4095 tiles against 75 estimated, a review); a track
+    decoded at its coded size, then scaled to the declared one (2.4 bytes a coded pixel at 8 bits and
+    4:2:0, up to 6 at 12 bits and 4:4:4, and the scaling)."""
+    frames = pixels * 4 if boxes.grid_tiles else 0
+    if boxes.track_frame_pixels > pixels:
+        frames += boxes.track_frame_pixels * _AV1_FRAME_BYTES_PER_PIXEL
+    return frames
 
 
 # Copies of a metadata block Pillow holds at its peak: the segments or chunks read, the joined block,
@@ -413,10 +425,14 @@ def open_image(data: bytes, limits: Limits) -> Image.Image:
     try:
         # Before Pillow's parsers loop over them in Python, one by one.
         check = _STRUCTURE_CHECKS.get(family)
-        if check is not None:
-            check(data)
+        walked = check(data) if check is not None else None
     except StructureLimit as exc:
         raise CorruptImage(str(exc)) from None
+    if isinstance(walked, avifboxes.Summary) and walked.track_frame_pixels > limits.max_pixels:
+        raise TooManyPixels(
+            f"the AVIF's AV1 data codes frames of {walked.track_frame_pixels} pixels; the limit is "
+            f"{limits.max_pixels}"
+        )
     try:
         # formats= restricts Pillow to the plugins of the sniffed family, so no other decoder ever runs.
         im = Image.open(io.BytesIO(data), formats=PILLOW_FORMATS[family])

@@ -1001,7 +1001,7 @@ def declared_smaller(data: bytes, kind: bytes, at: int, fmt: str, size: tuple[in
 def test_an_avif_coding_frames_larger_than_it_declares_is_refused() -> None:
     """libavif decodes the frame the AV1 data codes, then scales it to the declared size: a 1.2 KB file
     declaring 64x64 and coding 8192x8192 took 163 MB at load against an estimate of 2, a grid of such
-    tiles 12.6 s, a sequence declaring 16x16 in its tkhd 332 MB (a review)."""
+    tiles 12.6 s, a sequence declaring 16x16 in its tkhd 332 MB (reviews)."""
     buffer = io.BytesIO()
     Image.new("RGB", (64, 48)).save(buffer, "AVIF")
     still = buffer.getvalue()
@@ -1013,10 +1013,13 @@ def test_an_avif_coding_frames_larger_than_it_declares_is_refused() -> None:
     frames[0].save(buffer, "AVIF", save_all=True, append_images=frames[1:])
     sequence = buffer.getvalue()
     assert pipeline.optimize(sequence, Params(width=8), LIMITS).width == 8
+    # A track's declared size may be its display size (pixels not square): counted at the coded size.
     tkhd_size = 76 if sequence[sequence.index(b"tkhd") + 4] == 0 else 88  # 16.16 fixed point
     smaller = declared_smaller(sequence, b"tkhd", tkhd_size, ">II", (16 << 16, 16 << 16))
-    with pytest.raises(CorruptImage, match="track is declared 16x16"):
-        pipeline.inspect(smaller, Params(width=8), LIMITS)
+    assert pipeline.inspect(smaller, Params(width=8), LIMITS) >= 64 * 48 * 8
+    few_pixels = Limits(max_pixels=64 * 48 - 1, max_dimension=8192, input_formats=KNOWN_INPUT_FORMATS)
+    with pytest.raises(TooManyPixels, match="codes frames of 3072 pixels"):
+        pipeline.inspect(smaller, Params(width=8), few_pixels)
 
 
 def operating_points() -> str:
@@ -1069,4 +1072,106 @@ def test_an_av1_sequence_header_gives_the_largest_frame(bits: str, size: tuple[i
     obu = bytes([0b0_0001_0_1_0, len(header)]) + header  # a sequence header, with its size
     temporal_delimiter = bytes([0b0_0010_0_1_0, 0])
     assert av1seq.max_frame_size(temporal_delimiter + obu) == size
-    assert av1seq.max_frame_size(temporal_delimiter + obu[:4]) is None  # cut short
+    assert av1seq.max_frame_size(temporal_delimiter) is None  # no sequence header: no frame
+    with pytest.raises(av1seq.UnreadableStream):
+        av1seq.max_frame_size(temporal_delimiter + obu[:2] + obu[2:4])  # its size says more than there is
+    smaller = bytes([0b0_0001_0_1_0, 3]) + int("000" + "11" + "00000" + "0000" * 2 + "0" * 6, 2).to_bytes(
+        3, "big"
+    )
+    assert av1seq.max_frame_size(smaller + obu) == size  # the largest of several headers
+
+
+def sequence_header_obu(width: int, height: int) -> bytes:
+    """A reduced still-picture sequence header OBU allowing frames of up to ``width`` x ``height``."""
+    bits = "000" + "1" + "1" + f"{0:05b}" + "1111" + "1111" + f"{width - 1:016b}" + f"{height - 1:016b}"
+    bits += "0" * (-len(bits) % 8)
+    header = int(bits, 2).to_bytes(len(bits) // 8, "big")
+    return bytes([0b0_0001_0_1_0, len(header)]) + header
+
+
+def ispe(width: int, height: int) -> bytes:
+    return box(b"ispe", bytes(4) + struct.pack(">II", width, height))
+
+
+def still(
+    items: list[tuple[int, bytes, bytes, list[int]]], *, references: bytes = b"", decoys: bytes = b""
+) -> bytes:
+    """An AVIF of ``items`` (id, type, data in the idat, property indices) and ``references`` (an iref's
+    boxes), item 1 primary; the properties are ``PROPERTIES``. ``decoys`` go straight into the meta."""
+    offsets, idat = [], b""
+    for _item, _kind, data, _named in items:
+        offsets.append(len(idat))
+        idat += data
+    infes = [
+        box(b"infe", bytes([2, 0, 0, 0]) + struct.pack(">HH", item, 0) + kind + b"\x00")
+        for item, kind, _, _ in items
+    ]
+    places = [
+        (item, 1, [struct.pack(">II", at, len(data))])
+        for (item, _k, data, _n), at in zip(items, offsets, strict=True)
+    ]
+    ipma = bytes(4) + struct.pack(">I", len(items))
+    for item, _kind, _data, named in items:
+        ipma += struct.pack(">HB", item, len(named)) + bytes(named)
+    return avif(
+        meta_box(
+            box(b"pitm", bytes(4) + struct.pack(">H", 1)),
+            decoys,
+            items_info(*infes),
+            iloc(places, offset_size=4, length_size=4),
+            box(b"idat", idat),
+            box(b"iref", bytes(4) + references) if references else b"",
+            box(b"iprp", box(b"ipco", PROPERTIES) + box(b"ipma", ipma)),
+        )
+    )
+
+
+PROPERTIES = ispe(32, 48) + ispe(64, 48) + ispe(64, 64)  # indices 1, 2, 3
+
+
+def test_what_libavif_decodes_is_held_to_its_declared_size() -> None:
+    """Reviews: AV1 data coding more than the item's ispe, a decoy ipco, ipma or iinf where libavif does
+    not look (163 MB each for a 1.2 KB file), a grid composing more than it declares (2.2 GB), a tile
+    larger than its grid, an alpha item larger than its image (332 MB before libavif refused it)."""
+    fits = sequence_header_obu(64, 48)
+    assert avifboxes.check_boxes(still([(1, b"av01", fits, [2])])).grid_tiles == 0
+    with pytest.raises(avifboxes.LargerThanDeclared, match="declared 32x48, but its AV1 data codes"):
+        avifboxes.check_boxes(still([(1, b"av01", fits, [1])]))
+    decoys = [
+        box(b"ipco", ispe(64, 48) * 3),  # an ipco outside iprp
+        box(b"ipma", bytes(4) + struct.pack(">IHBB", 1, 1, 1, 2)),  # an ipma outside iprp
+        box(b"dinf", items_info(box(b"infe", bytes([2, 0, 0, 0]) + struct.pack(">HH", 1, 0) + b"mime\x00"))),
+    ]
+    for decoy in decoys:
+        with pytest.raises(avifboxes.LargerThanDeclared, match="declared 32x48"):
+            avifboxes.check_boxes(still([(1, b"av01", fits, [1])], decoys=decoy))
+    grid = bytes([0, 0, 0, 0]) + struct.pack(">HH", 64, 48)  # one tile, a 64x48 output
+    tile = (2, b"av01", fits, [2])
+    dimg = box(b"dimg", struct.pack(">HHH", 1, 1, 2))
+    assert avifboxes.check_boxes(still([(1, b"grid", grid, [2]), tile], references=dimg)).grid_tiles == 1
+    with pytest.raises(avifboxes.LargerThanDeclared, match="composes a 64x48 image but declares 32x48"):
+        avifboxes.check_boxes(still([(1, b"grid", grid, [1]), tile], references=dimg))
+    small_grid = bytes([0, 0, 0, 0]) + struct.pack(">HH", 32, 48)
+    with pytest.raises(avifboxes.LargerThanDeclared, match="a 64x48 tile in a 32x48 image"):
+        avifboxes.check_boxes(still([(1, b"grid", small_grid, [1]), tile], references=dimg))
+    auxl = box(b"auxl", struct.pack(">HHH", 2, 1, 1))
+    alpha = (2, b"av01", sequence_header_obu(64, 64), [3])
+    with pytest.raises(
+        avifboxes.LargerThanDeclared, match="alpha item 2 is 64x64, larger than its image's 64x48"
+    ):
+        avifboxes.check_boxes(still([(1, b"av01", fits, [2]), alpha], references=auxl))
+
+
+def test_a_grids_tiles_may_not_each_bring_their_own_sequence_header() -> None:
+    """Each distinct header is parsed in Python: 4096 items of 388-byte headers took the walk 1.4 s a
+    time, three times a request (a review). A grid's tiles repeat one."""
+    count = avifboxes.MAX_SEQUENCE_HEADERS + 1
+    grid = bytes([0, 0, 0, count - 1]) + struct.pack(">HH", 64, 48)
+    tiles = [(2 + i, b"av01", sequence_header_obu(64 - i % 32, 48 - i // 32), [2]) for i in range(count)]
+    dimg = box(
+        b"dimg", struct.pack(">HH", 1, count) + b"".join(struct.pack(">H", 2 + i) for i in range(count))
+    )
+    with pytest.raises(avifboxes.TooManyEntries, match="different sequence headers"):
+        avifboxes.check_boxes(still([(1, b"grid", grid, [2]), *tiles], references=dimg))
+    same = [(2 + i, b"av01", sequence_header_obu(64, 48), [2]) for i in range(count)]
+    assert avifboxes.check_boxes(still([(1, b"grid", grid, [2]), *same], references=dimg)).grid_tiles == count
