@@ -110,7 +110,7 @@ class _Track:
     """A track's declared size (tkhd) and where its first sample is, for its sequence header."""
 
     size: tuple[int, int] | None = None
-    codec: bytes | None = None  # the first sample description's type
+    codec: bytes | None = None  # b"av01" when one of its sample descriptions is AV1
     first_chunk: int | None = None
     first_sample_bytes: int | None = None
 
@@ -250,7 +250,9 @@ class _Walk:
                 item = struct.unpack_from(">I" if wide else ">H", data, body + 4)[0]
                 item_type = data[body + (10 if wide else 8) : body + (14 if wide else 12)]
                 if record:
-                    self.meta.item_types.setdefault(item, item_type)
+                    if item in self.meta.item_types:  # libavif takes the last, the walk took the first
+                        raise TooManyEntries(f"the AVIF describes item {item} twice")
+                    self.meta.item_types[item] = item_type
                     if item_type == b"Exif":
                         self.meta.exif_items.append(item)
 
@@ -447,8 +449,9 @@ class _Walk:
         chunk made libavif 2 million records, 192 MiB (found in review). libavif appends a table's
         repeated boxes, so each is read: the widest stsc entry, the chunks of all stco and co64."""
         data = self.data
-        chunks = widest = timed = 0
+        chunks = widest = timed = sizes = 0
         for kind, body, box_end in self.children(start, end):
+            sizes += kind in (b"stsz", b"stz2")
             if kind in (b"stco", b"co64"):
                 count = struct.unpack_from(">I", data, body + 4)[0]
                 if record and count and chunks == 0 and self.track.first_chunk is None:
@@ -467,6 +470,8 @@ class _Walk:
             elif kind == b"stts":
                 entries = min(struct.unpack_from(">I", data, body + 4)[0], (box_end - body - 8) // 8)
                 timed += sum(struct.unpack_from(">I", data, body + 8 + 8 * i)[0] for i in range(entries))
+        if sizes > 1:  # the walk reads the first sample's size from the first, libavif from another
+            raise TooManyEntries(f"an AVIF sample table has {sizes} tables of sample sizes")
         if widest:
             self.add("samples", widest * max(chunks, 1), MAX_SAMPLES)
         if timed:
@@ -477,7 +482,7 @@ class _Walk:
         data = self.data
         self.add("sample descriptions", struct.unpack_from(">I", data, start + 4)[0], MAX_SAMPLE_DESCRIPTIONS)
         for kind, body, box_end in self.children(start + 8, end):
-            if record and self.track.codec is None:
+            if record and kind == b"av01":  # libavif decodes a track with an av01 description anywhere
                 self.track.codec = kind
             inside = sum(1 for _ in self.children(body + _VISUAL_SAMPLE_ENTRY, box_end))
             if inside > MAX_DESCRIPTION_BOXES:

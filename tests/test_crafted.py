@@ -1175,3 +1175,40 @@ def test_a_grids_tiles_may_not_each_bring_their_own_sequence_header() -> None:
         avifboxes.check_boxes(still([(1, b"grid", grid, [2]), *tiles], references=dimg))
     same = [(2 + i, b"av01", sequence_header_obu(64, 48), [2]) for i in range(count)]
     assert avifboxes.check_boxes(still([(1, b"grid", grid, [2]), *same], references=dimg)).grid_tiles == count
+
+
+def sequence_avif(*entries: bytes, sizes: tuple[bytes, ...] = ()) -> bytes:
+    """An AVIF sequence whose one track has these sample descriptions and sample size boxes (by default
+    one fixed size), its first sample a sequence header allowing 64x48 frames."""
+    sample = sequence_header_obu(64, 48)
+    sizes = sizes or (box(b"stsz", bytes(4) + struct.pack(">II", len(sample), 1)),)
+
+    def build(offset: int) -> bytes:
+        stsd = box(b"stsd", bytes(4) + struct.pack(">I", len(entries)) + b"".join(entries))
+        stco = box(b"stco", bytes(4) + struct.pack(">II", 1, offset))
+        return avif(sample_table(stsd, *sizes, stco))
+
+    head = build(0)
+    return build(len(head) + 8) + box(b"mdat", sample)
+
+
+def test_a_tracks_first_frame_is_read_as_libavif_reads_it() -> None:
+    """A review: libavif decodes a track with an av01 description anywhere (the walk looked at the
+    first), takes an item's last infe (the walk its first), and a second stsz gave the first sample
+    another size (163-551 MB at load against estimates of 2)."""
+    av01, other = box(b"av01", bytes(78)), box(b"av02", bytes(78))
+    assert avifboxes.check_boxes(sequence_avif(av01)).track_frame_pixels == 64 * 48
+    assert avifboxes.check_boxes(sequence_avif(other, av01)).track_frame_pixels == 64 * 48
+    assert avifboxes.check_boxes(sequence_avif(other)).track_frame_pixels == 0  # libavif skips it
+    two = (
+        box(b"stsz", bytes(4) + struct.pack(">III", 0, 1, 2)),
+        box(b"stsz", bytes(4) + struct.pack(">II", 9, 1)),
+    )
+    with pytest.raises(avifboxes.TooManyEntries, match="2 tables of sample sizes"):
+        avifboxes.check_boxes(sequence_avif(av01, sizes=two))
+    infes = [
+        box(b"infe", bytes([2, 0, 0, 0]) + struct.pack(">HH", 1, 0) + kind + b"\x00")
+        for kind in (b"hvc1", b"av01")
+    ]
+    with pytest.raises(avifboxes.TooManyEntries, match="describes item 1 twice"):
+        avifboxes.check_boxes(avif(meta_box(items_info(*infes))))
