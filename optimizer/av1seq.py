@@ -51,10 +51,15 @@ def max_frame_size(stream: bytes, headers: set[bytes] | None = None) -> tuple[in
     latest before each frame, so all count), or ``None`` when there is none (the decoder has no frame
     then). ``UnreadableStream`` for a header the walk cannot read or more than ``MAX_OBUS`` OBUs. The
     distinct headers read are added to ``headers``."""
+    return scan(stream, headers)[0]
+
+
+def scan(stream: bytes, headers: set[bytes] | None = None) -> tuple[tuple[int, int] | None, int]:
+    """``max_frame_size``, and the OBUs read to find it."""
     pos, width, height = 0, 0, 0
-    for _ in range(MAX_OBUS):
+    for count in range(MAX_OBUS):
         if pos >= len(stream):
-            return (width, height) if width else None
+            return ((width, height) if width else None), count
         header = stream[pos]
         obu_type, extension, has_size = header >> 3 & 15, header >> 2 & 1, header >> 1 & 1
         pos += 1 + extension
@@ -74,7 +79,7 @@ def max_frame_size(stream: bytes, headers: set[bytes] | None = None) -> tuple[in
         pos += size
     if pos < len(stream):
         raise UnreadableStream(f"the AVIF's AV1 data holds more than {MAX_OBUS} OBUs in one frame's data")
-    return (width, height) if width else None
+    return ((width, height) if width else None), MAX_OBUS
 
 
 def _leb128(data: bytes, pos: int) -> tuple[int, int]:

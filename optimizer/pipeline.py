@@ -268,11 +268,13 @@ _AV1_FRAME_BYTES_PER_PIXEL = 8
 
 
 def _avif_frames(boxes: avifboxes.Summary, pixels: int) -> int:
-    """libavif's frames beyond the image: a grid's tiles, each decoded into a frame of its own, then
+    """libavif's frames beyond the image: its decoder's frame and its RGB copy; a grid's tiles, each
+    decoded into a frame of its own, then
     into the image (150 MiB for a 4032x4160 grid of 4095 tiles against 75 estimated, a review); a track
     decoded at its coded size, then scaled to the declared one (2.4 bytes a coded pixel at 8 bits and
     4:2:0, up to 6 at 12 bits and 4:4:4, and the scaling)."""
     frames = pixels * 4 if boxes.grid_tiles else 0
+    frames += int(pixels * boxes.decode_bytes_per_pixel)  # libavif's own frames (see the Summary)
     if boxes.track_frame_pixels > pixels:
         frames += boxes.track_frame_pixels * _AV1_FRAME_BYTES_PER_PIXEL
     return frames
