@@ -118,7 +118,6 @@ class _Track:
 
     size: tuple[int, int] | None = None
     codec: bytes | None = None  # b"av01" when one of its sample descriptions is AV1
-    av1_config: bytes | None = None  # that description's av1C body
     first_chunk: int | None = None
     first_sample_bytes: int | None = None
 
@@ -129,6 +128,7 @@ def check_boxes(data: bytes) -> Summary:
     walk = _Walk(data)
     with contextlib.suppress(struct.error, IndexError):
         walk.boxes(0, len(data), ())
+    walk.check_located_bytes()
     walk.check_associated_bytes()
     track_frame_pixels = walk.check_frame_sizes()
     decode_bytes_per_pixel = walk.decode_bytes_per_pixel()
@@ -159,14 +159,13 @@ class _Walk:
         self.tiles = 0
         self.meta = _Meta()  # boxes outside any meta are looked at too, as if in one
         self.metas = [self.meta]
-        self.located_bytes = 0
         self.track = _Track()
         self.tracks: list[_Track] = []
         self.headers: set[bytes] = set()  # distinct AV1 sequence headers read
-        self.single_extents: set[tuple[int, int, int, int]] = set()  # (meta, method, offset, length)
         self.payloads: dict[tuple[object, ...], bytes] = {}  # by where they are: items share bytes
         self.frames: dict[tuple[object, ...], tuple[int, int] | None] = {}
         self.colour: bytes | None = None  # the colour stream's av1C (its depth and subsampling)
+        self.colour_trusted = True  # libavif holds an item's av1C to its stream, not a track's
         self.alpha = False
 
     def add(self, what: str, count: int, limit: int) -> None:
@@ -299,28 +298,31 @@ class _Walk:
                 length = _number(data, pos + index_size + offset_size, length_size, end)
                 pos += index_size + offset_size + length_size
                 extents.append((base + offset, length))
-            self.locate(method, extents)
             if not record:
                 continue
             if item in meta.locations:
                 raise TooManyEntries(f"the AVIF locates item {item} twice")
             meta.locations[item] = (method, extents)
 
-    def locate(self, method: int, extents: list[tuple[int, int]]) -> None:
-        """Counts the bytes libavif reads for an item. An item of several extents is joined into a copy
-        of its own, so its bytes count each time; one extent is read in place, and libavif's writer
-        points tiles with the same data at the same bytes (a review's flat 8x8 grid: 43 extents, 17
-        distinct), so each distinct one counts once."""
-        if len(extents) == 1:
-            key = (id(self.meta), method, *extents[0])
-            if key in self.single_extents:
-                return
-            self.single_extents.add(key)
-        self.located_bytes += sum(length for _offset, length in extents)
-        if self.located_bytes > len(self.data):
+    def check_located_bytes(self) -> None:
+        """The bytes libavif reads for the items, at most the file's. An item of several extents is
+        joined into a copy of its own, and an XMP or Exif item is copied into the image's metadata
+        (2000 XMP items at one 20 MB extent took 1.35 s, in review), so their bytes count each time.
+        An AV1 item of one extent is decoded in place, and libavif's writer points tiles with the same
+        data at the same bytes (a flat 8x8 grid: 43 extents, 17 distinct), so each place counts once."""
+        total, places = 0, set()
+        for meta in self.metas:
+            for item, (method, extents) in meta.locations.items():
+                if len(extents) == 1 and meta.item_types.get(item) == b"av01":
+                    place = (id(meta), method, *extents[0])
+                    if place in places:
+                        continue
+                    places.add(place)
+                total += sum(length for _offset, length in extents)
+        if total > len(self.data):
             raise TooManyEntries(
                 f"the AVIF's item locations name more bytes than its {len(self.data)} (an item of several "
-                "extents is read into a copy of its own)"
+                "extents, or of metadata, is read into a copy of its own)"
             )
 
     def payload(self, meta: _Meta, item: int) -> bytes:
@@ -423,7 +425,10 @@ class _Walk:
                 coded = self.frame(sample)
                 if coded is not None:
                     largest = max(largest, coded[0] * coded[1])
-                self.colour = self.colour or track.av1_config
+                # libavif decodes the track, and does not hold a track's av1C to its stream (a review's
+                # 12-bit 4:4:4 sequence whose av1C said monochrome peaked at twice the estimate): the
+                # worst case stands for it.
+                self.colour_trusted = False
         self.alpha = self.alpha or sum(track.codec == b"av01" for track in self.tracks) > 1
         return largest
 
@@ -439,7 +444,8 @@ class _Walk:
     def decode_bytes_per_pixel(self) -> float:
         """``Summary.decode_bytes_per_pixel`` from the colour stream's av1C (the worst case without
         one): 8 bits or more, 4:2:0, 4:2:2, 4:4:4 or monochrome."""
-        config = self.colour if self.colour is not None and len(self.colour) >= 3 else b"\x81\x00\x40"
+        usable = self.colour_trusted and self.colour is not None and len(self.colour) >= 3
+        config = self.colour if usable and self.colour is not None else b"\x81\x00\x40"
         high, mono, sub_x, sub_y = config[2] & 0x40, config[2] & 0x10, config[2] & 0x08, config[2] & 0x04
         sample = 2 if high else 1
         planes = 1.0 if mono else 1.5 if sub_x and sub_y else 2.0 if sub_x else 3.0
@@ -546,9 +552,6 @@ class _Walk:
         for kind, body, box_end in self.children(start + 8, end):
             if record and kind == b"av01":  # libavif decodes a track with an av01 description anywhere
                 self.track.codec = kind
-                for inner, inner_body, inner_end in self.children(body + _VISUAL_SAMPLE_ENTRY, box_end):
-                    if inner == b"av1C" and self.track.av1_config is None:
-                        self.track.av1_config = data[inner_body:inner_end]
             inside = sum(1 for _ in self.children(body + _VISUAL_SAMPLE_ENTRY, box_end))
             if inside > MAX_DESCRIPTION_BOXES:
                 raise TooManyEntries(
