@@ -167,6 +167,7 @@ class _Walk:
         self.colour: bytes | None = None  # the colour stream's av1C (its depth and subsampling)
         self.colour_trusted = True  # libavif holds an item's av1C to its stream, not a track's
         self.alpha = False
+        self.alpha_config: bytes | None = None  # the alpha stream's av1C: one plane, or three (4:4:4)
 
     def add(self, what: str, count: int, limit: int) -> None:
         total = self.totals[what] = self.totals.get(what, 0) + count
@@ -402,7 +403,9 @@ class _Walk:
                     self.check_stream(meta, item, declared)
                     if item == meta.primary or meta.primary is None:
                         self.colour = self.colour or self.av1_config(meta, item)
-                self.alpha = self.alpha or bool(meta.named(b"auxl", item))  # an alpha item decoded
+                if meta.named(b"auxl", item):  # an alpha item, decoded beside its image
+                    self.alpha = True
+                    self.alpha_config = self.alpha_config or self.av1_config(meta, item)
                 for colour in meta.named(b"auxl", item):
                     colour_size = self.declared(meta, colour)
                     if (
@@ -442,15 +445,15 @@ class _Walk:
         return None
 
     def decode_bytes_per_pixel(self) -> float:
-        """``Summary.decode_bytes_per_pixel`` from the colour stream's av1C (the worst case without
-        one): 8 bits or more, 4:2:0, 4:2:2, 4:4:4 or monochrome."""
-        usable = self.colour_trusted and self.colour is not None and len(self.colour) >= 3
-        config = self.colour if usable and self.colour is not None else b"\x81\x00\x40"
-        high, mono, sub_x, sub_y = config[2] & 0x40, config[2] & 0x10, config[2] & 0x08, config[2] & 0x04
-        sample = 2 if high else 1
-        planes = 1.0 if mono else 1.5 if sub_x and sub_y else 2.0 if sub_x else 3.0
-        alpha = sample * 1.5 + 1 if self.alpha else 0.0
-        return planes * sample * 1.5 + 4 + alpha
+        """``Summary.decode_bytes_per_pixel`` from the colour and alpha streams' av1C (the worst case
+        without one, or for a track): 8 bits or more, 4:2:0, 4:2:2, 4:4:4 or monochrome. An alpha
+        stream is usually one plane, but may be coded in three (a review: 8-bit 4:4:4 alpha beside
+        8-bit 4:2:0 colour peaked 41 MiB over an estimate that counted one)."""
+        colour = self.colour if self.colour_trusted else None
+        total = _stream_bytes_per_pixel(colour) + 4  # and libavif's RGB copy
+        if self.alpha:
+            total += _stream_bytes_per_pixel(self.alpha_config if self.colour_trusted else None) + 1
+        return total
 
     def check_grid(self, meta: _Meta, item: int, declared: tuple[int, int] | None) -> None:
         payload = self.payload(meta, item)
@@ -573,6 +576,17 @@ class _Walk:
             if record and kind in (b"dimg", b"auxl"):
                 targets = [_number(data, body + width + 2 + i * width, width, box_end) for i in range(named)]
                 self.meta.references.setdefault(kind, []).append((origin, targets))
+
+
+def _stream_bytes_per_pixel(config: bytes | None) -> float:
+    """A decoded AV1 frame's bytes a pixel, with the decoder's borders (x1.5), from an av1C body: the
+    worst (16-bit samples, 4:4:4) when there is none."""
+    if config is None or len(config) < 3:
+        config = b"\x81\x00\x40"
+    high, mono, sub_x, sub_y = config[2] & 0x40, config[2] & 0x10, config[2] & 0x08, config[2] & 0x04
+    sample = 2 if high else 1
+    planes = 1.0 if mono else 1.5 if sub_x and sub_y else 2.0 if sub_x else 3.0
+    return planes * sample * 1.5
 
 
 def _number(data: bytes, pos: int, size: int, end: int) -> int:
