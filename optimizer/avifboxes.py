@@ -82,6 +82,9 @@ class Summary:
     # display size, smaller than the coded one for pixels that are not square (ffmpeg writes that), and
     # libavif decodes at the coded size: the limit and the estimate count it.
     track_frame_pixels: int = 0
+    # What the tracks code beyond their declared sizes, all tracks together (colour and alpha each
+    # decode at their coded size: 34 MiB over the estimate for two at 5000x5000 declared 1000x1000).
+    track_excess_pixels: int = 0
     # libavif's buffers for each pixel of the image beside Pillow's: the decoder's frame (its planes at
     # 1 or 2 bytes a sample, with borders: x1.5) and libavif's RGB copy, and the alpha's plane. Measured
     # in review at 5000x5000: 8.8 bytes a pixel in all at 8 bits 4:2:0, 13.3 at 12 bits 4:4:4, against
@@ -130,7 +133,7 @@ def check_boxes(data: bytes) -> Summary:
         walk.boxes(0, len(data), ())
     walk.check_located_bytes()
     walk.check_associated_bytes()
-    track_frame_pixels = walk.check_frame_sizes()
+    track_frame_pixels, track_excess_pixels = walk.check_frame_sizes()
     decode_bytes_per_pixel = walk.decode_bytes_per_pixel()
     exif = [(meta, item) for meta in walk.metas for item in meta.exif_items if item in meta.locations]
     if len(exif) > MAX_EXIF_ITEMS:
@@ -142,7 +145,7 @@ def check_boxes(data: bytes) -> Summary:
             check_exif(_exif_tiff(walk.payload(meta, item)))
         except StructureLimit as exc:
             raise TooManyEntries(f"the AVIF's Exif item: {exc}") from None
-    return Summary(walk.tiles, track_frame_pixels, decode_bytes_per_pixel)
+    return Summary(walk.tiles, track_frame_pixels, track_excess_pixels, decode_bytes_per_pixel)
 
 
 def _exif_tiff(payload: bytes) -> bytes:
@@ -387,11 +390,12 @@ class _Walk:
                 f"{len(self.data)} bytes hold"
             )
 
-    def check_frame_sizes(self) -> int:
+    def check_frame_sizes(self) -> tuple[int, int]:
         """What libavif decodes for Pillow, against the sizes declared for it: the primary item (or,
         without one, every AV1 item), a grid's tiles, and the alpha items referring to them. Their AV1
         data within their ispe; a grid's output (what libavif allocates) its ispe, its tiles within it;
-        an alpha item within its colour item. Returns the largest frame a track codes, in pixels."""
+        an alpha item within its colour item. Returns the largest frame a track codes, and what all
+        tracks code beyond their declared sizes, in pixels."""
         for meta in self.metas:
             decoded = [meta.primary] if meta.primary is not None else list(meta.item_types)
             decoded += [alpha for item in decoded for alpha in meta.referring(b"auxl", item)]
@@ -417,7 +421,7 @@ class _Walk:
                             f"the AVIF's alpha item {item} is {declared[0]}x{declared[1]}, larger than its "
                             f"image's {colour_size[0]}x{colour_size[1]}"
                         )
-        largest = 0
+        largest = excess = 0
         for track in self.tracks:
             if (
                 track.codec == b"av01"
@@ -428,12 +432,14 @@ class _Walk:
                 coded = self.frame(sample)
                 if coded is not None:
                     largest = max(largest, coded[0] * coded[1])
+                    shown = track.size[0] * track.size[1] if track.size else 0
+                    excess += max(0, coded[0] * coded[1] - shown)
                 # libavif decodes the track, and does not hold a track's av1C to its stream (a review's
                 # 12-bit 4:4:4 sequence whose av1C said monochrome peaked at twice the estimate): the
                 # worst case stands for it.
                 self.colour_trusted = False
         self.alpha = self.alpha or sum(track.codec == b"av01" for track in self.tracks) > 1
-        return largest
+        return largest, excess
 
     def av1_config(self, meta: _Meta, item: int) -> bytes | None:
         """An item's av1C property body: its depth and chroma subsampling."""

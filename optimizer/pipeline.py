@@ -264,23 +264,20 @@ def estimate_memory(
     return max(coefficients + decoded + feeding, work) + held + _FIXED_OVERHEAD
 
 
-_AV1_FRAME_BYTES_PER_PIXEL = 8
+_AV1_FRAME_BYTES_PER_PIXEL = 9  # 12 bits, 4:4:4 (3 x 2 bytes), with the decoder's borders (x1.5)
 _AV1_DECODER_BYTES = 5 * 1024 * 1024
 
 
 def _avif_frames(boxes: avifboxes.Summary, pixels: int) -> int:
     """libavif's frames beyond the image: its decoder's frame and its RGB copy; a grid's tiles, each
-    decoded into a frame of its own, then
-    into the image (150 MiB for a 4032x4160 grid of 4095 tiles against 75 estimated, a review); a track
-    decoded at its coded size, then scaled to the declared one (2.4 bytes a coded pixel at 8 bits and
-    4:2:0, up to 6 at 12 bits and 4:4:4, and the scaling)."""
+    decoded into a frame of its own, then into the image (150 MiB for a 4032x4160 grid of 4095 tiles
+    against 75 estimated, a review); tracks decoded at their coded sizes, then scaled to the declared
+    one: what they code beyond it, each track's."""
     frames = pixels * 4 if boxes.grid_tiles else 0
     # libavif's own frames (see the Summary), and its decoder's set-up: Pillow's AVIFs of 1 Mpx and
     # less peaked 3-5 MiB over an estimate without it (a review).
     frames += int(pixels * boxes.decode_bytes_per_pixel) + _AV1_DECODER_BYTES
-    if boxes.track_frame_pixels > pixels:
-        frames += boxes.track_frame_pixels * _AV1_FRAME_BYTES_PER_PIXEL
-    return frames
+    return frames + boxes.track_excess_pixels * _AV1_FRAME_BYTES_PER_PIXEL
 
 
 # Copies of a metadata block Pillow holds at its peak: the segments or chunks read, the joined block,
