@@ -50,8 +50,9 @@ MAX_DESCRIPTION_BOXES = 256
 # tiles their av1C, ispe and pixi: ~60 bytes a tile).
 ASSOCIATED_BYTES_SLACK = 1024 * 1024
 _MAX_DEPTH = 8
-# Boxes that hold boxes; "meta" is a full box, its children after 4 bytes of version and flags.
-_CONTAINERS = frozenset({b"moov", b"trak", b"mdia", b"minf", b"stbl", b"dinf", b"iprp", b"edts", b"meta"})
+# Boxes that hold boxes, besides meta (a full box: its children after 4 bytes of version and flags) and
+# trak, which open a scope of their own (``_Walk.box``).
+_CONTAINERS = frozenset({b"moov", b"mdia", b"minf", b"stbl", b"dinf", b"iprp", b"edts"})
 # Full boxes with an entry count: where it is after the box header, and its format.
 _SAMPLE_COUNTS = {b"stsz": (8, ">I"), b"stz2": (8, ">I"), b"stts": (4, ">I"), b"stsc": (4, ">I")}
 _SAMPLE_COUNTS |= {b"stco": (4, ">I"), b"co64": (4, ">I"), b"stss": (4, ">I"), b"ctts": (4, ">I")}
