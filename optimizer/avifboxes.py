@@ -539,7 +539,7 @@ class _Walk:
                 chunks += count
             elif kind == b"stsz" and record and self.track.first_sample_bytes is None:
                 fixed, count = struct.unpack_from(">II", data, body + 4)
-                if count:
+                if fixed or count:  # libavif gives a fixed size to every sample the chunks make, count or not
                     self.track.first_sample_bytes = fixed or struct.unpack_from(">I", data, body + 12)[0]
             elif kind == b"stsc":
                 entries = min(struct.unpack_from(">I", data, body + 4)[0], (box_end - body - 8) // 12)

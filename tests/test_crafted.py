@@ -1206,6 +1206,10 @@ def test_a_tracks_first_frame_is_read_as_libavif_reads_it() -> None:
     assert avifboxes.check_boxes(sequence_avif(av01)).track_frame_pixels == 64 * 48
     assert avifboxes.check_boxes(sequence_avif(other, av01)).track_frame_pixels == 64 * 48
     assert avifboxes.check_boxes(sequence_avif(other)).track_frame_pixels == 0  # libavif skips it
+    # A fixed size with a count of 0: libavif still makes the chunks' samples that size (a review: an
+    # 8192x8192 frame behind it went past the pixel limit and the estimate).
+    fixed_no_count = (box(b"stsz", bytes(4) + struct.pack(">II", 9, 0)),)
+    assert avifboxes.check_boxes(sequence_avif(av01, sizes=fixed_no_count)).track_frame_pixels == 64 * 48
     # Colour and alpha tracks each decode at their coded size (34 MiB over the estimate, a review).
     assert avifboxes.check_boxes(sequence_avif(av01, tracks=2)).track_excess_pixels == 2 * 64 * 48
     two = (
