@@ -247,11 +247,7 @@ def estimate_memory(
         if tags is not None and tags.get(_ORIENTATION_TAG, 1) != 1:
             decoded *= 2  # Pillow turns the loaded frame into a copy (see read_orientation)
     if im.format == "WEBP":
-        # Pillow decodes through libwebp's animation decoder: its canvas and the previous frame's, and
-        # the frame handed over as bytes, beside Pillow's own (measured: 15.6 bytes per pixel in all).
-        decoded += width * height * 4 * 3
-        if isinstance(fp := getattr(im, "fp", None), io.BytesIO):  # and its demuxer's record of each chunk
-            decoded += webpchunks.check_chunks(fp.getvalue()) * webpchunks.BYTES_PER_CHUNK
+        decoded += _webp_buffers(im, width * height, compressed)
     if _python_rle(im):
         decoded += 2 * width * height  # BmpRleDecoder's bytearray of the pixels, and its bytes() copy
     fp = getattr(im, "fp", None)
@@ -262,6 +258,18 @@ def estimate_memory(
     if coefficients and scale == DC_ONLY_SCALE:
         feeding += compressed  # the stream without its AC scans (optimizer.jpegscans), at most as long
     return max(coefficients + decoded + feeding, work) + held + _FIXED_OVERHEAD
+
+
+def _webp_buffers(im: Image.Image, pixels: int, compressed: int) -> int:
+    """Pillow decodes a WebP through libwebp's animation decoder: its canvas and the previous frame's,
+    and the frame handed over as bytes, beside Pillow's own (measured: 15.6 bytes per pixel in all); the
+    file twice more, since Pillow reads it whole into one bytes object and the decoder keeps a copy (a
+    review: lossless WebPs of 25-50 MB peaked their size over the estimate without it, an animated
+    lossless one 1.45 times its size); and the demuxer's record of each chunk."""
+    buffers = pixels * 4 * 3 + 2 * compressed
+    if isinstance(fp := getattr(im, "fp", None), io.BytesIO):
+        buffers += webpchunks.check_chunks(fp.getvalue()) * webpchunks.BYTES_PER_CHUNK
+    return buffers
 
 
 _AV1_FRAME_BYTES_PER_PIXEL = 9  # 12 bits, 4:4:4 (3 x 2 bytes), with the decoder's borders (x1.5)
