@@ -1,4 +1,5 @@
-"""Refuse an AVIF whose boxes would make libavif build a record for each of very many entries.
+"""Refuse an AVIF that would make libavif work or allocate far beyond the image it declares, before
+Pillow opens it, and tell the memory estimate what libavif will hold.
 
 libavif, which Pillow opens AVIF with, parses every item and every sample of a sequence when the file
 is opened, with a record for each: a review's 3.7 MB AVIF of 160 000 items took 15 s of CPU and 225 MB
@@ -18,6 +19,15 @@ Pillow's open parses an Exif item in Python (an EXIF directory of 65 535 entries
 0.1 s with the GIL held, twice a request), so each Exif item's payload gets the limits of any EXIF block
 (``optimizer.tiffifd``), read as libavif reads it: from the locations of its own ``meta``, extents of
 length 0 empty.
+
+What libavif decodes is held to the size declared for it, since the decoder allocates for the frames
+the AV1 data codes (up to 16384x16384) and libavif then scales them to the declared size, which is what
+Pillow reports and the estimate starts from (a 1.2 KB file declaring 64x64 and coding 8192x8192 took
+163 MB): an image item's AV1 data (every sequence header in it, ``optimizer.av1seq``) within its ispe,
+a grid's output equal to its ispe and its tiles within that, an alpha item within its image. A track's
+declared size may be a display size, so its coded frames go to the pixel limit and the estimate
+instead (``Summary``), with libavif's own buffers for each pixel. Boxes are read only where libavif
+reads them: a decoy elsewhere cannot stand in for the real one.
 """
 
 from __future__ import annotations
