@@ -46,16 +46,11 @@ class _Bits:
         return self.read(zeros) + (1 << zeros) - 1
 
 
-def max_frame_size(stream: bytes, headers: set[bytes] | None = None) -> tuple[int, int] | None:
+def scan(stream: bytes, headers: set[bytes] | None = None) -> tuple[tuple[int, int] | None, int]:
     """The widest and the tallest frame any sequence header in ``stream`` allows (the decoder uses the
     latest before each frame, so all count), or ``None`` when there is none (the decoder has no frame
-    then). ``UnreadableStream`` for a header the walk cannot read or more than ``MAX_OBUS`` OBUs. The
-    distinct headers read are added to ``headers``."""
-    return scan(stream, headers)[0]
-
-
-def scan(stream: bytes, headers: set[bytes] | None = None) -> tuple[tuple[int, int] | None, int]:
-    """``max_frame_size``, and the OBUs read to find it."""
+    then); and the OBUs read to find it. ``UnreadableStream`` for a header the walk cannot read or more
+    than ``MAX_OBUS`` OBUs. The distinct headers read are added to ``headers``."""
     pos, width, height = 0, 0, 0
     for count in range(MAX_OBUS):
         if pos >= len(stream):

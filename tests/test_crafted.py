@@ -1072,14 +1072,14 @@ def test_an_av1_sequence_header_gives_the_largest_frame(bits: str, size: tuple[i
     header = int(bits, 2).to_bytes(len(bits) // 8, "big")
     obu = bytes([0b0_0001_0_1_0, len(header)]) + header  # a sequence header, with its size
     temporal_delimiter = bytes([0b0_0010_0_1_0, 0])
-    assert av1seq.max_frame_size(temporal_delimiter + obu) == size
-    assert av1seq.max_frame_size(temporal_delimiter) is None  # no sequence header: no frame
+    assert av1seq.scan(temporal_delimiter + obu)[0] == size
+    assert av1seq.scan(temporal_delimiter)[0] is None  # no sequence header: no frame
     with pytest.raises(av1seq.UnreadableStream):
-        av1seq.max_frame_size(temporal_delimiter + obu[:2] + obu[2:4])  # its size says more than there is
+        av1seq.scan(temporal_delimiter + obu[:2] + obu[2:4])  # its size says more than there is
     smaller = bytes([0b0_0001_0_1_0, 3]) + int("000" + "11" + "00000" + "0000" * 2 + "0" * 6, 2).to_bytes(
         3, "big"
     )
-    assert av1seq.max_frame_size(smaller + obu) == size  # the largest of several headers
+    assert av1seq.scan(smaller + obu)[0] == size  # the largest of several headers
 
 
 def sequence_header_obu(width: int, height: int) -> bytes:
