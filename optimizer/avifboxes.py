@@ -20,14 +20,9 @@ Pillow's open parses an Exif item in Python (an EXIF directory of 65 535 entries
 (``optimizer.tiffifd``), read as libavif reads it: from the locations of its own ``meta``, extents of
 length 0 empty.
 
-What libavif decodes is held to the size declared for it, since the decoder allocates for the frames
-the AV1 data codes (up to 16384x16384) and libavif then scales them to the declared size, which is what
-Pillow reports and the estimate starts from (a 1.2 KB file declaring 64x64 and coding 8192x8192 took
-163 MB): an image item's AV1 data (every sequence header in it, ``optimizer.av1seq``) within its ispe,
-a grid's output equal to its ispe and its tiles within that, an alpha item within its image. A track's
-declared size may be a display size, so its coded frames go to the pixel limit and the estimate
-instead (``Summary``), with libavif's own buffers for each pixel. Boxes are read only where libavif
-reads them: a decoy elsewhere cannot stand in for the real one.
+The walk keeps what libavif reads about items and tracks (``Meta``, ``Track``), so that
+``optimizer.avifdecode`` can hold what libavif decodes to the sizes the AVIF declares. Boxes are read
+only where libavif reads them: a decoy elsewhere cannot stand in for the real one.
 """
 
 from __future__ import annotations
@@ -37,7 +32,7 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from optimizer.av1seq import scan
+from optimizer.avifdecode import Decoded, check_decoded
 from optimizer.errors import StructureLimit
 from optimizer.tiffifd import check_exif
 
@@ -61,7 +56,7 @@ MAX_DESCRIPTION_BOXES = 256
 ASSOCIATED_BYTES_SLACK = 1024 * 1024
 _MAX_DEPTH = 8
 # Boxes that hold boxes, besides meta (a full box: its children after 4 bytes of version and flags) and
-# trak, which open a scope of their own (``_Walk.box``).
+# trak, which open a scope of their own (``Walk.box``).
 _CONTAINERS = frozenset({b"moov", b"mdia", b"minf", b"stbl", b"dinf", b"iprp", b"edts"})
 # Full boxes with an entry count: where it is after the box header, and its format.
 _SAMPLE_COUNTS = {b"stsz": (8, ">I"), b"stz2": (8, ">I"), b"stts": (4, ">I"), b"stsc": (4, ">I")}
@@ -72,39 +67,20 @@ _VISUAL_SAMPLE_ENTRY = 78
 _FILE_OFFSET, _IDAT_OFFSET = 0, 1
 # A colour property's ICC profile is referred to, not copied, and one profile may serve several items.
 _NOT_COPIED = frozenset({b"colr"})
-# Distinct AV1 sequence headers read: a stream has one, a grid's tiles repeat it (each parsed in Python).
-MAX_SEQUENCE_HEADERS = 64
-# AV1 OBUs read over the file (each a step in Python): a few an item, a grid's tiles included.
-MAX_OBUS = 65_536
 
 
 class TooManyEntries(StructureLimit):
     """The AVIF declares more items or samples than the limits allow."""
 
 
-class LargerThanDeclared(StructureLimit):
-    """An item's or a track's AV1 data codes frames larger than the size the AVIF declares for it."""
-
-
 @dataclass(frozen=True, slots=True)
 class Summary:
     grid_tiles: int  # item ids named by dimg references: a grid's tiles, each decoded on its own
-    # The largest frame a track's AV1 data codes, in pixels. A track's declared size (tkhd) may be its
-    # display size, smaller than the coded one for pixels that are not square (ffmpeg writes that), and
-    # libavif decodes at the coded size: the limit and the estimate count it.
-    track_frame_pixels: int = 0
-    # What the tracks code beyond their declared sizes, all tracks together (colour and alpha each
-    # decode at their coded size: 34 MiB over the estimate for two at 5000x5000 declared 1000x1000).
-    track_excess_pixels: int = 0
-    # libavif's buffers for each pixel of the image beside Pillow's: the decoder's frame (its planes at
-    # 1 or 2 bytes a sample, with borders: x1.5) and libavif's RGB copy, and the alpha's plane. Measured
-    # in review at 5000x5000: 8.8 bytes a pixel in all at 8 bits 4:2:0, 13.3 at 12 bits 4:4:4, against
-    # the 4 the estimate had counted.
-    decode_bytes_per_pixel: float = 0.0
+    decoded: Decoded = field(default_factory=Decoded)  # what libavif decodes beyond the declared image
 
 
 @dataclass(slots=True)
-class _Meta:
+class Meta:
     """What one ``meta`` box says about its items: libavif resolves ids and idat offsets per meta."""
 
     primary: int | None = None  # pitm
@@ -127,7 +103,7 @@ class _Meta:
 
 
 @dataclass(slots=True)
-class _Track:
+class Track:
     """A track's declared size (tkhd) and where its first sample is, for its sequence header."""
 
     size: tuple[int, int] | None = None
@@ -139,13 +115,12 @@ class _Track:
 def check_boxes(data: bytes) -> Summary:
     """What the estimate needs, or ``TooManyEntries`` past the limits. Boxes cut short or malformed end
     the walk of the box holding them (libavif refuses or ignores them)."""
-    walk = _Walk(data)
+    walk = Walk(data)
     with contextlib.suppress(struct.error, IndexError):
         walk.boxes(0, len(data), ())
     walk.check_located_bytes()
     walk.check_associated_bytes()
-    track_frame_pixels, track_excess_pixels = walk.check_frame_sizes()
-    decode_bytes_per_pixel = walk.decode_bytes_per_pixel()
+    decoded = check_decoded(walk)
     exif = [(meta, item) for meta in walk.metas for item in meta.exif_items if item in meta.locations]
     if len(exif) > MAX_EXIF_ITEMS:
         raise TooManyEntries(
@@ -156,7 +131,7 @@ def check_boxes(data: bytes) -> Summary:
             check_exif(_exif_tiff(walk.payload(meta, item)))
         except StructureLimit as exc:
             raise TooManyEntries(f"the AVIF's Exif item: {exc}") from None
-    return Summary(walk.tiles, track_frame_pixels, track_excess_pixels, decode_bytes_per_pixel)
+    return Summary(walk.tiles, decoded)
 
 
 def _exif_tiff(payload: bytes) -> bytes:
@@ -166,22 +141,16 @@ def _exif_tiff(payload: bytes) -> bytes:
     return payload[min(found) :] if found else b""
 
 
-class _Walk:
+class Walk:
     def __init__(self, data: bytes) -> None:
         self.data = data
         self.totals: dict[str, int] = {}
         self.tiles = 0
-        self.meta = _Meta()  # boxes outside any meta are looked at too, as if in one
+        self.meta = Meta()  # boxes outside any meta are looked at too, as if in one
         self.metas = [self.meta]
-        self.track = _Track()
-        self.tracks: list[_Track] = []
-        self.headers: set[bytes] = set()  # distinct AV1 sequence headers read
+        self.track = Track()
+        self.tracks: list[Track] = []
         self.payloads: dict[tuple[object, ...], bytes] = {}  # by where they are: items share bytes
-        self.frames: dict[tuple[object, ...], tuple[int, int] | None] = {}
-        self.colour: bytes | None = None  # the colour stream's av1C (its depth and subsampling)
-        self.colour_trusted = True  # libavif holds an item's av1C to its stream, not a track's
-        self.alpha = False
-        self.alpha_config: bytes | None = None  # the alpha stream's av1C: one plane, or three (4:4:4)
 
     def add(self, what: str, count: int, limit: int) -> None:
         total = self.totals[what] = self.totals.get(what, 0) + count
@@ -221,14 +190,14 @@ class _Walk:
         if len(path) >= _MAX_DEPTH:
             return
         if kind == b"meta":
-            outer, self.meta = self.meta, _Meta()
+            outer, self.meta = self.meta, Meta()
             self.metas.append(self.meta)
             try:
                 self.boxes(body + 4, box_end, inside)
             finally:
                 self.meta = outer
         elif kind == b"trak":
-            outer_track, self.track = self.track, _Track()
+            outer_track, self.track = self.track, Track()
             if path == (b"moov",):
                 self.tracks.append(self.track)
             try:
@@ -340,7 +309,7 @@ class _Walk:
                 "extents, or of metadata, is read into a copy of its own)"
             )
 
-    def payload(self, meta: _Meta, item: int) -> bytes:
+    def payload(self, meta: Meta, item: int) -> bytes:
         """An item's bytes, its extents joined, as libavif reads them; what lies past the end of the
         file or the idat is left out (libavif refuses such an item). All items' together are at most
         the file's size (``item_locations``)."""
@@ -399,137 +368,6 @@ class _Walk:
             raise TooManyEntries(
                 f"the AVIF associates {total} bytes of properties with its items, more than its "
                 f"{len(self.data)} bytes hold"
-            )
-
-    def check_frame_sizes(self) -> tuple[int, int]:
-        """What libavif decodes for Pillow, against the sizes declared for it: the primary item (or,
-        without one, every AV1 item), a grid's tiles, and the alpha items referring to them. Their AV1
-        data within their ispe; a grid's output (what libavif allocates) its ispe, its tiles within it;
-        an alpha item within its colour item. Returns the largest frame a track codes, and what all
-        tracks code beyond their declared sizes, in pixels."""
-        for meta in self.metas:
-            decoded = [meta.primary] if meta.primary is not None else list(meta.item_types)
-            decoded += [alpha for item in decoded for alpha in meta.referring(b"auxl", item)]
-            for item in decoded:
-                declared = self.declared(meta, item)
-                if meta.item_types.get(item) == b"grid":
-                    self.check_grid(meta, item, declared)
-                elif meta.item_types.get(item) == b"av01":
-                    self.check_stream(meta, item, declared)
-                    if item == meta.primary or meta.primary is None:
-                        self.colour = self.colour or self.av1_config(meta, item)
-                if meta.named(b"auxl", item):  # an alpha item, decoded beside its image
-                    self.alpha = True
-                    self.alpha_config = self.alpha_config or self.av1_config(meta, item)
-                for colour in meta.named(b"auxl", item):
-                    colour_size = self.declared(meta, colour)
-                    if (
-                        declared
-                        and colour_size
-                        and (declared[0] > colour_size[0] or declared[1] > colour_size[1])
-                    ):
-                        raise LargerThanDeclared(
-                            f"the AVIF's alpha item {item} is {declared[0]}x{declared[1]}, larger than its "
-                            f"image's {colour_size[0]}x{colour_size[1]}"
-                        )
-        largest = excess = 0
-        for track in self.tracks:
-            if (
-                track.codec == b"av01"
-                and track.first_chunk is not None
-                and track.first_sample_bytes is not None
-            ):
-                sample = self.data[track.first_chunk : track.first_chunk + track.first_sample_bytes]
-                coded = self.frame(sample)
-                if coded is not None:
-                    largest = max(largest, coded[0] * coded[1])
-                    shown = track.size[0] * track.size[1] if track.size else 0
-                    excess += max(0, coded[0] * coded[1] - shown)
-                # libavif decodes the track, and does not hold a track's av1C to its stream (a review's
-                # 12-bit 4:4:4 sequence whose av1C said monochrome peaked at twice the estimate): the
-                # worst case stands for it.
-                self.colour_trusted = False
-        self.alpha = self.alpha or sum(track.codec == b"av01" for track in self.tracks) > 1
-        return largest, excess
-
-    def av1_config(self, meta: _Meta, item: int) -> bytes | None:
-        """An item's av1C property body: its depth and chroma subsampling."""
-        properties = meta.properties or []
-        for index in meta.item_properties.get(item, ()):
-            if 0 < index <= len(properties) and properties[index - 1][0] == b"av1C":
-                _kind, body, end = properties[index - 1]
-                return self.data[body:end]
-        return None
-
-    def decode_bytes_per_pixel(self) -> float:
-        """``Summary.decode_bytes_per_pixel`` from the colour and alpha streams' av1C (the worst case
-        without one, or for a track): 8 bits or more, 4:2:0, 4:2:2, 4:4:4 or monochrome. An alpha
-        stream is usually one plane, but may be coded in three (a review: 8-bit 4:4:4 alpha beside
-        8-bit 4:2:0 colour peaked 41 MiB over an estimate that counted one)."""
-        colour = self.colour if self.colour_trusted else None
-        total = _stream_bytes_per_pixel(colour) + 4  # and libavif's RGB copy
-        if self.alpha:
-            total += _stream_bytes_per_pixel(self.alpha_config if self.colour_trusted else None) + 1
-        return total
-
-    def check_grid(self, meta: _Meta, item: int, declared: tuple[int, int] | None) -> None:
-        payload = self.payload(meta, item)
-        wide = len(payload) > 1 and payload[1] & 1
-        if len(payload) < (12 if wide else 8):
-            return  # libavif refuses a grid it cannot read
-        output = struct.unpack_from(">II" if wide else ">HH", payload, 4)
-        if output != declared:
-            raise LargerThanDeclared(
-                f"the AVIF's grid item {item} composes a {output[0]}x{output[1]} image but declares "
-                f"{declared[0] if declared else 0}x{declared[1] if declared else 0}"
-            )
-        for tile in meta.named(b"dimg", item):
-            tile_size = self.declared(meta, tile)
-            if tile_size and (tile_size[0] > output[0] or tile_size[1] > output[1]):
-                raise LargerThanDeclared(
-                    f"the AVIF's grid item {item} has a {tile_size[0]}x{tile_size[1]} tile in a "
-                    f"{output[0]}x{output[1]} image"
-                )
-            if meta.item_types.get(tile) == b"av01":
-                self.check_stream(meta, tile, tile_size)
-                self.colour = self.colour or self.av1_config(meta, tile)
-
-    def declared(self, meta: _Meta, item: int) -> tuple[int, int] | None:
-        """An item's ispe: the first associated, as libavif takes it."""
-        properties = meta.properties or []
-        for index in meta.item_properties.get(item, ()):
-            if 0 < index <= len(properties) and properties[index - 1][0] == b"ispe":
-                _kind, body, end = properties[index - 1]
-                if body + 12 > end:
-                    return None
-                width, height = struct.unpack_from(">II", self.data, body + 4)
-                return int(width), int(height)
-        return None
-
-    def frame(self, stream: bytes) -> tuple[int, int] | None:
-        """The largest frame the AV1 ``stream`` codes; each distinct sequence header counted."""
-        seen: set[bytes] = set()
-        coded, obus = scan(stream, seen)
-        self.add("AV1 OBUs", obus, MAX_OBUS)
-        self.headers |= seen
-        if len(self.headers) > MAX_SEQUENCE_HEADERS:
-            raise TooManyEntries(
-                f"the AVIF's AV1 data holds more than {MAX_SEQUENCE_HEADERS} different sequence headers"
-            )
-        return coded
-
-    def check_stream(self, meta: _Meta, item: int, declared: tuple[int, int] | None) -> None:
-        """``LargerThanDeclared`` if the item's AV1 data may code frames wider or taller than
-        ``declared``. Items at the same place are read once."""
-        method, extents = meta.locations.get(item, (0, []))
-        key = (id(meta), method, *extents)
-        if key not in self.frames:
-            self.frames[key] = self.frame(self.payload(meta, item))
-        coded = self.frames[key]
-        if declared is not None and coded is not None and (coded[0] > declared[0] or coded[1] > declared[1]):
-            raise LargerThanDeclared(
-                f"the AVIF's item {item} is declared {declared[0]}x{declared[1]}, but its AV1 data codes "
-                f"frames up to {coded[0]}x{coded[1]}"
             )
 
     def samples(self, start: int, end: int, *, record: bool) -> None:
@@ -593,17 +431,6 @@ class _Walk:
             if record and kind in (b"dimg", b"auxl"):
                 targets = [_number(data, body + width + 2 + i * width, width, box_end) for i in range(named)]
                 self.meta.references.setdefault(kind, []).append((origin, targets))
-
-
-def _stream_bytes_per_pixel(config: bytes | None) -> float:
-    """A decoded AV1 frame's bytes a pixel, with the decoder's borders (x1.5), from an av1C body: the
-    worst (16-bit samples, 4:4:4) when there is none."""
-    if config is None or len(config) < 3:
-        config = b"\x81\x00\x40"
-    high, mono, sub_x, sub_y = config[2] & 0x40, config[2] & 0x10, config[2] & 0x08, config[2] & 0x04
-    sample = 2 if high else 1
-    planes = 1.0 if mono else 1.5 if sub_x and sub_y else 2.0 if sub_x else 3.0
-    return planes * sample * 1.5
 
 
 def _number(data: bytes, pos: int, size: int, end: int) -> int:
