@@ -125,11 +125,15 @@ def begin_drain(app: web.Application) -> float:
     loop = asyncio.get_running_loop()
     state.ready = False
     state.gate.close()
+    state.answers.draining = True
     if state.drain_deadline is None:
         state.drain_deadline = loop.time() + state.settings.drain_seconds
-        if state.gate.in_flight:
+        if state.gate.in_flight or state.answers.count:
             log.info(
-                "draining %d request(s), up to %.1f s", state.gate.in_flight, state.settings.drain_seconds
+                "draining %d request(s) and %d answer(s) being sent, up to %.1f s",
+                state.gate.in_flight,
+                state.answers.count,
+                state.settings.drain_seconds,
             )
         state.drain_timer = loop.call_at(state.drain_deadline, _deadline_passed, app)
     return state.drain_deadline
@@ -148,15 +152,20 @@ def _deadline_passed(app: web.Application) -> None:
 
 
 async def drain(app: web.Application) -> bool:
-    """Stop admitting, then give the requests already admitted until the drain deadline to finish.
+    """Stop admitting, then give the requests already admitted until the drain deadline to finish,
+    their answers sent.
 
     The deadline is ``drain_seconds`` from the first call; later calls wait for the same deadline, so a
     host may call this before its runner's cleanup. Returns ``True`` when everything admitted finished;
-    otherwise what is still waiting is answered 503 ``shutdown_deadline`` and counted in ``abandoned``.
+    otherwise what is still waiting is answered 503 ``shutdown_deadline`` and counted in ``abandoned``,
+    and answers still being sent are left to the runner's cleanup (``answers.cut`` counts those cut).
     """
     state = app[STATE]
     deadline = begin_drain(app)
-    if await state.gate.wait_idle(max(0.0, deadline - asyncio.get_running_loop().time())):
+    loop = asyncio.get_running_loop()
+    if await state.gate.wait_idle(max(0.0, deadline - loop.time())) and await state.answers.wait_idle(
+        max(0.0, deadline - loop.time())
+    ):
         return True
     _deadline_passed(app)  # at once, whether or not the timer has run yet
     return False

@@ -222,6 +222,7 @@ def _image_response(
         out.data,
         content_type=out.media_type,
         budget=state.budget,
+        answers=state.answers,
         piece_seconds=state.settings.read_timeout,
         request_id=request_id(request),
     )

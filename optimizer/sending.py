@@ -31,17 +31,57 @@ class ClientNotReading(ConnectionResetError):
     """The client took none of a piece of its answer in time; the connection has been aborted."""
 
 
+class AnswersOut:
+    """The image answers being sent, which a drain waits for as it waits for admitted work: a job gives
+    its slot back once the image is made, before the answer goes out, and the shutdown then cut off a
+    9.8 MB answer a client was reading at 600 KB/s, with exit code 0 and nothing in the log (found in
+    review). ``cut`` counts the answers a shutdown cut off all the same (past the drain deadline)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.cut = 0
+        self.draining = False  # set when the drain begins: a cancelled answer is then the shutdown's
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def started(self) -> None:
+        self.count += 1
+        self._idle.clear()
+
+    def ended(self) -> None:
+        self.count -= 1
+        if not self.count:
+            self._idle.set()
+
+    async def wait_idle(self, seconds: float) -> bool:
+        """Wait until no answer is being sent; ``False`` if ``seconds`` passed first."""
+        try:
+            async with asyncio.timeout(seconds):
+                await self._idle.wait()
+        except TimeoutError:
+            return False
+        return True
+
+
 class OutgoingImage(payload.Payload):
     """Not a ``BytesPayload``, which warns about large bodies written at once: this one is not."""
 
     _value: bytes
 
     def __init__(
-        self, data: bytes, *, content_type: str, budget: MemoryBudget, piece_seconds: float, request_id: str
+        self,
+        data: bytes,
+        *,
+        content_type: str,
+        budget: MemoryBudget,
+        answers: AnswersOut,
+        piece_seconds: float,
+        request_id: str,
     ) -> None:
         super().__init__(data, content_type=content_type)
         self._size = len(data)
         self._budget = budget
+        self._answers = answers
         self._piece_seconds = piece_seconds
         self._request_id = request_id  # the access line, written when the answer was made, said 200
 
@@ -57,6 +97,8 @@ class OutgoingImage(payload.Payload):
         # Counted from the first byte sent, not from the response's making: an answer never sent (a host's
         # middleware replaced it, the handler was cancelled) then holds nothing.
         held = self._budget.hold(len(data))
+        self._answers.started()
+        start = 0
         try:
             for start in range(0, len(data), PIECE_BYTES):
                 try:
@@ -84,5 +126,24 @@ class OutgoingImage(payload.Payload):
                         f"the client took less than {PIECE_BYTES} bytes of its answer in "
                         f"{self._piece_seconds:g} s"
                     ) from None
+        except asyncio.CancelledError:
+            if self._answers.draining:  # not the client leaving: the shutdown, past its drain deadline
+                self._answers.cut += 1
+                log.warning(
+                    "the shutdown cut off an answer still being sent (%d of %d bytes given to the "
+                    "transport); a longer drain deadline would have let it finish",
+                    start,
+                    len(data),
+                    extra={
+                        "fields": {
+                            "event": "answer_cut_off",
+                            "request_id": self._request_id,
+                            "bytes_out": len(data),
+                            "bytes_given": start,
+                        }
+                    },
+                )
+            raise
         finally:
+            self._answers.ended()
             held.release()

@@ -224,7 +224,7 @@ async def serve(settings: Settings) -> int:
     finally:
         await runner.cleanup()
         _ignore_stop_signals()
-    abandoned = app[STATE].abandoned
+    abandoned = app[STATE].abandoned + app[STATE].answers.cut
     log.info(
         "stopped",
         extra={"fields": {"event": "stopped", "abandoned": abandoned}},

@@ -20,6 +20,7 @@ from optimizer.linger import Lingering
 from optimizer.metrics import ServiceMetrics
 from optimizer.pipeline import Limits
 from optimizer.security import Cors
+from optimizer.sending import AnswersOut
 from optimizer.settings import Settings, default_memory_budget
 
 
@@ -34,10 +35,13 @@ class ServiceState:
     budget: MemoryBudget
     # Refused connections waiting to be closed, their uploads unread (bounded: see optimizer.linger).
     lingering: Lingering
+    # Image answers being sent, which the drain waits for too (see optimizer.sending).
+    answers: AnswersOut = field(default_factory=AnswersOut)
     pool: ThreadPoolExecutor | None = None
     # False from the moment shutdown begins: /readyz answers 503 so load balancers stop sending.
     ready: bool = True
-    # Requests still unfinished when the drain deadline passed (the exit code reports them).
+    # Requests still unfinished when the drain deadline passed (the exit code reports them, with the
+    # answers the shutdown cut off: ``answers.cut``).
     abandoned: int = 0
     # Loop time by which the drain must be over; set by the first begin_drain() (or drain()) call.
     drain_deadline: float | None = None

@@ -33,10 +33,11 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp.http_exceptions import BadHttpMethod, LineTooLong
+from PIL import Image
 
 from optimizer.allocator import GLIBC_TUNABLES, RESTARTED, is_glibc, start_environment
 from optimizer.nativelog import LINE_BURST
-from optimizer.server import ClientErrorsAsWarnings
+from optimizer.server import HANDLER_GRACE_SECONDS, ClientErrorsAsWarnings
 from optimizer.startup import EXIT_CANNOT_START
 from tests.conftest import ROOT, corpus_dir, decode, image_bytes
 from tests.realserver import RealServer, server_env
@@ -301,6 +302,71 @@ async def test_drain_deadline_answers_unfinished_work_503_and_exits_1(launch: La
     assert await server.exit_code(0.05 + EXIT_GRACE) == 1
     stopped = server.wait_for_event("stopped", 0)
     assert stopped["abandoned"] >= len(abandoned)
+
+
+def noise_jpeg() -> bytes:
+    """A JPEG of noise whose answer at its own size and quality 100 (~10 MB) is larger than the socket
+    buffers on both sides, so it stays unsent while its client does not read."""
+    buffer = io.BytesIO()
+    Image.frombytes("RGB", (3000, 2400), os.urandom(3000 * 2400 * 3)).save(buffer, "JPEG", quality=100)
+    return buffer.getvalue()
+
+
+def start_big_answer(server: ServerProcess) -> tuple[socket.socket, bytes]:
+    """A request whose answer is larger than the socket buffers, read until its first bytes are in:
+    the job is done and its slot given back, and the answer is on its way."""
+    image = noise_jpeg()
+    client = socket.create_connection((HOST, server.port), timeout=REQUEST_TIMEOUT)
+    client.sendall(
+        b"POST /optimize?quality=100 HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+        b"Content-Length: %d\r\n\r\n" % len(image) + image
+    )
+    received = b""
+    while len(received) < 100_000:
+        received += client.recv(65536)
+    return client, received
+
+
+def read_to_end(client: socket.socket, received: bytes) -> tuple[int, int]:
+    """The answer's declared length and the bytes of its body that arrived before the connection ended."""
+    with client:
+        while chunk := client.recv(1 << 20):
+            received += chunk
+    head, _, body = received.partition(b"\r\n\r\n")
+    length = next(
+        int(line.split(b":", 1)[1])
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length:")
+    )
+    return length, len(body)
+
+
+async def test_the_drain_waits_for_an_answer_still_being_sent(launch: Launch) -> None:
+    """A job gives its slot back when the image is made, before the answer is sent: the shutdown used to
+    cut off a 9.8 MB answer a client was reading, and exit 0 (found in review). The drain now waits for
+    answers too."""
+    server = launch("--threads", "1", "--drain-seconds", "30")
+    client, received = await asyncio.to_thread(start_big_answer, server)
+    server.send(signal.SIGTERM)
+    drain = await asyncio.to_thread(server.wait_for_drain)
+    assert "1 answer(s) being sent" in drain["message"]
+    # Longer than the runner's grace for handlers, which is all the answer had before.
+    await asyncio.sleep(HANDLER_GRACE_SECONDS + 1)
+    length, got = await asyncio.to_thread(read_to_end, client, received)
+    assert got == length
+    assert await server.exit_code(30 + EXIT_GRACE) == 0
+    assert server.wait_for_event("stopped", 0)["abandoned"] == 0
+
+
+async def test_an_answer_cut_off_at_the_drain_deadline_is_logged_and_exits_1(launch: Launch) -> None:
+    server = launch("--threads", "1", "--drain-seconds", "0.2")
+    client, _received = await asyncio.to_thread(start_big_answer, server)
+    with client:
+        server.send(signal.SIGTERM)  # and the client reads no more
+        assert await server.exit_code(0.2 + HANDLER_GRACE_SECONDS + EXIT_GRACE) == 1
+    cut = server.wait_for_event("answer_cut_off", 0)
+    assert cut["bytes_out"] > 0 and cut["request_id"]
+    assert server.wait_for_event("stopped", 0)["abandoned"] == 1
 
 
 @pytest.mark.parametrize("second", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
