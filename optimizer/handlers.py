@@ -161,7 +161,7 @@ async def _optimize(request: web.Request, defaults: RouteDefaults) -> web.Stream
     slot = state.gate.try_enter()
     if slot is None:  # lost the race for the last slot since _refuse_early
         raise Overloaded("all slots are busy; retry later", retry_after=state.gate.refuse())
-    job = Job(slot, state, request_id(request))
+    job = Job(slot, state, request_id(request), request.transport)
     try:
         read_started = time.perf_counter()
         state.reading.add(request.content)
@@ -181,6 +181,8 @@ async def _optimize(request: web.Request, defaults: RouteDefaults) -> web.Stream
         if isinstance(done, Output):
             output = done
         else:
+            if job.client_left():
+                raise ConnectionResetError("the client left before its image was decoded")
             await job.reserve(done)
             output = await job.run(optimize, data, params, state.limits)
     finally:

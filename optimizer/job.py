@@ -38,10 +38,13 @@ def _timed(fn: Callable[..., T], submitted: float, request_id: str, *args: objec
 
 
 class Job:
-    def __init__(self, slot: Slot, state: ServiceState, request_id: str) -> None:
+    def __init__(
+        self, slot: Slot, state: ServiceState, request_id: str, transport: asyncio.BaseTransport | None = None
+    ) -> None:
         self._slot = slot
         self._state = state
         self._request_id = request_id
+        self._transport = transport  # the client's connection: closing once it has left
         self._loop = asyncio.get_running_loop()
         self._reservation: Reservation | None = None
         self._pending = 0
@@ -80,12 +83,18 @@ class Job:
         never fit. Set before the thread's work ends, the hold is released with the rest of the claim."""
         if self._reservation is not None:
             raise RuntimeError("the job already holds memory")
-        if self._handler_done or self._state.abandoning:
+        if self._handler_done or self._state.abandoning or self.client_left():
             # Nobody will read the image (the client left, or the drain deadline passed): not worth a
             # decode. Plain reads of values the loop sets; at worst one more decode, as before.
             return False
         self._reservation = self._state.budget.try_reserve(nbytes)
         return self._reservation is not None
+
+    def client_left(self) -> bool:
+        """Whether the client's connection has closed. A host that does not cancel handlers when their
+        clients leave (aiohttp's default) would otherwise have its queued jobs decoded for nobody: five
+        decodes instead of one for four clients that timed out (found in review)."""
+        return self._transport is not None and self._transport.is_closing()
 
     async def reserve(self, nbytes: int) -> None:
         """Hold ``nbytes`` of the memory budget for the rest of the job; gives up (503) at the drain

@@ -12,7 +12,7 @@ from types import ModuleType
 import aiohttp
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer
 from PIL import Image
 
 from optimizer import Settings, create_app, vips
@@ -93,6 +93,26 @@ def test_settings(**overrides: object) -> Settings:
 
 
 test_settings.__test__ = False  # type: ignore[attr-defined]  # not a test, despite its name
+
+
+class _Server(TestServer):
+    """aiohttp's ``TestServer`` always cancels handlers whose clients leave, and quietly drops a
+    ``handler_cancellation`` given to it (through pytest-aiohttp's ``server_kwargs`` too): tests that meant
+    to cover aiohttp's default, as a host gets it, ran with cancellation on (found in review)."""
+
+    def __init__(self, app: web.Application, *, cancellation: bool) -> None:
+        super().__init__(app)
+        self.cancellation = cancellation
+
+    async def _make_runner(self, **kwargs: object) -> web.BaseRunner:
+        kwargs["handler_cancellation"] = self.cancellation
+        return web.AppRunner(self.app, **kwargs)  # type: ignore[arg-type]
+
+
+def served(app: web.Application, *, cancellation: bool) -> TestServer:
+    """A test server for ``app`` that cancels a handler when its client leaves, or (aiohttp's default
+    outside tests) does not."""
+    return _Server(app, cancellation=cancellation)
 
 
 @pytest.fixture

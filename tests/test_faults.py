@@ -28,7 +28,7 @@ from PIL import Image
 
 from optimizer import create_app
 from optimizer.state import STATE
-from tests.conftest import decode, image_bytes, test_settings
+from tests.conftest import decode, image_bytes, served, test_settings
 from tests.realserver import HOST, RealServer, running_server
 
 Client = TestClient[web.Request, web.Application]
@@ -260,7 +260,7 @@ async def test_a_thousand_departing_clients_leave_nothing_behind(
 ) -> None:
     settings = test_settings(threads=2, queue=30, read_timeout=5.0)
     app = create_app(settings)
-    client = await aiohttp_client(app, server_kwargs={"handler_cancellation": cancellation})
+    client = await aiohttp_client(served(app, cancellation=cancellation))
     port = client.server.port
     assert port is not None
     image = noisy_jpeg((800, 600))

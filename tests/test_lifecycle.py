@@ -28,7 +28,7 @@ from optimizer import create_app, handlers
 from optimizer.errors import Draining
 from optimizer.pipeline import Limits, Output, Params, optimize
 from optimizer.state import STATE, ServiceState
-from tests.conftest import decode, image_bytes, multipart, test_settings
+from tests.conftest import decode, image_bytes, multipart, served, test_settings
 
 Client = TestClient[web.Request, web.Application]
 ClientFactory = Callable[..., Awaitable[Client]]
@@ -204,7 +204,7 @@ async def test_no_slot_leaks_when_clients_leave_mid_upload(
     aiohttp_client: ClientFactory, cancellation: bool
 ) -> None:
     app = create_app(test_settings(read_timeout=30.0))
-    client = await aiohttp_client(app, server_kwargs={"handler_cancellation": cancellation})
+    client = await aiohttp_client(served(app, cancellation=cancellation))
     head = (
         b"POST /optimize HTTP/1.1\r\nHost: test\r\nContent-Type: image/jpeg\r\nContent-Length: 500000\r\n\r\n"
     )
@@ -228,7 +228,7 @@ async def test_slot_held_until_the_thread_ends_when_client_leaves_mid_processing
     aiohttp_client: ClientFactory, blocker: Blocker, cancellation: bool
 ) -> None:
     app = create_app(test_settings(threads=1, queue=1))
-    client = await aiohttp_client(app, server_kwargs={"handler_cancellation": cancellation})
+    client = await aiohttp_client(served(app, cancellation=cancellation))
     data = image_bytes()
     writer = await send_upload(client, data)
     await until(lambda: blocker.started == 1)
@@ -246,7 +246,7 @@ async def test_queued_job_of_a_departed_client_is_dropped(
     aiohttp_client: ClientFactory, blocker: Blocker
 ) -> None:
     app = create_app(test_settings(threads=1, queue=1))
-    client = await aiohttp_client(app, server_kwargs={"handler_cancellation": True})
+    client = await aiohttp_client(served(app, cancellation=True))
     running = asyncio.ensure_future(client.post("/optimize", data=multipart(image_bytes())))
     await until(lambda: blocker.started == 1)
     data = image_bytes()
@@ -258,6 +258,25 @@ async def test_queued_job_of_a_departed_client_is_dropped(
     assert (await running).status == 200
     await until(lambda: in_flight(client) == 0)
     assert blocker.started == 1
+
+
+async def test_queued_job_of_a_departed_client_is_not_decoded_without_handler_cancellation(
+    aiohttp_client: ClientFactory, blocker: Blocker
+) -> None:
+    """aiohttp's default, and so a host's unless it says otherwise: the handler is not cancelled when
+    its client leaves. Its queued job used to be decoded all the same (found in review)."""
+    app = create_app(test_settings(threads=1, queue=1))
+    client = await aiohttp_client(served(app, cancellation=False))
+    running = asyncio.ensure_future(client.post("/optimize", data=multipart(image_bytes())))
+    await until(lambda: blocker.started == 1)
+    writer = await send_upload(client, image_bytes())
+    await until(lambda: in_flight(client) == 2)
+    writer.close()
+    await asyncio.sleep(0.2)  # the server sees the connection close
+    blocker.open.set()
+    assert (await running).status == 200
+    await until(lambda: in_flight(client) == 0 and app[STATE].budget.in_use == 0)
+    assert blocker.started == 1  # the departed client's image was never decoded
 
 
 async def test_shutdown_drains_admitted_work(aiohttp_client: ClientFactory, blocker: Blocker) -> None:
@@ -709,13 +728,13 @@ class MemoryHeld:
 
 
 async def _first_holds_the_memory(
-    aiohttp_client: ClientFactory, blocker: Blocker, **server_kwargs: object
+    aiohttp_client: ClientFactory, blocker: Blocker, *, cancellation: bool = True
 ) -> MemoryHeld:
     from optimizer.pipeline import inspect
 
     need = inspect(big_png(), Params(), _limits())
     app = create_app(test_settings(threads=2, queue=2, memory_budget=need * 3 // 2, memory_wait=30.0))
-    client = await aiohttp_client(app, server_kwargs=server_kwargs)
+    client = await aiohttp_client(served(app, cancellation=cancellation))
     first = asyncio.ensure_future(client.post("/optimize", data=multipart(big_png())))
     await until(lambda: blocker.started == 1)
     return MemoryHeld(client, app[STATE], first, app[STATE].budget.in_use)
@@ -740,7 +759,7 @@ async def test_an_image_without_room_waits_on_the_loop_then_is_served(
 async def test_a_client_leaving_while_its_image_waits_for_memory_leaves_nothing_behind(
     aiohttp_client: ClientFactory, blocker: Blocker
 ) -> None:
-    held = await _first_holds_the_memory(aiohttp_client, blocker, handler_cancellation=True)
+    held = await _first_holds_the_memory(aiohttp_client, blocker, cancellation=True)
     state, need = held.state, held.need
     writer = await send_upload(held.client, big_png(), "image/png")
     await until(lambda: len(state.budget._waiters) == 1)
@@ -776,8 +795,9 @@ async def test_memory_claimed_in_the_worker_comes_back_when_the_image_fails(
     assert state.budget.in_use == 0 and state.gate.in_flight == 0
 
 
+@pytest.mark.parametrize("cancellation", [True, False], ids=["handler-cancellation", "no-cancellation"])
 async def test_a_client_gone_before_its_header_was_read_is_not_decoded(
-    aiohttp_client: ClientFactory, monkeypatch: pytest.MonkeyPatch
+    aiohttp_client: ClientFactory, monkeypatch: pytest.MonkeyPatch, cancellation: bool
 ) -> None:
     header_read = threading.Event()
     decoded: list[bytes] = []
@@ -795,12 +815,12 @@ async def test_a_client_gone_before_its_header_was_read_is_not_decoded(
     monkeypatch.setattr(handlers, "optimize", recording_optimize)
     app = create_app(test_settings(threads=1, queue=1))
     state = app[STATE]
-    client = await aiohttp_client(app, server_kwargs={"handler_cancellation": True})
+    client = await aiohttp_client(served(app, cancellation=cancellation))
     data = image_bytes()
     writer = await send_upload(client, data)
     await until(lambda: state.gate.in_flight == 1)
     writer.close()
-    await asyncio.sleep(0.3)  # the server notices the disconnect and cancels the handler
+    await asyncio.sleep(0.3)  # the server notices the disconnect (and cancels the handler, if it does)
     header_read.set()
     await until(lambda: state.gate.in_flight == 0 and state.budget.in_use == 0)
     assert decoded == []  # its worker read the header, found nobody waiting, and stopped there
