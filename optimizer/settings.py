@@ -48,28 +48,47 @@ class SettingsError(ValueError):
     """One or more settings are invalid; the message lists every problem, one per line."""
 
 
-def effective_cpu_count() -> int:
-    """CPUs this process may really use: its affinity mask, further capped by a cgroup v2 CPU quota.
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def effective_cpu_count(cgroup: Path = CGROUP_ROOT) -> int:
+    """CPUs this process may really use: its affinity mask, further capped by a cgroup CPU quota (v2's
+    ``cpu.max``, or v1's ``cpu.cfs_quota_us`` over ``cpu.cfs_period_us``).
 
     ``os.cpu_count()`` reports the host's cores even in a container limited to one, which would size the
     pool for work it can never run in parallel.
     """
     count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
-        if quota != "max":
-            count = min(count, max(1, math.ceil(int(quota) / int(period))))
-    except (OSError, ValueError):
-        pass
+    quota = _cpu_quota(cgroup)
+    if quota is not None:
+        count = min(count, max(1, math.ceil(quota)))
     return max(1, count)
 
 
-def memory_limit() -> int:
+def _cpu_quota(cgroup: Path) -> float | None:
+    """CPUs' worth of time the cgroup may use, if it is limited: v2, else v1 (Docker and Kubernetes on
+    older hosts; a v1 quota was ignored until a review found ``--cpus 1`` given two threads)."""
+    try:
+        quota, period = (cgroup / "cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    for controller in ("cpu", "cpu,cpuacct"):
+        try:
+            quota_us = int((cgroup / controller / "cpu.cfs_quota_us").read_text())
+            period_us = int((cgroup / controller / "cpu.cfs_period_us").read_text())
+        except (OSError, ValueError):
+            continue
+        return quota_us / period_us if quota_us > 0 and period_us > 0 else None  # -1: no quota
+    return None
+
+
+def memory_limit(cgroup: Path = CGROUP_ROOT) -> int:
     """Memory this process may use: the cgroup limit (v2, then v1) when there is one, else the RAM."""
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+    for path in (cgroup / "memory.max", cgroup / "memory" / "memory.limit_in_bytes"):
         try:
-            text = Path(path).read_text().strip()
+            text = path.read_text().strip()
         except OSError:
             continue
         if text.isdigit() and 0 < int(text) < ram:

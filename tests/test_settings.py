@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,6 +18,7 @@ from optimizer.settings import (
     Settings,
     SettingsError,
     effective_cpu_count,
+    memory_limit,
     parse_value,
     setting_fields,
     unknown_variables,
@@ -59,6 +62,40 @@ def test_documented_defaults() -> None:
 
 def test_default_threads_is_the_usable_cpu_count() -> None:
     assert Settings().threads == effective_cpu_count() >= 1
+
+
+def fake_cgroup(root: Path, files: dict[str, str]) -> Path:
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text + "\n")
+    return root
+
+
+@pytest.mark.parametrize(
+    ("files", "quota"),
+    [
+        ({"cpu.max": "100000 100000"}, 1),  # cgroup v2: --cpus 1
+        ({"cpu.max": "150000 100000"}, 2),  # 1.5 CPUs: two threads
+        ({"cpu.max": "max 100000"}, None),
+        ({"cpu/cpu.cfs_quota_us": "100000", "cpu/cpu.cfs_period_us": "100000"}, 1),  # v1 (found in review)
+        ({"cpu,cpuacct/cpu.cfs_quota_us": "50000", "cpu,cpuacct/cpu.cfs_period_us": "100000"}, 1),
+        ({"cpu/cpu.cfs_quota_us": "-1", "cpu/cpu.cfs_period_us": "100000"}, None),
+        ({}, None),
+    ],
+    ids=["v2", "v2-fraction", "v2-unlimited", "v1", "v1-cpuacct", "v1-unlimited", "none"],
+)
+def test_threads_follow_the_cgroup_cpu_quota_v1_or_v2(
+    tmp_path: Path, files: dict[str, str], quota: int | None
+) -> None:
+    usable = len(os.sched_getaffinity(0))
+    expected = usable if quota is None else min(usable, quota)
+    assert effective_cpu_count(fake_cgroup(tmp_path, files)) == expected
+
+
+@pytest.mark.parametrize("name", ["memory.max", "memory/memory.limit_in_bytes"], ids=["v2", "v1"])
+def test_memory_limit_follows_the_cgroup_v1_or_v2(tmp_path: Path, name: str) -> None:
+    assert memory_limit(fake_cgroup(tmp_path, {name: str(512 * MIB)})) == 512 * MIB
+    assert memory_limit(fake_cgroup(tmp_path / "unlimited", {name: "max"})) > 512 * MIB
 
 
 def test_queue_none_means_twice_the_threads() -> None:
