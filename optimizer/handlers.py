@@ -25,6 +25,7 @@ from optimizer.problems import error_response, http_exception_response
 from optimizer.security import SECURITY_PARAMS, check_api_key, check_signature
 from optimizer.sending import OutgoingImage
 from optimizer.state import STATE, ServiceState
+from optimizer.takeover import declared_body
 
 OPTIMIZE_DEFAULTS = RouteDefaults()
 # The Go service's contract: a 300 px wide JPEG at quality 80, whatever the configured defaults.
@@ -163,10 +164,13 @@ async def _optimize(request: web.Request, defaults: RouteDefaults) -> web.Stream
         raise Overloaded("all slots are busy; retry later", retry_after=state.gate.refuse())
     job = Job(slot, state, request_id(request), request.transport)
     try:
+        refuse_declared_length(request, state.intake.max_bytes)  # 413 for its size, before the budget's
+        if declared_body(request) and request.content_length:
+            await job.reserve_upload(request.content_length)  # before a byte of it is in memory
         read_started = time.perf_counter()
         state.reading.add(request.content)
         try:
-            data = await read_upload(request, state.intake)
+            data = await read_upload(request, state.intake, job.hold_upload)
         except BaseException:
             slot.received()  # a failed read (408, 413, a client gone) is no measure of upload speed
             raise

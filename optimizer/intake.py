@@ -51,8 +51,11 @@ def refuse_declared_length(request: web.BaseRequest, max_bytes: int) -> None:
         raise BodyTooLarge(f"the upload is {length} bytes; the limit is {max_bytes}")
 
 
-async def read_upload(request: web.BaseRequest, limits: IntakeLimits) -> bytes:
-    """The uploaded image's bytes, or an ``OptimizerError`` (400, 408, 413)."""
+async def read_upload(
+    request: web.BaseRequest, limits: IntakeLimits, hold: Callable[[int], None] | None = None
+) -> bytes:
+    """The uploaded image's bytes, or an ``OptimizerError`` (400, 408, 413). ``hold`` is told the bytes
+    received so far after each chunk (the memory budget counts them), and may refuse more."""
     refuse_declared_length(request, limits.max_bytes)
     transport = request.transport
     if transport is not None and getattr(transport, "max_size", UPLOAD_READ_BYTES) < UPLOAD_READ_BYTES:
@@ -62,17 +65,19 @@ async def read_upload(request: web.BaseRequest, limits: IntakeLimits) -> bytes:
         own = getattr(transport, "__dict__", {}).get("max_size")
         transport.max_size = UPLOAD_READ_BYTES  # type: ignore[attr-defined]
         try:
-            return await _read_upload(request, limits)
+            return await _read_upload(request, limits, hold)
         finally:
             if own is not None:
                 transport.max_size = own  # type: ignore[attr-defined]
             else:
                 with contextlib.suppress(AttributeError):
                     del transport.max_size  # type: ignore[attr-defined]
-    return await _read_upload(request, limits)
+    return await _read_upload(request, limits, hold)
 
 
-async def _read_upload(request: web.BaseRequest, limits: IntakeLimits) -> bytes:
+async def _read_upload(
+    request: web.BaseRequest, limits: IntakeLimits, hold: Callable[[int], None] | None
+) -> bytes:
     stream = request.content
     loop = asyncio.get_running_loop()
     started = loop.time()
@@ -99,6 +104,8 @@ async def _read_upload(request: web.BaseRequest, limits: IntakeLimits) -> bytes:
             def received() -> None:
                 if stream.total_bytes > limits.max_bytes:
                     raise BodyTooLarge(f"the upload is larger than the limit of {limits.max_bytes} bytes")
+                if hold is not None:
+                    hold(stream.total_bytes)
 
             watchdog = loop.call_at(deadline(), watch)
             try:

@@ -86,18 +86,26 @@ class ServiceMetrics:
         )
         lingering_gauge.set_function(lambda: len(lingering))
         budget_total = Gauge(
-            "optimizer_memory_budget_bytes", "Decode memory the workers may hold.", registry=registry
+            "optimizer_memory_budget_bytes",
+            "Memory the uploads held, the decodes and the unsent answers may take together.",
+            registry=registry,
         )
         budget_total.set_function(lambda: budget.total)
         reserved = Gauge(
             "optimizer_memory_reserved_bytes",
-            "Decode memory reserved by images being processed, and image answers not yet sent, now.",
+            "Memory reserved now: uploads held, decodes running, image answers not yet sent.",
             registry=registry,
         )
         reserved.set_function(lambda: budget.in_use)
+        uploads = Gauge(
+            "optimizer_memory_uploads_bytes",
+            "Of the memory reserved now, the uploads held (at most half the budget while several are).",
+            registry=registry,
+        )
+        uploads.set_function(lambda: budget.uploads)
         reserved_peak = Gauge(
             "optimizer_memory_reserved_peak_bytes",
-            "The most memory ever reserved at once since the start (decodes and unsent answers).",
+            "The most memory ever reserved at once since the start (uploads, decodes, unsent answers).",
             registry=registry,
         )
         reserved_peak.set_function(lambda: budget.peak)

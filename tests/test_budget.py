@@ -10,7 +10,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from optimizer.budget import MemoryBudget
+from optimizer.budget import UPLOAD_SHARE, MemoryBudget
 from optimizer.errors import Overloaded, OverMemoryBudget
 from optimizer.settings import default_memory_budget, memory_limit
 from tests.conftest import image_bytes, multipart
@@ -18,6 +18,48 @@ from tests.conftest import image_bytes, multipart
 Client = TestClient[web.Request, web.Application]
 MakeClient = Callable[..., Awaitable[Client]]
 MIB = 1024 * 1024
+
+
+def test_uploads_share_the_budget_with_decodes() -> None:
+    budget = MemoryBudget(100)
+    alone = budget.try_reserve_upload(80)  # one upload alone may take more than the uploads' share
+    assert alone is not None and (budget.in_use, budget.uploads) == (80, 80)
+    assert budget.try_reserve_upload(10) is None  # with another held, uploads stay within the share
+    assert budget.try_reserve(30) is None  # a decode takes what the uploads leave
+    decode = budget.try_reserve(20)
+    assert decode is not None and budget.in_use == 100
+    alone.release()
+    decode.release()
+    assert (budget.in_use, budget.uploads) == (0, 0)
+    share = int(100 * UPLOAD_SHARE)
+    held = [budget.try_reserve_upload(share // 2), budget.try_reserve_upload(share // 2)]
+    assert all(held) and budget.try_reserve_upload(1) is None
+    for reservation in held:
+        assert reservation is not None
+        reservation.release()
+    assert (budget.in_use, budget.uploads) == (0, 0)
+
+
+def test_an_upload_grows_its_reservation_as_it_arrives() -> None:
+    budget = MemoryBudget(100)
+    other = budget.try_reserve_upload(20)
+    held = budget.try_reserve_upload(10)
+    assert held is not None and other is not None
+    grown = budget.try_reserve_upload(15, held)
+    assert grown is held and held.nbytes == 25 and budget.uploads == 45
+    assert budget.try_reserve_upload(10, held) is None  # 20 + 35 over the share of 50
+    held.release()
+    other.release()
+    assert (budget.in_use, budget.uploads) == (0, 0)
+
+
+def test_what_can_never_fit_is_413_counting_the_upload() -> None:
+    budget = MemoryBudget(100)
+    with pytest.raises(OverMemoryBudget, match="the upload is"):
+        budget.try_reserve_upload(101)
+    with pytest.raises(OverMemoryBudget, match="beside its"):
+        budget.try_reserve(60, beside=50)
+    assert budget.in_use == 0
 
 
 async def test_reserve_and_release() -> None:

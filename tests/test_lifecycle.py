@@ -15,7 +15,7 @@ import socket
 import struct
 import sys
 import threading
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 
 import pytest
@@ -33,6 +33,7 @@ from tests.conftest import decode, image_bytes, multipart, served, test_settings
 Client = TestClient[web.Request, web.Application]
 ClientFactory = Callable[..., Awaitable[Client]]
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+MIB = 1024 * 1024
 
 
 class Blocker:
@@ -724,7 +725,7 @@ class MemoryHeld:
     client: Client
     state: ServiceState
     first: asyncio.Future[ClientResponse]
-    need: int  # what the first one's worker claimed
+    need: int  # what the first one's worker claimed for its decode (its upload is held beside it)
 
 
 async def _first_holds_the_memory(
@@ -737,7 +738,8 @@ async def _first_holds_the_memory(
     client = await aiohttp_client(served(app, cancellation=cancellation))
     first = asyncio.ensure_future(client.post("/optimize", data=multipart(big_png())))
     await until(lambda: blocker.started == 1)
-    return MemoryHeld(client, app[STATE], first, app[STATE].budget.in_use)
+    budget = app[STATE].budget
+    return MemoryHeld(client, app[STATE], first, budget.in_use - budget.uploads)
 
 
 async def test_an_image_without_room_waits_on_the_loop_then_is_served(
@@ -747,13 +749,13 @@ async def test_an_image_without_room_waits_on_the_loop_then_is_served(
     state, need = held.state, held.need
     second = asyncio.ensure_future(held.client.post("/optimize", data=multipart(big_png())))
     await until(lambda: len(state.budget._waiters) == 1)  # its worker found no room and handed it back
-    assert blocker.started == 1 and state.budget.in_use == need
+    assert blocker.started == 1 and state.budget.in_use - state.budget.uploads == need
     blocker.open.set()
     responses = await asyncio.gather(held.first, second)
     assert [r.status for r in responses] == [200, 200]
     assert blocker.started == 2
     await until(lambda: state.budget.in_use == 0 and state.gate.in_flight == 0)
-    assert state.budget.peak == need  # never both at once
+    assert state.budget.peak < 2 * need  # never both decodes at once (only the uploads beside one)
 
 
 async def test_a_client_leaving_while_its_image_waits_for_memory_leaves_nothing_behind(
@@ -765,11 +767,68 @@ async def test_a_client_leaving_while_its_image_waits_for_memory_leaves_nothing_
     await until(lambda: len(state.budget._waiters) == 1)
     writer.close()
     await until(lambda: state.gate.in_flight == 1)
-    assert not state.budget._waiters and state.budget.in_use == need
+    assert not state.budget._waiters and state.budget.in_use - state.budget.uploads == need
     blocker.open.set()
     assert (await held.first).status == 200
     await until(lambda: state.budget.in_use == 0 and state.gate.in_flight == 0)
     assert blocker.started == 1  # the departed request was never decoded
+
+
+async def test_uploads_held_in_memory_count_in_the_budget(make_client: ClientFactory) -> None:
+    """Uploads were outside the memory budget: 64 clients posting 25 MB BMPs to 16 threads in a 1 GiB
+    container held 1.6 GB of them, and the kernel killed the service (found in review). Now an upload
+    is counted before it is read (or as it arrives, without a declared length), within a share of the
+    budget while others are held."""
+    client = await make_client(threads=1, queue=4, memory_budget=16 * MIB, memory_wait=0.3)
+    assert client.app is not None
+    state = client.app[STATE]
+    # Admitted, its declared 6 MiB counted, and held: only its first bytes are sent.
+    held = await send_head(client, "/optimize", 6 * MIB, b"\xff\xd8")
+    await until(lambda: state.budget.uploads == 6 * MIB)
+
+    # 6 + 3 MiB is over the uploads' share (8 MiB): it waits for room, then 503.
+    response = await client.post(
+        "/optimize", data=io.BytesIO(bytes(3 * MIB)), headers={"Content-Type": "image/jpeg"}
+    )
+    assert (response.status, (await response.json())["code"]) == (503, "overloaded")
+    assert response.headers["Retry-After"]
+    # Without a declared length it is counted as it arrives, and refused once over the share.
+    chunked = await client.post(
+        "/optimize", data=_chunks(bytes(3 * MIB), 64 * 1024), headers={"Content-Type": "image/jpeg"}
+    )
+    assert (chunked.status, (await chunked.json())["code"]) == (503, "overloaded")
+    assert state.budget.uploads == 6 * MIB
+
+    held.close()
+    await until(lambda: state.budget.in_use == 0 and state.gate.in_flight == 0)
+    # Alone, an upload may take more than the share; larger than the budget, never.
+    alone = await client.post(
+        "/optimize", data=io.BytesIO(bytes(12 * MIB)), headers={"Content-Type": "image/jpeg"}
+    )
+    assert (alone.status, (await alone.json())["code"]) == (415, "unsupported_format")  # read, then judged
+    too_big = await client.post(
+        "/optimize", data=io.BytesIO(bytes(17 * MIB)), headers={"Content-Type": "image/jpeg"}
+    )
+    assert (too_big.status, (await too_big.json())["code"]) == (413, "over_memory_budget")
+    await until(lambda: state.budget.in_use == 0 and state.budget.uploads == 0 and state.gate.in_flight == 0)
+
+
+async def _chunks(data: bytes, size: int) -> AsyncIterator[bytes]:
+    for start in range(0, len(data), size):
+        yield data[start : start + size]
+
+
+async def send_head(client: Client, path: str, length: int, first: bytes) -> asyncio.StreamWriter:
+    """A request of declared ``length`` whose body stops after ``first``: admitted, and left unfinished."""
+    assert client.server.port is not None
+    _reader, writer = await asyncio.open_connection("127.0.0.1", client.server.port)
+    writer.write(
+        f"POST {path} HTTP/1.1\r\nHost: test\r\nContent-Type: image/jpeg\r\n".encode()
+        + f"Content-Length: {length}\r\n\r\n".encode()
+        + first
+    )
+    await writer.drain()
+    return writer
 
 
 @pytest.mark.parametrize("failure", ["corrupt", "bug"])
