@@ -32,7 +32,7 @@ from optimizer import allocator, vips
 from optimizer.app import create_app, drain
 from optimizer.badrequests import PROBLEM_CODE
 from optimizer.listener import PacedSite
-from optimizer.settings import Settings
+from optimizer.settings import Settings, effective_cpu_count, memory_limit
 from optimizer.startup import (
     EXIT_ABANDONED,
     EXIT_OK,
@@ -186,12 +186,14 @@ async def serve(settings: Settings) -> int:
             await site.start()
         except OSError as exc:  # the port is taken, the address is not this machine's, the name unknown
             return report_listen_failure(log, settings.host, settings.port, exc)
+        cpus, memory = effective_cpu_count(), memory_limit()
+        for conflict in settings.conflicts(cpus, memory):
+            log.warning(conflict, extra={"fields": {"event": "settings_conflict"}})
         for address in runner.addresses:
             host, port = address[0], address[1]
             log.info(
-                "listening on http://%s:%d",
-                host,
-                port,
+                "listening on http://%s",
+                f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
                 extra={
                     "fields": {
                         "event": "listening",
@@ -199,6 +201,11 @@ async def serve(settings: Settings) -> int:
                         "port": port,
                         "threads": settings.threads,
                         "capacity": settings.capacity,
+                        "cpus": cpus,
+                        "memory_limit": memory,
+                        "memory_budget": app[STATE].budget.total,
+                        "max_body_bytes": settings.max_body_bytes,
+                        "drain_seconds": settings.drain_seconds,
                         "loop_nice": settings.loop_nice,
                         "resizer": settings.resizer,
                     }

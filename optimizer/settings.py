@@ -243,6 +243,21 @@ class Settings:
         if problems:
             raise SettingsError("\n".join(problems))
 
+    def conflicts(self, cpus: int, memory: int) -> Iterator[str]:
+        """Valid settings that do not fit the machine (``cpus`` usable, ``memory`` the limit): worth a
+        warning at start-up, not a refusal (a reviewer's 4 GiB budget in a 512 MiB container, or 16
+        threads on one CPU, started silently)."""
+        if self.memory_budget is not None and self.memory_budget > memory:
+            yield (
+                f"OPTIMIZER_MEMORY_BUDGET={self.memory_budget} is more than the memory limit of {memory} "
+                "bytes: the kernel may kill the service before the budget refuses anything"
+            )
+        if self.threads > cpus:
+            yield (
+                f"OPTIMIZER_THREADS={self.threads} is more than the {cpus} CPU(s) this process may use: "
+                "the extra threads add memory and latency, not speed"
+            )
+
     def _problems(self) -> Iterator[str]:
         name = _env_name
 

@@ -759,6 +759,16 @@ def test_a_misspelt_variable_is_one_warning_naming_the_setting(launch: Launch, p
     assert "OPTIMIZER_THREADS" in warnings[0]["message"]
 
 
+def test_the_start_up_line_says_what_the_service_sized_itself_to_and_warns_of_misfits(launch: Launch) -> None:
+    server = launch("--threads", "64", "--memory-budget", str(1 << 50))
+    conflicts = [line for line in server.records() if line.get("event") == "settings_conflict"]
+    assert any("OPTIMIZER_THREADS=64" in line["message"] for line in conflicts)
+    assert any("OPTIMIZER_MEMORY_BUDGET" in line["message"] for line in conflicts)
+    listening = server.wait_for_event("listening", 0)
+    assert listening["memory_budget"] == 1 << 50 and listening["memory_limit"] < 1 << 50
+    assert listening["threads"] == 64 and listening["cpus"] >= 1 and listening["max_body_bytes"] > 0
+
+
 def test_invalid_settings_are_one_json_line() -> None:
     result = run_cli("--host", HOST, "--port", "99999", OPTIMIZER_JPEG_QUALITY="0")
     assert result.returncode == 2, result

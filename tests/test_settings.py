@@ -98,6 +98,16 @@ def test_memory_limit_follows_the_cgroup_v1_or_v2(tmp_path: Path, name: str) -> 
     assert memory_limit(fake_cgroup(tmp_path / "unlimited", {name: "max"})) > 512 * MIB
 
 
+def test_settings_that_do_not_fit_the_machine_are_named() -> None:
+    fits = Settings(threads=2, memory_budget=256 * MIB)
+    assert list(fits.conflicts(cpus=2, memory=512 * MIB)) == []
+    assert list(Settings(threads=2).conflicts(cpus=2, memory=64 * MIB)) == []  # the default budget fits
+    too_much = Settings(threads=16, memory_budget=4096 * MIB)
+    conflicts = list(too_much.conflicts(cpus=1, memory=512 * MIB))
+    assert len(conflicts) == 2
+    assert "OPTIMIZER_MEMORY_BUDGET" in conflicts[0] and "OPTIMIZER_THREADS=16" in conflicts[1]
+
+
 def test_queue_none_means_twice_the_threads() -> None:
     settings = Settings(threads=3)
     assert settings.queue is None
