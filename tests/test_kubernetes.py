@@ -218,7 +218,10 @@ def test_probes_use_the_service_endpoints(by_kind: dict[str, Manifest]) -> None:
     readiness, liveness = spec["readinessProbe"], spec["livenessProbe"]
     assert readiness["httpGet"]["path"] == "/readyz" and readiness["httpGet"]["port"] == "http"
     assert liveness["httpGet"]["path"] == "/healthz" and liveness["httpGet"]["port"] == "http"
-    assert readiness["periodSeconds"] == 2 and readiness["failureThreshold"] == 1
+    assert readiness["periodSeconds"] == 2
+    # One slow answer from a saturated pod must not take it out (a review: 12 of 19 probes over 1 s
+    # with 200 clients on 2 CPUs); a deleted pod leaves the endpoints whatever its readiness.
+    assert readiness["failureThreshold"] >= 3 and readiness["timeoutSeconds"] >= 2
     if "startupProbe" in spec:
         assert spec["startupProbe"]["httpGet"]["path"] == "/healthz"
 
