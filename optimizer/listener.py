@@ -304,18 +304,23 @@ class PacedSite(web.BaseSite):
 
 def listening_sockets(host: str, port: int, reuse_port: bool) -> list[socket.socket]:
     """Bound, listening, non-blocking sockets for every address ``host`` names, as asyncio's
-    ``create_server`` makes them (SO_REUSEADDR, IPv6 sockets IPv6-only)."""
-    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    ``create_server`` makes them (SO_REUSEADDR; an IPv6 socket IPv6-only beside an IPv4 one). An IPv6
+    socket alone takes IPv4 clients too: ``::`` listens on both stacks, as Go's and Node's servers do
+    (it was IPv6-only, so the container's health check on 127.0.0.1 failed, found in review)."""
+    infos = list(
+        dict.fromkeys(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE))
+    )
+    both = {info[0] for info in infos} >= {socket.AF_INET, socket.AF_INET6}
     sockets: list[socket.socket] = []
     try:
-        for family, kind, proto, _, address in dict.fromkeys(infos):
+        for family, kind, proto, _, address in infos:
             sock = socket.socket(family, kind, proto)
             sockets.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if reuse_port:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1 if both else 0)
             sock.bind(address)
             sock.listen(128)
             sock.setblocking(False)

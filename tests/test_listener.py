@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -131,6 +132,34 @@ def test_listening_sockets_cover_every_address_and_close_them_all_on_failure() -
     finally:
         for sock in sockets:
             sock.close()
+
+
+def test_an_ipv6_socket_alone_takes_ipv4_clients_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``::`` was IPv6-only, so a container listening there failed its health check on 127.0.0.1
+    (found in review). An IPv6 socket is IPv6-only only beside an IPv4 one for the same host (as asyncio
+    makes them), where both would otherwise claim the IPv4 port. Tests bind nothing wider than loopback,
+    and Linux makes a socket bound to ``::1`` IPv6-only whatever it was told, so the option is read as
+    it is set."""
+    told: dict[int, int] = {}
+
+    class Recording(socket.socket):
+        def setsockopt(self, level: int, option: int, value: Any, *rest: Any) -> None:
+            if (level, option) == (socket.IPPROTO_IPV6, socket.IPV6_V6ONLY):
+                told[self.fileno()] = value
+            super().setsockopt(level, option, value, *rest)
+
+    monkeypatch.setattr(socket, "socket", Recording)  # the module the listener makes its sockets with
+    for host, expected in (("::1", 0), ("localhost", 1)):
+        told.clear()
+        families = {info[0] for info in socket.getaddrinfo(host, 0)}
+        if expected and not families >= {socket.AF_INET, socket.AF_INET6}:
+            continue  # this machine's localhost is not both
+        sockets = listening_sockets(host, 0, reuse_port=False)
+        try:
+            assert list(told.values()) == [expected]
+        finally:
+            for sock in sockets:
+                sock.close()
 
 
 async def test_a_long_accept_queue_is_accepted_at_once_even_while_the_gate_is_full(
