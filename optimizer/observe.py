@@ -49,6 +49,10 @@ def route_label(request: web.BaseRequest) -> str:
     return f"{resource.canonical} preflight" if request.method == "OPTIONS" else resource.canonical
 
 
+# Of a client's own header, the most an access line keeps.
+MAX_LOGGED_HEADER = 256
+
+
 def record(
     request: web.BaseRequest,
     response: web.StreamResponse,
@@ -82,6 +86,13 @@ def record(
         "bytes_out": bytes_out,
         "duration_ms": round(seconds * 1000, 1),
     }
+    # Who asked, as nginx's combined log says it, so that an abusive client can be found: the peer,
+    # the proxy's account of it (logged, never trusted), and the user agent. Client-chosen text is cut
+    # short, so no client can make a line long.
+    fields["client"] = request.remote
+    for name, header in (("forwarded_for", "X-Forwarded-For"), ("user_agent", "User-Agent")):
+        if value := request.headers.get(header):
+            fields[name] = value[:MAX_LOGGED_HEADER]
     if code:
         fields["code"] = code
     access_log.info(

@@ -122,7 +122,9 @@ async def test_one_structured_log_line_per_request(
     client = await make_client()
     with caplog.at_level(logging.INFO, logger="optimizer.access"):
         response = await client.post(
-            "/optimize", data=multipart(image_bytes()), headers={"X-Request-ID": "req-42"}
+            "/optimize",
+            data=multipart(image_bytes()),
+            headers={"X-Request-ID": "req-42", "User-Agent": "agent/1", "X-Forwarded-For": "x" * 1000},
         )
         await client.post("/optimize", data=multipart(b""), headers={"X-Request-ID": "req-43"})
     assert response.status == 200
@@ -136,6 +138,8 @@ async def test_one_structured_log_line_per_request(
     assert fields[0]["bytes_in"] > 0
     assert fields[0]["bytes_out"] == int(response.headers["Content-Length"])
     assert fields[1]["code"] == "empty_body"
+    assert fields[0]["client"] == "127.0.0.1" and fields[0]["user_agent"] == "agent/1"
+    assert fields[0]["forwarded_for"] == "x" * 256  # cut short: no client makes a line long
     json.dumps(fields)  # serialisable as the JSON log formatter needs
 
 
