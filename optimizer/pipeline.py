@@ -21,6 +21,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from PIL import Image, ImageChops, ImageCms, ImageFile, ImageMath
 
@@ -338,21 +339,24 @@ def _tiff_strip_buffers(im: Image.Image, compressed: int) -> int:
     if tags is None or tags.get(_TIFF_COMPRESSION, 1) == 1:
         return 0
     width, height = im.size
-    rows = tags.get(_TIFF_ROWS_PER_STRIP)  # absent: the whole image is one strip
-    rows = min(rows, height) if isinstance(rows, int) and rows > 0 else height
-    bits = tags.get(_TIFF_BITS_PER_SAMPLE, 1)  # one per sample (Pillow gives a tuple)
-    samples = tags.get(_TIFF_SAMPLES_PER_PIXEL, 1)
-    per_pixel = (
-        sum(bits) if isinstance(bits, tuple) else int(bits) * (samples if isinstance(samples, int) else 1)
-    )
+    rows = _tag_numbers(tags, _TIFF_ROWS_PER_STRIP)  # absent: the whole image is one strip
+    rows_per_strip = min(rows[0], height) if rows and rows[0] > 0 else height
+    bits = _tag_numbers(tags, _TIFF_BITS_PER_SAMPLE) or [1]  # one per sample
+    samples = _tag_numbers(tags, _TIFF_SAMPLES_PER_PIXEL) or [1]
+    per_pixel = sum(bits) if len(bits) > 1 else bits[0] * samples[0]
     scanline = -(-width * per_pixel // 8)
     if tags.get(_TIFF_PHOTOMETRIC) == _TIFF_YCBCR or tags.get(_TIFF_COMPRESSION) in _TIFF_JPEG:
         scanline = max(scanline, width * 4)
-    counts = tags.get(_TIFF_STRIP_BYTE_COUNTS)
-    largest = (
-        max(counts) if isinstance(counts, tuple) and counts else counts if isinstance(counts, int) else 0
-    )
-    return rows * scanline + min(largest, compressed)
+    largest = max(_tag_numbers(tags, _TIFF_STRIP_BYTE_COUNTS), default=0)
+    return rows_per_strip * scanline + min(largest, compressed)
+
+
+def _tag_numbers(tags: Any, tag: int) -> list[int]:
+    """A TIFF tag's values that are whole numbers. A file may give any tag any type: StripByteCounts
+    typed UNDEFINED comes back as bytes, and comparing those with ints was a 500 (found in review)."""
+    value = tags.get(tag)
+    values = value if isinstance(value, tuple) else (value,)
+    return [int(v) for v in values if isinstance(v, int) and not isinstance(v, bool) and v >= 0]
 
 
 _TIFF_BITS_PER_SAMPLE, _TIFF_COMPRESSION, _TIFF_PHOTOMETRIC = 258, 259, 262
@@ -650,6 +654,10 @@ def normalise_mode(im: Image.Image) -> Image.Image:
     has_alpha = "transparency" in im.info
     if mode in ("L", "LA", "RGB", "RGBA", "CMYK") and not (has_alpha and mode in ("L", "RGB")):
         return im
+    if mode in ("P", "PA") and im.palette is None:
+        # A palette PNG without its PLTE chunk: libpng and browsers refuse it, and Pillow's conversion
+        # asserted (a 500, found in review).
+        raise CorruptImage(f"the {im.format} image is in palette mode but has no palette")
     if mode.startswith("I") or mode == "F":
         return _deep_to_l(im, has_alpha)
     if mode == "1":

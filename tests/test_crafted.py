@@ -311,6 +311,31 @@ def tiff_of_strips(strips: int, entries: int = 0) -> bytes:
     return b"II*\x00" + struct.pack("<I", 8) + directory + struct.pack("<I", 0) + offsets + counts + bytes(4)
 
 
+def test_a_tiff_whose_strip_sizes_are_not_numbers_is_estimated_not_a_500() -> None:
+    """StripByteCounts typed UNDEFINED (7) comes back from Pillow as bytes; the estimate compared them
+    with ints (a 500, found by a review's fuzzing)."""
+    short = struct.pack("<HH", 1, 0)
+    entries = [
+        (256, 3, 1, short),  # width 1
+        (257, 3, 1, short),  # height 1
+        (258, 3, 1, struct.pack("<HH", 8, 0)),  # 8 bits
+        (259, 3, 1, struct.pack("<HH", 5, 0)),  # LZW
+        (262, 3, 1, short),  # black is zero
+        (273, 4, 1, struct.pack("<I", 8)),  # the strip's offset
+        (278, 3, 1, short),  # rows per strip
+        (279, 7, 1, b"\x04\x00\x00\x00"),  # StripByteCounts, typed UNDEFINED
+    ]
+    data = tiff_header(entries)
+    assert pipeline.inspect(data, Params(width=300), LIMITS) > 0  # the strip's size taken as unknown
+
+
+def test_a_palette_png_without_its_palette_is_422() -> None:
+    """Colour type 3 without PLTE: libpng and browsers refuse it, Pillow's conversion asserted (a 500)."""
+    data = png(colour_type=3, size=(1, 1))
+    with pytest.raises(CorruptImage, match="no palette"):
+        pipeline.optimize(data, Params(width=300), LIMITS)
+
+
 @pytest.mark.parametrize(
     ("strips", "entries", "refused"),
     [
