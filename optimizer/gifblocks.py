@@ -22,13 +22,17 @@ class TooManyBlocks(StructureLimit):
     """The GIF has more extension blocks before its first image than the limits allow."""
 
 
-def check_blocks(data: bytes) -> None:
+def check_blocks(data: bytes) -> int:
     """``TooManyBlocks`` past the limits; a GIF cut short or malformed is left to Pillow to refuse.
+    Returns the pixels of the canvas Pillow makes for the first image (0 if there is none to read):
+    Pillow widens the canvas to a frame larger than the screen, and allocates the frame's disposal
+    buffer, as it opens the file, before any check of ours can see the size. A review's 49-byte GIF
+    of one 65535x2730 frame took 171 MiB that way, then was refused for its pixels.
 
     Walks as Pillow reads: up to the first image or the trailer, stepping over bytes that start no block
     one at a time (a stray byte before the extensions let a review's flood past the first version)."""
     if len(data) < _HEADER:
-        return
+        return 0
     flags = data[10]
     pos = _HEADER + (3 << ((flags & 0x07) + 1) if flags & 0x80 else 0)  # the global colour table
     extensions = sub_blocks = junk = 0
@@ -55,3 +59,10 @@ def check_blocks(data: bytes) -> None:
                 )
             pos += 1 + length
         pos += 1  # the terminator
+    if pos + 9 > size or data[pos] != _IMAGE:
+        return 0
+    screen_width, screen_height = int.from_bytes(data[6:8], "little"), int.from_bytes(data[8:10], "little")
+    left, top, width, height = (
+        int.from_bytes(data[at : at + 2], "little") for at in range(pos + 1, pos + 9, 2)
+    )
+    return max(screen_width, left + width) * max(screen_height, top + height)

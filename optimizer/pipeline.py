@@ -458,6 +458,10 @@ def open_image(data: bytes, limits: Limits) -> Image.Image:
         walked = check(data) if check is not None else None
     except StructureLimit as exc:
         raise CorruptImage(str(exc)) from None
+    if family == "gif" and isinstance(walked, int) and walked > limits.max_pixels:
+        raise TooManyPixels(
+            f"the GIF's first image makes a canvas of {walked} pixels; the limit is {limits.max_pixels}"
+        )
     if isinstance(walked, avifboxes.Summary) and walked.decoded.track_frame_pixels > limits.max_pixels:
         raise TooManyPixels(
             f"the AVIF's AV1 data codes frames of {walked.decoded.track_frame_pixels} pixels; the limit is "

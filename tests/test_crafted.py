@@ -651,6 +651,21 @@ def test_a_stray_byte_does_not_hide_a_gifs_extensions() -> None:
         pipeline.inspect(head + bytes(gifblocks.MAX_JUNK + 1) + tail, Params(width=1), LIMITS)
 
 
+@pytest.mark.parametrize(("left", "width", "height"), [(0, 65535, 2730), (65000, 535, 2730), (0, 9000, 6000)])
+def test_a_gif_frame_that_widens_the_canvas_past_the_limit_is_refused_before_pillow_opens_it(
+    left: int, width: int, height: int
+) -> None:
+    """Pillow widens the canvas to a frame larger than the screen and allocates the frame's disposal
+    buffer as it opens the file: a review's 49-byte GIF of one 65535x2730 frame took 171 MiB, then was
+    refused for its pixels."""
+    head, tail = one_pixel_gif()
+    disposal = b"!\xf9\x04\x08\x00\x00\x00\x00"  # a graphic control extension: restore to background
+    descriptor = b"," + struct.pack("<HHHH", left, 0, width, height) + b"\x00"
+    data = head + disposal + descriptor + tail[tail.index(b",") + 10 :]
+    with pytest.raises(TooManyPixels, match="makes a canvas of"):
+        pipeline.inspect(data, Params(width=1), LIMITS)
+
+
 def box(kind: bytes, body: bytes) -> bytes:
     return struct.pack(">I", 8 + len(body)) + kind + body
 
