@@ -23,6 +23,7 @@ from PIL.PngImagePlugin import PngInfo
 from optimizer.errors import CorruptImage, EmptyBody, OptimizerError, TooManyPixels, UnsupportedFormat
 from optimizer.pipeline import (
     MEDIA_TYPES,
+    PNG_OPTIMIZE_MAX_PIXELS,
     Limits,
     Output,
     Params,
@@ -382,6 +383,22 @@ def test_png_exif_chunk_after_the_image_data_is_honoured() -> None:
 
     out, image = run(data, Params(format="png", width=15))
     assert image.size == (15, 30)
+
+
+@pytest.mark.parametrize("width", [400, 1200])
+def test_large_png_output_is_compressed_at_zlibs_default_level(width: int) -> None:
+    """zlib's level 9 costs depend on the pixels: a 7 KB GIF enlarged to a 4000x3000 PNG took 18.7 s of
+    CPU (a review's fuzzing). Above ``PNG_OPTIMIZE_MAX_PIXELS`` the output is written at level 6, which
+    its zlib header says (FLEVEL 2; level 9 says 3)."""
+    noise = Image.effect_noise((64, 48), 80).convert("RGB")
+    buffer = io.BytesIO()
+    noise.save(buffer, "PNG")
+    out, image = run(buffer.getvalue(), Params(format="png", width=width, enlarge=True))
+    assert image.size == (width, width * 48 // 64)
+    idat = out.data.index(b"IDAT") + 4
+    level = out.data[idat + 1] >> 6
+    large = image.width * image.height > PNG_OPTIMIZE_MAX_PIXELS
+    assert level == (2 if large else 3)
 
 
 # ------------------------------------------------------------------------------------------------ alpha
