@@ -745,7 +745,7 @@ def to_srgb(im: Image.Image, icc: bytes | None) -> Image.Image:
     colour = im.convert("RGB") if alpha is not None else im
     if icc and colour.mode in ("RGB", "CMYK"):
         try:
-            profile = ImageCms.ImageCmsProfile(io.BytesIO(_without_float_luts(icc)))
+            profile = ImageCms.ImageCmsProfile(io.BytesIO(_usable_icc(icc)))
             if not ImageCms.getProfileDescription(profile).strip().startswith("sRGB"):
                 converted = ImageCms.profileToProfile(colour, profile, _SRGB, outputMode="RGB")
                 if converted is not None:
@@ -771,23 +771,60 @@ _ICC_HEADER = 128
 _ICC_TAG_ENTRY = 12
 
 
-def _without_float_luts(icc: bytes) -> bytes:
-    """``icc`` with its D2Bx/B2Dx tags renamed (lower case: unknown to LittleCMS), else as it is."""
+def _usable_icc(icc: bytes) -> bytes:
+    """``icc`` with the tags LittleCMS must not read renamed (case swapped: unknown to it), else as it is:
+    float transforms (above), and tags whose counts promise more than they hold (``_icc_tag_fits``)."""
     if len(icc) < _ICC_HEADER + 4:
         return icc
     (count,) = struct.unpack_from(">I", icc, _ICC_HEADER)
     table_end = _ICC_HEADER + 4 + _ICC_TAG_ENTRY * count
     if table_end > len(icc):
         return icc  # LittleCMS refuses such a table itself
-    found = [
-        at for at in range(_ICC_HEADER + 4, table_end, _ICC_TAG_ENTRY) if icc[at : at + 4] in _FLOAT_LUT_TAGS
-    ]
+    found = []
+    for at in range(_ICC_HEADER + 4, table_end, _ICC_TAG_ENTRY):
+        signature, offset, size = struct.unpack_from(">4sII", icc, at)
+        if signature in _FLOAT_LUT_TAGS or not _icc_tag_fits(icc[offset : offset + size]):
+            found.append(at)
     if not found:
         return icc
     renamed = bytearray(icc)
     for at in found:
-        renamed[at : at + 4] = icc[at : at + 4].lower()
+        renamed[at : at + 4] = icc[at : at + 4].swapcase()  # ``desc`` is lower case already
     return bytes(renamed)
+
+
+def _icc_tag_fits(tag: bytes) -> bool:
+    """Whether a tag holds what its counts say, for the types LittleCMS allocates from a count before
+    reading: a 588-byte profile whose description (an ``mluc``) claimed 44 million records made it
+    allocate and clear 504 MiB for a 1x1 PNG (a review's fuzzing); lookup tables (``mft1``, ``mft2``,
+    and the CLUT of ``mAB``/``mBA``) can claim ~500 MB the same way. A tag cut short is LittleCMS's to
+    refuse; here only what it would allocate is compared with the tag's size."""
+    kind, size = tag[:4], len(tag)
+    try:
+        if kind == b"mluc":
+            records, record = struct.unpack_from(">II", tag, 8)
+            return bool(16 + records * record <= size)
+        if kind in (b"mft1", b"mft2"):
+            inputs, outputs, grid = tag[8], tag[9], tag[10]
+            if kind == b"mft1":
+                entries = 256 * inputs + grid**inputs * outputs + 256 * outputs
+                return bool(48 + entries <= size)
+            input_entries, output_entries = struct.unpack_from(">HH", tag, 48)
+            entries = input_entries * inputs + grid**inputs * outputs + output_entries * outputs
+            return bool(52 + 2 * entries <= size)
+        if kind in (b"mAB ", b"mBA "):
+            inputs, outputs = tag[8], tag[9]
+            (clut,) = struct.unpack_from(">I", tag, 24)
+            if not clut:
+                return True
+            points = 1
+            for grid in tag[clut : clut + min(inputs, 16)]:
+                points *= grid
+            precision = tag[clut + 16]
+            return bool(clut + 20 + points * outputs * precision <= size)
+    except (struct.error, IndexError):
+        return True  # cut short: LittleCMS refuses it as it reads
+    return True
 
 
 def fit_mode_to_format(im: Image.Image, params: Params) -> Image.Image:

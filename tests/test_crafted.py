@@ -79,7 +79,7 @@ def test_an_icc_profile_of_endless_float_stages_costs_nothing_beyond_its_estimat
     """20 000 stages in a 626-byte PNG took 35 s of CPU and 750 MB (the review); 3000 here took ~1.7 s
     and ~140 MB before the fix. LittleCMS now never sees them: the profile is ignored, as browsers do."""
     profile = float_lut_profile(3000)
-    assert b"D2B0" not in pipeline._without_float_luts(profile)
+    assert b"D2B0" not in pipeline._usable_icc(profile)
     buffer = io.BytesIO()
     Image.new("RGB", (8, 8), (200, 100, 50)).save(buffer, "PNG", icc_profile=profile)
     path = tmp_path / "float-stages.png"
@@ -92,11 +92,51 @@ def test_an_icc_profile_of_endless_float_stages_costs_nothing_beyond_its_estimat
     assert peak <= estimate * 1.1 + 2 * MIB, f"estimate {estimate / MIB:.1f} MiB < peak {peak / MIB:.1f} MiB"
 
 
+def test_an_icc_tag_claiming_more_records_than_it_holds_is_not_read() -> None:
+    """A 588-byte profile whose description (an mluc) claimed 44 million records made LittleCMS allocate
+    and clear 504 MiB for a 1x1 PNG (a review's fuzzing). Such a tag is renamed, unknown to LittleCMS;
+    the profile's other tags still convert the colours."""
+    srgb = bytearray(pipeline._SRGB.tobytes())
+    (count,) = struct.unpack_from(">I", srgb, 128)
+    tags = {
+        bytes(srgb[at : at + 4]): struct.unpack_from(">II", srgb, at + 4)
+        for at in range(132, 132 + 12 * count, 12)
+    }
+    offset, _size = tags[b"desc"]
+    assert srgb[offset : offset + 4] == b"mluc"
+    struct.pack_into(">I", srgb, offset + 8, 44_040_192)
+    usable = pipeline._usable_icc(bytes(srgb))
+    assert b"desc" not in usable[: 132 + 12 * count] and b"DESC" in usable and b"wtpt" in usable
+    image = Image.new("RGB", (8, 8), (200, 100, 50))
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG", icc_profile=bytes(srgb))
+    out = pipeline.optimize(buffer.getvalue(), Params(width=4, format="png"), LIMITS)
+    assert (out.width, out.height) == (4, 4)
+    assert pipeline._usable_icc(pipeline._SRGB.tobytes()) == pipeline._SRGB.tobytes()
+
+
+def test_icc_lookup_tables_must_hold_what_their_grids_say() -> None:
+    """mft2 and mAB tables are allocated from their grids before they are read: 255 points over three
+    inputs and 15 outputs is ~500 MB. Checked against the tag's size, as LittleCMS's own profiles fit."""
+
+    def mft2(grid: int, table: int) -> bytes:
+        return (
+            b"mft2" + bytes(4) + bytes([3, 3, grid, 0]) + bytes(36) + struct.pack(">HH", 2, 2) + bytes(table)
+        )
+
+    assert pipeline._icc_tag_fits(mft2(2, 2 * (2 * 3 + 2**3 * 3 + 2 * 3)))
+    assert not pipeline._icc_tag_fits(mft2(255, 2 * (2 * 3 + 2**3 * 3 + 2 * 3)))
+    clut = bytes([2, 2, 2] + [0] * 13) + bytes([2, 0, 0, 0]) + bytes(2**3 * 3 * 2)
+    m_ab = b"mAB " + bytes(4) + bytes([3, 3, 0, 0]) + struct.pack(">IIIII", 0, 0, 0, 32, 0) + clut
+    assert pipeline._icc_tag_fits(m_ab)
+    assert not pipeline._icc_tag_fits(m_ab[:32] + bytes([255, 255, 255]) + m_ab[35:])
+
+
 def test_a_profile_without_float_stages_is_used_as_it_is() -> None:
     srgb = pipeline._SRGB.tobytes()
-    assert pipeline._without_float_luts(srgb) == srgb
+    assert pipeline._usable_icc(srgb) == srgb
     for short in (b"", srgb[:100], srgb[:132] + b"\xff\xff\xff\xff"):  # no table, or one past the end
-        assert pipeline._without_float_luts(short) == short
+        assert pipeline._usable_icc(short) == short
 
 
 def chunk(kind: bytes, data: bytes) -> bytes:
