@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from PIL import Image, ImageChops, ImageCms, ImageFile, ImageMath
+from PIL import Image, ImageChops, ImageCms, ImageFile, ImageMath, PngImagePlugin
 
 from optimizer import avifboxes, avifdecode, gifblocks, vips, webpchunks
 from optimizer.errors import CorruptImage, EmptyBody, StructureLimit, TooManyPixels, UnsupportedFormat
@@ -34,7 +34,7 @@ from optimizer.jpegscans import (
     decode_dc_scans_only,
     scans_to_decode,
 )
-from optimizer.pngchunks import check_chunks
+from optimizer.pngchunks import PngChunks, check_chunks
 from optimizer.sniff import PILLOW_FORMATS, sniff
 from optimizer.tiffifd import check_directory, check_exif
 
@@ -194,6 +194,11 @@ _FIXED_OVERHEAD = 2 * 1024 * 1024
 # libwebp and libavif convert to YUV planes beside an ARGB copy (libavif and its AV1 encoder keep several
 # more: 21.6 bytes per pixel measured at 20 Mpx, 24 at 13 Mpx); zlib works in small windows.
 _ENCODER_BYTES_PER_PIXEL = {"jpeg": 3, "png": 0, "webp": 6, "avif": 24}
+# An alpha plane's encoder beside the colour's: libwebp codes it losslessly, with its own hash chains
+# and backward references (15.6 bytes a pixel more for a smooth alpha, 31 for a noisy one, 3000x2000);
+# libavif codes it as a second AV1 image (a 7001x7072 RGBA canvas peaked 4.5 bytes a pixel over the
+# colour's 24). Both from a review's fuzzing.
+_ALPHA_ENCODER_BYTES_PER_PIXEL = {"webp": 32, "avif": 8}
 
 
 def estimate_memory(
@@ -234,6 +239,10 @@ def estimate_memory(
             work += 2 * dec_w * dec_h * packed + target_w * target_h * packed
         else:
             work += target_w * dec_h * stored  # the horizontal pass of Pillow's resize
+            if has_alpha:
+                # Pillow resizes premultiplied (RGBa) and converts the result back: a second target-size
+                # copy (enlarging a 96x64 RGBA PNG to 8192 px peaked at 342 MiB against 175, a review).
+                work += target_w * target_h * 4
         work += target_w * target_h * stored  # the output
     if orientation in _TRANSPOSE:
         work += target_w * target_h * stored  # orient's turned copy, beside the image it turns
@@ -243,27 +252,57 @@ def estimate_memory(
         work += target_w * target_h * (9 if has_alpha else 4)
     if has_alpha and output_format == "jpeg":
         work += target_w * target_h * 6  # flattening: an RGB copy and the inverted alpha
+    if grey and output_format in ("webp", "avif"):
+        # fit_mode_to_format: grey made RGB(A) for the encoder (a 6000x4000 grey JPEG to WebP peaked at
+        # 250 MiB against 162, a review)
+        work += target_w * target_h * 4
     work += target_w * target_h * _ENCODER_BYTES_PER_PIXEL.get(output_format, 6)
-    if im.format == "TIFF":
-        if (tile := _tiff_tile(im)) is not None:
-            decoded += tile[0] * tile[1] * 8  # libtiff's buffer for one tile, up to 4 samples of 16 bits
-        else:
-            decoded += _tiff_strip_buffers(im, compressed)
-        tags = getattr(im, "tag_v2", None)
-        if tags is not None and tags.get(_ORIENTATION_TAG, 1) != 1:
-            decoded *= 2  # Pillow turns the loaded frame into a copy (see read_orientation)
-    if im.format == "WEBP":
-        decoded += _webp_buffers(im, width * height, compressed)
-    if _python_rle(im):
-        decoded += 2 * width * height  # BmpRleDecoder's bytearray of the pixels, and its bytes() copy
-    fp = getattr(im, "fp", None)
-    if im.format == "AVIF" and isinstance(fp, io.BytesIO):
-        decoded += _avif_frames(avifboxes.check_boxes(fp.getvalue()), width * height)
-    held = _metadata_bytes(im)  # already in memory, and for as long as the image is open
+    if has_alpha:
+        work += target_w * target_h * _ALPHA_ENCODER_BYTES_PER_PIXEL.get(output_format, 0)
+    extra, held = _decoder_buffers(im, decoded, compressed)
+    decoded += extra
+    held += _metadata_bytes(im)  # already in memory, and for as long as the image is open
     feeding = min(compressed, 2 * DECODE_BLOCK)  # a block read, and the unconsumed rest joined to it
     if coefficients and scale == DC_ONLY_SCALE:
         feeding += compressed  # the stream without its AC scans (optimizer.jpegscans), at most as long
     return max(coefficients + decoded + feeding, work) + held + _FIXED_OVERHEAD
+
+
+def _decoder_buffers(im: Image.Image, decoded: int, compressed: int) -> tuple[int, int]:
+    """What a format's decoder holds beside the ``decoded`` frame: bytes while it decodes, and bytes for
+    as long as the image is open (through the resize and the encode)."""
+    width, height = im.size
+    during = held = 0
+    if im.format == "TIFF":
+        if (tile := _tiff_tile(im)) is not None:
+            during += tile[0] * tile[1] * 8  # libtiff's buffer for one tile, up to 4 samples of 16 bits
+        else:
+            during += _tiff_strip_buffers(im, compressed)
+        tags = getattr(im, "tag_v2", None)
+        if tags is not None and tags.get(_ORIENTATION_TAG, 1) != 1:
+            during += decoded + during  # Pillow turns the loaded frame into a copy (see read_orientation)
+    fp = getattr(im, "fp", None)
+    if im.format == "WEBP":
+        # Pillow keeps libwebp's decoder, its canvases and its copy of the file until the image is
+        # closed, through the resize and the encode (a 6 Mpx WebP to AVIF peaked at 216 MiB against 162
+        # estimated when they counted in the decode alone, a review).
+        held += _webp_buffers(im, width * height, compressed)
+    if im.format == "PNG" and isinstance(fp, io.BytesIO):
+        held += _late_png_text(check_chunks(fp.getvalue()))
+    if _python_rle(im):
+        during += 2 * width * height  # BmpRleDecoder's bytearray of the pixels, and its bytes() copy
+    if im.format == "AVIF" and isinstance(fp, io.BytesIO):
+        during += _avif_frames(avifboxes.check_boxes(fp.getvalue()), width * height)
+    return during, held
+
+
+def _late_png_text(chunks: PngChunks) -> int:
+    """The text chunks after a PNG's image data, which Pillow reads with the pixels (so ``_metadata_bytes``
+    cannot see them at open): each compressed one inflated up to Pillow's chunk limit, all of them up to
+    its text memory limit. A 67 KB PNG of 63 zTXt chunks after its IDAT peaked at 64.5 MiB against 2.1
+    estimated (a review's fuzzing)."""
+    inflated = chunks.late_text_bytes + chunks.late_compressed_text * PngImagePlugin.MAX_TEXT_CHUNK
+    return min(inflated, PngImagePlugin.MAX_TEXT_MEMORY)
 
 
 def _webp_buffers(im: Image.Image, pixels: int, compressed: int) -> int:

@@ -10,6 +10,7 @@ chunk headers, up to the limits, so its own cost is bounded too.
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 
 from optimizer.errors import StructureLimit
 
@@ -30,15 +31,30 @@ class TooManyChunks(StructureLimit):
     """The PNG has more chunks than the limits allow."""
 
 
-def check_chunks(data: bytes) -> None:
+@dataclass(frozen=True, slots=True)
+class PngChunks:
+    """What the memory estimate needs from the walk: the text chunks after the image data, which Pillow
+    reads with the pixels, not at open."""
+
+    late_text_bytes: int = 0  # tEXt, as stored
+    late_compressed_text: int = 0  # zTXt and iTXt, each inflated up to Pillow's limit
+
+
+def check_chunks(data: bytes) -> PngChunks:
     """``TooManyChunks`` past the limits; a PNG cut short or malformed is left to Pillow to refuse."""
     pos, size = _SIGNATURE, len(data)
-    chunks = ancillary = profiles = 0
+    chunks = ancillary = profiles = late_text = late_compressed = 0
+    image_seen = False
     while pos + 8 <= size:
         length, kind = struct.unpack_from(">I4s", data, pos)
         chunks += 1
         if kind not in _IMAGE_DATA:
             ancillary += 1
+        image_seen = image_seen or kind == b"IDAT"
+        if image_seen and kind == b"tEXt":
+            late_text += length
+        elif image_seen and kind in (b"zTXt", b"iTXt"):
+            late_compressed += 1
         if kind == b"iCCP":
             profiles += 1
             if profiles > MAX_ICC_CHUNKS:
@@ -51,5 +67,6 @@ def check_chunks(data: bytes) -> None:
                 "its image data; an encoder writes a few"
             )
         if kind == b"IEND":
-            return
+            break
         pos += _CHUNK_OVERHEAD + length
+    return PngChunks(late_text, late_compressed)

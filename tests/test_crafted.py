@@ -218,7 +218,9 @@ def test_chunks_after_the_image_data_count_too() -> None:
 
 def covers(path: Path, width: str, fmt: str) -> None:
     """The estimate covers the peak measured in a child process (as tests/test_memory_estimate.py)."""
-    params = Params(width=None if width == "-" else int(width), format=fmt)
+    params = Params(
+        width=None if width == "-" else int(width.rstrip("+")), format=fmt, enlarge=width.endswith("+")
+    )
     estimate = pipeline.inspect(path.read_bytes(), params, LIMITS)
     peak = measured_peak(path, width, fmt, "pillow")
     assert peak <= estimate * 1.1 + 2 * MIB, f"estimate {estimate / MIB:.1f} MiB < peak {peak / MIB:.1f} MiB"
@@ -1427,3 +1429,65 @@ def test_the_estimate_covers_a_large_lossless_webps_copies(tmp_path: Path, frame
     images[0].save(path, "WEBP", lossless=True, method=0, save_all=frames > 1, append_images=images[1:])
     assert path.stat().st_size > 1024 * 1024 * frames  # noise does not compress: the copies matter
     covers(path, "300", "jpeg")
+
+
+def gradient_image(mode: str, size: tuple[int, int], *, noisy_alpha: bool = False) -> Image.Image:
+    """A smooth image of ``mode``; with ``noisy_alpha``, an alpha plane of noise (the costliest to code)."""
+    ramp = Image.linear_gradient("L").resize(size)
+    if mode == "L":
+        return ramp
+    rgb = Image.merge("RGB", [ramp, ramp.transpose(Image.Transpose.FLIP_LEFT_RIGHT), ramp])
+    if mode == "RGB":
+        return rgb
+    alpha = (
+        Image.effect_noise(size, 100).convert("L")
+        if noisy_alpha
+        else ramp.transpose(Image.Transpose.ROTATE_180)
+    )
+    rgb.putalpha(alpha)
+    return rgb
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("kind", "width", "fmt"),
+    [
+        pytest.param("grey-jpeg", "-", "webp", id="grey-to-webp"),  # made RGB for the encoder
+        pytest.param("rgba-png", "-", "webp", id="noisy-alpha-to-webp"),  # libwebp codes alpha losslessly
+        pytest.param("small-rgba-png", "3000+", "png", id="alpha-enlarged"),  # premultiplied, converted back
+        pytest.param("rgb-webp", "-", "avif", id="webp-decoder-held"),  # Pillow keeps libwebp's decoder
+    ],
+)
+def test_the_estimate_covers_what_a_review_found_it_missed(
+    tmp_path: Path, kind: str, width: str, fmt: str
+) -> None:
+    """A review's fuzzing found each of these over the estimate, at 3000x2000: grey JPEG to WebP 250 MiB
+    against 162; an alpha plane to WebP 151-239 against 59; an RGBA enlarged 342 against 175; an RGB WebP
+    to AVIF 216 against 162."""
+    size = (2000, 1500)
+    if kind == "grey-jpeg":
+        path = tmp_path / "grey.jpg"
+        gradient_image("L", size).save(path, "JPEG", quality=90)
+    elif kind == "small-rgba-png":
+        path = tmp_path / "small-alpha.png"
+        gradient_image("RGBA", (96, 64)).save(path, "PNG")
+    elif kind == "rgba-png":
+        path = tmp_path / "alpha.png"
+        gradient_image("RGBA", size, noisy_alpha=fmt == "webp").save(path, "PNG", compress_level=1)
+    else:
+        path = tmp_path / "colour.webp"
+        gradient_image("RGB", size).save(path, "WEBP", quality=80)
+    covers(path, width, fmt)
+
+
+@pytest.mark.slow
+def test_the_estimate_covers_text_after_a_pngs_image_data(tmp_path: Path) -> None:
+    """Pillow reads the text chunks after IDAT with the pixels, where the estimate's look at the metadata
+    at open cannot see them: 63 zTXt chunks of 1 MiB each peaked at 64.5 MiB against 2.1 (a review)."""
+    text = zlib.compress(b"a" * (1024 * 1024 - 100), 9)
+    data = png(size=(96, 64))
+    end = data.index(b"IEND") - 4
+    late = b"".join(chunk(b"zTXt", b"k%d\x00\x00" % i + text) for i in range(40))
+    path = tmp_path / "late-text.png"
+    path.write_bytes(data[:end] + late + data[end:])
+    covers(path, "32", "jpeg")

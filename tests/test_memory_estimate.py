@@ -45,7 +45,9 @@ def status(field):
     for line in open("/proc/self/status"):
         if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
-params = Params(width=int(width) if width != "-" else None, format=fmt)
+params = Params(  # a width ending in "+" enlarges
+    width=int(width.rstrip("+")) if width != "-" else None, format=fmt, enlarge=width.endswith("+")
+)
 with open("/proc/self/clear_refs", "w") as handle:
     handle.write("5")  # reset VmHWM to the current RSS: the peak from here on is this request's
 before = status("VmRSS")
@@ -94,7 +96,9 @@ def test_estimate_covers_the_measured_peak(name: str, width: str, fmt: str, resi
     if resizer == "vips":
         vips_or_skip()
         # libvips itself (code, thread pool) is loaded by the warm-up in the child, before the peak is reset
-    params = Params(width=int(width) if width != "-" else None, format=fmt)
+    params = Params(  # a width ending in "+" enlarges
+        width=int(width.rstrip("+")) if width != "-" else None, format=fmt, enlarge=width.endswith("+")
+    )
     estimate = inspect(path.read_bytes(), params, dataclasses.replace(LIMITS, resizer=resizer))
     peak = measured_peak(path, width, fmt, resizer)
     # Not under: allow 10 % and 2 MiB of allocator noise. Not far over: at most twice, plus 8 MiB.
@@ -226,7 +230,9 @@ COPY_CASES = [
 def test_estimate_covers_the_copies_of_each_path(tmp_path: Path, kind: str, width: str, fmt: str) -> None:
     path = tmp_path / "input"
     _generated(kind, path)
-    params = Params(width=int(width) if width != "-" else None, format=fmt)
+    params = Params(  # a width ending in "+" enlarges
+        width=int(width.rstrip("+")) if width != "-" else None, format=fmt, enlarge=width.endswith("+")
+    )
     estimate = inspect(path.read_bytes(), params, LIMITS)
     peak = measured_peak(path, width, fmt, "pillow")
     assert peak <= estimate * 1.1 + 2 * MIB, f"estimate {estimate / MIB:.1f} MiB < peak {peak / MIB:.1f} MiB"
