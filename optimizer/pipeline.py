@@ -808,6 +808,7 @@ def to_srgb(im: Image.Image, icc: bytes | None) -> Image.Image:
 _FLOAT_LUT_TAGS = frozenset(prefix + bytes([digit]) for prefix in (b"D2B", b"B2D") for digit in b"0123")
 _ICC_HEADER = 128
 _ICC_TAG_ENTRY = 12
+_ICC_MAX_TAGS = 100  # LittleCMS's own limit (MAX_TABLE_TAG): it refuses a profile with more
 
 
 def _usable_icc(icc: bytes) -> bytes:
@@ -817,12 +818,13 @@ def _usable_icc(icc: bytes) -> bytes:
         return icc
     (count,) = struct.unpack_from(">I", icc, _ICC_HEADER)
     table_end = _ICC_HEADER + 4 + _ICC_TAG_ENTRY * count
-    if table_end > len(icc):
+    if count > _ICC_MAX_TAGS or table_end > len(icc):
         return icc  # LittleCMS refuses such a table itself
+    view = memoryview(icc)  # a tag is looked at in place: a copy per tag was quadratic (a review)
     found = []
     for at in range(_ICC_HEADER + 4, table_end, _ICC_TAG_ENTRY):
         signature, offset, size = struct.unpack_from(">4sII", icc, at)
-        if signature in _FLOAT_LUT_TAGS or not _icc_tag_fits(icc[offset : offset + size]):
+        if signature in _FLOAT_LUT_TAGS or not _icc_tag_fits(view[offset : offset + size]):
             found.append(at)
     if not found:
         return icc
@@ -832,13 +834,13 @@ def _usable_icc(icc: bytes) -> bytes:
     return bytes(renamed)
 
 
-def _icc_tag_fits(tag: bytes) -> bool:
+def _icc_tag_fits(tag: bytes | memoryview) -> bool:
     """Whether a tag holds what its counts say, for the types LittleCMS allocates from a count before
     reading: a 588-byte profile whose description (an ``mluc``) claimed 44 million records made it
     allocate and clear 504 MiB for a 1x1 PNG (a review's fuzzing); lookup tables (``mft1``, ``mft2``,
     and the CLUT of ``mAB``/``mBA``) can claim ~500 MB the same way. A tag cut short is LittleCMS's to
     refuse; here only what it would allocate is compared with the tag's size."""
-    kind, size = tag[:4], len(tag)
+    kind, size = bytes(tag[:4]), len(tag)
     try:
         if kind == b"mluc":
             records, record = struct.unpack_from(">II", tag, 8)
