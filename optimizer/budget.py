@@ -1,4 +1,4 @@
-"""``MemoryBudget``: the memory the uploads held and the decodes together may take.
+"""``MemoryBudget``: the memory the decodes (and unsent answers) may take, and beside it the uploads'.
 
 Counting admission slots bounds memory only if every image costs the same, and they do not: a 22 Mpx
 progressive JPEG makes libjpeg hold ~133 MB whatever the output size, while a baseline JPEG decoded at
@@ -22,9 +22,13 @@ import threading
 
 from optimizer.errors import Overloaded, OverMemoryBudget
 
-# The most of the budget uploads held in memory may take together, so that the images they are for
-# always have room to decode: were uploads to fill the budget, each would wait for decode memory that
-# only the others could give back. A single upload may take more, up to the whole budget.
+# Uploads held in memory have an allowance of their own, this share of the budget, beside the decodes'
+# room: a request holds its upload while it waits for decode room, so were uploads to take that room,
+# each could wait for room only the others give back (two 5.6 MiB PNGs, each needing 15 MiB to decode
+# in a 23.5 MiB budget, both waited out memory_wait and got 503, found in review). Apart, decodes
+# never wait on uploads, and uploads never wait at all (a request over the allowance gets 503 at once).
+# So the budget's worst case is 1.5 times it: with the default (half the memory limit), three quarters
+# of the limit, the rest for the interpreter and what the estimate does not see.
 UPLOAD_SHARE = 0.5
 
 
@@ -50,43 +54,53 @@ class MemoryBudget:
             raise ValueError("the memory budget must be positive")
         self.total = total
         self.in_use = 0
-        self.uploads = 0  # of in_use: uploads held in memory
+        self.uploads = 0  # uploads held in memory, beside in_use (see UPLOAD_SHARE)
         self.peak = 0
         self._waiters: set[asyncio.Future[None]] = set()
         self._lock = threading.Lock()  # in_use and peak, for try_reserve from worker threads
 
-    def try_reserve(self, nbytes: int, *, beside: int = 0) -> Reservation | None:
+    @property
+    def upload_allowance(self) -> int:
+        """What the uploads held in memory may take together, beside the budget's room for decodes."""
+        return int(self.total * UPLOAD_SHARE)
+
+    def try_reserve(self, nbytes: int) -> Reservation | None:
         """Hold ``nbytes`` to decode an image now if there is room, else ``None``; refuses what can never
-        fit (413), ``beside`` the bytes its upload holds."""
-        if nbytes + beside > self.total:
-            upload = f" beside its {_mib(beside)} MiB upload" if beside else ""
+        fit (413)."""
+        if nbytes > self.total:
             raise OverMemoryBudget(
-                f"decoding this image needs about {_mib(nbytes)} MiB{upload}; the service's memory budget "
-                f"is {_mib(self.total)} MiB"
+                f"decoding this image needs about {_mib(nbytes)} MiB; the service's memory budget is "
+                f"{_mib(self.total)} MiB"
             )
         with self._lock:
             if self.in_use + nbytes > self.total:
                 return None
             self.in_use += nbytes
-            self.peak = max(self.peak, self.in_use)
+            self.peak = max(self.peak, self.in_use + self.uploads)
         return Reservation(self, nbytes)
 
-    def try_reserve_upload(self, nbytes: int, held: Reservation | None = None) -> Reservation | None:
-        """Hold ``nbytes`` more of an upload (added to ``held``, its earlier part) if there is room, else
-        ``None``; refuses an upload larger than the budget (413). Uploads take at most ``UPLOAD_SHARE``
-        of the budget together, unless there is only one."""
-        size = nbytes + (held.nbytes if held is not None else 0)
-        if size > self.total:
+    def refuse_upload(self, nbytes: int) -> None:
+        """413 for an upload larger than the uploads' allowance; 503 when the others leave no room for
+        it now. For a declared length before reading, so that a refused client sends no body."""
+        if nbytes > self.upload_allowance:
             raise OverMemoryBudget(
-                f"the upload is {_mib(size)} MiB; the service's memory budget is {_mib(self.total)} MiB"
+                f"the upload is {_mib(nbytes)} MiB; the uploads held at once may take "
+                f"{_mib(self.upload_allowance)} MiB (half the service's memory budget)"
             )
+        if self.uploads + nbytes > self.upload_allowance:
+            raise Overloaded("the memory for uploads is in use by other requests; retry later", retry_after=1)
+
+    def try_reserve_upload(self, nbytes: int, held: Reservation | None = None) -> Reservation | None:
+        """Hold ``nbytes`` more of an upload (added to ``held``, its earlier part) if the allowance has
+        room, else ``None``; refuses an upload larger than the allowance (413)."""
+        size = nbytes + (held.nbytes if held is not None else 0)
+        if size > self.upload_allowance:
+            self.refuse_upload(size)
         with self._lock:
-            others = self.uploads - (held.nbytes if held is not None else 0)
-            if self.in_use + nbytes > self.total or (others and others + size > self.total * UPLOAD_SHARE):
+            if self.uploads + nbytes > self.upload_allowance:
                 return None
-            self.in_use += nbytes
             self.uploads += nbytes
-            self.peak = max(self.peak, self.in_use)
+            self.peak = max(self.peak, self.in_use + self.uploads)
             if held is not None:
                 held.nbytes += nbytes
                 return held
@@ -97,21 +111,17 @@ class MemoryBudget:
         then room the decodes wait for, not memory on top of the budget."""
         with self._lock:
             self.in_use += nbytes
-            self.peak = max(self.peak, self.in_use)
+            self.peak = max(self.peak, self.in_use + self.uploads)
         return Reservation(self, nbytes)
 
-    async def reserve(
-        self, nbytes: int, wait: float, *, beside: int = 0, upload: bool = False
-    ) -> Reservation:
-        """Hold ``nbytes`` (to decode, ``beside`` an upload's bytes; or of an ``upload``); waits up to
-        ``wait`` seconds for room (503), refuses what cannot fit (413)."""
+    async def reserve(self, nbytes: int, wait: float) -> Reservation:
+        """Hold ``nbytes`` to decode; waits up to ``wait`` seconds for room (503), refuses what cannot fit
+        (413)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
         # Not first-come-first-served on purpose: a small image that fits goes ahead of a large one
         # that is waiting for room, rather than queueing behind it.
-        while (
-            granted := self.try_reserve_upload(nbytes) if upload else self.try_reserve(nbytes, beside=beside)
-        ) is None:
+        while (granted := self.try_reserve(nbytes)) is None:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 raise Overloaded(
@@ -131,9 +141,10 @@ class MemoryBudget:
 
     def _give_back(self, nbytes: int, *, upload: bool = False) -> None:
         with self._lock:
-            self.in_use -= nbytes
             if upload:
                 self.uploads -= nbytes
+            else:
+                self.in_use -= nbytes
         for waiter in self._waiters:
             if not waiter.done():
                 waiter.set_result(None)

@@ -25,7 +25,6 @@ from optimizer.problems import error_response, http_exception_response
 from optimizer.security import SECURITY_PARAMS, check_api_key, check_signature
 from optimizer.sending import OutgoingImage
 from optimizer.state import STATE, ServiceState
-from optimizer.takeover import declared_body
 
 OPTIMIZE_DEFAULTS = RouteDefaults()
 # The Go service's contract: a 300 px wide JPEG at quality 80, whatever the configured defaults.
@@ -79,6 +78,10 @@ def _refuse_early(request: web.Request, state: ServiceState) -> None:
     if state.gate.closed:
         raise Draining()
     refuse_declared_length(request, state.settings.max_body_bytes)
+    if request.content_length:
+        # The uploads held in memory have an allowance (optimizer.budget): refused before the body
+        # when its declared length cannot fit, as the gate refuses when it is full.
+        state.budget.refuse_upload(request.content_length)
     if state.gate.full:
         raise Overloaded(
             f"all {state.gate.capacity} slots are busy; retry later", retry_after=state.gate.refuse()
@@ -164,9 +167,6 @@ async def _optimize(request: web.Request, defaults: RouteDefaults) -> web.Stream
         raise Overloaded("all slots are busy; retry later", retry_after=state.gate.refuse())
     job = Job(slot, state, request_id(request), request.transport)
     try:
-        refuse_declared_length(request, state.intake.max_bytes)  # 413 for its size, before the budget's
-        if declared_body(request) and request.content_length:
-            await job.reserve_upload(request.content_length)  # before a byte of it is in memory
         read_started = time.perf_counter()
         state.reading.add(request.content)
         try:
@@ -188,6 +188,8 @@ async def _optimize(request: web.Request, defaults: RouteDefaults) -> web.Stream
             if job.client_left():
                 raise ConnectionResetError("the client left before its image was decoded")
             await job.reserve(done)
+            if job.client_left():  # while it waited for memory (found in review)
+                raise ConnectionResetError("the client left before its image was decoded")
             output = await job.run(optimize, data, params, state.limits)
     finally:
         job.finish()

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import math
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -89,32 +88,26 @@ class Job:
             # Nobody will read the image (the client left, or the drain deadline passed): not worth a
             # decode. Plain reads of values the loop sets; at worst one more decode, as before.
             return False
-        self._reservation = self._state.budget.try_reserve(nbytes, beside=self.upload_bytes)
+        self._reservation = self._state.budget.try_reserve(nbytes)
         return self._reservation is not None
 
     @property
     def upload_bytes(self) -> int:
         return self._upload.nbytes if self._upload is not None else 0
 
-    async def reserve_upload(self, nbytes: int) -> None:
-        """Hold the memory budget for an upload of ``nbytes`` before reading it; waits for room like a
-        decode (503 after ``memory_wait``; 413 for one larger than the budget). Uploads were outside the
-        budget: 64 clients posting 25 MB BMPs to 16 threads in a 1 GiB container held 1.6 GB of uploads
-        and the kernel killed the process (found in review)."""
-        self._upload = await self._wait_for_room(nbytes, upload=True)
-
     def hold_upload(self, received: int) -> None:
-        """Count an upload's ``received`` bytes in the memory budget as they arrive (a body whose length
-        is not declared); 503 at once when there is no room, since its reader cannot wait."""
+        """Count an upload's ``received`` bytes in the memory budget's allowance for uploads as they
+        arrive; 503 at once past it. As they arrive, not from ``Content-Length`` before any does: heads
+        declaring large bodies and sending none held the allowance until their read deadline, and a
+        dozen could refuse every real upload (found in review). Uploads were outside the budget: 64
+        clients posting 25 MB BMPs to 16 threads in a 1 GiB container held 1.6 GB and the kernel killed
+        the process (found in review)."""
         more = received - self.upload_bytes
         if more <= 0:
             return
         held = self._state.budget.try_reserve_upload(more, self._upload)
         if held is None:
-            raise Overloaded(
-                "the service's memory budget is in use by other images; retry later",
-                retry_after=math.ceil(self._state.settings.memory_wait),
-            )
+            raise Overloaded("the memory for uploads is in use by other requests; retry later", retry_after=1)
         self._upload = held
 
     def client_left(self) -> bool:
@@ -126,25 +119,19 @@ class Job:
     async def reserve(self, nbytes: int) -> None:
         """Hold ``nbytes`` of the memory budget for the rest of the job; gives up (503) at the drain
         deadline like ``run``."""
-        self._reservation = await self._wait_for_room(nbytes, upload=False)
+        self._reservation = await self._wait_for_room(nbytes)
 
-    async def _wait_for_room(self, nbytes: int, *, upload: bool) -> Reservation:
+    async def _wait_for_room(self, nbytes: int) -> Reservation:
         if self._state.abandoning:
             raise ShutdownDeadline()
         started = time.perf_counter()
         budget, wait = self._state.budget, self._state.settings.memory_wait
         # Room by now (freed since the worker looked): no task, and no extra turn of the event loop,
         # which under a flood of refusals takes ~20 ms.
-        granted = (
-            budget.try_reserve_upload(nbytes)
-            if upload
-            else budget.try_reserve(nbytes, beside=self.upload_bytes)
-        )
+        granted = budget.try_reserve(nbytes)
         if granted is not None:
             return granted
-        reserving = asyncio.ensure_future(
-            budget.reserve(nbytes, wait, beside=self.upload_bytes, upload=upload)
-        )
+        reserving = asyncio.ensure_future(budget.reserve(nbytes, wait))
         try:
             await asyncio.wait((reserving, self._state.abandon_signal()), return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:

@@ -87,19 +87,19 @@ class ServiceMetrics:
         lingering_gauge.set_function(lambda: len(lingering))
         budget_total = Gauge(
             "optimizer_memory_budget_bytes",
-            "Memory the uploads held, the decodes and the unsent answers may take together.",
+            "Decode memory the workers (and unsent answers) may hold; uploads have half as much beside it.",
             registry=registry,
         )
         budget_total.set_function(lambda: budget.total)
         reserved = Gauge(
             "optimizer_memory_reserved_bytes",
-            "Memory reserved now: uploads held, decodes running, image answers not yet sent.",
+            "Decode memory reserved by images being processed, and image answers not yet sent, now.",
             registry=registry,
         )
         reserved.set_function(lambda: budget.in_use)
         uploads = Gauge(
             "optimizer_memory_uploads_bytes",
-            "Of the memory reserved now, the uploads held (at most half the budget while several are).",
+            "Uploads held in memory now, within their allowance of half the memory budget.",
             registry=registry,
         )
         uploads.set_function(lambda: budget.uploads)

@@ -180,8 +180,8 @@ class Settings:
     memory_budget: int | None = _setting(
         None,
         "OPTIMIZER_MEMORY_BUDGET",
-        "bytes of memory the uploads held, the decodes and the image answers not yet sent may take "
-        "together (default: half the memory limit)",
+        "bytes of decode memory, and of image answers not yet sent, all workers together may hold; the "
+        "uploads held in memory have half as much beside it (default: half the memory limit)",
     )
     memory_wait: float = _setting(
         5.0, "OPTIMIZER_MEMORY_WAIT", "seconds an image may wait for room in the memory budget before 503"

@@ -20,23 +20,18 @@ MakeClient = Callable[..., Awaitable[Client]]
 MIB = 1024 * 1024
 
 
-def test_uploads_share_the_budget_with_decodes() -> None:
+def test_uploads_have_an_allowance_beside_the_decodes_room() -> None:
+    """Apart, decodes never wait on uploads (a request holds its upload while it waits for decode room:
+    two uploads each waited for room only the other could give back, found in review)."""
     budget = MemoryBudget(100)
-    alone = budget.try_reserve_upload(80)  # one upload alone may take more than the uploads' share
-    assert alone is not None and (budget.in_use, budget.uploads) == (80, 80)
-    assert budget.try_reserve_upload(10) is None  # with another held, uploads stay within the share
-    assert budget.try_reserve(30) is None  # a decode takes what the uploads leave
-    decode = budget.try_reserve(20)
-    assert decode is not None and budget.in_use == 100
-    alone.release()
+    assert budget.upload_allowance == int(100 * UPLOAD_SHARE) == 50
+    upload = budget.try_reserve_upload(50)
+    assert upload is not None and (budget.in_use, budget.uploads) == (0, 50)
+    assert budget.try_reserve_upload(1) is None  # the allowance is full
+    decode = budget.try_reserve(100)  # the decodes' room is whole beside it
+    assert decode is not None and budget.in_use == 100 and budget.peak == 150
+    upload.release()
     decode.release()
-    assert (budget.in_use, budget.uploads) == (0, 0)
-    share = int(100 * UPLOAD_SHARE)
-    held = [budget.try_reserve_upload(share // 2), budget.try_reserve_upload(share // 2)]
-    assert all(held) and budget.try_reserve_upload(1) is None
-    for reservation in held:
-        assert reservation is not None
-        reservation.release()
     assert (budget.in_use, budget.uploads) == (0, 0)
 
 
@@ -47,19 +42,25 @@ def test_an_upload_grows_its_reservation_as_it_arrives() -> None:
     assert held is not None and other is not None
     grown = budget.try_reserve_upload(15, held)
     assert grown is held and held.nbytes == 25 and budget.uploads == 45
-    assert budget.try_reserve_upload(10, held) is None  # 20 + 35 over the share of 50
+    assert budget.try_reserve_upload(10, held) is None  # 20 + 35 over the allowance of 50
     held.release()
     other.release()
     assert (budget.in_use, budget.uploads) == (0, 0)
 
 
-def test_what_can_never_fit_is_413_counting_the_upload() -> None:
+def test_an_upload_is_refused_from_its_declared_length() -> None:
     budget = MemoryBudget(100)
     with pytest.raises(OverMemoryBudget, match="the upload is"):
-        budget.try_reserve_upload(101)
-    with pytest.raises(OverMemoryBudget, match="beside its"):
-        budget.try_reserve(60, beside=50)
-    assert budget.in_use == 0
+        budget.refuse_upload(51)  # never fits the allowance: 413
+    held = budget.try_reserve_upload(30)
+    with pytest.raises(Overloaded):
+        budget.refuse_upload(21)  # does not fit beside the others now: 503
+    budget.refuse_upload(20)
+    assert held is not None
+    held.release()
+    with pytest.raises(OverMemoryBudget, match="the upload is"):
+        budget.try_reserve_upload(51)
+    assert budget.uploads == 0
 
 
 async def test_reserve_and_release() -> None:

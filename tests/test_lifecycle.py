@@ -725,7 +725,7 @@ class MemoryHeld:
     client: Client
     state: ServiceState
     first: asyncio.Future[ClientResponse]
-    need: int  # what the first one's worker claimed for its decode (its upload is held beside it)
+    need: int  # what the first one's worker claimed for its decode
 
 
 async def _first_holds_the_memory(
@@ -738,8 +738,7 @@ async def _first_holds_the_memory(
     client = await aiohttp_client(served(app, cancellation=cancellation))
     first = asyncio.ensure_future(client.post("/optimize", data=multipart(big_png())))
     await until(lambda: blocker.started == 1)
-    budget = app[STATE].budget
-    return MemoryHeld(client, app[STATE], first, budget.in_use - budget.uploads)
+    return MemoryHeld(client, app[STATE], first, app[STATE].budget.in_use)
 
 
 async def test_an_image_without_room_waits_on_the_loop_then_is_served(
@@ -749,13 +748,13 @@ async def test_an_image_without_room_waits_on_the_loop_then_is_served(
     state, need = held.state, held.need
     second = asyncio.ensure_future(held.client.post("/optimize", data=multipart(big_png())))
     await until(lambda: len(state.budget._waiters) == 1)  # its worker found no room and handed it back
-    assert blocker.started == 1 and state.budget.in_use - state.budget.uploads == need
+    assert blocker.started == 1 and state.budget.in_use == need
     blocker.open.set()
     responses = await asyncio.gather(held.first, second)
     assert [r.status for r in responses] == [200, 200]
     assert blocker.started == 2
     await until(lambda: state.budget.in_use == 0 and state.gate.in_flight == 0)
-    assert state.budget.peak < 2 * need  # never both decodes at once (only the uploads beside one)
+    assert state.budget.peak - state.budget.uploads < 2 * need  # never both decodes at once
 
 
 async def test_a_client_leaving_while_its_image_waits_for_memory_leaves_nothing_behind(
@@ -767,7 +766,7 @@ async def test_a_client_leaving_while_its_image_waits_for_memory_leaves_nothing_
     await until(lambda: len(state.budget._waiters) == 1)
     writer.close()
     await until(lambda: state.gate.in_flight == 1)
-    assert not state.budget._waiters and state.budget.in_use - state.budget.uploads == need
+    assert not state.budget._waiters and state.budget.in_use == need
     blocker.open.set()
     assert (await held.first).status == 200
     await until(lambda: state.budget.in_use == 0 and state.gate.in_flight == 0)
@@ -776,40 +775,45 @@ async def test_a_client_leaving_while_its_image_waits_for_memory_leaves_nothing_
 
 async def test_uploads_held_in_memory_count_in_the_budget(make_client: ClientFactory) -> None:
     """Uploads were outside the memory budget: 64 clients posting 25 MB BMPs to 16 threads in a 1 GiB
-    container held 1.6 GB of them, and the kernel killed the service (found in review). Now an upload
-    is counted before it is read (or as it arrives, without a declared length), within a share of the
-    budget while others are held."""
+    container held 1.6 GB of them, and the kernel killed the service (found in review). They now have an
+    allowance of half the budget, counted as their bytes arrive (heads declaring large bodies and
+    sending none held it before any byte came, a later review), and checked from a declared length before
+    the body is read."""
     client = await make_client(threads=1, queue=4, memory_budget=16 * MIB, memory_wait=0.3)
     assert client.app is not None
     state = client.app[STATE]
-    # Admitted, its declared 6 MiB counted, and held: only its first bytes are sent.
-    held = await send_head(client, "/optimize", 6 * MIB, b"\xff\xd8")
-    await until(lambda: state.budget.uploads == 6 * MIB)
+    allowance = state.budget.upload_allowance  # 8 MiB
+    # A head declaring 6 MiB and sending none holds nothing; once 5 MiB of it arrive, they count.
+    held = await send_head(client, "/optimize", 6 * MIB, b"")
+    await until(lambda: state.gate.in_flight == 1)
+    assert state.budget.uploads == 0
+    held.write(b"\xff\xd8" + bytes(5 * MIB - 2))
+    await until(lambda: state.budget.uploads == 5 * MIB)
 
-    # 6 + 3 MiB is over the uploads' share (8 MiB): it waits for room, then 503.
+    # 5 + 4 MiB is over the allowance: refused from the declared length before the body, 503.
     response = await client.post(
-        "/optimize", data=io.BytesIO(bytes(3 * MIB)), headers={"Content-Type": "image/jpeg"}
+        "/optimize", data=io.BytesIO(bytes(4 * MIB)), headers={"Content-Type": "image/jpeg"}
     )
     assert (response.status, (await response.json())["code"]) == (503, "overloaded")
     assert response.headers["Retry-After"]
-    # Without a declared length it is counted as it arrives, and refused once over the share.
+    # Without a declared length it is counted as it arrives, and refused once over the allowance.
     chunked = await client.post(
-        "/optimize", data=_chunks(bytes(3 * MIB), 64 * 1024), headers={"Content-Type": "image/jpeg"}
+        "/optimize", data=_chunks(bytes(4 * MIB), 64 * 1024), headers={"Content-Type": "image/jpeg"}
     )
     assert (chunked.status, (await chunked.json())["code"]) == (503, "overloaded")
-    assert state.budget.uploads == 6 * MIB
+    assert state.budget.uploads == 5 * MIB
 
     held.close()
-    await until(lambda: state.budget.in_use == 0 and state.gate.in_flight == 0)
-    # Alone, an upload may take more than the share; larger than the budget, never.
-    alone = await client.post(
-        "/optimize", data=io.BytesIO(bytes(12 * MIB)), headers={"Content-Type": "image/jpeg"}
-    )
-    assert (alone.status, (await alone.json())["code"]) == (415, "unsupported_format")  # read, then judged
+    await until(lambda: state.budget.uploads == 0 and state.gate.in_flight == 0)
+    # Larger than the allowance, never: 413 before the body.
     too_big = await client.post(
-        "/optimize", data=io.BytesIO(bytes(17 * MIB)), headers={"Content-Type": "image/jpeg"}
+        "/optimize", data=io.BytesIO(bytes(allowance + 1)), headers={"Content-Type": "image/jpeg"}
     )
     assert (too_big.status, (await too_big.json())["code"]) == (413, "over_memory_budget")
+    fits = await client.post(
+        "/optimize", data=io.BytesIO(bytes(allowance)), headers={"Content-Type": "image/jpeg"}
+    )
+    assert (fits.status, (await fits.json())["code"]) == (415, "unsupported_format")  # read, then judged
     await until(lambda: state.budget.in_use == 0 and state.budget.uploads == 0 and state.gate.in_flight == 0)
 
 
