@@ -40,7 +40,10 @@ class AnswersOut:
     def __init__(self) -> None:
         self.count = 0
         self.cut = 0
-        self.draining = False  # set when the drain begins: a cancelled answer is then the shutdown's
+        # Set when the drain deadline passes: an answer cancelled from then on is the shutdown's doing
+        # (before it, a client that left; by the time the runner's cancellation lands, the shutdown has
+        # closed the connection too, so the connection cannot tell them apart).
+        self.overdue = False
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -127,7 +130,9 @@ class OutgoingImage(payload.Payload):
                         f"{self._piece_seconds:g} s"
                     ) from None
         except asyncio.CancelledError:
-            if self._answers.draining:  # not the client leaving: the shutdown, past its drain deadline
+            # A client that left during the drain cancels its answer too; it was counted as cut, with
+            # exit code 1 (a review).
+            if self._answers.overdue:
                 self._answers.cut += 1
                 log.warning(
                     "the shutdown cut off an answer still being sent (%d of %d bytes given to the "

@@ -358,6 +358,20 @@ async def test_the_drain_waits_for_an_answer_still_being_sent(launch: Launch) ->
     assert server.wait_for_event("stopped", 0)["abandoned"] == 0
 
 
+async def test_a_client_leaving_during_the_drain_is_not_the_shutdowns_doing(launch: Launch) -> None:
+    """Its answer's write is cancelled too, and was counted as cut off by the shutdown: exit 1 (a
+    review)."""
+    server = launch("--threads", "1", "--drain-seconds", "30")
+    client, _received = await asyncio.to_thread(start_big_answer, server)
+    server.send(signal.SIGTERM)
+    await asyncio.to_thread(server.wait_for_drain)
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    client.close()  # a reset, with the answer half sent
+    assert await server.exit_code(30 + EXIT_GRACE) == 0
+    assert server.wait_for_event("stopped", 0)["abandoned"] == 0
+    assert not [line for line in server.records() if line.get("event") == "answer_cut_off"]
+
+
 async def test_an_answer_cut_off_at_the_drain_deadline_is_logged_and_exits_1(launch: Launch) -> None:
     server = launch("--threads", "1", "--drain-seconds", "0.2")
     client, _received = await asyncio.to_thread(start_big_answer, server)
