@@ -195,10 +195,14 @@ _FIXED_OVERHEAD = 2 * 1024 * 1024
 # more: 21.6 bytes per pixel measured at 20 Mpx, 24 at 13 Mpx); zlib works in small windows.
 _ENCODER_BYTES_PER_PIXEL = {"jpeg": 3, "png": 0, "webp": 6, "avif": 24}
 # An alpha plane's encoder beside the colour's: libwebp codes it losslessly, with its own hash chains
-# and backward references (15.6 bytes a pixel more for a smooth alpha, 31 for a noisy one, 3000x2000);
+# and backward references (15.6 bytes a pixel more for a smooth alpha, 31 for noise, 3000x2000);
 # libavif codes it as a second AV1 image (a 7001x7072 RGBA canvas peaked 4.5 bytes a pixel over the
-# colour's 24). Both from a review's fuzzing.
-_ALPHA_ENCODER_BYTES_PER_PIXEL = {"webp": 32, "avif": 8}
+# colour's 24). Both from a review's fuzzing. Counted whenever the mode has alpha, though an opaque one
+# is dropped before the encoder (fit_mode_to_format): so not at noise's 31, which made a 5120x2880
+# opaque screenshot 413 in a 512 MiB budget (593 MiB estimated, 236 peak; a later review). Noise in
+# the alpha then peaks up to ~11 bytes a pixel over, about 30 % of such an image's estimate, which the
+# memory limit's other half covers (the budget defaults to half of it).
+_ALPHA_ENCODER_BYTES_PER_PIXEL = {"webp": 20, "avif": 8}
 
 
 def estimate_memory(
