@@ -76,7 +76,7 @@ class MemoryBudget:
             if self.in_use + nbytes > self.total:
                 return None
             self.in_use += nbytes
-            self.peak = max(self.peak, self.in_use + self.uploads)
+            self.peak = max(self.peak, self.in_use)
         return Reservation(self, nbytes)
 
     def refuse_upload(self, nbytes: int) -> None:
@@ -100,7 +100,6 @@ class MemoryBudget:
             if self.uploads + nbytes > self.upload_allowance:
                 return None
             self.uploads += nbytes
-            self.peak = max(self.peak, self.in_use + self.uploads)
             if held is not None:
                 held.nbytes += nbytes
                 return held
@@ -111,7 +110,7 @@ class MemoryBudget:
         then room the decodes wait for, not memory on top of the budget."""
         with self._lock:
             self.in_use += nbytes
-            self.peak = max(self.peak, self.in_use + self.uploads)
+            self.peak = max(self.peak, self.in_use)
         return Reservation(self, nbytes)
 
     async def reserve(self, nbytes: int, wait: float) -> Reservation:

@@ -105,7 +105,7 @@ class ServiceMetrics:
         uploads.set_function(lambda: budget.uploads)
         reserved_peak = Gauge(
             "optimizer_memory_reserved_peak_bytes",
-            "The most memory ever reserved at once since the start (uploads, decodes, unsent answers).",
+            "The most memory ever reserved at once since the start (decodes and unsent answers).",
             registry=registry,
         )
         reserved_peak.set_function(lambda: budget.peak)
