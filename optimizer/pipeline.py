@@ -192,8 +192,10 @@ _FIXED_OVERHEAD = 2 * 1024 * 1024
 
 # Encoder working memory per output pixel: libjpeg buffers a progressive (optimized) JPEG's coefficients;
 # libwebp and libavif convert to YUV planes beside an ARGB copy (libavif and its AV1 encoder keep several
-# more: 21.6 bytes per pixel measured at 20 Mpx, 24 at 13 Mpx); zlib works in small windows.
-_ENCODER_BYTES_PER_PIXEL = {"jpeg": 3, "png": 0, "webp": 6, "avif": 24}
+# more: 21.6 bytes per pixel measured at 20 Mpx, 24 at 13 Mpx); zlib works in small windows, but a
+# PNG encoder holds its output: as large as the pixels when they are noise (a 3000x2000 RGBA of noise peaked
+# 22 MiB over an estimate without it, a review).
+_ENCODER_BYTES_PER_PIXEL = {"jpeg": 3, "png": 4, "webp": 6, "avif": 24}
 # An alpha plane's encoder beside the colour's: libwebp codes it losslessly, with its own hash chains
 # and backward references (15.6 bytes a pixel more for a smooth alpha, 31 for noise, 3000x2000);
 # libavif codes it as a second AV1 image (a 7001x7072 RGBA canvas peaked 4.5 bytes a pixel over the
