@@ -142,12 +142,7 @@ class AdmissionGate:
 
     async def wait_idle(self, seconds: float) -> bool:
         """Wait until nothing is in flight; ``False`` if ``seconds`` passed first."""
-        try:
-            async with asyncio.timeout(seconds):
-                await self._idle.wait()
-        except TimeoutError:
-            return False
-        return True
+        return await set_within(self._idle, seconds)
 
     def retry_after(self) -> int:
         """Whole seconds (at least 1) until a slot is likely to be free: the work ahead of a newcomer,
@@ -222,3 +217,13 @@ class AdmissionGate:
 def _moving_average(average: float, value: float, weight: float) -> float:
     """The exponentially weighted average with ``value`` added; the first value is taken as it is."""
     return value if average == 0 else (1 - weight) * average + weight * value
+
+
+async def set_within(event: asyncio.Event, seconds: float) -> bool:
+    """Wait for ``event``; ``False`` if ``seconds`` passed first (the drain's waits)."""
+    try:
+        async with asyncio.timeout(seconds):
+            await event.wait()
+    except TimeoutError:
+        return False
+    return True

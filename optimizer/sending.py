@@ -19,6 +19,7 @@ from aiohttp import payload
 from aiohttp.abc import AbstractStreamWriter
 
 from optimizer.budget import MemoryBudget
+from optimizer.gate import set_within
 
 # Each piece must leave within the allowance: at the 10 s default, a client reading slower than ~26 KB/s
 # is dropped. Larger than most answers (a few hundred KB at 800 px), which then go out in one write.
@@ -58,12 +59,7 @@ class AnswersOut:
 
     async def wait_idle(self, seconds: float) -> bool:
         """Wait until no answer is being sent; ``False`` if ``seconds`` passed first."""
-        try:
-            async with asyncio.timeout(seconds):
-                await self._idle.wait()
-        except TimeoutError:
-            return False
-        return True
+        return await set_within(self._idle, seconds)
 
 
 class OutgoingImage(payload.Payload):
