@@ -102,7 +102,7 @@ def _image_operation(summary: str, description: str, settings: Settings, upload:
             "413": _problem(
                 f"body_too_large (over {settings.max_body_bytes} bytes), too_many_pixels "
                 f"(over {settings.max_pixels} pixels, a TIFF tile included) or over_memory_budget (one "
-                "image that could never fit the memory budget)"
+                "image that could never fit the memory budget, or one upload the uploads' allowance)"
             ),
             "415": _problem(
                 "unsupported_format: accepted inputs are " + ", ".join(sorted(settings.input_formats))
