@@ -279,17 +279,21 @@ class _Receiver(asyncio.BufferedProtocol):
             return
         self._stream.total_bytes += nbytes
         filling.advance(nbytes)
+        try:
+            # The byte cap and the uploads' allowance (optimizer.intake), before the body can end: once
+            # its end is fed, an error set on the stream reaches nobody, and an upload whose last piece
+            # crossed the allowance was answered 200 (found in review).
+            self._received()
+        except Exception as exc:  # raised here, asyncio would abort the connection unanswered
+            self.discard()
+            self._stream.set_exception(exc)
+            return
         if filling.done:
             self._filling = None
             self._transport.set_protocol(self._owner)
             # The old parser still counts the body's bytes: the next request needs one of its own.
             self._owner._parser = self._parser
             self._stream.feed_eof()
-        try:
-            self._received()  # the byte cap (optimizer.intake)
-        except Exception as exc:  # raised here, asyncio would abort the connection unanswered
-            self.discard()
-            self._stream.set_exception(exc)
 
     def eof_received(self) -> bool | None:
         # The client stopped sending before the body's end: aiohttp's protocol decides (it closes).
