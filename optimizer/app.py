@@ -125,6 +125,7 @@ def begin_drain(app: web.Application) -> float:
     loop = asyncio.get_running_loop()
     state.ready = False
     state.gate.close()
+    state.answers.draining = True
     if state.drain_deadline is None:
         state.drain_deadline = loop.time() + state.settings.drain_seconds
         if state.gate.in_flight or state.answers.count:
@@ -140,7 +141,6 @@ def begin_drain(app: web.Application) -> float:
 
 def _deadline_passed(app: web.Application) -> None:
     state = app[STATE]
-    state.answers.overdue = True
     if state.gate.in_flight and not state.abandon_signal().done():
         state.abandoned = state.gate.in_flight
         log.warning(

@@ -41,10 +41,7 @@ class AnswersOut:
     def __init__(self) -> None:
         self.count = 0
         self.cut = 0
-        # Set when the drain deadline passes: an answer cancelled from then on is the shutdown's doing
-        # (before it, a client that left; by the time the runner's cancellation lands, the shutdown has
-        # closed the connection too, so the connection cannot tell them apart).
-        self.overdue = False
+        self.draining = False  # set when the drain begins
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -126,9 +123,13 @@ class OutgoingImage(payload.Payload):
                         f"{self._piece_seconds:g} s"
                     ) from None
         except asyncio.CancelledError:
-            # A client that left during the drain cancels its answer too; it was counted as cut, with
-            # exit code 1 (a review).
-            if self._answers.overdue:
+            # A client that left during the drain cancels its answer too (it was counted as cut, with
+            # exit code 1, a review); aiohttp detaches such a connection from its server before it
+            # cancels the handler, where the runner's shutdown cancels with the connection attached
+            # (whether at the standalone server's drain deadline or at a host's own shutdown timeout,
+            # which may come first: a review). Should aiohttp's internals differ, nothing is counted.
+            attached = getattr(getattr(writer, "protocol", None), "_manager", None) is not None
+            if self._answers.draining and attached:
                 self._answers.cut += 1
                 log.warning(
                     "the shutdown cut off an answer still being sent (%d of %d bytes given to the "

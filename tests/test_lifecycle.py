@@ -817,6 +817,29 @@ async def test_uploads_held_in_memory_count_in_the_budget(make_client: ClientFac
     await until(lambda: state.budget.in_use == 0 and state.budget.uploads == 0 and state.gate.in_flight == 0)
 
 
+async def test_an_upload_whose_last_piece_crosses_the_allowance_is_refused(
+    make_client: ClientFactory,
+) -> None:
+    """The body's end was fed before its last piece was counted, so the refusal reached nobody and the
+    upload was answered 200 beyond the allowance (found in review)."""
+    client = await make_client(threads=1, queue=4, memory_budget=16 * MIB)
+    assert client.app is not None and client.server.port is not None
+    budget = client.app[STATE].budget
+    body = image_bytes((64, 64)) + bytes(3 * MIB)  # a JPEG, then padding after its end
+    filler = await send_head(client, "/optimize", 5 * MIB, b"")  # declared first: it holds nothing yet
+    await until(lambda: client.app is not None and client.app[STATE].gate.in_flight == 1)
+    reader, writer = await open_head(client, "/optimize", len(body), body[:-100])
+    await until(lambda: budget.uploads == len(body) - 100)
+    filler.write(bytes(budget.upload_allowance - budget.uploads - 50))  # all the allowance but 50 bytes
+    await until(lambda: budget.upload_allowance - budget.uploads == 50)
+    writer.write(body[-100:])  # the last piece: 100 bytes where 50 are left
+    answer = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    assert answer.startswith(b"HTTP/1.1 503"), answer[:80]
+    filler.close()
+    writer.close()
+    await until(lambda: budget.uploads == 0 and budget.in_use == 0)
+
+
 async def _chunks(data: bytes, size: int) -> AsyncIterator[bytes]:
     for start in range(0, len(data), size):
         yield data[start : start + size]
@@ -824,15 +847,23 @@ async def _chunks(data: bytes, size: int) -> AsyncIterator[bytes]:
 
 async def send_head(client: Client, path: str, length: int, first: bytes) -> asyncio.StreamWriter:
     """A request of declared ``length`` whose body stops after ``first``: admitted, and left unfinished."""
+    _reader, writer = await open_head(client, path, length, first)
+    return writer
+
+
+async def open_head(
+    client: Client, path: str, length: int, first: bytes
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """``send_head``, with the connection's reader for the answer."""
     assert client.server.port is not None
-    _reader, writer = await asyncio.open_connection("127.0.0.1", client.server.port)
+    reader, writer = await asyncio.open_connection("127.0.0.1", client.server.port)
     writer.write(
         f"POST {path} HTTP/1.1\r\nHost: test\r\nContent-Type: image/jpeg\r\n".encode()
         + f"Content-Length: {length}\r\n\r\n".encode()
         + first
     )
     await writer.drain()
-    return writer
+    return reader, writer
 
 
 @pytest.mark.parametrize("failure", ["corrupt", "bug"])
@@ -1012,3 +1043,33 @@ async def test_an_answer_read_slowly_but_steadily_arrives_whole(make_client: Cli
     assert decode(body).size == (1200, 1200)
     assert client.app is not None
     assert client.app[STATE].budget.in_use == 0
+
+
+async def test_a_hosts_shutdown_that_cuts_an_answer_before_the_drain_deadline_counts_it() -> None:
+    """A host whose runner gives handlers less time than ``drain_seconds`` cancels an answer still being
+    sent; it was taken for a client that left, neither counted nor logged (found in review)."""
+    app = create_app(test_settings(threads=1, drain_seconds=20.0, read_timeout=30.0))
+    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=0.5)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    noise = Image.frombytes("RGB", (1500, 1500), random.Random(1).randbytes(1500 * 1500 * 3))
+    buffer = io.BytesIO()
+    noise.save(buffer, "PNG", compress_level=0)  # a PNG answer of ~6.7 MB, more than the socket buffers
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+    _reader, writer = await asyncio.open_connection(sock=sock)
+    body = buffer.getvalue()
+    writer.write(
+        b"POST /optimize?format=png HTTP/1.1\r\nHost: t\r\nContent-Type: image/png\r\n"
+        + f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    state = app[STATE]
+    await until(lambda: state.answers.count == 1, 30)  # sent in part, and not read
+    await runner.cleanup()
+    writer.close()
+    assert state.answers.cut == 1 and state.answers.count == 0
