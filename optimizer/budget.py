@@ -88,7 +88,7 @@ class MemoryBudget:
                 f"{_mib(self.upload_allowance)} MiB (half the service's memory budget)"
             )
         if self.uploads + nbytes > self.upload_allowance:
-            raise Overloaded("the memory for uploads is in use by other requests; retry later", retry_after=1)
+            raise uploads_in_use()
 
     def try_reserve_upload(self, nbytes: int, held: Reservation | None = None) -> Reservation | None:
         """Hold ``nbytes`` more of an upload (added to ``held``, its earlier part) if the allowance has
@@ -147,6 +147,11 @@ class MemoryBudget:
         for waiter in self._waiters:
             if not waiter.done():
                 waiter.set_result(None)
+
+
+def uploads_in_use() -> Overloaded:
+    """The 503 for an upload the allowance has no room for now: the others are using it."""
+    return Overloaded("the memory for uploads is in use by other requests; retry later", retry_after=1)
 
 
 def _mib(nbytes: int) -> int:

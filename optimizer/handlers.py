@@ -185,11 +185,7 @@ async def _optimize(request: web.Request, defaults: RouteDefaults) -> web.Stream
         if isinstance(done, Output):
             output = done
         else:
-            if job.client_left():
-                raise ConnectionResetError("the client left before its image was decoded")
             await job.reserve(done)
-            if job.client_left():  # while it waited for memory (found in review)
-                raise ConnectionResetError("the client left before its image was decoded")
             output = await job.run(optimize, data, params, state.limits)
     finally:
         job.finish()

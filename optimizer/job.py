@@ -16,8 +16,8 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from optimizer.budget import Reservation
-from optimizer.errors import Overloaded, ShutdownDeadline
+from optimizer.budget import Reservation, uploads_in_use
+from optimizer.errors import ShutdownDeadline
 from optimizer.gate import Slot
 from optimizer.nativelog import attributed
 from optimizer.state import ServiceState
@@ -107,7 +107,7 @@ class Job:
             return
         held = self._state.budget.try_reserve_upload(more, self._upload)
         if held is None:
-            raise Overloaded("the memory for uploads is in use by other requests; retry later", retry_after=1)
+            raise uploads_in_use()
         self._upload = held
 
     def client_left(self) -> bool:
@@ -118,19 +118,18 @@ class Job:
 
     async def reserve(self, nbytes: int) -> None:
         """Hold ``nbytes`` of the memory budget for the rest of the job; gives up (503) at the drain
-        deadline like ``run``."""
-        self._reservation = await self._wait_for_room(nbytes)
-
-    async def _wait_for_room(self, nbytes: int) -> Reservation:
+        deadline like ``run``, and (499) when the client has left, before the wait or during it."""
         if self._state.abandoning:
             raise ShutdownDeadline()
+        if self.client_left():
+            raise ConnectionResetError("the client left before its image was decoded")
         started = time.perf_counter()
         budget, wait = self._state.budget, self._state.settings.memory_wait
         # Room by now (freed since the worker looked): no task, and no extra turn of the event loop,
         # which under a flood of refusals takes ~20 ms.
-        granted = budget.try_reserve(nbytes)
-        if granted is not None:
-            return granted
+        self._reservation = budget.try_reserve(nbytes)
+        if self._reservation is not None:
+            return
         reserving = asyncio.ensure_future(budget.reserve(nbytes, wait))
         try:
             await asyncio.wait((reserving, self._state.abandon_signal()), return_when=asyncio.FIRST_COMPLETED)
@@ -142,8 +141,10 @@ class Job:
         if not reserving.done():
             reserving.cancel()
             raise ShutdownDeadline()
-        self.budget_wait += time.perf_counter() - started
-        return reserving.result()
+        self._reservation = reserving.result()
+        self.budget_wait = time.perf_counter() - started
+        if self.client_left():  # while it waited (found in review); the reservation goes with the job
+            raise ConnectionResetError("the client left before its image was decoded")
 
     def finish(self) -> None:
         """The handler is done with the job (on every path, from its ``finally``)."""
