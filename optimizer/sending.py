@@ -36,7 +36,8 @@ class AnswersOut:
     """The image answers being sent, which a drain waits for as it waits for admitted work: a job gives
     its slot back once the image is made, before the answer goes out, and the shutdown then cut off a
     9.8 MB answer a client was reading at 600 KB/s, with exit code 0 and nothing in the log (found in
-    review). ``cut`` counts the answers a shutdown cut off all the same (past the drain deadline)."""
+    review). ``cut`` counts the answers the shutdown cut off all the same: the runner's cancellation, at the
+    standalone server's drain deadline or at an embedding host's own shutdown timeout."""
 
     def __init__(self) -> None:
         self.count = 0
