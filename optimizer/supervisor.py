@@ -21,6 +21,7 @@ children crash.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import logging
 import os
 import signal
@@ -31,8 +32,9 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from types import FrameType
+from typing import Any
 
-from optimizer.settings import Settings, default_memory_budget, effective_cpu_count
+from optimizer.settings import Settings, default_memory_budget, effective_cpu_count, memory_limit
 from optimizer.startup import (
     CANNOT_START,
     EXIT_CRASH_LOOP,
@@ -85,22 +87,27 @@ def reserve_port(host: str, port: int) -> socket.socket:
     return sock
 
 
-def child_flags(settings: Settings, argv: Sequence[str], environ: dict[str, str], port: int) -> list[str]:
-    """The children's command line: the parent's flags, then the overrides (a later flag wins).
-
-    Unless set explicitly, the threads and the memory budget are divided among the processes, so that
-    ``--processes N`` alone does not multiply what the machine is asked to carry.
-    """
-    flags = [*argv, "--processes", "1", "--reuse-port", "1", "--port", str(port)]
+def child_shares(settings: Settings, argv: Sequence[str], environ: dict[str, str]) -> dict[str, Any]:
+    """What each child is told beyond the parent's own flags: unless set explicitly, the threads and the
+    memory budget are divided among the processes, so that ``--processes N`` alone does not multiply
+    what the machine is asked to carry."""
 
     def explicit(flag: str, env: str) -> bool:
         return env in environ or any(arg == flag or arg.startswith(flag + "=") for arg in argv)
 
-    share = settings.processes
+    shares: dict[str, Any] = {}  # Settings fields, for dataclasses.replace
     if not explicit("--threads", "OPTIMIZER_THREADS"):
-        flags += ["--threads", str(max(1, effective_cpu_count() // share))]
+        shares["threads"] = max(1, effective_cpu_count() // settings.processes)
     if not explicit("--memory-budget", "OPTIMIZER_MEMORY_BUDGET"):
-        flags += ["--memory-budget", str(max(16 * 1024 * 1024, default_memory_budget() // share))]
+        shares["memory_budget"] = max(16 * 1024 * 1024, default_memory_budget() // settings.processes)
+    return shares
+
+
+def child_flags(settings: Settings, argv: Sequence[str], environ: dict[str, str], port: int) -> list[str]:
+    """The children's command line: the parent's flags, then the overrides (a later flag wins)."""
+    flags = [*argv, "--processes", "1", "--reuse-port", "1", "--port", str(port)]
+    for attr, value in child_shares(settings, argv, environ).items():
+        flags += ["--" + attr.replace("_", "-"), str(value)]
     return flags
 
 
@@ -203,6 +210,10 @@ class Supervisor:
             return report_listen_failure(log, settings.host, settings.port, exc)
         port = reserved.getsockname()[1]
         flags = child_flags(settings, self.argv, dict(os.environ), port)
+        # Each child checks its own settings against the machine, but only here are they seen together.
+        each = dataclasses.replace(settings, **child_shares(settings, self.argv, dict(os.environ)))
+        for conflict in each.conflicts(effective_cpu_count(), memory_limit()):
+            log.warning(conflict, extra={"fields": {"event": "settings_conflict"}})
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._on_signal)
         # A hang-up ends the supervisor as it always has (its children then get SIGHUP from the kernel).

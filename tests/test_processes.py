@@ -13,7 +13,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from optimizer.settings import Settings
+from optimizer.settings import Settings, effective_cpu_count
 from optimizer.startup import EXIT_BAD_SETTINGS, EXIT_CRASH_LOOP
 from optimizer.supervisor import Supervisor, child_flags
 from tests.conftest import image_bytes
@@ -62,13 +62,17 @@ def test_children_share_threads_and_budget_unless_told() -> None:
 
 
 def test_the_supervisor_leaves_aiohttp_and_pillow_to_its_children(launch: Launch) -> None:  # noqa: F811
-    """The parent of ``--processes`` only starts and watches: it must not be a third full server in memory."""
-    server = launch("--processes", "2")
+    """The parent of ``--processes`` only starts and watches: it must not be a third full server in memory.
+    It is also the one that sees the children together: each given every CPU, they ask for twice them."""
+    server = launch("--processes", "2", "--threads", str(effective_cpu_count()))
     server.wait_for(
         lambda _r: len({r["pid"] for r in server.records() if r.get("event") == "listening"}) >= 2,
         "two processes listening",
         20,
     )
+    conflicts = [r for r in server.records() if r.get("event") == "settings_conflict"]
+    assert [r["pid"] for r in conflicts] == [server.pid]  # the children fit one at a time
+    assert "2 processes together" in conflicts[0]["message"]
     maps = Path(f"/proc/{server.pid}/maps").read_text()  # the shared libraries it has loaded
     assert "_imaging" not in maps  # Pillow's native core
     assert "aiohttp" not in maps  # aiohttp's compiled HTTP parser

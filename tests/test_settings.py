@@ -108,6 +108,15 @@ def test_settings_that_do_not_fit_the_machine_are_named() -> None:
     assert "OPTIMIZER_MEMORY_BUDGET" in conflicts[0] and "OPTIMIZER_THREADS=16" in conflicts[1]
 
 
+def test_conflicts_count_every_process() -> None:
+    """``--processes 2`` with two threads and a 300 MiB budget each fits one process, not the two."""
+    each = Settings(processes=2, threads=2, memory_budget=300 * MIB)
+    conflicts = list(each.conflicts(cpus=2, memory=512 * MIB))
+    assert len(conflicts) == 2
+    assert all("each of the processes" in line and "2 processes together" in line for line in conflicts)
+    assert list(Settings(processes=2, threads=1, memory_budget=200 * MIB).conflicts(2, 512 * MIB)) == []
+
+
 def test_queue_none_means_twice_the_threads() -> None:
     settings = Settings(threads=3)
     assert settings.queue is None
