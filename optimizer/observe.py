@@ -6,6 +6,7 @@ which aiohttp runs before any middleware).
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import re
 import uuid
@@ -52,6 +53,21 @@ def route_label(request: web.BaseRequest) -> str:
 # Of a client's own header, the most an access line keeps.
 MAX_LOGGED_HEADER = 256
 
+# How an IPv4 peer of a dual-stack ("::") listener is named by the kernel: ::ffff:a.b.c.d.
+_MAPPED_PREFIX = "::ffff:"
+
+
+def client_address(remote: str | None) -> str | None:
+    """The peer as an operator greps for it: an IPv4 client of a dual-stack listener as a.b.c.d, the
+    way the same client of an IPv4 listener (and any proxy's X-Forwarded-For) names it."""
+    if remote is not None and remote[:7].lower() == _MAPPED_PREFIX:
+        try:
+            mapped = ipaddress.IPv6Address(remote).ipv4_mapped
+        except ValueError:
+            return remote
+        return str(mapped) if mapped is not None else remote
+    return remote
+
 
 def record(
     request: web.BaseRequest,
@@ -89,7 +105,7 @@ def record(
     # Who asked, as nginx's combined log says it, so that an abusive client can be found: the peer,
     # the proxy's account of it (logged, never trusted), and the user agent. Client-chosen text is cut
     # short, so no client can make a line long.
-    fields["client"] = request.remote
+    fields["client"] = client_address(request.remote)
     for name, header in (("forwarded_for", "X-Forwarded-For"), ("user_agent", "User-Agent")):
         if value := request.headers.get(header):
             fields[name] = value[:MAX_LOGGED_HEADER]

@@ -13,6 +13,8 @@ from aiohttp.payload import Payload
 from aiohttp.test_utils import TestClient, TestServer
 
 from optimizer import create_app
+from optimizer.observe import client_address
+from optimizer.state import STATE
 from tests.conftest import image_bytes, multipart, test_settings
 
 Client = TestClient[web.Request, web.Application]
@@ -81,10 +83,14 @@ async def test_two_embedded_apps_keep_separate_metrics(
     aiohttp_client: Callable[..., Awaitable[Client]],
 ) -> None:
     parent = web.Application()
-    parent.add_subapp("/a", create_app(test_settings()))
-    parent.add_subapp("/b", create_app(test_settings()))
+    a_app, b_app = create_app(test_settings()), create_app(test_settings())
+    parent.add_subapp("/a", a_app)
+    parent.add_subapp("/b", b_app)
     client = await aiohttp_client(TestServer(parent))
     assert (await client.post("/a/optimize", data=multipart(image_bytes()))).status == 200
+    pools = [app[STATE].pool for app in (a_app, b_app)]
+    names = [{thread.name.rpartition("_")[0] for thread in pool._threads} for pool in pools if pool]
+    assert len(names[0]) == len(names[1]) == 1 and names[0] != names[1]  # py-spy tells the two pools apart
 
     a_text = await (await client.get("/a/metrics")).text()
     b_text = await (await client.get("/b/metrics")).text()
@@ -141,6 +147,21 @@ async def test_one_structured_log_line_per_request(
     assert fields[0]["client"] == "127.0.0.1" and fields[0]["user_agent"] == "agent/1"
     assert fields[0]["forwarded_for"] == "x" * 256  # cut short: no client makes a line long
     json.dumps(fields)  # serialisable as the JSON log formatter needs
+
+
+@pytest.mark.parametrize(
+    ("remote", "logged"),
+    [
+        ("::ffff:192.0.2.7", "192.0.2.7"),  # an IPv4 client of a dual-stack "::" listener
+        ("::FFFF:192.0.2.7", "192.0.2.7"),
+        ("127.0.0.1", "127.0.0.1"),
+        ("2001:db8::1", "2001:db8::1"),
+        ("::ffff:not-an-address", "::ffff:not-an-address"),
+        (None, None),
+    ],
+)
+def test_access_lines_name_ipv4_clients_alike_on_any_listener(remote: str | None, logged: str | None) -> None:
+    assert client_address(remote) == logged
 
 
 async def upload_expecting_continue(client: Client, path: str) -> tuple[bytes, bytes]:
