@@ -10,6 +10,7 @@ belong to whoever hosts it (``optimizer.server`` when it runs alone).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import threading
 import time
@@ -93,10 +94,17 @@ async def _openapi(request: web.Request) -> web.Response:
     return web.json_response(openapi_document(request.app[STATE].settings, base_path))
 
 
+# Numbers each app's pool, so that two instances embedded in one host (or py-spy's view of it) tell
+# their threads apart: optimizer-worker-1_0, optimizer-worker-2_0, ...
+_POOL_NUMBERS = itertools.count(1)
+
+
 async def _worker_pool(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
     threads = state.settings.threads
-    state.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="optimizer-worker")
+    state.pool = ThreadPoolExecutor(
+        max_workers=threads, thread_name_prefix=f"optimizer-worker-{next(_POOL_NUMBERS)}"
+    )
     # Start every worker now rather than on first use: no request waits for a thread to start, and the
     # workers exist, at the start-up priority, before optimizer.server lowers the loop thread's.
     # (The pool starts a thread per submit while none is idle; the barrier keeps them all busy.)
