@@ -14,21 +14,23 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 
-from aiohttp import web
+from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler
 from aiohttp.web_urldispatcher import SystemRoute, UrlMappingMatchInfo
 
 from optimizer import handlers
 from optimizer.errors import Draining, OptimizerError
+from optimizer.linger import Lingering, stop_reading_unwanted_body
 from optimizer.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from optimizer.observe import CLIENT_CLOSED, record
 from optimizer.openapi import openapi_document
 from optimizer.problems import error_response, http_exception_response, problem_response
 from optimizer.settings import Settings
 from optimizer.state import STATE, ServiceState
+from optimizer.takeover import BODY_ABANDONED
 
 log = logging.getLogger("optimizer")
 
@@ -57,7 +59,23 @@ def create_app(settings: Settings | None = None) -> web.Application:
     app.router.add_get("/openapi.json", _openapi, expect_handler=plain)
     app.cleanup_ctx.append(_worker_pool)
     app.on_shutdown.append(_on_shutdown)
+    app.on_response_prepare.append(_closing_after_an_abandoned_body(state.lingering))
     return app
+
+
+def _closing_after_an_abandoned_body(
+    lingering: Lingering,
+) -> Callable[[web.Request, web.StreamResponse], Awaitable[None]]:
+    """Whoever answers a request whose body was abandoned part-way (``optimizer.takeover``) closes the
+    connection after the answer, as the service's own refusals do: a host that cancelled the handler
+    and answered itself left it keep-alive, and the client's next request on it was lost (a review)."""
+
+    async def hook(request: web.Request, response: web.StreamResponse) -> None:
+        if request.get(BODY_ABANDONED):
+            response.headers[hdrs.CONNECTION] = "close"  # the headers were made before this hook
+            stop_reading_unwanted_body(request, response, lingering)
+
+    return hook
 
 
 class _Router(web.UrlDispatcher):

@@ -25,7 +25,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from optimizer.errors import BodyTooLarge, EmptyBody, MalformedUpload, UploadStalled
 from optimizer.formdata import ChunkSource, FormReader, Pieces, boundary_of
-from optimizer.takeover import DirectBody, declared_body
+from optimizer.takeover import BodyReadElsewhere, DirectBody, declared_body
 
 FIELD_NAME = "image"
 # What one recv() may take for an admitted upload (asyncio's default is 256 KiB; optimizer.server lowers
@@ -109,8 +109,7 @@ async def _read_upload(
 
             watchdog = loop.call_at(deadline(), watch)
             try:
-                # A body of declared length is received into the decoder's buffer (optimizer.takeover).
-                source = DirectBody(request, received) if declared_body(request) else stream
+                source = _body_source(request, received)
                 if _is_form(request):
                     data = await _read_multipart(request, source, received)
                 else:
@@ -129,6 +128,35 @@ async def _read_upload(
     if not data:
         raise EmptyBody("the uploaded image is empty")
     return data
+
+
+def _body_source(request: web.BaseRequest, received: Callable[[], None]) -> ChunkSource:
+    """Where the body's bytes come from: aiohttp's stream, or for a body of declared length the
+    decoder's own buffer (``optimizer.takeover``); in an application embedding the service, what a
+    middleware of the host's has already read (an HMAC check, an audit log)."""
+    already = getattr(request, "_read_bytes", None)  # aiohttp keeps what request.read() returned
+    if isinstance(already, bytes):
+        received()  # the cap and the uploads' allowance, as for bytes read here
+        return _Replay(already)
+    consumed = getattr(request.content, "_cursor", 0)  # bytes some other reader took from the stream
+    if isinstance(consumed, int) and consumed > 0:
+        # What is left would be parsed as the upload from its middle (a host's middleware peeked).
+        raise BodyReadElsewhere(
+            f"{consumed} bytes of the request's body were read before the optimizer's handler got it "
+            "(a host's middleware?); only a body read whole with request.read() can be handed on"
+        )
+    return DirectBody(request, received) if declared_body(request) else request.content
+
+
+class _Replay:
+    """A body already in memory, as a source of one chunk."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+
+    async def readany(self) -> bytes:
+        data, self._data = self._data, b""
+        return data
 
 
 def _is_form(request: web.BaseRequest) -> bool:

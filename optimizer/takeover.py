@@ -38,6 +38,12 @@ from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 from optimizer.badrequests import ProblemRequestHandler
 from optimizer.errors import MalformedUpload
 
+
+class BodyReadElsewhere(RuntimeError):
+    """Part of the body was read by someone other than the service: a fault of the application it runs
+    in, answered 500 and logged."""
+
+
 try:  # the queue bound aiohttp gives its own parsers (3.14); older releases have none
     from aiohttp.web_protocol import MAX_MSG_QUEUE_SIZE
 except ImportError:  # pragma: no cover - depends on the aiohttp release
@@ -54,6 +60,10 @@ try:
     _bytes_address.argtypes = (ctypes.py_object,)
 except (ImportError, AttributeError):  # pragma: no cover - not CPython, or built without ctypes
     ctypes = None  # type: ignore[assignment]
+
+# Set on a request whose body was abandoned part-way (see ``_Receiver``): its answer, whoever makes it,
+# must close the connection (``optimizer.app`` looks at it as each answer is prepared).
+BODY_ABANDONED = web.RequestKey("optimizer_body_abandoned", bool)
 
 _PARSERS = frozenset({HttpRequestParser, HttpRequestParserPy})
 _HANDLERS = frozenset({RequestHandler, ProblemRequestHandler})  # the latter changes only handle_error
@@ -95,6 +105,10 @@ class _Filling:
     @property
     def done(self) -> bool:
         return not self._views
+
+    @property
+    def remaining(self) -> int:
+        return sum(len(view) for view in self._views) - self._at
 
     def space(self) -> memoryview:
         return self._views[0][self._at :]
@@ -208,6 +222,15 @@ class DirectBody:
             # All of it had arrived, so aiohttp's parser has ended the body itself.
             await stream.wait_eof()
             return
+        if stream.is_eof() or filling.remaining != self._declared - stream.total_bytes:
+            # Bytes of the body that aiohttp received went to another reader (a host's middleware): the
+            # socket will not bring what the buffer still lacks, and switching to a receiver would hand
+            # out an unfilled buffer as the upload (whatever that memory held: another client's image,
+            # found in review) and eat the connection's next requests.
+            raise BodyReadElsewhere(
+                f"{self._declared - self._handed - filling.remaining} bytes of the request's body were "
+                "read before the optimizer's handler got it (a host's middleware?)"
+            )
         parser = _fresh_parser(self._request.protocol) if _switchable(self._request) else None
         if parser is None:
             # aiohttp's stream, chunk by chunk: its parser's copy stays, the join is still saved.
@@ -231,6 +254,19 @@ class DirectBody:
         finally:
             if not filling.done:
                 receiver.discard()
+                self._abandoned()
+        if not filling.done:  # the stream ended without the receiver: cannot be, but never hand it out
+            raise BodyReadElsewhere("the request's body ended before the optimizer received all of it")
+
+    def _abandoned(self) -> None:
+        """The body will never be read to its end (a deadline, the shutdown, or a host that cancelled
+        the handler and answers itself): whatever answer the request gets must close the connection,
+        which ``optimizer.app`` sees to as the answer is prepared (a host's own answer went out
+        keep-alive, aiohttp lingered 10 s for the rest of a body nothing passed on, and the client's
+        next request on the connection went unanswered, found in review)."""
+        self._request[BODY_ABANDONED] = True
+        if self._stream.exception() is None:  # a late reader gets an error, not a body cut short
+            self._stream.set_exception(ConnectionResetError("the request's body was abandoned"))
 
 
 # Where a receiver puts what it reads once the body is abandoned (shared: nothing reads it).
