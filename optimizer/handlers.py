@@ -27,8 +27,9 @@ from optimizer.sending import OutgoingImage
 from optimizer.state import STATE, ServiceState
 
 OPTIMIZE_DEFAULTS = RouteDefaults()
-# The Go service's contract: a 300 px wide JPEG at quality 80, whatever the configured defaults.
-UPLOAD_DEFAULTS = RouteDefaults(width=300, format="jpeg", quality=80)
+# The Go service's contract: a 300 px wide JPEG at quality 80, whatever the configured defaults; its
+# Lanczos resize to 300 px enlarged narrower images too (a review found a 128 px image came back 128).
+UPLOAD_DEFAULTS = RouteDefaults(width=300, format="jpeg", quality=80, enlarge=True)
 # A request on a connection answered this recently is the same client asking again at once.
 JUST_SERVED_SECONDS = 0.25
 

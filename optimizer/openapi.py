@@ -45,7 +45,7 @@ def _image_operation(summary: str, description: str, settings: Settings, upload:
             "name": "enlarge",
             "in": "query",
             "schema": {"type": "string", "enum": ["0", "1", "true", "false", "yes", "no"]},
-            "description": "allow upscaling (default 0)",
+            "description": "allow upscaling (default 0; 1 on /upload, whose Go original always made 300 px)",
         },
     ]
     if settings.signing_key:
@@ -183,7 +183,7 @@ def _document(settings: Settings, base_path: str) -> dict[str, Any]:
             "/upload": {
                 "post": _image_operation(
                     "The Go service's contract: a 300 px wide JPEG at quality 80",
-                    "The same as /optimize with the defaults width=300, format=jpeg, quality=80.",
+                    "The same as /optimize with the defaults width=300, format=jpeg, quality=80, enlarge=1.",
                     settings,
                     upload=True,
                 )

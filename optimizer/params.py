@@ -27,6 +27,7 @@ class RouteDefaults:
     width: int | None = None
     format: str = "jpeg"
     quality: int | None = None  # None: the per-format default from the settings
+    enlarge: bool = False
 
 
 _MAX_DIGITS = 9  # past any limit here, and short of what int() parses slowly
@@ -100,6 +101,6 @@ def parse_params(
         height=values.get("height"),
         format=output_format,
         quality=quality if quality is not None else settings.default_quality(output_format),
-        enlarge=values.get("enlarge", False),
+        enlarge=values.get("enlarge", defaults.enlarge),
         background=settings.background_rgb,
     )

@@ -49,6 +49,23 @@ async def test_upload_is_the_go_contract(make_client: MakeClient, corpus: Path) 
     assert {"queue", "decode", "resize", "encode"} <= stages
 
 
+@pytest.mark.parametrize(
+    ("route", "query", "size"),
+    [
+        ("/upload", {}, (300, 150)),  # the Go service's Lanczos to 300 px enlarged small images too
+        ("/upload", {"enlarge": "0"}, (128, 64)),
+        ("/optimize", {"width": "300"}, (128, 64)),  # elsewhere enlarging is asked for
+    ],
+)
+async def test_upload_makes_small_images_300_px_wide_like_the_go_service(
+    make_client: MakeClient, route: str, query: dict[str, str], size: tuple[int, int]
+) -> None:
+    client = await make_client()
+    response = await client.post(route, params=query, data=multipart(image_bytes((128, 64))))
+    assert response.status == 200
+    assert decode(await response.read()).size == size
+
+
 async def test_optimize_raw_body_with_parameters(make_client: MakeClient) -> None:
     client = await make_client()
     source = image_bytes((400, 200), fmt="PNG")
@@ -218,7 +235,7 @@ async def test_other_form_fields_are_ignored(make_client: MakeClient) -> None:
     form.add_field("image", image_bytes((100, 100)), filename="a.jpg")
     response = await client.post("/upload", data=form)
     assert response.status == 200
-    assert decode(await response.read()).size == (100, 100)
+    assert decode(await response.read()).size == (300, 300)  # the Go contract: 300 px wide, enlarged
 
 
 @pytest.mark.parametrize("name", ["document.pdf", "postscript.eps", "photoshop.psd", "xbm-c-source.xbm"])

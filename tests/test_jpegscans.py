@@ -18,12 +18,11 @@ from PIL import Image, ImageChops
 
 from optimizer import jpegscans, pipeline
 from optimizer.errors import CorruptImage, OptimizerError
+from optimizer.handlers import UPLOAD_DEFAULTS
 from optimizer.params import RouteDefaults, parse_params
 from optimizer.settings import Settings
 from optimizer.state import ServiceState
 from tests.conftest import corpus_dir, manifest
-
-UPLOAD_DEFAULTS = RouteDefaults(width=300, format="jpeg", quality=80)
 
 
 def photo(size: tuple[int, int], mode: str = "RGB", seed: int = 1) -> Image.Image:
