@@ -178,6 +178,7 @@ def inspect(data: bytes, params: Params, limits: Limits) -> int:
                 compressed=len(data),
                 resizer=limits.resizer,
                 orientation=turn,
+                quality=params.quality,
             )
             for turn in orientations
         )
@@ -205,6 +206,7 @@ _ENCODER_BYTES_PER_PIXEL = {"jpeg": 3, "png": 4, "webp": 6, "avif": 24}
 # the alpha then peaks up to ~11 bytes a pixel over, about 30 % of such an image's estimate, which the
 # memory limit's other half covers (the budget defaults to half of it).
 _ALPHA_ENCODER_BYTES_PER_PIXEL = {"webp": 20, "avif": 8}
+_JPEG_FULL_CHROMA_ENCODER_BYTES_PER_PIXEL = 9  # see estimate_memory
 
 
 def estimate_memory(
@@ -215,6 +217,7 @@ def estimate_memory(
     compressed: int = 0,
     resizer: str = "pillow",
     orientation: int = 0,
+    quality: int = 80,
 ) -> int:
     """Peak bytes ``optimize`` will allocate for ``im`` (header read, nothing decoded) to reach ``size``.
 
@@ -262,7 +265,12 @@ def estimate_memory(
         # fit_mode_to_format: grey made RGB(A) for the encoder (a 6000x4000 grey JPEG to WebP peaked at
         # 250 MiB against 162, a review)
         work += target_w * target_h * 4
-    work += target_w * target_h * _ENCODER_BYTES_PER_PIXEL.get(output_format, 6)
+    encoder = _ENCODER_BYTES_PER_PIXEL.get(output_format, 6)
+    if output_format == "jpeg" and jpeg_subsampling(quality) == 0:
+        # Full-resolution colour: twice the coefficients, and noise's output up to 4 bytes a pixel,
+        # kept twice for a moment (the memory file and its bytes): 5.6-6.3 bytes a pixel measured.
+        encoder = _JPEG_FULL_CHROMA_ENCODER_BYTES_PER_PIXEL
+    work += target_w * target_h * encoder
     if has_alpha:
         work += target_w * target_h * _ALPHA_ENCODER_BYTES_PER_PIXEL.get(output_format, 0)
     extra, held = _decoder_buffers(im, decoded, compressed)
@@ -901,13 +909,24 @@ def encode(im: Image.Image, params: Params, *, progressive: bool = True) -> byte
     # the ICC profile and EXIF, so the metadata is dropped here explicitly.
     im.info = {}
     if params.format == "jpeg":
-        return _save_without_gil(
-            im,
-            "JPEG",
-            quality=params.quality,
-            optimize=True,
-            progressive=progressive and im.width * im.height >= PROGRESSIVE_MIN_PIXELS,
-        )
+        subsampling = jpeg_subsampling(params.quality)
+        try:
+            return _save_without_gil(
+                im,
+                "JPEG",
+                quality=params.quality,
+                subsampling=subsampling,
+                optimize=True,
+                progressive=progressive and im.width * im.height >= PROGRESSIVE_MIN_PIXELS,
+            )
+        except OSError:
+            # Optimized tables and progressive scans make libjpeg write the whole file at its end, into
+            # the buffer Pillow gave it: one byte a pixel (two from quality 95), which noise overflows
+            # ("broken data stream": random black and white at quality 94 was a 500, a review). A plain
+            # baseline JPEG is written as it is coded, into any size.
+            return _save_without_gil(
+                im, "JPEG", quality=params.quality, subsampling=subsampling, optimize=False, progressive=False
+            )
     buffer = io.BytesIO()
     if params.format == "png":
         if im.width * im.height <= PNG_OPTIMIZE_MAX_PIXELS:
@@ -919,6 +938,17 @@ def encode(im: Image.Image, params: Params, *, progressive: bool = True) -> byte
     else:
         im.save(buffer, "AVIF", quality=params.quality, speed=AVIF_SPEED, max_threads=1)
     return buffer.getvalue()
+
+
+# From this quality up the JPEG keeps full-resolution colour (4:4:4), as libvips's automatic mode does:
+# asked for near-lossless, a client means it for colour edges too (a red pixel beside a blue one came
+# out a third green at quality 100, a review); below, 4:2:0's halved colour is the usual trade.
+JPEG_FULL_CHROMA_QUALITY = 90
+
+
+def jpeg_subsampling(quality: int) -> int:
+    """Pillow's ``subsampling`` for a JPEG at ``quality``: 0 is 4:4:4, 2 is 4:2:0."""
+    return 0 if quality >= JPEG_FULL_CHROMA_QUALITY else 2
 
 
 def _save_without_gil(im: Image.Image, format: str, **options: object) -> bytes:

@@ -45,8 +45,12 @@ def status(field):
     for line in open("/proc/self/status"):
         if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
+fmt, _, quality = fmt.partition(":")  # "jpeg:95": a quality other than 80
 params = Params(  # a width ending in "+" enlarges
-    width=int(width.rstrip("+")) if width != "-" else None, format=fmt, enlarge=width.endswith("+")
+    width=int(width.rstrip("+")) if width != "-" else None,
+    format=fmt,
+    enlarge=width.endswith("+"),
+    quality=int(quality or 80),
 )
 with open("/proc/self/clear_refs", "w") as handle:
     handle.write("5")  # reset VmHWM to the current RSS: the peak from here on is this request's
@@ -55,11 +59,12 @@ optimize(data, params, limits)
 print(json.dumps({"peak_bytes": status("VmHWM") - before}))
 """
 
-# (file in the corpus, output width or "-" for full size, output format)
+# (file in the corpus, output width or "-" for full size, output format, with ":quality" unless 80)
 CASES = [
     ("photos/seed-loadtest-5760x3840.jpg", "300", "jpeg"),  # progressive 4:4:4: coefficients dominate
     ("photos/seed-loadtest-5760x3840.jpg", "2000", "jpeg"),
     ("photos/seed-loadtest-5760x3840.jpg", "-", "jpeg"),
+    ("photos/seed-loadtest-5760x3840.jpg", "-", "jpeg:95"),  # output 4:4:4: twice the coefficients
     ("photos/kleiber-lukas-baubkus-6028x3391.jpg", "800", "jpeg"),  # baseline, 1/4 draft
     ("photos/kleiber-lukas-baubkus-6028x3391.jpg", "-", "jpeg"),
     ("photos/seeding-clemens-engelhardt-5312x2988.jpg", "300", "jpeg"),  # progressive 4:2:0
@@ -96,8 +101,12 @@ def test_estimate_covers_the_measured_peak(name: str, width: str, fmt: str, resi
     if resizer == "vips":
         vips_or_skip()
         # libvips itself (code, thread pool) is loaded by the warm-up in the child, before the peak is reset
+    output, _, quality = fmt.partition(":")
     params = Params(  # a width ending in "+" enlarges
-        width=int(width.rstrip("+")) if width != "-" else None, format=fmt, enlarge=width.endswith("+")
+        width=int(width.rstrip("+")) if width != "-" else None,
+        format=output,
+        enlarge=width.endswith("+"),
+        quality=int(quality or 80),
     )
     estimate = inspect(path.read_bytes(), params, dataclasses.replace(LIMITS, resizer=resizer))
     peak = measured_peak(path, width, fmt, resizer)
@@ -230,8 +239,12 @@ COPY_CASES = [
 def test_estimate_covers_the_copies_of_each_path(tmp_path: Path, kind: str, width: str, fmt: str) -> None:
     path = tmp_path / "input"
     _generated(kind, path)
+    output, _, quality = fmt.partition(":")
     params = Params(  # a width ending in "+" enlarges
-        width=int(width.rstrip("+")) if width != "-" else None, format=fmt, enlarge=width.endswith("+")
+        width=int(width.rstrip("+")) if width != "-" else None,
+        format=output,
+        enlarge=width.endswith("+"),
+        quality=int(quality or 80),
     )
     estimate = inspect(path.read_bytes(), params, LIMITS)
     peak = measured_peak(path, width, fmt, "pillow")

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from PIL import Image, ImageChops, ImageCms, ImageOps, ImageStat
+from PIL import Image, ImageChops, ImageCms, ImageOps, ImageStat, JpegImagePlugin
 from PIL.PngImagePlugin import PngInfo
 
 from optimizer.errors import CorruptImage, EmptyBody, OptimizerError, TooManyPixels, UnsupportedFormat
@@ -881,6 +881,32 @@ def test_jpeg_quality_changes_the_size(corpus: Path) -> None:
     high = optimize(data, Params(width=400, quality=95), LIMITS)
     assert (low.width, low.height) == (high.width, high.height) == (400, 300)
     assert len(low.data) < len(high.data) * 0.6
+
+
+@pytest.mark.parametrize(("quality", "sampling"), [(89, 2), (90, 0), (100, 0)])
+def test_near_lossless_jpeg_keeps_full_colour_resolution(quality: int, sampling: int) -> None:
+    """From quality 90 up the colour is not halved (4:4:4, libvips's automatic choice): a red pixel
+    beside a green and a blue one stays red, where 4:2:0 mixed them at quality 100 (a review)."""
+    source = Image.new("RGB", (3, 1))
+    source.putdata([(255, 0, 0), (0, 255, 0), (0, 0, 255)])
+    _, image = run(encoded(source, "PNG"), Params(quality=quality))
+    assert JpegImagePlugin.get_sampling(image) == sampling
+    if sampling == 0:
+        difference = ImageChops.difference(image.convert("RGB"), source)
+        extrema = difference.getextrema()
+        assert isinstance(extrema[0], tuple) and max(high for _low, high in extrema) <= 8
+
+
+@pytest.mark.parametrize("quality", [94, 100])
+def test_noise_that_overflows_libjpegs_buffer_still_comes_out(quality: int) -> None:
+    """Random black and white at quality 94 codes to more than the byte a pixel Pillow's buffer holds for
+    libjpeg's optimized, progressive writing: a 500 until a baseline JPEG was written instead (a review)."""
+    noise = Image.effect_noise((400, 300), 255).point(lambda value: 255 if value > 127 else 0)
+    _, image = run(
+        encoded(Image.merge("RGB", (noise, noise.transpose(Image.Transpose.ROTATE_180), noise)), "PNG"),
+        Params(quality=quality),
+    )
+    assert image.size == (400, 300)
 
 
 def test_large_jpeg_output_is_progressive() -> None:
