@@ -26,6 +26,7 @@ from typing import Any
 from PIL import Image, ImageChops, ImageCms, ImageFile, ImageMath, PngImagePlugin
 
 from optimizer import avifboxes, avifdecode, gifblocks, vips, webpchunks
+from optimizer.colour import LAB, SRGB, to_srgb
 from optimizer.errors import CorruptImage, EmptyBody, StructureLimit, TooManyPixels, UnsupportedFormat
 from optimizer.jpegscans import (
     DC_ONLY_SCALE,
@@ -68,8 +69,6 @@ _TRANSPOSE: dict[int, Image.Transpose] = {
     8: Image.Transpose.ROTATE_90,
 }
 
-_SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
-_LAB = ImageCms.ImageCmsProfile(ImageCms.createProfile("LAB"))
 
 MEDIA_TYPES = {"jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp", "avif": "image/avif"}
 
@@ -255,10 +254,11 @@ def estimate_memory(
         work += target_w * target_h * stored  # the output
     if orientation in _TRANSPOSE:
         work += target_w * target_h * stored  # orient's turned copy, beside the image it turns
-    grey = im.mode in ("1", "L", "LA", "La", "F") or im.mode.startswith("I")  # to_srgb leaves grey as it is
-    if ("icc_profile" in im.info and not grey) or im.mode == "CMYK":
-        # to_srgb: the converted copy; with alpha also the alpha band, an RGB copy and the merge
-        work += target_w * target_h * (9 if has_alpha else 4)
+    grey = im.mode in ("1", "L", "LA", "La", "F") or im.mode.startswith("I")
+    if "icc_profile" in im.info or im.mode == "CMYK":
+        # to_srgb: the converted copy (grey's comes out RGB, and one channel is kept); with alpha also the
+        # alpha band, the colour without it, and the merge
+        work += target_w * target_h * (11 if has_alpha else 5)
     if has_alpha and output_format == "jpeg":
         work += target_w * target_h * 6  # flattening: an RGB copy and the inverted alpha
     if grey and output_format in ("webp", "avif"):
@@ -746,7 +746,7 @@ def normalise_mode(im: Image.Image) -> Image.Image:
         return im.convert("RGBA")
     if mode == "LAB":
         # Pillow's own LAB -> RGB conversion reinterprets the channels; LittleCMS converts them.
-        converted = ImageCms.profileToProfile(im, _LAB, _SRGB, outputMode="RGB")
+        converted = ImageCms.profileToProfile(im, LAB, SRGB, outputMode="RGB")
         assert converted is not None
         return converted
     return im.convert("RGB")
@@ -784,102 +784,6 @@ def orient(im: Image.Image, orientation: int) -> Image.Image:
     """Make the image upright. Done after the resize, on far fewer pixels."""
     method = _TRANSPOSE.get(orientation)
     return im.transpose(method) if method is not None else im
-
-
-def to_srgb(im: Image.Image, icc: bytes | None) -> Image.Image:
-    """Convert colours to sRGB through the embedded ICC profile; CMYK always ends as RGB.
-
-    A profile that LittleCMS cannot parse (a bogus marker, a truncated profile) is ignored, as browsers do.
-    Grayscale stays grayscale: converting it would triple the output for no visible change.
-    """
-    if not icc and im.mode != "CMYK":
-        return im  # untagged is sRGB: nothing to convert, and no copies of the pixels
-    alpha = im.getchannel("A") if im.mode == "RGBA" else None
-    colour = im.convert("RGB") if alpha is not None else im
-    if icc and colour.mode in ("RGB", "CMYK"):
-        try:
-            profile = ImageCms.ImageCmsProfile(io.BytesIO(_usable_icc(icc)))
-            if not ImageCms.getProfileDescription(profile).strip().startswith("sRGB"):
-                converted = ImageCms.profileToProfile(colour, profile, _SRGB, outputMode="RGB")
-                if converted is not None:
-                    colour = converted
-        except (ImageCms.PyCMSError, OSError, ValueError, TypeError):
-            pass
-    if colour.mode == "CMYK":
-        colour = colour.convert("RGB")
-    if alpha is not None:
-        colour = colour.copy() if colour is im else colour
-        colour.putalpha(alpha)
-    return colour
-
-
-# ICC v4's floating-point transforms (D2Bx, B2Dx): a list of processing elements that LittleCMS reads
-# and runs one by one, each a copy even when the list points at the same element again. A review built
-# a 626-byte PNG whose profile lists 20 000 of them: 35 s of CPU and 750 MB for one 8x8 image, all
-# outside the memory budget. LittleCMS prefers these tags to the A2Bx/B2Ax lookup tables and the
-# matrix-and-curves a profile also carries (the fixed-size forms browsers use); renamed, they are
-# unknown tags and ignored. A profile with nothing else cannot be used and is ignored, as browsers do.
-_FLOAT_LUT_TAGS = frozenset(prefix + bytes([digit]) for prefix in (b"D2B", b"B2D") for digit in b"0123")
-_ICC_HEADER = 128
-_ICC_TAG_ENTRY = 12
-_ICC_MAX_TAGS = 100  # LittleCMS's own limit (MAX_TABLE_TAG): it refuses a profile with more
-
-
-def _usable_icc(icc: bytes) -> bytes:
-    """``icc`` with the tags LittleCMS must not read renamed (case swapped: unknown to it), else as it is:
-    float transforms (above), and tags whose counts promise more than they hold (``_icc_tag_fits``)."""
-    if len(icc) < _ICC_HEADER + 4:
-        return icc
-    (count,) = struct.unpack_from(">I", icc, _ICC_HEADER)
-    table_end = _ICC_HEADER + 4 + _ICC_TAG_ENTRY * count
-    if count > _ICC_MAX_TAGS or table_end > len(icc):
-        return icc  # LittleCMS refuses such a table itself
-    view = memoryview(icc)  # a tag is looked at in place: a copy per tag was quadratic (a review)
-    found = []
-    for at in range(_ICC_HEADER + 4, table_end, _ICC_TAG_ENTRY):
-        signature, offset, size = struct.unpack_from(">4sII", icc, at)
-        if signature in _FLOAT_LUT_TAGS or not _icc_tag_fits(view[offset : offset + size]):
-            found.append(at)
-    if not found:
-        return icc
-    renamed = bytearray(icc)
-    for at in found:
-        renamed[at : at + 4] = icc[at : at + 4].swapcase()  # ``desc`` is lower case already
-    return bytes(renamed)
-
-
-def _icc_tag_fits(tag: bytes | memoryview) -> bool:
-    """Whether a tag holds what its counts say, for the types LittleCMS allocates from a count before
-    reading: a 588-byte profile whose description (an ``mluc``) claimed 44 million records made it
-    allocate and clear 504 MiB for a 1x1 PNG (a review's fuzzing); lookup tables (``mft1``, ``mft2``,
-    and the CLUT of ``mAB``/``mBA``) can claim ~500 MB the same way. A tag cut short is LittleCMS's to
-    refuse; here only what it would allocate is compared with the tag's size."""
-    kind, size = bytes(tag[:4]), len(tag)
-    try:
-        if kind == b"mluc":
-            records, record = struct.unpack_from(">II", tag, 8)
-            return bool(16 + records * record <= size)
-        if kind in (b"mft1", b"mft2"):
-            inputs, outputs, grid = tag[8], tag[9], tag[10]
-            if kind == b"mft1":
-                entries = 256 * inputs + grid**inputs * outputs + 256 * outputs
-                return bool(48 + entries <= size)
-            input_entries, output_entries = struct.unpack_from(">HH", tag, 48)
-            entries = input_entries * inputs + grid**inputs * outputs + output_entries * outputs
-            return bool(52 + 2 * entries <= size)
-        if kind in (b"mAB ", b"mBA "):
-            inputs, outputs = tag[8], tag[9]
-            (clut,) = struct.unpack_from(">I", tag, 24)
-            if not clut:
-                return True
-            points = 1
-            for grid in tag[clut : clut + min(inputs, 16)]:
-                points *= grid
-            precision = tag[clut + 16]
-            return bool(clut + 20 + points * outputs * precision <= size)
-    except (struct.error, IndexError):
-        return True  # cut short: LittleCMS refuses it as it reads
-    return True
 
 
 def fit_mode_to_format(im: Image.Image, params: Params) -> Image.Image:

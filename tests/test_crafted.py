@@ -14,7 +14,17 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from optimizer import av1seq, avifboxes, avifdecode, gifblocks, pipeline, pngchunks, tiffifd, webpchunks
+from optimizer import (
+    av1seq,
+    avifboxes,
+    avifdecode,
+    colour,
+    gifblocks,
+    pipeline,
+    pngchunks,
+    tiffifd,
+    webpchunks,
+)
 from optimizer.errors import CorruptImage, TooManyPixels
 from optimizer.pipeline import Limits, Params, avif_decode_bytes_per_pixel
 from optimizer.settings import KNOWN_INPUT_FORMATS
@@ -80,7 +90,7 @@ def test_an_icc_profile_of_endless_float_stages_costs_nothing_beyond_its_estimat
     """20 000 stages in a 626-byte PNG took 35 s of CPU and 750 MB (the review); 3000 here took ~1.7 s
     and ~140 MB before the fix. LittleCMS now never sees them: the profile is ignored, as browsers do."""
     profile = float_lut_profile(3000)
-    assert b"D2B0" not in pipeline._usable_icc(profile)
+    assert b"D2B0" not in colour.usable_icc(profile)
     buffer = io.BytesIO()
     Image.new("RGB", (8, 8), (200, 100, 50)).save(buffer, "PNG", icc_profile=profile)
     path = tmp_path / "float-stages.png"
@@ -97,7 +107,7 @@ def test_an_icc_tag_claiming_more_records_than_it_holds_is_not_read() -> None:
     """A 588-byte profile whose description (an mluc) claimed 44 million records made LittleCMS allocate
     and clear 504 MiB for a 1x1 PNG (a review's fuzzing). Such a tag is renamed, unknown to LittleCMS;
     the profile's other tags still convert the colours."""
-    srgb = bytearray(pipeline._SRGB.tobytes())
+    srgb = bytearray(colour.SRGB.tobytes())
     (count,) = struct.unpack_from(">I", srgb, 128)
     tags = {
         bytes(srgb[at : at + 4]): struct.unpack_from(">II", srgb, at + 4)
@@ -106,14 +116,14 @@ def test_an_icc_tag_claiming_more_records_than_it_holds_is_not_read() -> None:
     offset, _size = tags[b"desc"]
     assert srgb[offset : offset + 4] == b"mluc"
     struct.pack_into(">I", srgb, offset + 8, 44_040_192)
-    usable = pipeline._usable_icc(bytes(srgb))
+    usable = colour.usable_icc(bytes(srgb))
     assert b"desc" not in usable[: 132 + 12 * count] and b"DESC" in usable and b"wtpt" in usable
     image = Image.new("RGB", (8, 8), (200, 100, 50))
     buffer = io.BytesIO()
     image.save(buffer, "PNG", icc_profile=bytes(srgb))
     out = pipeline.optimize(buffer.getvalue(), Params(width=4, format="png"), LIMITS)
     assert (out.width, out.height) == (4, 4)
-    assert pipeline._usable_icc(pipeline._SRGB.tobytes()) == pipeline._SRGB.tobytes()
+    assert colour.usable_icc(colour.SRGB.tobytes()) == colour.SRGB.tobytes()
 
 
 def test_icc_lookup_tables_must_hold_what_their_grids_say() -> None:
@@ -125,12 +135,12 @@ def test_icc_lookup_tables_must_hold_what_their_grids_say() -> None:
             b"mft2" + bytes(4) + bytes([3, 3, grid, 0]) + bytes(36) + struct.pack(">HH", 2, 2) + bytes(table)
         )
 
-    assert pipeline._icc_tag_fits(mft2(2, 2 * (2 * 3 + 2**3 * 3 + 2 * 3)))
-    assert not pipeline._icc_tag_fits(mft2(255, 2 * (2 * 3 + 2**3 * 3 + 2 * 3)))
+    assert colour.icc_tag_fits(mft2(2, 2 * (2 * 3 + 2**3 * 3 + 2 * 3)))
+    assert not colour.icc_tag_fits(mft2(255, 2 * (2 * 3 + 2**3 * 3 + 2 * 3)))
     clut = bytes([2, 2, 2] + [0] * 13) + bytes([2, 0, 0, 0]) + bytes(2**3 * 3 * 2)
     m_ab = b"mAB " + bytes(4) + bytes([3, 3, 0, 0]) + struct.pack(">IIIII", 0, 0, 0, 32, 0) + clut
-    assert pipeline._icc_tag_fits(m_ab)
-    assert not pipeline._icc_tag_fits(m_ab[:32] + bytes([255, 255, 255]) + m_ab[35:])
+    assert colour.icc_tag_fits(m_ab)
+    assert not colour.icc_tag_fits(m_ab[:32] + bytes([255, 255, 255]) + m_ab[35:])
 
 
 def test_an_icc_tag_table_is_read_in_place_and_within_littlecms_limit() -> None:
@@ -149,20 +159,20 @@ def test_an_icc_tag_table_is_read_in_place_and_within_littlecms_limit() -> None:
     hundred = profile(100)
     tracemalloc.start()
     try:
-        pipeline._usable_icc(hundred)
+        colour.usable_icc(hundred)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
     assert peak < size  # not one copy of a tag, let alone a hundred
     too_many = profile(101)
-    assert pipeline._usable_icc(too_many) is too_many
+    assert colour.usable_icc(too_many) is too_many
 
 
 def test_a_profile_without_float_stages_is_used_as_it_is() -> None:
-    srgb = pipeline._SRGB.tobytes()
-    assert pipeline._usable_icc(srgb) == srgb
+    srgb = colour.SRGB.tobytes()
+    assert colour.usable_icc(srgb) == srgb
     for short in (b"", srgb[:100], srgb[:132] + b"\xff\xff\xff\xff"):  # no table, or one past the end
-        assert pipeline._usable_icc(short) == short
+        assert colour.usable_icc(short) == short
 
 
 def chunk(kind: bytes, data: bytes) -> bytes:
@@ -447,7 +457,7 @@ def test_a_large_icc_profile_is_in_the_estimate(tmp_path: Path) -> None:
     against 4 estimated (the review)."""
     path = tmp_path / "large-profile.jpg"
     Image.new("RGB", (64, 64), (10, 200, 30)).save(
-        path, "JPEG", icc_profile=pipeline._SRGB.tobytes() + bytes(12_000_000)
+        path, "JPEG", icc_profile=colour.SRGB.tobytes() + bytes(12_000_000)
     )
     covers(path, "32", "jpeg")
 
@@ -618,7 +628,7 @@ def test_an_rle_bmp_with_an_icc_profile_after_its_pixels_is_not_too_long() -> No
     width, height = 4, 4
     rows = (b"\x04\x01" + b"\x00\x00") * height + b"\x00\x01"
     palette = b"".join(bytes([i, i, i, 0]) for i in range(256))
-    profile = pipeline._SRGB.tobytes() + bytes(8000)
+    profile = colour.SRGB.tobytes() + bytes(8000)
     info = bytearray(struct.pack("<IiiHHIIiiII", 124, width, height, 1, 8, 1, len(rows), 0, 0, 256, 0))
     info += bytes(124 - len(info))
     pixels_at = 14 + 124 + len(palette)

@@ -18,11 +18,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from PIL import Image, ImageCms
+from PIL import Image
 
 from optimizer.pipeline import Limits, Params, _progressive_coefficients, inspect
 from optimizer.settings import KNOWN_INPUT_FORMATS
 from tests.conftest import corpus_dir, vips_or_skip
+from tests.test_colour import profile
 
 MIB = 1024 * 1024
 LIMITS = Limits(max_pixels=178_000_000, max_dimension=8192, input_formats=KNOWN_INPUT_FORMATS)
@@ -216,7 +217,7 @@ def _generated(kind: str, path: Path) -> None:
     elif kind == "grey16-keyed":
         gradient.convert("I").point(lambda v: v * 257).convert("I;16").save(path, "PNG", transparency=0)
     elif kind == "rgba-icc":
-        icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("LAB")).tobytes()
+        icc = profile("RGB", "Linear RGB", 1.0)  # one that converts (LAB's describes another space)
         rgba = rgb.convert("RGBA")
         rgba.putalpha(gradient.point(lambda v: max(v, 1)))
         rgba.save(path, "PNG", icc_profile=icc, compress_level=1)

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from PIL import Image, ImageChops, ImageCms, ImageOps, ImageStat, JpegImagePlugin
 from PIL.PngImagePlugin import PngInfo
 
+from optimizer.colour import to_srgb
 from optimizer.errors import CorruptImage, EmptyBody, OptimizerError, TooManyPixels, UnsupportedFormat
 from optimizer.pipeline import (
     MEDIA_TYPES,
@@ -37,7 +38,6 @@ from optimizer.pipeline import (
     orient,
     read_orientation,
     target_size,
-    to_srgb,
 )
 from optimizer.settings import KNOWN_INPUT_FORMATS, OUTPUT_FORMATS, RESIZERS, Settings
 from tests.conftest import CORPUS, image_bytes, manifest, vips_or_skip

@@ -1,0 +1,134 @@
+"""Colours to sRGB (``optimizer.colour``): a profile is judged by what it does, not by its name, and grey
+images are converted through their grey profiles too."""
+
+from __future__ import annotations
+
+import io
+import struct
+
+import pytest
+from PIL import Image, ImageChops, ImageCms
+
+from optimizer import colour
+from optimizer.colour import to_srgb
+from optimizer.pipeline import Params, optimize
+from tests.test_pipeline import LIMITS
+
+D50 = (0.9642, 1.0, 0.8249)
+SRGB_PRIMARIES_D50 = ((0.4361, 0.2225, 0.0139), (0.3851, 0.7169, 0.0971), (0.1431, 0.0606, 0.7141))
+
+
+def _fixed(value: float) -> bytes:
+    return struct.pack(">i", round(value * 65536))
+
+
+def _xyz(x: float, y: float, z: float) -> bytes:
+    return b"XYZ " + bytes(4) + _fixed(x) + _fixed(y) + _fixed(z)
+
+
+def _description(text: str) -> bytes:
+    ascii_text = text.encode("ascii") + b"\0"
+    return (
+        b"desc" + bytes(4) + struct.pack(">I", len(ascii_text)) + ascii_text + bytes(8) + bytes(3) + bytes(67)
+    )
+
+
+def profile(space: str, description: str, gamma: float) -> bytes:
+    """A minimal ICC v2 profile: a grey curve (``GRAY``), or sRGB's primaries with one curve (``RGB``)."""
+    curve = b"curv" + bytes(4) + struct.pack(">IH", 1, round(gamma * 256)) + bytes(2)
+    tags = [(b"desc", _description(description)), (b"wtpt", _xyz(*D50))]
+    if space == "GRAY":
+        tags.append((b"kTRC", curve))
+    else:
+        tags += [
+            (name, _xyz(*xyz))
+            for name, xyz in zip((b"rXYZ", b"gXYZ", b"bXYZ"), SRGB_PRIMARIES_D50, strict=True)
+        ]
+        tags += [(name, curve) for name in (b"rTRC", b"gTRC", b"bTRC")]
+    offset = 128 + 4 + 12 * len(tags)
+    table = blob = b""
+    for signature, data in tags:
+        blob += bytes(-(offset + len(blob)) % 4)
+        table += signature + struct.pack(">II", offset + len(blob), len(data))
+        blob += data
+    header = bytearray(128)
+    header[4:8] = b"lcms"
+    header[8:12] = struct.pack(">I", 0x02100000)
+    header[12:16] = b"mntr"
+    header[16:20] = b"GRAY" if space == "GRAY" else b"RGB "
+    header[20:24] = b"XYZ "
+    header[36:40] = b"acsp"
+    header[68:80] = _fixed(D50[0]) + _fixed(D50[1]) + _fixed(D50[2])
+    body = bytes(header[4:]) + struct.pack(">I", len(tags)) + table + blob
+    return struct.pack(">I", 4 + len(body)) + body
+
+
+def reference(image: Image.Image, icc: bytes) -> Image.Image:
+    source = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+    converted = ImageCms.profileToProfile(image, source, colour.SRGB, outputMode="RGB")
+    assert converted is not None
+    return converted
+
+
+def largest_difference(a: Image.Image, b: Image.Image) -> int:
+    extrema = ImageChops.difference(a, b).getextrema()
+    if isinstance(extrema[0], tuple):
+        return max(int(high) for _low, high in extrema)
+    return int(extrema[1])
+
+
+GREY_RAMP = Image.linear_gradient("L").resize((256, 32))
+
+
+@pytest.mark.parametrize(("fmt", "gamma"), [("JPEG", 1.0), ("PNG", 1.8)])
+def test_a_grey_image_is_converted_through_its_grey_profile_and_stays_grey(fmt: str, gamma: float) -> None:
+    """Grey images kept their pixels and lost their profile: 48 levels too dark on average for a gamma 1.0
+    grey, 12 for Apple's gamma 1.8 (a review)."""
+    icc = profile("GRAY", "Gray Gamma", gamma)
+    buffer = io.BytesIO()
+    GREY_RAMP.save(buffer, fmt, icc_profile=icc, **({"quality": 100} if fmt == "JPEG" else {}))
+    out = Image.open(io.BytesIO(optimize(buffer.getvalue(), Params(format="png"), LIMITS).data))
+    assert out.mode == "L"
+    expected = reference(GREY_RAMP, icc).getchannel("G")
+    assert largest_difference(out, expected) <= (3 if fmt == "JPEG" else 1)
+    assert largest_difference(out, GREY_RAMP) > 10  # the conversion did something
+
+
+def test_a_grey_images_alpha_survives_its_conversion() -> None:
+    icc = profile("GRAY", "Gray Gamma 1.0", 1.0)
+    alpha = GREY_RAMP.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    out = to_srgb(Image.merge("LA", (GREY_RAMP, alpha)), icc)
+    assert out.mode == "LA"
+    assert out.getchannel("A").tobytes() == alpha.tobytes()
+    assert largest_difference(out.getchannel("L"), reference(GREY_RAMP, icc).getchannel("G")) <= 1
+
+
+def test_a_profile_named_srgb_that_is_not_is_converted() -> None:
+    """A linear profile on sRGB's primaries, named "sRGB linear" as Krita's and darktable's are, was taken
+    for sRGB by its name and not converted (a review)."""
+    ramp = Image.merge("RGB", (GREY_RAMP, GREY_RAMP.transpose(Image.Transpose.FLIP_LEFT_RIGHT), GREY_RAMP))
+    icc = profile("RGB", "sRGB linear (g10)", 1.0)
+    assert largest_difference(to_srgb(ramp, icc), reference(ramp, icc)) <= 1
+    assert largest_difference(to_srgb(ramp, icc), ramp) > 20
+
+
+def test_srgb_by_any_name_changes_nothing_and_is_judged_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    image = Image.linear_gradient("L").resize((64, 64)).convert("RGB")
+    srgb = colour.SRGB.tobytes()
+    assert to_srgb(image, srgb) is image  # no copy of the pixels
+    built: list[int] = []
+    real = ImageCms.buildTransform
+
+    def counted(*args: object, **kwargs: object) -> ImageCms.ImageCmsTransform:
+        built.append(1)
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ImageCms, "buildTransform", counted)
+    assert to_srgb(image, srgb) is image
+    assert built == []  # remembered by its digest: no transform built again
+
+
+def test_a_profile_of_another_colour_space_is_ignored() -> None:
+    image = GREY_RAMP.convert("RGB")
+    assert to_srgb(image, profile("GRAY", "Gray Gamma 1.0", 1.0)) is image
+    assert to_srgb(GREY_RAMP, profile("RGB", "Linear RGB", 1.0)) is GREY_RAMP
