@@ -237,6 +237,8 @@ def estimate_memory(
     work = decoded + (0 if kept else dec_w * dec_h * 4)  # the frame, and normalise_mode's copy
     if im.mode.startswith("I") or im.mode == "F":
         work += dec_w * dec_h * 12  # _deep_to_l: the 32-bit copy, its scaled copy, the key's comparison
+    if _deep_rgb_key(im):
+        work += dec_w * dec_h * 8  # _key_at_full_depth: the low bytes' frame, two bands and their masks
     stored = 1 if _packed_bands(im.mode, has_alpha) == 1 else 4  # bytes per pixel from here on
     if (dec_w, dec_h) != (target_w, target_h):
         work += dec_w * dec_h * 4 if has_alpha else 0  # resize premultiplies alpha into a copy
@@ -667,31 +669,66 @@ def decode(im: Image.Image, size: tuple[int, int]) -> None:
         if isinstance(im, ImageFile.ImageFile):  # always, for an image from Image.open()
             im.decodermaxblock = max(im.decodermaxblock, DECODE_BLOCK)
         key_scale = _grey_key_scale(im)
+        # The upload, kept for a second decode (Pillow lets go of the file once loaded).
+        deep_key = im.fp.getvalue() if _deep_rgb_key(im) else None  # type: ignore[attr-defined]
         im.load()
         if key_scale > 1:
             im.info["transparency"] = im.info["transparency"] * key_scale
+        if deep_key is not None:
+            _key_at_full_depth(im, im.info["transparency"], deep_key)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise TooManyPixels("the image frame is too large to decode") from None
     except _DECODE_ERRORS:
         raise CorruptImage(f"the {im.format} image data is damaged and cannot be decoded") from None
 
 
+def _png_header(im: Image.Image) -> tuple[int, int] | None:
+    """A PNG's bit depth and colour type, from its IHDR (Pillow keeps neither), for an upload in memory."""
+    fp = getattr(im, "fp", None)
+    if im.format != "PNG" or not isinstance(fp, io.BytesIO):
+        return None
+    header = bytes(fp.getbuffer()[12:26])  # the first chunk's type, then IHDR's width, height, depth, type
+    if len(header) != 14 or header[:4] != b"IHDR":
+        return None
+    return header[12], header[13]
+
+
 def _grey_key_scale(im: Image.Image) -> int:
     """For a greyscale PNG of 2 or 4 bits with a tRNS key: Pillow scales the pixels to 0-255 but leaves
     the key in the file's scale, so no pixel would match it; the factor that brings it along. (A 1-bit
     file opens as mode 1, whose key Pillow does scale.)"""
-    fp = getattr(im, "fp", None)
-    if (
-        im.format != "PNG"
-        or not isinstance(im.info.get("transparency"), int)
-        or not isinstance(fp, io.BytesIO)
-    ):
+    if not isinstance(im.info.get("transparency"), int) or (header := _png_header(im)) is None:
         return 1
-    header = bytes(fp.getbuffer()[12:26])  # the first chunk's type, then IHDR's width, height, depth, type
-    if len(header) != 14 or header[:4] != b"IHDR":
-        return 1
-    depth, colour_type = header[12], header[13]
+    depth, colour_type = header
     return 255 // (2**depth - 1) if colour_type == 0 and depth in (2, 4) else 1
+
+
+def _deep_rgb_key(im: Image.Image) -> bool:
+    """A 16-bit RGB PNG with a tRNS colour key: Pillow keeps each sample's high byte and compares the
+    16-bit key with those, so a key over 255 matched no pixel and one under 256 matched pixels it is
+    not (the PNG standard and browsers compare all 16 bits; a review)."""
+    return isinstance(im.info.get("transparency"), tuple) and _png_header(im) == (16, 2)
+
+
+def _key_at_full_depth(im: Image.Image, key: tuple[int, int, int], data: bytes) -> None:
+    """Make ``im`` (a loaded 16-bit RGB PNG, high bytes) RGBA, transparent where all 16 bits of each
+    sample equal ``key``'s. The low bytes come from decoding the file (``data``) again with each sample
+    read as little-endian, whose high byte is the big-endian sample's low byte."""
+    with Image.open(io.BytesIO(data)) as low:
+        (tile,) = low.tile
+        low.tile = [tile._replace(args="RGB;16L")]
+        low.load()
+        match: Image.Image | None = None
+        for band, value in enumerate(key):
+            # 255 where this band's high and low bytes both equal the key's, else 0; multiplied in.
+            high = im.getchannel(band).point([255 if v == value >> 8 else 0 for v in range(256)])
+            both = ImageChops.multiply(
+                high, low.getchannel(band).point([255 if v == value & 255 else 0 for v in range(256)])
+            )
+            match = both if match is None else ImageChops.multiply(match, both)
+    assert match is not None
+    del im.info["transparency"]
+    im.putalpha(ImageChops.invert(match))
 
 
 def _refuse_endless_scans(im: Image.Image, limit: int) -> None:

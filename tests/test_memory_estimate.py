@@ -15,6 +15,7 @@ import json
 import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import pytest
@@ -216,6 +217,26 @@ def _generated(kind: str, path: Path) -> None:
         rgb.save(path, "WEBP")
     elif kind == "grey16-keyed":
         gradient.convert("I").point(lambda v: v * 257).convert("I;16").save(path, "PNG", transparency=0)
+    elif kind == "rgb16-keyed":  # Pillow writes no 16-bit RGB: each sample's byte twice, and a tRNS key
+        samples = rgb.tobytes()
+        rows = b"".join(
+            b"\x00"
+            + bytes(b for value in samples[y * size[0] * 3 : (y + 1) * size[0] * 3] for b in (value, value))
+            for y in range(size[1])
+        )
+        ihdr = struct.pack(">IIBBBBB", *size, 16, 2, 0, 0, 0)
+        path.write_bytes(
+            b"\x89PNG\r\n\x1a\n"
+            + b"".join(
+                struct.pack(">I", len(data)) + kind_ + data + struct.pack(">I", zlib.crc32(kind_ + data))
+                for kind_, data in (
+                    (b"IHDR", ihdr),
+                    (b"tRNS", struct.pack(">HHH", 0x8080, 0x8080, 0x8080)),
+                    (b"IDAT", zlib.compress(rows, 1)),
+                    (b"IEND", b""),
+                )
+            )
+        )
     elif kind == "rgba-icc":
         icc = profile("RGB", "Linear RGB", 1.0)  # one that converts (LAB's describes another space)
         rgba = rgb.convert("RGBA")
@@ -231,6 +252,7 @@ COPY_CASES = [
     ("webp", "300", "jpeg"),
     ("grey16-keyed", "-", "png"),
     ("rgba-icc", "-", "png"),
+    ("rgb16-keyed", "-", "png"),  # the key compared at 16 bits: a second decode for the low bytes
     ("jpeg", "-", "avif"),
 ]
 

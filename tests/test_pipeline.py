@@ -1253,3 +1253,40 @@ def test_a_grey_png_keeps_its_transparent_key_at_every_bit_depth(depth: int, key
         rgba = image.convert("RGBA")
         assert rgba.getpixel((2, 4))[3] == 0  # type: ignore[index]
         assert rgba.getpixel((13, 4))[3] == 255  # type: ignore[index]
+
+
+@pytest.mark.parametrize("interlace", [0, 1])
+@pytest.mark.parametrize("key", [(0x1234, 0xABCD, 0x0F0F), (0x0012, 0x00AB, 0x000F)])
+def test_a_16bit_rgb_png_key_is_compared_at_full_depth(key: tuple[int, int, int], interlace: int) -> None:
+    """Pillow compared the 16-bit key with each sample's high byte: a key over 255 made nothing
+    transparent, and one under 256 made pixels whose high bytes equal it transparent (a review). Columns:
+    the key, the key's high bytes with other low bytes, the key's low bytes as high ones, another colour."""
+    near = tuple(value ^ 0x0001 for value in key)
+    shifted = tuple((value & 0xFF) << 8 | (value & 0xFF) for value in key)
+    columns = [key, near, shifted, (0xFFFF, 0, 0)]
+    width, height = 16, 4
+    row = b"".join(struct.pack(">HHH", *columns[x // 4]) for x in range(width))
+    ihdr = struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, interlace)
+    if interlace:  # Adam7 for a 16x4 image: each pass's rows, filter byte first
+        passes = [
+            (0, 8, 0, 8),
+            (4, 8, 0, 8),
+            (0, 4, 4, 8),
+            (2, 4, 0, 4),
+            (0, 2, 2, 4),
+            (1, 2, 0, 2),
+            (0, 1, 1, 2),
+        ]
+        raw = b""
+        for x0, dx, y0, dy in passes:
+            for _y in range(y0, height, dy):
+                pixels = [row[6 * x : 6 * x + 6] for x in range(x0, width, dx)]
+                raw += b"\x00" + b"".join(pixels) if pixels else b""
+    else:
+        raw = (b"\x00" + row) * height
+    data = png_from_chunks(
+        [(b"IHDR", ihdr), (b"tRNS", struct.pack(">HHH", *key)), (b"IDAT", zlib.compress(raw)), (b"IEND", b"")]
+    )
+    _out, image = run(data, Params(format="png"))
+    alphas = [image.convert("RGBA").getpixel((x, 2))[3] for x in (1, 5, 9, 13)]  # type: ignore[index]
+    assert alphas == [0, 255, 255, 255]
