@@ -77,6 +77,9 @@ class TooManyEntries(StructureLimit):
 class Summary:
     grid_tiles: int  # item ids named by dimg references: a grid's tiles, each decoded on its own
     decoded: Decoded = field(default_factory=Decoded)  # what libavif decodes beyond the declared image
+    # The primary image's nclx colour description (colour primaries, transfer characteristics, ITU-T
+    # H.273 code points) where it has no ICC profile: Pillow hands over the pixels without it.
+    nclx: tuple[int, int] | None = None
 
 
 @dataclass(slots=True)
@@ -131,7 +134,29 @@ def check_boxes(data: bytes) -> Summary:
             check_exif(_exif_tiff(walk.payload(meta, item)))
         except StructureLimit as exc:
             raise TooManyEntries(f"the AVIF's Exif item: {exc}") from None
-    return Summary(walk.tiles, decoded)
+    return Summary(walk.tiles, decoded, _primary_nclx(walk))
+
+
+def _primary_nclx(walk: Walk) -> tuple[int, int] | None:
+    """The nclx colour box of the file's primary item, unless an ICC profile (which libavif and
+    browsers take instead) is associated with it too."""
+    meta, data = walk.top, walk.data
+    if meta is None or meta.primary is None or meta.properties is None:
+        return None
+    found = None
+    for index in meta.item_properties.get(meta.primary, ()):
+        if not 0 < index <= len(meta.properties):
+            continue
+        kind, body, end = meta.properties[index - 1]
+        if kind != b"colr" or end - body < 8:
+            continue
+        colour_type = data[body : body + 4]
+        if colour_type in (b"prof", b"rICC"):
+            return None
+        if colour_type == b"nclx" and found is None:
+            primaries, transfer = struct.unpack_from(">HH", data, body + 4)
+            found = (primaries, transfer)
+    return found
 
 
 def _exif_tiff(payload: bytes) -> bytes:
@@ -148,6 +173,7 @@ class Walk:
         self.tiles = 0
         self.meta = Meta()  # boxes outside any meta are looked at too, as if in one
         self.metas = [self.meta]
+        self.top: Meta | None = None
         self.track = Track()
         self.tracks: list[Track] = []
         self.payloads: dict[tuple[object, ...], bytes] = {}  # by where they are: items share bytes
@@ -190,12 +216,7 @@ class Walk:
         if len(path) >= _MAX_DEPTH:
             return
         if kind == b"meta":
-            outer, self.meta = self.meta, Meta()
-            self.metas.append(self.meta)
-            try:
-                self.boxes(body + 4, box_end, inside)
-            finally:
-                self.meta = outer
+            self.enter_meta(body, box_end, inside)
         elif kind == b"trak":
             outer_track, self.track = self.track, Track()
             if path == (b"moov",):
@@ -235,6 +256,16 @@ class Walk:
             self.add(
                 f"{kind.decode()} entries", struct.unpack_from(code, self.data, body + at)[0], MAX_SAMPLES
             )
+
+    def enter_meta(self, body: int, box_end: int, inside: tuple[bytes, ...]) -> None:
+        outer, self.meta = self.meta, Meta()
+        self.metas.append(self.meta)
+        if inside == (b"meta",) and self.top is None:
+            self.top = self.meta  # the file's own, whose primary item libavif decodes
+        try:
+            self.boxes(body + 4, box_end, inside)
+        finally:
+            self.meta = outer
 
     def item_types(self, start: int, end: int, *, record: bool) -> None:
         """Counts the items; notes which are Exif (infe version 2 and 3 name a type, 0 and 1 none)."""

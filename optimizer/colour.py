@@ -10,6 +10,7 @@ darktable ship such) was taken for sRGB and left its image 48 levels too dark on
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import struct
@@ -33,6 +34,134 @@ _SAME = 1
 # Profiles found to be sRGB's or not, by digest and mode: bounded, and cleared when full.
 _KNOWN: dict[tuple[bytes, str], bool] = {}
 _KNOWN_MAX = 1024
+
+
+# An AVIF says what its colours are with an nclx colour box (ITU-T H.273 code points) instead of an ICC
+# profile: a wide-gamut photo (Display P3, BT.2020) was taken for sRGB and came out dull (no ICC, so
+# nothing was converted). The primaries' and the white's chromaticities (x, y), by code point:
+_D65 = (0.3127, 0.3290)
+_PRIMARIES: dict[
+    int, tuple[tuple[float, float], tuple[float, float], tuple[float, float], tuple[float, float]]
+] = {
+    1: ((0.640, 0.330), (0.300, 0.600), (0.150, 0.060), _D65),  # BT.709, sRGB's
+    5: ((0.640, 0.330), (0.290, 0.600), (0.150, 0.060), _D65),  # BT.470 B/G
+    6: ((0.630, 0.340), (0.310, 0.595), (0.155, 0.070), _D65),  # SMPTE 170M
+    7: ((0.630, 0.340), (0.310, 0.595), (0.155, 0.070), _D65),  # SMPTE 240M
+    9: ((0.708, 0.292), (0.170, 0.797), (0.131, 0.046), _D65),  # BT.2020
+    11: ((0.680, 0.320), (0.265, 0.690), (0.150, 0.060), (0.314, 0.351)),  # DCI-P3
+    12: ((0.680, 0.320), (0.265, 0.690), (0.150, 0.060), _D65),  # Display P3
+}
+_UNSPECIFIED = 2
+_SRGB_TRANSFER = 13
+# Transfer characteristics, as (gamma, a, b, c, d): value = (a*x + b)**gamma from x >= d, else c*x. The
+# BT.709 family is taken as its camera curve's inverse, as browsers take it for images. PQ and HLG (HDR)
+# are not: they would need tone mapping, and such an image is left as it is.
+_TRANSFERS: dict[int, tuple[float, float, float, float, float]] = {
+    13: (2.4, 1 / 1.055, 0.055 / 1.055, 1 / 12.92, 0.04045),  # sRGB
+    1: (1 / 0.45, 1 / 1.099, 0.099 / 1.099, 1 / 4.5, 0.081),  # BT.709
+    6: (1 / 0.45, 1 / 1.099, 0.099 / 1.099, 1 / 4.5, 0.081),  # SMPTE 170M
+    14: (1 / 0.45, 1 / 1.099, 0.099 / 1.099, 1 / 4.5, 0.081),  # BT.2020, 10 bits
+    15: (1 / 0.45, 1 / 1.0993, 0.0993 / 1.0993, 1 / 4.5, 0.0812),  # BT.2020, 12 bits
+    4: (2.2, 1.0, 0.0, 0.0, 0.0),  # gamma 2.2
+    5: (2.8, 1.0, 0.0, 0.0, 0.0),  # gamma 2.8
+    8: (1.0, 1.0, 0.0, 0.0, 0.0),  # linear
+}
+_PCS_WHITE = (0.9642, 1.0, 0.8249)  # D50, the profile connection space's
+_BRADFORD = ((0.8951, 0.2664, -0.1614), (-0.7502, 1.7135, 0.0367), (0.0389, -0.0685, 1.0296))
+
+
+@functools.lru_cache(maxsize=64)
+def nclx_profile(primaries: int, transfer: int) -> bytes | None:
+    """An ICC profile (matrix and curves) for an nclx colour description, or ``None`` where there is
+    nothing to convert (sRGB's, or unspecified) or no way to (HDR, code points this does not know)."""
+    primaries = 1 if primaries == _UNSPECIFIED else primaries
+    transfer = _SRGB_TRANSFER if transfer == _UNSPECIFIED else transfer
+    if primaries not in _PRIMARIES or transfer not in _TRANSFERS:
+        return None
+    if primaries == 1 and transfer == _SRGB_TRANSFER:
+        return None
+    *colours, white = _PRIMARIES[primaries]
+    columns = _adapted_columns(colours, white)
+    gamma, a, b, c, d = _TRANSFERS[transfer]
+    curve = b"".join(
+        struct.pack(">H", round(65535 * min(1.0, (a * x + b) ** gamma if x >= d else c * x)))
+        for x in (i / 1023 for i in range(1024))
+    )
+    curve_tag = b"curv" + bytes(4) + struct.pack(">I", 1024) + curve
+    tags = [(b"desc", _description(f"nclx {primaries}/{transfer}")), (b"wtpt", _xyz(_PCS_WHITE))]
+    tags += [(name, _xyz(column)) for name, column in zip((b"rXYZ", b"gXYZ", b"bXYZ"), columns, strict=True)]
+    tags += [(name, curve_tag) for name in (b"rTRC", b"gTRC", b"bTRC")]
+    return _icc(tags)
+
+
+def _adapted_columns(
+    colours: list[tuple[float, float]], white: tuple[float, float]
+) -> list[tuple[float, float, float]]:
+    """Each primary's XYZ at full strength, for ``white`` at Y = 1, adapted to D50 (Bradford), as an
+    ICC matrix profile's rXYZ, gXYZ, bXYZ hold them."""
+    xyz = [(x / y, 1.0, (1 - x - y) / y) for x, y in colours]
+    white_xyz = (white[0] / white[1], 1.0, (1 - white[0] - white[1]) / white[1])
+    matrix = [[xyz[j][i] for j in range(3)] for i in range(3)]  # primaries as columns
+    strengths = _solve(matrix, white_xyz)
+    cone_white = _apply(_BRADFORD, white_xyz)
+    cone_pcs = _apply(_BRADFORD, _PCS_WHITE)
+    scale = [cone_pcs[i] / cone_white[i] for i in range(3)]
+    adapted = []
+    for j in range(3):
+        column = [xyz[j][i] * strengths[j] for i in range(3)]
+        cone = _apply(_BRADFORD, column)
+        adapted.append(_solve([list(row) for row in _BRADFORD], [cone[i] * scale[i] for i in range(3)]))
+    return [(column[0], column[1], column[2]) for column in adapted]
+
+
+def _apply(
+    matrix: tuple[tuple[float, ...], ...] | list[list[float]], vector: tuple[float, ...] | list[float]
+) -> list[float]:
+    return [sum(matrix[i][k] * vector[k] for k in range(3)) for i in range(3)]
+
+
+def _solve(matrix: list[list[float]], vector: tuple[float, ...] | list[float]) -> list[float]:
+    """``matrix``⁻¹ · ``vector`` for a 3x3 matrix (Cramer's rule)."""
+
+    def det(m: list[list[float]]) -> float:
+        return (
+            m[0][0] * (m[1][1] * m[2][2] - m[1][2] * m[2][1])
+            - m[0][1] * (m[1][0] * m[2][2] - m[1][2] * m[2][0])
+            + m[0][2] * (m[1][0] * m[2][1] - m[1][1] * m[2][0])
+        )
+
+    whole = det(matrix)
+    solved = []
+    for j in range(3):
+        replaced = [[vector[i] if k == j else matrix[i][k] for k in range(3)] for i in range(3)]
+        solved.append(det(replaced) / whole)
+    return solved
+
+
+def _xyz(value: tuple[float, float, float]) -> bytes:
+    return b"XYZ " + bytes(4) + b"".join(struct.pack(">i", round(v * 65536)) for v in value)
+
+
+def _description(text: str) -> bytes:
+    ascii_text = text.encode("ascii") + b"\0"
+    return b"desc" + bytes(4) + struct.pack(">I", len(ascii_text)) + ascii_text + bytes(8 + 3 + 67)
+
+
+def _icc(tags: list[tuple[bytes, bytes]]) -> bytes:
+    """An ICC v2 display profile (RGB, PCS XYZ) of ``tags``."""
+    offset = 128 + 4 + 12 * len(tags)
+    table = blob = b""
+    for signature, data in tags:
+        blob += bytes(-(offset + len(blob)) % 4)
+        table += signature + struct.pack(">II", offset + len(blob), len(data))
+        blob += data
+    header = bytearray(128)
+    header[8:20] = struct.pack(">I", 0x02100000) + b"mntrRGB "
+    header[20:24] = b"XYZ "
+    header[36:40] = b"acsp"
+    header[68:80] = b"".join(struct.pack(">i", round(v * 65536)) for v in _PCS_WHITE)
+    profile = bytes(header) + struct.pack(">I", len(tags)) + table + blob
+    return struct.pack(">I", len(profile)) + profile[4:]
 
 
 def to_srgb(im: Image.Image, icc: bytes | None) -> Image.Image:

@@ -132,3 +132,48 @@ def test_a_profile_of_another_colour_space_is_ignored() -> None:
     image = GREY_RAMP.convert("RGB")
     assert to_srgb(image, profile("GRAY", "Gray Gamma 1.0", 1.0)) is image
     assert to_srgb(GREY_RAMP, profile("RGB", "Linear RGB", 1.0)) is GREY_RAMP
+
+
+def avif_tagged(colour: tuple[int, int, int], primaries: int, transfer: int) -> bytes:
+    """A flat AVIF whose nclx colour box (Pillow writes BT.709 and sRGB's curve) says otherwise."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), colour).save(buffer, "AVIF", quality=100)
+    data = bytearray(buffer.getvalue())
+    at = data.find(b"colrnclx") + 8
+    assert at > 8 and struct.unpack_from(">HH", data, at) == (1, 13)
+    data[at : at + 4] = struct.pack(">HH", primaries, transfer)
+    return bytes(data)
+
+
+@pytest.mark.parametrize(
+    ("primaries", "transfer", "expected"),
+    [
+        (12, 13, (255, 0, 0)),  # Display P3's (234, 51, 35) is sRGB's red
+        (1, 13, (234, 51, 35)),  # sRGB: nothing to convert
+        (2, 2, (234, 51, 35)),  # unspecified: taken as sRGB
+        (12, 16, (234, 51, 35)),  # PQ (HDR) would need tone mapping: left as it is
+    ],
+)
+def test_an_avifs_nclx_colours_are_converted_to_srgb(
+    primaries: int, transfer: int, expected: tuple[int, int, int]
+) -> None:
+    """Without an ICC profile an AVIF names its colours with nclx code points, which Pillow drops: a
+    Display P3 photo came out as if its colours were sRGB's, duller."""
+    data = avif_tagged((234, 51, 35), primaries, transfer)
+    out = Image.open(io.BytesIO(optimize(data, Params(format="png"), LIMITS).data)).convert("RGB")
+    pixel = out.getpixel((32, 32))
+    assert isinstance(pixel, tuple)
+    assert max(abs(a - b) for a, b in zip(pixel, expected, strict=True)) <= 3
+
+
+def test_the_nclx_profiles_match_their_colour_spaces() -> None:
+    """BT.2020's and Display P3's primaries land where their definitions put sRGB's."""
+    p3 = colour.nclx_profile(12, 13)
+    assert p3 is not None and colour.nclx_profile(1, 13) is None and colour.nclx_profile(9, 18) is None
+    srgb_in_p3 = Image.new("RGB", (3, 1))
+    srgb_in_p3.putdata([(234, 51, 35), (117, 251, 76), (0, 0, 245)])
+    out = to_srgb(srgb_in_p3, p3)
+    for x, expected in enumerate([(255, 0, 0), (0, 255, 0), (0, 0, 255)]):
+        pixel = out.getpixel((x, 0))
+        assert isinstance(pixel, tuple)
+        assert max(abs(a - b) for a, b in zip(pixel, expected, strict=True)) <= 4, (x, pixel)
