@@ -22,10 +22,18 @@ LAB = ImageCms.ImageCmsProfile(ImageCms.createProfile("LAB"))
 
 # The colour space a profile must describe for an image of each mode.
 _SPACES = {"RGB": "RGB", "CMYK": "CMYK", "L": "GRAY"}
-# The probe: every channel at 16 levels (0, 17 ... 255), as 4096 colours, or 256 greys.
+# The probe: every channel at 16 levels (0, 17 ... 255), as 4096 colours, then every level of each
+# channel alone and of grey, so that a curve is looked at everywhere (one brightened between the 16
+# levels passed for sRGB, 40 levels off there, a review).
 _LEVELS = range(0, 256, 17)
 _RGB_PROBE = Image.frombytes(
-    "RGB", (4096, 1), bytes(value for r in _LEVELS for g in _LEVELS for b in _LEVELS for value in (r, g, b))
+    "RGB",
+    (4096 + 4 * 256, 1),
+    bytes(value for r in _LEVELS for g in _LEVELS for b in _LEVELS for value in (r, g, b))
+    + bytes(value for v in range(256) for value in (v, 0, 0))
+    + bytes(value for v in range(256) for value in (0, v, 0))
+    + bytes(value for v in range(256) for value in (0, 0, v))
+    + bytes(value for v in range(256) for value in (v, v, v)),
 )
 _GREY_PROBE = Image.frombytes("L", (256, 1), bytes(range(256)))
 # A profile that moves no probe colour by more than this is sRGB's: a v2 sRGB profile's 1024-point curves

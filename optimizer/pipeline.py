@@ -307,7 +307,11 @@ def _decoder_buffers(im: Image.Image, decoded: int, compressed: int) -> tuple[in
         # estimated when they counted in the decode alone, a review).
         held += _webp_buffers(im, width * height, compressed)
     if im.format == "PNG" and isinstance(fp, io.BytesIO):
-        held += _late_png_text(check_chunks(fp.getvalue()))
+        chunks = check_chunks(fp.getvalue())
+        held += _late_png_text(chunks)
+        # Pillow reads each chunk besides the image data whole, in 1 MiB blocks it then joins: twice the
+        # largest for a moment (a 20 MB private chunk peaked 34 MiB over the estimate, a review).
+        during += 2 * chunks.largest_ancillary
     if _python_rle(im):
         during += 2 * width * height  # BmpRleDecoder's bytearray of the pixels, and its bytes() copy
     if im.format == "AVIF" and isinstance(fp, io.BytesIO):
@@ -694,7 +698,10 @@ def _png_header(im: Image.Image) -> tuple[int, int] | None:
     fp = getattr(im, "fp", None)
     if im.format != "PNG" or not isinstance(fp, io.BytesIO):
         return None
-    header = bytes(fp.getbuffer()[12:26])  # the first chunk's type, then IHDR's width, height, depth, type
+    # The first chunk's type, then IHDR's width, height, depth, type. getvalue() hands over the upload
+    # the BytesIO shares; getbuffer() made it copy the whole upload for as long as the image was open (a
+    # review: +19 MiB for a 19 MiB keyed PNG).
+    header = fp.getvalue()[12:26]
     if len(header) != 14 or header[:4] != b"IHDR":
         return None
     return header[12], header[13]
@@ -867,6 +874,8 @@ def encode(im: Image.Image, params: Params, *, progressive: bool = True) -> byte
                 optimize=True,
                 progressive=progressive and im.width * im.height >= PROGRESSIVE_MIN_PIXELS,
             )
+        except EncoderOutputCutShort:
+            raise  # the memory file refused the bytes (a cgroup's limit): another encode would too
         except OSError:
             # Optimized tables and progressive scans make libjpeg write the whole file at its end, into
             # the buffer Pillow gave it: one byte a pixel (two from quality 95), which noise overflows
@@ -899,6 +908,10 @@ def jpeg_subsampling(quality: int) -> int:
     return 0 if quality >= JPEG_FULL_CHROMA_QUALITY else 2
 
 
+class EncoderOutputCutShort(OSError):
+    """The memory file an encoder wrote into kept fewer bytes than written (see ``_save_without_gil``)."""
+
+
 def _save_without_gil(im: Image.Image, format: str, **options: object) -> bytes:
     """``im.save()`` into a memory file rather than a ``BytesIO``: the encoded bytes are the same.
 
@@ -926,7 +939,7 @@ def _save_without_gil(im: Image.Image, format: str, **options: object) -> bytes:
     # Pillow's encode_to_file ignores a short write(), which a memfd can give at a cgroup's memory
     # limit (ENOMEM) or under RLIMIT_FSIZE: the file then holds a JPEG cut short, without its EOI.
     if len(data) != size or (format == "JPEG" and not data.endswith(b"\xff\xd9")):
-        raise OSError(f"the {format} encoder's output was cut short ({size} bytes written)")
+        raise EncoderOutputCutShort(f"the {format} encoder's output was cut short ({size} bytes written)")
     return data
 
 

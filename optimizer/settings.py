@@ -247,22 +247,34 @@ class Settings:
         """Valid settings that do not fit the machine (``cpus`` usable, ``memory`` the limit): worth a
         warning at start-up, not a refusal (a reviewer's 4 GiB budget in a 512 MiB container, or 16
         threads on one CPU, started silently). Each of ``processes`` processes has these threads and
-        this budget: the ``--processes`` supervisor asks with its children's shares."""
-        each = " in each of the processes" if self.processes > 1 else ""
-        if self.memory_budget is not None and self.memory_budget * self.processes > memory:
+        this budget: the ``--processes`` supervisor asks with its children's shares, which it may have
+        chosen itself (one thread each for more processes than CPUs), so the warning then names both
+        settings rather than blaming one the operator never set (a review)."""
+        if self.processes > 1:
+            if self.memory_budget is not None and self.memory_budget * self.processes > memory:
+                yield (
+                    f"{self.processes} processes (OPTIMIZER_PROCESSES) with a memory budget of "
+                    f"{self.memory_budget} bytes each (OPTIMIZER_MEMORY_BUDGET) come to more than the "
+                    f"memory limit of {memory} bytes: the kernel may kill the service before the budgets "
+                    "refuse anything"
+                )
+            if self.threads * self.processes > cpus:
+                yield (
+                    f"{self.processes} processes (OPTIMIZER_PROCESSES) of {self.threads} thread(s) each "
+                    f"(OPTIMIZER_THREADS) are more than the {cpus} CPU(s) this service may use: the extra "
+                    "threads add memory and latency, not speed"
+                )
+            return
+        if self.memory_budget is not None and self.memory_budget > memory:
             yield (
-                f"OPTIMIZER_MEMORY_BUDGET={self.memory_budget}{each} is more than the memory limit of "
-                f"{memory} bytes{self._times()}: the kernel may kill the service before the budget "
-                "refuses anything"
+                f"OPTIMIZER_MEMORY_BUDGET={self.memory_budget} is more than the memory limit of {memory} "
+                "bytes: the kernel may kill the service before the budget refuses anything"
             )
-        if self.threads * self.processes > cpus:
+        if self.threads > cpus:
             yield (
-                f"OPTIMIZER_THREADS={self.threads}{each} is more than the {cpus} CPU(s) this service may "
-                f"use{self._times()}: the extra threads add memory and latency, not speed"
+                f"OPTIMIZER_THREADS={self.threads} is more than the {cpus} CPU(s) this process may use: "
+                "the extra threads add memory and latency, not speed"
             )
-
-    def _times(self) -> str:
-        return f" ({self.processes} processes together)" if self.processes > 1 else ""
 
     def _problems(self) -> Iterator[str]:
         name = _env_name

@@ -33,9 +33,13 @@ def _description(text: str) -> bytes:
     )
 
 
-def profile(space: str, description: str, gamma: float) -> bytes:
-    """A minimal ICC v2 profile: a grey curve (``GRAY``), or sRGB's primaries with one curve (``RGB``)."""
-    curve = b"curv" + bytes(4) + struct.pack(">IH", 1, round(gamma * 256)) + bytes(2)
+def profile(space: str, description: str, gamma: float, levels: list[int] | None = None) -> bytes:
+    """A minimal ICC v2 profile: a grey curve (``GRAY``), or sRGB's primaries with one curve (``RGB``),
+    a gamma or a table of 16-bit ``levels``."""
+    if levels is None:
+        curve = b"curv" + bytes(4) + struct.pack(">IH", 1, round(gamma * 256)) + bytes(2)
+    else:
+        curve = b"curv" + bytes(4) + struct.pack(f">I{len(levels)}H", len(levels), *levels)
     tags = [(b"desc", _description(description)), (b"wtpt", _xyz(*D50))]
     if space == "GRAY":
         tags.append((b"kTRC", curve))
@@ -177,3 +181,22 @@ def test_the_nclx_profiles_match_their_colour_spaces() -> None:
         pixel = out.getpixel((x, 0))
         assert isinstance(pixel, tuple)
         assert max(abs(a - b) for a, b in zip(pixel, expected, strict=True)) <= 4, (x, pixel)
+
+
+def test_a_curve_off_between_the_probes_levels_is_not_taken_for_srgb() -> None:
+    """sRGB's curve at every 17th level, brightened between them: the probe looked at those 16 levels only
+    and skipped the profile as sRGB's, 40 levels off in between (a review)."""
+
+    def srgb(level: int) -> float:
+        value = level / 255
+        return value / 12.92 if value <= 0.04045 else ((value + 0.055) / 1.055) ** 2.4
+
+    table = [round(65535 * srgb(level)) for level in range(256)]
+    for level in range(100, 161):
+        if level % 17:
+            table[level] = min(65535, round(65535 * srgb(level) * 1.6))
+    icc = profile("RGB", "sRGB, nearly", 1.0, table)
+    ramp = GREY_RAMP.convert("RGB")
+    converted = to_srgb(ramp, icc)
+    assert converted is not ramp
+    assert largest_difference(converted, reference(ramp, icc)) <= 1

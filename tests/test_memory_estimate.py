@@ -237,6 +237,19 @@ def _generated(kind: str, path: Path) -> None:
                 )
             )
         )
+    elif kind == "keyed-private-chunk":  # a keyed PNG carrying 20 MB Pillow reads whole, then drops
+        small = rgb.resize((500, 500))
+        buffer = io.BytesIO()
+        small.save(buffer, "PNG", transparency=(1, 2, 3))
+        png = buffer.getvalue()
+        private = b"x" * 20_000_000
+        chunk = (
+            struct.pack(">I", len(private))
+            + b"prVt"
+            + private
+            + struct.pack(">I", zlib.crc32(b"prVt" + private))
+        )
+        path.write_bytes(png[:33] + chunk + png[33:])  # after the signature and IHDR
     elif kind == "rgba-icc":
         icc = profile("RGB", "Linear RGB", 1.0)  # one that converts (LAB's describes another space)
         rgba = rgb.convert("RGBA")
@@ -253,6 +266,7 @@ COPY_CASES = [
     ("grey16-keyed", "-", "png"),
     ("rgba-icc", "-", "png"),
     ("rgb16-keyed", "-", "png"),  # the key compared at 16 bits: a second decode for the low bytes
+    ("keyed-private-chunk", "-", "png"),  # the chunk read twice for a moment, and no copy of the upload
     ("jpeg", "-", "avif"),
 ]
 

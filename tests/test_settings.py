@@ -113,7 +113,10 @@ def test_conflicts_count_every_process() -> None:
     each = Settings(processes=2, threads=2, memory_budget=300 * MIB)
     conflicts = list(each.conflicts(cpus=2, memory=512 * MIB))
     assert len(conflicts) == 2
-    assert all("each of the processes" in line and "2 processes together" in line for line in conflicts)
+    assert all("2 processes (OPTIMIZER_PROCESSES)" in line for line in conflicts)
+    # More processes than CPUs, with the one thread each the supervisor gives them: both settings named.
+    (crowded,) = Settings(processes=4, threads=1).conflicts(cpus=2, memory=512 * MIB)
+    assert "4 processes" in crowded and "1 thread(s) each" in crowded
     assert list(Settings(processes=2, threads=1, memory_budget=200 * MIB).conflicts(2, 512 * MIB)) == []
 
 
