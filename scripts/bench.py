@@ -949,11 +949,14 @@ class ChildServer:
             return ""
         return "\n".join(text.splitlines()[-lines:])
 
-    def _terminate(self, log: IO[bytes], timeout: float, *, group: bool) -> None:
+    def _terminate(self, log: IO[bytes], timeout: float, *, group: bool) -> list[str]:
         """SIGTERM (to its whole process group with ``group``), SIGKILL after ``timeout`` seconds; then
-        the log is closed."""
+        the log is closed. The signals sent, in order: none when the process had ended already (the
+        report must not say it was stopped when it died by itself)."""
+        sent: list[str] = []
 
         def send(signum: signal.Signals) -> None:
+            sent.append(signum.name)
             with contextlib.suppress(ProcessLookupError):
                 if group:
                     os.killpg(self.proc.pid, signum)
@@ -970,6 +973,7 @@ class ChildServer:
                     self.proc.wait(10)
         finally:
             log.close()
+        return sent
 
 
 class ServerProcess(ChildServer):
@@ -1003,6 +1007,7 @@ class ServerProcess(ChildServer):
         self.threads = 0
         self.capacity = 0
         self.exit_code: int | None = None
+        self.signals_sent: list[str] | None = None  # by stop(); empty: it had exited by itself
 
     def wait_listening(self, timeout: float = STARTUP_TIMEOUT, *, processes: int = 1) -> None:
         """Until ``processes`` server processes (``--processes``: each logs its own event) listen."""
@@ -1038,7 +1043,7 @@ class ServerProcess(ChildServer):
 
     def stop(self, timeout: float) -> int:
         """SIGTERM (a --processes supervisor forwards it), SIGKILL after ``timeout`` s; the exit code."""
-        self._terminate(self._log, timeout, group=False)
+        self.signals_sent = self._terminate(self._log, timeout, group=False)
         self.exit_code = self.proc.returncode
         return self.exit_code
 
@@ -1073,6 +1078,7 @@ class ServerProcess(ChildServer):
             "warnings_and_errors": dict(problems.most_common(20)),
             "tracebacks": tracebacks,
             "exit_code": self.exit_code,
+            "signals_sent": self.signals_sent,
         }
 
 
@@ -1404,6 +1410,7 @@ class LoadRun:
         self.active = 0
         self.timeline: list[dict[str, Any]] = []
         self.server_died: int | None = None
+        self.server_died_at: float | None = None  # seconds into the window; None: after it, or never
         self.machine_before: tuple[float, float, float] | None = None
 
     async def run(self) -> dict[str, Any]:
@@ -1443,7 +1450,7 @@ class LoadRun:
         end = self.tally.window_end
         while (now := time.perf_counter()) < end:
             if self.server is not None and (code := self.server.exited()) is not None:
-                self.server_died = code
+                self.server_died, self.server_died_at = code, now - self.t0
                 break
             want = self.plan.target_at(now - self.t0)
             while len(running) < want:
@@ -1575,6 +1582,19 @@ class LoadRun:
         ours = None if server_cpu is None else server_cpu + (0.0 if self.cpus else client_cpu)
         return machine_cpu_delta(self.machine_before, ours, wall, self.cpus)
 
+    def _invalid(self) -> str | None:
+        """Why this run's figures are no result, or ``None``: a server that died measured a window cut
+        short (or a server gone before its work was done), whatever its goodput says."""
+        if self.server_died is None:
+            return None
+        code = exit_description(self.server_died)
+        if self.server_died_at is None:
+            return f"the server exited with code {code} after the window, while the last requests finished"
+        return (
+            f"the server exited with code {code} {self.server_died_at:.1f} s into the "
+            f"{self.plan.seconds:g} s window"
+        )
+
     def _result(self, window: float, wall: float, client_cpu: float) -> dict[str, Any]:
         tally = self.tally
         ok = tally.ok
@@ -1630,8 +1650,18 @@ class LoadRun:
             else None,
             "harness_ran_on": cpu_list(os.sched_getaffinity(0)) if self.harness_cpus else None,
             "server_died_with_code": self.server_died,
+            "server_died_at_seconds": self.server_died_at,
+            "invalid": self._invalid(),
             "timeline": self.timeline,
         }
+
+
+def exit_description(code: int) -> str:
+    """An exit code as ``subprocess`` gives it, with the signal named when it is one (-9: SIGKILL)."""
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"{code} ({signal.Signals(-code).name})"
+    return str(code)
 
 
 def problem_code(payload: bytes) -> str:
@@ -1934,7 +1964,8 @@ def compare(result: dict[str, Any], ceiling: dict[str, Any] | None) -> None:
     }
     if ceiling is not None:
         per_image = ceiling.get("cpu_seconds_per_image")
-        if ceiling.get("images_per_s") and result["goodput_per_s"] is not None:
+        # A run whose server died measured a cut-short window: its goodput is no result to compare.
+        if ceiling.get("images_per_s") and result["goodput_per_s"] is not None and not result.get("invalid"):
             derived["goodput_over_ceiling"] = result["goodput_per_s"] / ceiling["images_per_s"]
         if cpu is not None and refusals and per_image is not None:
             # What the server spent beyond the images it delivered, spread over the refusals.
@@ -2117,6 +2148,7 @@ def print_report(results: dict[str, Any]) -> None:
                 f"  {row['users']:>6} {row['goodput_per_s'] or 0:>10.2f} "
                 f"{'-' if ratio is None else f'{ratio:.0%}':>9} {fmt_seconds(row['p95_seconds']):>10} "
                 f"{row['refused_per_s'] or 0:>8.1f} {fmt_mb(row['peak_rss_bytes']):>10}"
+                + ("   INVALID: the server died" if row.get("invalid") else "")
             )
     print("\n".join(out))
 
@@ -2141,7 +2173,10 @@ def rounds_lines(summary: dict[str, Any]) -> list[str]:
         ("ours / peer", "goodput_over_peer", "{:.0%}"),
     )
     last = ", and a last ceiling after them" if summary.get("bracketed") else ""
-    lines = [f"{summary['rounds']} rounds, each a ceiling then a load{last} (median, then each round):"]
+    each = "a ceiling then a load" if summary.get("with_ceiling", True) else "a load"
+    excluded = summary.get("excluded_rounds") or []
+    median = f"median of the {summary['rounds'] - len(excluded)} valid" if excluded else "median"
+    lines = [f"{summary['rounds']} rounds, each {each}{last} ({median}, then each round):"]
     for name, key, fmt in rows:
         figure = summary.get(key)
         if figure is None:
@@ -2151,6 +2186,11 @@ def rounds_lines(summary: dict[str, Any]) -> list[str]:
         lines.append(f"  {name:30} {fmt.format(figure['median'] / scale):>8}   ({each})")
     if summary.get("goodput_over_ceiling_without_harness") is not None:
         lines.append(f"  * {WITHOUT_HARNESS}")
+    if excluded:
+        rounds = ", ".join(str(n) for n in excluded)
+        lines.append(
+            f"  left out of the medians (shown as -): round {rounds}, whose server died during the run"
+        )
     return lines
 
 
@@ -2237,7 +2277,10 @@ def run_table(run: dict[str, Any], ceiling: dict[str, Any] | None) -> list[str]:
     derived = run.get("derived", {})
     rows: list[tuple[str, str, str]] = []
     ceiling_rate = fmt_rate(ceiling["images_per_s"]) if ceiling else "-"
-    rows.append(("images/s (goodput: 2xx/s)", fmt_rate(run["goodput_per_s"]), ceiling_rate))
+    invalid = run.get("invalid")
+    # A dead server's goodput is over a window cut short: shown, but never as the run's result.
+    goodput = f"INVALID ({fmt_rate(run['goodput_per_s'])})" if invalid else fmt_rate(run["goodput_per_s"])
+    rows.append(("images/s (goodput: 2xx/s)", goodput, ceiling_rate))
     rows.extend(ratio_rows(derived))
     rows.append(
         (
@@ -2263,6 +2306,11 @@ def run_table(run: dict[str, Any], ceiling: dict[str, Any] | None) -> list[str]:
         )
     )
     lines = [f"run: {run['plan']['description']}, on 503: {run['on_503']}, {run['request']}"]
+    if invalid:
+        lines.append(
+            f"  INVALID RUN: {invalid}: the figures below are what was seen until then, not a result "
+            "(no goodput / ceiling is computed)"
+        )
     lines.append(f"  {'':34} {'HTTP':>26}   {'ceiling (no HTTP)':<26}")
     lines.extend(f"  {name:34} {http:>26}   {ceil:<26}" for name, http, ceil in rows)
     lines.extend(bracket_lines(ceiling))
@@ -2299,18 +2347,38 @@ def run_table(run: dict[str, Any], ceiling: dict[str, Any] | None) -> list[str]:
         )
     lines.append(f"  client CPU share: {run['client_cpu_share']:.0%} of one core (the harness itself)")
     lines.extend(noise_lines(run, ceiling))
-    log = server.get("log")
-    if log:
-        lines.append(f"  server log: statuses {log['statuses']}, codes {log['codes']}")
-        if log["warnings_and_errors"] or log["tracebacks"]:
-            lines.append(f"  server warnings/errors: {log['warnings_and_errors']}")
-        lines.append(f"  server exit code after SIGTERM: {log['exit_code']}")
-    if run["server_died_with_code"] is not None:
-        lines.append(f"  THE SERVER EXITED DURING THE RUN with code {run['server_died_with_code']}")
+    lines.extend(server_end_lines(run))
     lines.extend(f"  WARNING: {warning}" for warning in run.get("warnings", []))
     if run.get("peer"):
         lines.extend(peer_lines(run["peer"], derived.get("goodput_over_peer")))
     return lines
+
+
+def server_end_lines(run: dict[str, Any]) -> list[str]:
+    """What the server's log said, and how it ended."""
+    lines = []
+    log = (run.get("server") or {}).get("log")
+    if log:
+        lines.append(f"  server log: statuses {log['statuses']}, codes {log['codes']}")
+        if log["warnings_and_errors"] or log["tracebacks"]:
+            lines.append(f"  server warnings/errors: {log['warnings_and_errors']}")
+        lines.append(f"  {exit_line(log)}")
+    if run["server_died_with_code"] is not None and not run.get("invalid"):  # a file from before "invalid"
+        lines.append(f"  THE SERVER EXITED DURING THE RUN with code {run['server_died_with_code']}")
+    return lines
+
+
+def exit_line(log: dict[str, Any]) -> str:
+    """How the server ended: stopped by the harness (and with which signals) or by itself."""
+    code = "-" if log["exit_code"] is None else exit_description(log["exit_code"])
+    sent = log.get("signals_sent")
+    if sent is None:  # a results file from before the signals were recorded
+        return f"server exit code after SIGTERM: {code}"
+    if not sent:
+        return f"server exit code: {code}, on its own: it had exited before the harness stopped it"
+    if sent == ["SIGTERM"]:
+        return f"server exit code after SIGTERM: {code}"
+    return f"server exit code after {' then '.join(sent)} (it outlasted --stop-timeout): {code}"
 
 
 def peer_lines(peer: dict[str, Any], ratio: float | None) -> list[str]:
@@ -2321,6 +2389,7 @@ def peer_lines(peer: dict[str, Any], ratio: float | None) -> list[str]:
     versus = "-" if ratio is None else f"{ratio:.0%}"
     lines = [
         f"  peer {server['name']} under the same plan ({peer['request']}):",
+        *([f"    INVALID: {peer['invalid']}; its figures are not a result"] if peer.get("invalid") else []),
         f"    goodput {fmt_rate(peer['goodput_per_s'])}; ours / peer: {versus}",
         f"    2xx latency p50 / p95 / p99 s: {fmt_seconds(lat['p50'])} / {fmt_seconds(lat['p95'])} / "
         f"{fmt_seconds(lat['p99'])}",
@@ -2507,7 +2576,9 @@ def ceiling_series(
 
 
 def draw_chart(results: dict[str, Any], out: Path) -> None:
-    runs = sorted(results["runs"], key=lambda run: run["users"])
+    # A run whose server died is no point on a curve: left out, and said in the subtitle.
+    runs = sorted((run for run in results["runs"] if not run.get("invalid")), key=lambda run: run["users"])
+    left_out = len(results["runs"]) - len(runs)
     ceiling = results.get("ceiling")
     users = [float(run["users"]) for run in runs]
 
@@ -2585,7 +2656,9 @@ def draw_chart(results: dict[str, Any], out: Path) -> None:
     placed = results["config"]  # where the server and the harness ran (--server-cpus)
     subtitle = (
         (f"{results['label']}; " if results.get("label") else "")
-        + f"on 503: {runs[0]['on_503'] if runs else '-'}; {len(runs)} run(s); {machine['nproc']} CPUs "
+        + f"on 503: {runs[0]['on_503'] if runs else '-'}; {len(runs)} run(s)"
+        + (f" ({left_out} invalid left out: the server died)" if left_out else "")
+        + f"; {machine['nproc']} CPUs "
         f"({machine['cpu_model'] or '?'}); {results['started_at'][:19]}"
         + (
             f"; server on CPUs {placed['server_cpus']}, harness on {placed['harness_cpus']}"
@@ -2921,18 +2994,23 @@ def judge(config: Config, result: dict[str, Any], ceiling: dict[str, Any] | None
     processes = server_settings(config.server_args).processes
     result["warnings"] = ceiling_warnings(ceiling, processes, server.get("threads")) if ceiling else []
     peer_result = result.get("peer")
-    if peer_result and result["goodput_per_s"] and peer_result["goodput_per_s"]:
+    valid = not result.get("invalid") and not (peer_result or {}).get("invalid")
+    if peer_result and valid and result["goodput_per_s"] and peer_result["goodput_per_s"]:
         result["derived"]["goodput_over_peer"] = result["goodput_per_s"] / peer_result["goodput_per_s"]
 
 
 def rounds_summary(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Median, lowest and highest of each round's figures (``--rounds``), for one repeated load."""
+    """Median, lowest and highest of each round's figures (``--rounds``), for one repeated load. A
+    round whose server died (``invalid``) measured a window cut short: it is left out of the medians,
+    and its figures are ``None`` in ``each``."""
+    valid = [not run.get("invalid") for run in runs]
 
     def spread(values: Sequence[float | None]) -> dict[str, Any] | None:
-        known = sorted(v for v in values if v is not None)
+        each = [value if ok else None for value, ok in zip(values, valid, strict=True)]
+        known = sorted(v for v in each if v is not None)
         if not known:
             return None
-        return {"median": statistics.median(known), "min": known[0], "max": known[-1], "each": list(values)}
+        return {"median": statistics.median(known), "min": known[0], "max": known[-1], "each": each}
 
     def of(getter: Callable[[dict[str, Any]], float | None]) -> dict[str, Any] | None:
         return spread([getter(run) for run in runs])
@@ -2949,6 +3027,8 @@ def rounds_summary(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
     return {
         "rounds": len(runs),
+        "excluded_rounds": [run.get("round") for run, ok in zip(runs, valid, strict=True) if not ok],
+        "with_ceiling": any(run.get("ceiling") for run in runs),
         # Each load against the ceilings either side of it (--bracket).
         "bracketed": all("bracket" in (run.get("ceiling") or {}) for run in runs),
         "goodput_per_s": of(lambda r: r["goodput_per_s"]),
@@ -3054,6 +3134,7 @@ def run_bench(config: Config, plans: list[LoadPlan], command: list[str]) -> dict
                 "refused_per_s": run["responses_per_s_by_status"].get("503", 0.0),
                 "peak_rss_bytes": (run.get("server") or {}).get("peak_rss_bytes"),
                 "errors": run["errors"]["total"],
+                "invalid": run.get("invalid"),
             }
             for run in results["runs"]
         ]

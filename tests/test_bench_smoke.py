@@ -390,6 +390,36 @@ def test_a_failing_last_ceiling_keeps_the_loads(tmp_path: Path, monkeypatch: pyt
     assert run["derived"]["goodput_over_ceiling"] == 0.5
 
 
+def test_a_round_whose_server_died_is_left_out_of_the_medians() -> None:
+    bench = load_bench()
+    runs = []
+    for round_number, goodput in enumerate((10.0, 2.0, 12.0), start=1):
+        run = {**fake_load(4, float(round_number)), "round": round_number, "goodput_per_s": goodput}
+        run["derived"] = {"goodput_over_ceiling": goodput / 20}
+        run["invalid"] = (
+            "the server exited with code -9 (SIGKILL) 1.0 s into the 4 s window" if goodput == 2.0 else None
+        )
+        runs.append(run)
+    summary = bench.rounds_summary(runs)
+    assert summary["goodput_per_s"]["median"] == 11.0  # of rounds 1 and 3 only
+    assert summary["goodput_per_s"]["each"] == [10.0, None, 12.0]
+    assert summary["goodput_over_ceiling"]["min"] == 0.5
+    assert summary["excluded_rounds"] == [2]
+    text = "\n".join(bench.rounds_lines(summary))
+    assert "3 rounds, each a load (median of the 2 valid, then each round)" in text  # no ceilings here
+    assert "left out of the medians (shown as -): round 2, whose server died" in text
+
+
+def test_the_report_says_how_the_server_ended() -> None:
+    bench = load_bench()
+    assert (
+        bench.exit_line({"exit_code": 0, "signals_sent": ["SIGTERM"]}) == "server exit code after SIGTERM: 0"
+    )
+    assert "-9 (SIGKILL), on its own" in bench.exit_line({"exit_code": -9, "signals_sent": []})
+    killed = bench.exit_line({"exit_code": -9, "signals_sent": ["SIGTERM", "SIGKILL"]})
+    assert killed == "server exit code after SIGTERM then SIGKILL (it outlasted --stop-timeout): -9 (SIGKILL)"
+
+
 def test_merged_ceilings_add_rates_cpu_and_memory() -> None:
     bench = load_bench()
     child = {
@@ -844,9 +874,16 @@ def test_a_server_that_dies_mid_run_fails_the_run_and_its_cpu_is_not_made_up(tmp
             harness.kill()
             harness.communicate()  # reaped, and its pipe closed (left open, a later gc.collect() warns)
     assert harness.returncode == 1, output
-    assert "THE SERVER EXITED DURING THE RUN with code -9" in output
+    assert "INVALID RUN: the server exited with code -9 (SIGKILL)" in output
+    assert "images/s (goodput: 2xx/s)" in output and "INVALID (" in output  # not headlined as a result
+    # No SIGTERM was sent to a server that had died already, and the report does not say one was.
+    assert "server exit code: -9 (SIGKILL), on its own" in output
+    assert "after SIGTERM" not in output
     run = json.loads(results.read_text())["runs"][0]
     assert run["server_died_with_code"] == -9
+    assert run["invalid"].startswith("the server exited with code -9 (SIGKILL)")
+    assert 0 < run["server_died_at_seconds"] < 4
+    assert run["server"]["log"]["signals_sent"] == []
     cpu = run["server"]["cpu_seconds"]
     assert cpu is None or cpu > 0, cpu
 
