@@ -52,6 +52,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 import urllib.error
 import urllib.request
 import uuid
@@ -1341,6 +1342,7 @@ class Tally:
     connection_errors: Counter[str] = field(default_factory=Counter)
     timeouts: int = 0
     other_errors: Counter[str] = field(default_factory=Counter)
+    unexpected: Counter[str] = field(default_factory=Counter)  # a user task stopped by a harness bug
     error_samples: dict[str, str] = field(default_factory=dict)
     cut_off: int = 0  # still in flight when the grace period ended
     users_seen: int = 0  # users started so far; each has an index
@@ -1369,7 +1371,12 @@ class Tally:
 
     @property
     def errors(self) -> int:
-        return sum(self.connection_errors.values()) + self.timeouts + sum(self.other_errors.values())
+        return (
+            sum(self.connection_errors.values())
+            + self.timeouts
+            + sum(self.other_errors.values())
+            + sum(self.unexpected.values())
+        )
 
 
 class LoadRun:
@@ -1482,19 +1489,30 @@ class LoadRun:
                 await stop.wait()
 
     async def _user(self, stop: asyncio.Event, user: int) -> None:
-        upload = self.upload
-        parts = urlsplit(upload.url)
-        connection = Connection(
-            parts.hostname or HOST,
-            parts.port or 80,
-            upload.request_head(expect_continue=self.expect_continue),
-            upload.body,
-            expect_continue=self.expect_continue,
-        )
         try:
-            await self._requests(stop, user, connection)
-        finally:
-            connection.close()
+            upload = self.upload
+            parts = urlsplit(upload.url)
+            connection = Connection(
+                parts.hostname or HOST,
+                parts.port or 80,
+                upload.request_head(expect_continue=self.expect_continue),
+                upload.body,
+                expect_continue=self.expect_continue,
+            )
+            try:
+                await self._requests(stop, user, connection)
+            finally:
+                connection.close()
+        except Exception as exc:
+            # Not an answer the server gave: a bug in the harness, which would otherwise end this user
+            # silently (_control gathers the users with return_exceptions). Counted, and shown once.
+            if not self.tally.unexpected:
+                print(
+                    "\nbench.py: a virtual user stopped on an unexpected error (counted under "
+                    f"errors.unexpected; the load offered is lower than planned):\n{traceback.format_exc()}",
+                    file=sys.stderr,
+                )
+            self.tally.error(self.tally.unexpected, exc)
 
     async def _requests(self, stop: asyncio.Event, user: int, connection: Connection) -> None:
         tally = self.tally
@@ -1634,6 +1652,7 @@ class LoadRun:
                 "connection": dict(tally.connection_errors),
                 "timeouts": tally.timeouts,
                 "other": dict(tally.other_errors),
+                "unexpected": dict(tally.unexpected),
                 "samples": tally.error_samples,
                 "cut_off_at_end": tally.cut_off,
             },
@@ -2330,6 +2349,12 @@ def run_table(run: dict[str, Any], ceiling: dict[str, Any] | None) -> list[str]:
         f"other {sum(errors['other'].values())}{count_detail(errors['other'])}, "
         f"cut off at the end {errors['cut_off_at_end']}"
     )
+    if errors.get("unexpected"):
+        stopped = sum(errors["unexpected"].values())
+        lines.append(
+            f"  WARNING: {stopped} virtual user(s) stopped on an unexpected error in the harness "
+            f"{errors['unexpected']}: the load offered was lower than planned"
+        )
     if errors["samples"]:
         lines.append(f"  error samples: {errors['samples']}")
     if run["server_5xx_other_than_503"]:
@@ -2831,6 +2856,51 @@ def _writable_log(path: Path | None) -> Path | None:
     return path
 
 
+def _check_url(url: str | None, server_args: list[str]) -> None:
+    """``--url``: plain HTTP on loopback, with a port that exists."""
+    if url is None:
+        return
+    parts = urlsplit(url)
+    if parts.scheme != "http" or parts.hostname not in LOOPBACK_HOSTS:
+        raise BenchError(f"--url {url}: only http:// on 127.0.0.1 (loopback) is allowed")
+    try:
+        parts.port  # noqa: B018 - urlsplit checks the port only when asked for it
+    except ValueError as exc:  # each user would fail on it, and report no answer at all
+        raise BenchError(f"--url {url}: {exc}") from None
+    if server_args:
+        raise BenchError("flags after -- go to a server the harness starts; they make no sense with --url")
+
+
+def _writable_json(path: Path | None) -> None:
+    """``--json``, checked before anything runs: a folder, or a place this process cannot write, used to
+    fail only when the results were written, after the whole run, losing them. Missing folders are made
+    at the end, as before; the nearest one that exists must let us make them."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise BenchError(f"--json {path}: that is a folder; name a file in it")
+    existing = path if path.exists() else next(folder for folder in path.parents if folder.exists())
+    if existing != path and not existing.is_dir():
+        raise BenchError(f"--json {path}: {existing} is not a folder")
+    if not os.access(existing, os.W_OK):
+        raise BenchError(f"--json {path}: {existing} is not writable")
+
+
+def write_results(results: dict[str, Any], path: Path) -> None:
+    """The results to ``path``; when that fails after all (a full disk, a folder removed meanwhile), to a
+    temporary file instead, so that the run is not lost."""
+    text = json.dumps(results, indent=2) + "\n"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    except OSError as exc:
+        with tempfile.NamedTemporaryFile("w", prefix="bench-results-", suffix=".json", delete=False) as spare:
+            spare.write(text)
+        print(f"bench.py: cannot write {path} ({exc}); the results are in {spare.name}", file=sys.stderr)
+        return
+    print(f"results written to {path}", file=sys.stderr)
+
+
 def make_config(args: argparse.Namespace, server_args: list[str]) -> tuple[Config, list[LoadPlan]]:
     scenario = SCENARIOS.get(args.scenario) if args.scenario else None
     file = resolve_file(args, scenario)
@@ -2848,14 +2918,7 @@ def make_config(args: argparse.Namespace, server_args: list[str]) -> tuple[Confi
 
     if not (args.source / "optimizer" / "__init__.py").is_file():
         raise BenchError(f"--source {args.source}: no optimizer package there")
-    if args.url is not None:
-        parts = urlsplit(args.url)
-        if parts.scheme != "http" or parts.hostname not in LOOPBACK_HOSTS:
-            raise BenchError(f"--url {args.url}: only http:// on 127.0.0.1 (loopback) is allowed")
-        if server_args:
-            raise BenchError(
-                "flags after -- go to a server the harness starts; they make no sense with --url"
-            )
+    _check_url(args.url, server_args)
     server_cpus, harness_cpus = split_cpus(args)
     settings, ceiling_threads = _server_threads(args, server_args, server_cpus)
     if any(flag == f or flag.startswith(f + "=") for flag in server_args for f in ("--host", "--port")):
@@ -2881,6 +2944,7 @@ def make_config(args: argparse.Namespace, server_args: list[str]) -> tuple[Confi
         raise BenchError("--rounds repeats one load; run a sweep once per round instead")
     if args.sweep_users and args.stages:
         raise BenchError("--sweep-users runs constant loads; it cannot be combined with --stages")
+    _writable_json(args.json)
     if args.sweep_users:
         plans = [LoadPlan.constant(n, duration) for n in args.sweep_users]
     elif args.stages:
@@ -3184,9 +3248,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else 2
     print_report(results)
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
-        print(f"results written to {args.json}", file=sys.stderr)
+        write_results(results, args.json)
     failed = any(run["ok"] == 0 or run["server_died_with_code"] is not None for run in results["runs"])
     return 1 if failed else 0
 

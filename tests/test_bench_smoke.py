@@ -87,6 +87,49 @@ def test_rounds_do_not_combine_with_a_sweep(tmp_path: Path) -> None:
     assert "no folder" in done.stderr
 
 
+def test_bad_arguments_are_refused_in_one_line_before_anything_runs(tmp_path: Path) -> None:
+    photo = tmp_path / "photo.jpg"
+    photo.write_bytes(image_bytes((64, 48)))
+    refusals = {
+        # the results would otherwise be lost at the end of the run
+        ("--json", str(tmp_path)): "that is a folder",
+        ("--json", str(photo / "results.json")): "is not a folder",
+        # urlsplit() checks a port only when asked: each user used to die on it, unseen
+        ("--url", "http://127.0.0.1:99999"): "Port out of range",
+    }
+    for flags, message in refusals.items():
+        done = run_bench("--file", str(photo), "--no-ceiling", *flags)
+        assert done.returncode == 2, (flags, done.stderr)
+        [line] = done.stderr.strip().splitlines()[-1:]
+        assert message in line, (flags, done.stderr)
+        assert "Traceback" not in done.stderr, (flags, done.stderr)
+
+
+async def test_an_unexpected_error_in_a_user_is_counted_and_shown_once(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A bug in the harness (here a port urlsplit refuses, past the argument checks) used to end each
+    user silently, leaving a run with no answers and no error."""
+    bench = load_bench()
+    upload = bench.Upload("http://127.0.0.1:99999/upload", b"x", {}, "test")
+    run = bench.LoadRun(
+        upload,
+        bench.LoadPlan.constant(3, 0.3),
+        on_503="retry-after",
+        timeout=5.0,
+        grace=1.0,
+        expect_continue=False,
+        server=None,
+        monitor=None,
+        quiet=True,
+    )
+    result = await run.run()
+    assert result["errors"]["unexpected"] == {"ValueError": 3}  # one per user, each stopped
+    assert result["errors"]["total"] == 3
+    assert "Port out of range" in result["errors"]["samples"]["ValueError"]
+    assert capsys.readouterr().err.count("a virtual user stopped on an unexpected error") == 1
+
+
 def test_the_monitor_finds_a_supervisor_s_children_cheaply() -> None:
     """With --processes the server is a supervisor: its workers are its children. They are read from
     /proc/PID/task/*/children, and agree with a scan of every process."""
