@@ -35,8 +35,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import concurrent.futures
 import contextlib
+import functools
 import itertools
 import json
 import math
@@ -78,6 +80,12 @@ from optimizer.params import RouteDefaults, parse_params
 from optimizer.pipeline import Params, optimize
 from optimizer.settings import Settings, SettingsError, effective_cpu_count
 from optimizer.state import pipeline_limits
+
+# The optimizer modules this file imports: a --source checkout must have every one, or the ceiling's
+# child (this file, importing from --source) cannot start. The oldest commit with all of them, and with
+# the names imported from them, is e005eff (optimizer/cli.py); --resizer vips needs c0f1f66 (vips's
+# configure_process).
+SOURCE_MODULES = ("allocator", "cli", "errors", "handlers", "params", "pipeline", "settings", "state", "vips")
 
 ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
@@ -666,10 +674,77 @@ def ceiling_child(spec: dict[str, Any]) -> int:
 def source_env(source: Path) -> dict[str, str]:
     """The environment for a child that must import ``optimizer`` from ``source``, with the allocator
     tunables the server restarts itself with, so that the ceiling's pipeline runs under the same
-    (``GLIBC_TUNABLES=`` set empty measures without them)."""
+    (``GLIBC_TUNABLES=`` set empty measures without them).
+
+    ``source`` first on the path is not enough: an editable install of the project (``pip install -e``,
+    as scripts/dev.py makes .venv) adds a finder that serves any ``optimizer`` module missing from
+    ``source`` out of the installed tree, so an old checkout would run as a mix of old and current code.
+    A ``sitecustomize`` ahead of it on the path (inherited by the child's own children: a supervisor's
+    workers, the server's restart) makes such an import fail instead."""
     env = start_environment(os.environ) or dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(source), env.get("PYTHONPATH", "")]))
+    env["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [_source_guard(), str(source), env.get("PYTHONPATH", "")])
+    )
+    env[SOURCE_VARIABLE] = str(source.resolve())
     return env
+
+
+SOURCE_VARIABLE = "BENCH_OPTIMIZER_SOURCE"
+_SOURCE_GUARD = f"""\"""Written by scripts/bench.py: ``optimizer`` comes from ${SOURCE_VARIABLE} only.\"""
+import importlib.machinery, importlib.util, os, sys
+
+_SOURCE = os.environ.get("{SOURCE_VARIABLE}")
+_ROOT = os.path.join(os.path.realpath(_SOURCE), "") if _SOURCE else None
+
+
+class _FromSourceOnly:
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
+        if _ROOT is None or (name != "optimizer" and not name.startswith("optimizer.")):
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        origin = getattr(spec, "origin", None)
+        if origin is None or not os.path.realpath(origin).startswith(_ROOT):
+            raise ModuleNotFoundError(f"No module named {{name!r}} in --source {{_ROOT}}", name=name)
+        return spec
+
+
+sys.meta_path.insert(0, _FromSourceOnly)
+
+# A sitecustomize of the interpreter's own, which this one shadows, still runs.
+_here = os.path.dirname(os.path.realpath(__file__))
+_others = [entry for entry in sys.path if os.path.realpath(entry or ".") != _here]
+_spec = importlib.machinery.PathFinder.find_spec("sitecustomize", _others)
+if _spec is not None and _spec.loader is not None:
+    _spec.loader.exec_module(importlib.util.module_from_spec(_spec))
+"""
+
+
+@functools.cache
+def _source_guard() -> str:
+    """A folder holding the ``sitecustomize`` of ``source_env``, removed when this process ends."""
+    folder = tempfile.mkdtemp(prefix="bench-source-guard-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    Path(folder, "sitecustomize.py").write_text(_SOURCE_GUARD)
+    return folder
+
+
+def check_source(source: Path, resizer: str) -> None:
+    """Refuse a ``--source`` checkout the ceiling's child could not import this file's needs from."""
+    folder = source / "optimizer"
+    if not (folder / "__init__.py").is_file():
+        raise BenchError(f"--source {source}: no optimizer package there")
+    missing = [f"optimizer/{name}.py" for name in SOURCE_MODULES if not (folder / f"{name}.py").is_file()]
+    if missing:
+        raise BenchError(
+            f"--source {source}: no {', '.join(missing)} there, which the harness imports: it needs a "
+            "checkout of commit e005eff or later"
+        )
+    if resizer == "vips" and "def configure_process" not in (folder / "vips.py").read_text(errors="replace"):
+        raise BenchError(
+            f"--source {source}: its optimizer/vips.py has no configure_process(), which the ceiling calls "
+            "for --resizer vips: it needs a checkout of commit c0f1f66 or later"
+        )
 
 
 def source_info(source: Path) -> dict[str, Any]:
@@ -2811,8 +2886,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         default=ROOT,
         help="optimizer checkout the server and the ceiling run from, e.g. a git worktree of another "
-        "commit; the ceiling imports this harness's helpers from it, so it must be commit 97c6f55 or "
-        "later [default: this repository]",
+        "commit; the ceiling imports this harness's helpers from it, so it must be commit e005eff or "
+        "later (c0f1f66 with --resizer vips); an optimizer module missing from it fails to import "
+        "rather than come from elsewhere [default: this repository]",
     )
     parser.add_argument(
         "--peer",
@@ -2916,11 +2992,10 @@ def make_config(args: argparse.Namespace, server_args: list[str]) -> tuple[Confi
     if args.timeout <= 0 or args.grace < 0:
         raise BenchError("--timeout must be positive and --grace 0 or more")
 
-    if not (args.source / "optimizer" / "__init__.py").is_file():
-        raise BenchError(f"--source {args.source}: no optimizer package there")
     _check_url(args.url, server_args)
     server_cpus, harness_cpus = split_cpus(args)
     settings, ceiling_threads = _server_threads(args, server_args, server_cpus)
+    check_source(args.source, pipeline_limits(settings).resizer)
     if any(flag == f or flag.startswith(f + "=") for flag in server_args for f in ("--host", "--port")):
         raise BenchError(
             "the harness binds the server to 127.0.0.1 on a free port itself; drop --host/--port"

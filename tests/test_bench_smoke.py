@@ -130,6 +130,48 @@ async def test_an_unexpected_error_in_a_user_is_counted_and_shown_once(
     assert capsys.readouterr().err.count("a virtual user stopped on an unexpected error") == 1
 
 
+def test_a_source_checkout_without_what_the_harness_imports_is_refused(tmp_path: Path) -> None:
+    bench = load_bench()
+    package = tmp_path / "old" / "optimizer"
+    package.mkdir(parents=True)
+    for name in ("__init__", *bench.SOURCE_MODULES):
+        (package / f"{name}.py").write_text("")
+    bench.check_source(tmp_path / "old", "pillow")  # everything there
+    with pytest.raises(bench.BenchError, match="c0f1f66 or later"):
+        bench.check_source(tmp_path / "old", "vips")  # a vips.py without configure_process()
+    (package / "cli.py").unlink()  # a checkout older than e005eff
+    with pytest.raises(bench.BenchError, match=r"no optimizer/cli\.py there.*e005eff or later"):
+        bench.check_source(tmp_path / "old", "pillow")
+
+
+def test_a_child_imports_optimizer_from_its_source_only(tmp_path: Path) -> None:
+    """The editable install in .venv serves any optimizer module missing from --source out of the main
+    tree: an old checkout would run as a mix. A child of the harness fails on such an import instead."""
+    bench = load_bench()
+    package = tmp_path / "old" / "optimizer"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "pipeline.py").write_text("OLD = True\n")
+    env = bench.source_env(tmp_path / "old")
+
+    def child(code: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-c", code],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+    assert child("import optimizer.pipeline as p; assert p.OLD").returncode == 0
+    missing = child("import optimizer.cli")
+    assert missing.returncode == 1
+    assert "No module named 'optimizer.cli' in --source" in missing.stderr
+    assert child("import json, aiohttp").returncode == 0  # anything else imports as before
+
+
 def test_the_monitor_finds_a_supervisor_s_children_cheaply() -> None:
     """With --processes the server is a supervisor: its workers are its children. They are read from
     /proc/PID/task/*/children, and agree with a scan of every process."""
