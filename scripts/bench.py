@@ -38,6 +38,7 @@ import asyncio
 import atexit
 import concurrent.futures
 import contextlib
+import email.utils
 import functools
 import itertools
 import json
@@ -1409,7 +1410,8 @@ class Tally:
     started: int = 0
     statuses: Counter[int] = field(default_factory=Counter)  # answered within the window
     statuses_late: Counter[int] = field(default_factory=Counter)  # answered during the grace period
-    codes: Counter[str] = field(default_factory=Counter)  # "503 overloaded"
+    codes: Counter[str] = field(default_factory=Counter)  # "503 overloaded", answered within the window
+    codes_late: Counter[str] = field(default_factory=Counter)  # the same, during the grace period
     ok_latencies: list[float] = field(default_factory=list)
     refusal_latencies: list[float] = field(default_factory=list)
     retry_after: list[float] = field(default_factory=list)
@@ -1423,13 +1425,33 @@ class Tally:
     users_seen: int = 0  # users started so far; each has an index
     ok_by_user: Counter[int] = field(default_factory=Counter)  # 2xx per user, window and grace
 
-    def record(self, user: int, status: int, seconds: float, finished: float) -> None:
-        (self.statuses if finished <= self.window_end else self.statuses_late)[status] += 1
-        if 200 <= status < 300:
-            self.ok_latencies.append(seconds)
+    def record(
+        self, user: int, answer: Answer, seconds: float, finished: float, retry_after: float | None
+    ) -> None:
+        """One answer, ``seconds`` after its request started. Only the window's enter the figures read
+        beside the window's counts (latencies, problem codes, Retry-After, Server-Timing), so that they
+        describe the same answers; one in the grace period is counted apart by status and by code (a
+        2xx still counts for its user's share)."""
+        status = answer.status
+        in_window = finished <= self.window_end
+        ok = 200 <= status < 300
+        (self.statuses if in_window else self.statuses_late)[status] += 1
+        if ok:
             self.ok_by_user[user] += 1
+        else:
+            (self.codes if in_window else self.codes_late)[f"{status} {problem_code(answer.body)}"] += 1
+        if not in_window:
+            return
+        if ok:
+            self.ok_latencies.append(seconds)
+            for part in answer.headers.get("server-timing", "").split(","):
+                name, _, duration = part.strip().partition(";dur=")
+                with contextlib.suppress(ValueError):
+                    self.timing_sums[name] = self.timing_sums.get(name, 0.0) + float(duration)
         elif status == 503:
             self.refusal_latencies.append(seconds)
+            if retry_after is not None:
+                self.retry_after.append(retry_after)
 
     def error(self, kind: Counter[str], exc: BaseException) -> None:
         name = type(exc).__name__
@@ -1609,26 +1631,12 @@ class LoadRun:
             except (ProtocolError, ValueError) as exc:
                 tally.error(tally.other_errors, exc)
                 continue
-            status, payload = answer.status, answer.body
-            retry_after = answer.headers.get("retry-after")
-            server_timing = answer.headers.get("server-timing", "")
             finished = time.perf_counter()
-            tally.record(user, status, finished - started, finished)
-            if 200 <= status < 300:
-                for part in server_timing.split(","):
-                    name, _, duration = part.strip().partition(";dur=")
-                    with contextlib.suppress(ValueError):
-                        tally.timing_sums[name] = tally.timing_sums.get(name, 0.0) + float(duration)
-                continue
-            tally.codes[f"{status} {problem_code(payload)}"] += 1
-            if status == 503:
-                delay = 0.0
-                if retry_after is not None:
-                    with contextlib.suppress(ValueError):
-                        delay = max(0.0, float(retry_after))
-                    tally.retry_after.append(delay)
-                if self.on_503 == "retry-after" and delay > 0:
-                    await self._pause(stop, min(delay, max(0.0, tally.window_end - time.perf_counter())))
+            header = answer.headers.get("retry-after")
+            retry_after = None if header is None or answer.status != 503 else retry_after_seconds(header)
+            tally.record(user, answer, finished - started, finished, retry_after)
+            if retry_after and self.on_503 == "retry-after":
+                await self._pause(stop, min(retry_after, max(0.0, tally.window_end - time.perf_counter())))
 
     async def _progress(self) -> None:
         last = Counter[int]()
@@ -1711,6 +1719,7 @@ class LoadRun:
             "responses_per_s": tally.answered / window if window > 0 else None,
             "responses_after_window_by_status": {str(s): n for s, n in sorted(tally.statuses_late.items())},
             "non_2xx_by_code": dict(sorted(tally.codes.items())),
+            "non_2xx_after_window_by_code": dict(sorted(tally.codes_late.items())),
             "ok": ok,
             "ok_per_user": {
                 "users": tally.users_seen,
@@ -1748,6 +1757,24 @@ class LoadRun:
             "invalid": self._invalid(),
             "timeline": self.timeline,
         }
+
+
+def retry_after_seconds(value: str, now: datetime | None = None) -> float | None:
+    """A ``Retry-After`` value as seconds to wait: delay-seconds, or an HTTP-date (RFC 9110 allows
+    either) as the seconds from ``now`` until then, at least 0; ``None`` when it is neither. A date read
+    as 0 would turn retry-after mode into a flood."""
+    text = value.strip()
+    try:
+        seconds = float(text)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(text)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when.tzinfo is None:  # "-0000": UTC, as an HTTP-date always is
+            when = when.replace(tzinfo=UTC)
+        seconds = (when - (now or datetime.now(UTC))).total_seconds()
+    return max(0.0, seconds) if math.isfinite(seconds) else None
 
 
 def exit_description(code: int) -> str:
@@ -2414,9 +2441,14 @@ def run_table(run: dict[str, Any], ceiling: dict[str, Any] | None) -> list[str]:
     )
     lines.append(f"  responses in the {run['window_seconds']:.1f} s window: {statuses or 'none'}")
     if run["non_2xx_by_code"]:
-        lines.append(f"  non-2xx by problem code: {run['non_2xx_by_code']}")
+        lines.append(f"  non-2xx in the window by problem code: {run['non_2xx_by_code']}")
     if run["responses_after_window_by_status"]:
-        lines.append(f"  answered after the window (grace): {run['responses_after_window_by_status']}")
+        late_codes = run.get("non_2xx_after_window_by_code")
+        lines.append(
+            f"  answered after the window (grace; only the CPU and machine time per answer count them): "
+            f"{run['responses_after_window_by_status']}"
+            + (f", non-2xx by code {late_codes}" if late_codes else "")
+        )
     errors = run["errors"]
     lines.append(
         f"  errors: connection {sum(errors['connection'].values())}{count_detail(errors['connection'])}, "

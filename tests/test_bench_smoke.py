@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -503,6 +504,38 @@ def test_the_report_says_how_the_server_ended() -> None:
     assert "-9 (SIGKILL), on its own" in bench.exit_line({"exit_code": -9, "signals_sent": []})
     killed = bench.exit_line({"exit_code": -9, "signals_sent": ["SIGTERM", "SIGKILL"]})
     assert killed == "server exit code after SIGTERM then SIGKILL (it outlasted --stop-timeout): -9 (SIGKILL)"
+
+
+def test_retry_after_is_read_as_seconds_or_as_a_date() -> None:
+    bench = load_bench()
+    now = datetime(2026, 12, 1, 12, 0, 0, tzinfo=UTC)
+    assert bench.retry_after_seconds("3", now) == 3.0
+    assert bench.retry_after_seconds(" 0 ", now) == 0.0
+    # An HTTP-date (RFC 9110): the seconds until then, never below 0. It used to be read as 0: a flood.
+    assert bench.retry_after_seconds("Tue, 01 Dec 2026 12:00:05 GMT", now) == 5.0
+    assert bench.retry_after_seconds("Tue, 01 Dec 2026 11:59:00 GMT", now) == 0.0
+    assert bench.retry_after_seconds("-4", now) == 0.0
+    for nonsense in ("soon", "", "nan", "inf"):
+        assert bench.retry_after_seconds(nonsense, now) is None
+
+
+def test_figures_beside_the_window_s_counts_describe_the_window_s_answers() -> None:
+    """An answer in the grace period is counted apart; it enters neither the latencies, nor the problem
+    codes, nor the Retry-After summary that sit beside the window's counts."""
+    bench = load_bench()
+    tally = bench.Tally(window_end=10.0)
+    refused = bench.Answer(503, {"retry-after": "2"}, b'{"code": "overloaded"}', True)
+    ok = bench.Answer(200, {"server-timing": "decode;dur=40"}, b"", True)
+    tally.record(1, refused, 0.1, 9.0, 2.0)
+    tally.record(1, ok, 1.0, 9.5, None)
+    tally.record(2, refused, 0.2, 11.0, 3.0)  # after the window
+    tally.record(2, ok, 4.0, 12.0, None)
+    assert tally.statuses == {503: 1, 200: 1} and tally.statuses_late == {503: 1, 200: 1}
+    assert tally.codes == {"503 overloaded": 1} and tally.codes_late == {"503 overloaded": 1}
+    assert tally.ok_latencies == [1.0] and tally.refusal_latencies == [0.1]
+    assert tally.retry_after == [2.0]
+    assert tally.timing_sums == {"decode": 40.0}
+    assert tally.ok_by_user == {1: 1, 2: 1}  # each user's share counts the grace period's 2xx too
 
 
 def test_merged_ceilings_add_rates_cpu_and_memory() -> None:
