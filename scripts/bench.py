@@ -80,6 +80,7 @@ from optimizer.handlers import OPTIMIZE_DEFAULTS, UPLOAD_DEFAULTS
 from optimizer.params import RouteDefaults, parse_params
 from optimizer.pipeline import Params, optimize
 from optimizer.settings import Settings, SettingsError, effective_cpu_count
+from optimizer.sniff import PILLOW_FORMATS, sniff
 from optimizer.state import pipeline_limits
 
 # The optimizer modules this file imports: a --source checkout must have every one, or the ceiling's
@@ -207,6 +208,10 @@ class LoadPlan:
         return f"stages from {self.start_users} users: {steps} ({self.seconds:g} s)"
 
 
+# The parsers below raise argparse.ArgumentTypeError: argparse prints its message as it is, where a
+# ValueError's becomes "invalid parse_duration value".
+
+
 def parse_duration(text: str) -> float:
     """``25``, ``25s``, ``500ms``, ``2m`` or ``1h`` as seconds."""
     value = text.strip().lower()
@@ -219,9 +224,9 @@ def parse_duration(text: str) -> float:
     try:
         seconds = float(value) * factor
     except ValueError:
-        raise ValueError(f"not a duration: {text!r} (use e.g. 25, 25s, 500ms, 2m)") from None
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (use e.g. 25, 25s, 500ms, 2m)") from None
     if not (math.isfinite(seconds) and seconds >= 0):
-        raise ValueError(f"not a duration: {text!r}")
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r}")
     return seconds
 
 
@@ -233,16 +238,18 @@ def parse_stages(text: str) -> tuple[Stage, ...]:
             continue
         duration, sep, target = part.partition(":")
         if not sep:
-            raise ValueError(f"stage {part!r}: expected DURATION:USERS, e.g. 10s:50")
+            raise argparse.ArgumentTypeError(f"stage {part!r}: expected DURATION:USERS, e.g. 10s:50")
         try:
             users = int(target)
         except ValueError:
-            raise ValueError(f"stage {part!r}: {target!r} is not a whole number of users") from None
+            raise argparse.ArgumentTypeError(
+                f"stage {part!r}: {target!r} is not a whole number of users"
+            ) from None
         if users < 0:
-            raise ValueError(f"stage {part!r}: users must be 0 or more")
+            raise argparse.ArgumentTypeError(f"stage {part!r}: users must be 0 or more")
         stages.append(Stage(parse_duration(duration), users))
     if not stages or sum(stage.seconds for stage in stages) <= 0:
-        raise ValueError("--stages needs at least one stage with a positive duration")
+        raise argparse.ArgumentTypeError("needs at least one stage with a positive duration")
     return tuple(stages)
 
 
@@ -250,10 +257,32 @@ def parse_user_list(text: str) -> list[int]:
     try:
         counts = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise ValueError(f"expected user counts like 10,50,200, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected user counts like 10,50,200, got {text!r}") from None
     if not counts or min(counts) < 1:
-        raise ValueError("user counts must be 1 or more")
+        raise argparse.ArgumentTypeError("user counts must be 1 or more")
     return counts
+
+
+def positive_int(text: str) -> int:
+    """A whole number of 1 or more (``--ceiling-threads``: 0 used to be taken as "not given")."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not 1 or more")
+    return value
+
+
+def seconds_or_zero(text: str) -> float:
+    """Seconds, 0 or more: ``--stop-timeout``."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"{text!r}: seconds must be 0 or more")
+    return value
 
 
 # --- small helpers -------------------------------------------------------------------------------------
@@ -643,9 +672,13 @@ def ceiling_child(spec: dict[str, Any]) -> int:
 
     cpu_before = self_cpu_seconds()
     started, started_monotonic = time.perf_counter(), time.monotonic()
-    with concurrent.futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ceiling") as pool:
-        futures = [pool.submit(worker, started + seconds) for _ in range(threads)]
-        latencies = [value for future in futures for value in future.result()]
+    try:
+        with concurrent.futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ceiling") as pool:
+            futures = [pool.submit(worker, started + seconds) for _ in range(threads)]
+            latencies = [value for future in futures for value in future.result()]
+    except OptimizerError as exc:  # the file itself, not a bug: one line, not a traceback from a thread
+        print(f"the pipeline refused {spec['file']}: {exc}", file=sys.stderr)
+        return 1
     elapsed = time.perf_counter() - started
     cpu = self_cpu_seconds() - cpu_before
     status = proc_status(os.getpid())
@@ -2900,7 +2933,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="measure the ceiling and the load this many times, alternating, and report the median "
         "ratio: the machine's own speed drifts by a few percent between runs [default: 1]",
     )
-    parser.add_argument("--ceiling-threads", type=int, help="[default: the server's thread count]")
+    parser.add_argument("--ceiling-threads", type=positive_int, help="[default: the server's thread count]")
     parser.add_argument(
         "--server-cpus",
         type=parse_cpu_list,
@@ -2938,7 +2971,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--label", help="free text stored with the results and shown on the chart")
     parser.add_argument("--json", type=Path, help="write the results as JSON to this file")
     parser.add_argument("--server-log", type=Path, help="keep the server's log (one file per run, suffixed)")
-    parser.add_argument("--stop-timeout", type=float, default=30.0, help="SIGKILL the server after [30] s")
+    parser.add_argument(
+        "--stop-timeout", type=seconds_or_zero, default=30.0, help="SIGKILL the server after [30] s"
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress line on stderr")
     return parser
 
@@ -2953,8 +2988,22 @@ def resolve_file(args: argparse.Namespace, scenario: Scenario | None) -> Path:
         raise BenchError("give --file or --scenario")
     for candidate in candidates:
         if candidate.is_file():
-            return candidate.resolve()
+            return _an_image(candidate.resolve())
     raise BenchError(f"no such file: {candidates[0]} (set --corpus or $OPTIMIZER_CORPUS for the corpus)")
+
+
+def _an_image(file: Path) -> Path:
+    """``file``, if its first bytes claim a format the service takes (as the service itself checks, before
+    any decoder): anything else failed deep in the ceiling's child, or got only 415s."""
+    try:
+        with file.open("rb") as handle:
+            head = handle.read(64)
+    except OSError as exc:
+        raise BenchError(f"--file {file}: {exc.strerror}") from None
+    if sniff(head) is None:
+        formats = ", ".join([*PILLOW_FORMATS, "heif"])
+        raise BenchError(f"--file {file}: not an image the service takes (no {formats} signature)")
+    return file
 
 
 def _writable_log(path: Path | None) -> Path | None:
@@ -3317,7 +3366,22 @@ def chart_main(argv: Sequence[str]) -> int:
     parser.add_argument("results", type=Path)
     parser.add_argument("out", type=Path)
     args = parser.parse_args(argv)
-    draw_chart(json.loads(args.results.read_text()), args.out)
+    try:
+        results = json.loads(args.results.read_text())
+    except OSError as exc:
+        parser.error(f"{args.results}: {exc.strerror}")
+    except ValueError as exc:  # not JSON, or not text
+        parser.error(f"{args.results}: not JSON results from bench.py --json ({exc})")
+    if not isinstance(results, dict) or not isinstance(results.get("runs"), list):
+        parser.error(f"{args.results}: not results from bench.py --json (no list of runs)")
+    if not args.out.parent.is_dir():
+        parser.error(f"{args.out}: no folder {args.out.parent}")
+    try:
+        draw_chart(results, args.out)
+    except OSError as exc:
+        parser.error(f"{args.out}: {exc.strerror or exc}")
+    except (KeyError, TypeError, ValueError) as exc:
+        parser.error(f"{args.results}: results this version cannot draw ({type(exc).__name__}: {exc})")
     print(f"chart written to {args.out}", file=sys.stderr)
     return 0
 

@@ -97,6 +97,14 @@ def test_bad_arguments_are_refused_in_one_line_before_anything_runs(tmp_path: Pa
         ("--json", str(photo / "results.json")): "is not a folder",
         # urlsplit() checks a port only when asked: each user used to die on it, unseen
         ("--url", "http://127.0.0.1:99999"): "Port out of range",
+        # a parser's own message, not "invalid parse_stages value"
+        ("--stages", "0s:5"): "--stages: needs at least one stage with a positive duration",
+        ("--duration", "soon"): "argument --duration: not a duration: 'soon'",
+        ("--sweep-users", "1,x"): "expected user counts like 10,50,200",
+        ("--ceiling-threads", "0"): "argument --ceiling-threads: 0 is not 1 or more",  # was ignored
+        ("--ceiling-threads", "-2"): "argument --ceiling-threads: -2 is not 1 or more",  # crashed the child
+        ("--stop-timeout", "-1"): "argument --stop-timeout: '-1': seconds must be 0 or more",
+        ("--file", str(ROOT / "README.md")): "not an image the service takes",
     }
     for flags, message in refusals.items():
         done = run_bench("--file", str(photo), "--no-ceiling", *flags)
@@ -104,6 +112,35 @@ def test_bad_arguments_are_refused_in_one_line_before_anything_runs(tmp_path: Pa
         [line] = done.stderr.strip().splitlines()[-1:]
         assert message in line, (flags, done.stderr)
         assert "Traceback" not in done.stderr, (flags, done.stderr)
+
+
+def test_the_chart_refuses_what_it_cannot_draw_in_one_line(tmp_path: Path) -> None:
+    text = tmp_path / "notes.json"
+    text.write_text("not json")
+    other = tmp_path / "other.json"
+    other.write_text('{"version": 2}')
+    empty = tmp_path / "empty.json"
+    empty.write_text('{"runs": []}')
+    refusals = {
+        (str(tmp_path / "missing.json"), str(tmp_path / "x.png")): "No such file or directory",
+        (str(text), str(tmp_path / "x.png")): "not JSON results",
+        (str(other), str(tmp_path / "x.png")): "not results from bench.py --json",
+        (str(empty), str(tmp_path / "missing" / "x.png")): "no folder",
+    }
+    for files, message in refusals.items():
+        done = run_bench("chart", *files)
+        assert done.returncode == 2, (files, done.stderr)
+        assert message in done.stderr.strip().splitlines()[-1], (files, done.stderr)
+        assert "Traceback" not in done.stderr, (files, done.stderr)
+
+
+def test_a_file_the_pipeline_refuses_fails_the_ceiling_in_one_line(tmp_path: Path) -> None:
+    bench = load_bench()
+    fake = tmp_path / "fake.jpg"
+    fake.write_bytes(b"\xff\xd8\xff\xe0" + b"\0" * 200)  # a JPEG's signature, and nothing after it
+    with pytest.raises(bench.BenchError, match=r"exit 1\):\nthe pipeline refused .*fake\.jpg") as refused:
+        bench.run_ceiling(fake, path="/upload", query="", server_args=[], threads=1, seconds=0.5, source=ROOT)
+    assert "Traceback" not in str(refused.value)
 
 
 async def test_an_unexpected_error_in_a_user_is_counted_and_shown_once(
@@ -572,7 +609,7 @@ def test_stages_ramp_linearly_between_targets() -> None:
     assert plan.max_users == 50
     assert [plan.target_at(t) for t in (0, 2.5, 5, 10, 15, 17.5, 25)] == [0, 10, 20, 35, 50, 25, 0]
     assert bench.parse_duration("500ms") == 0.5
-    with pytest.raises(ValueError, match="DURATION:USERS"):
+    with pytest.raises(argparse.ArgumentTypeError, match="DURATION:USERS"):
         bench.parse_stages("5s")
 
 
