@@ -844,7 +844,12 @@ def run_ceiling(
     machine_before, children_before = machine_cpu(cpus), children_cpu_seconds()
     wall_before = time.perf_counter()
     outputs = run_children(
-        [[sys.executable, str(Path(__file__).resolve()), "_ceiling", json.dumps(spec)] for spec in specs],
+        # Dying with the harness, as the server does: killed outright mid-ceiling, it would leave them
+        # running (and loading the cores) for the ceiling's whole duration.
+        [
+            dying_with_us([sys.executable, str(Path(__file__).resolve()), "_ceiling", json.dumps(spec)])
+            for spec in specs
+        ],
         cwd=source,
         env=source_env(source),
         timeout=seconds + CEILING_START_DELAY + 120,

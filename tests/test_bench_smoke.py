@@ -990,6 +990,37 @@ def test_a_child_started_by_the_harness_dies_with_it(tmp_path: Path) -> None:
             harness.wait(10)
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_the_ceiling_s_children_die_with_the_harness(tmp_path: Path) -> None:
+    photo = tmp_path / "photo.jpg"
+    photo.write_bytes(image_bytes((64, 48)))
+    parent = (
+        f"import sys; sys.path.insert(0, {str(BENCH.parent)!r}); import bench\n"
+        f"bench.run_ceiling(bench.Path({str(photo)!r}), path='/upload', query='', server_args=[], threads=1,"
+        f" seconds=60, source=bench.ROOT, processes=1)\n"
+    )
+    harness = subprocess.Popen([sys.executable, "-c", parent], cwd=ROOT)
+    try:
+        bench = load_bench()
+        deadline = time.monotonic() + RUN_TIMEOUT
+        children: list[int] = []
+        while not children:
+            assert time.monotonic() < deadline, "the ceiling's child was not started"
+            time.sleep(0.05)
+            children = [pid for pid in bench.process_tree(harness.pid)[1:] if b"_ceiling" in cmdline(pid)]
+        time.sleep(0.5)  # past the prefix, into the child itself
+        harness.kill()
+        harness.wait(10)
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{children[0]}").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not Path(f"/proc/{children[0]}").exists()
+    finally:
+        if harness.poll() is None:
+            harness.kill()
+            harness.wait(10)
+
+
 def cmdline(pid: int) -> bytes:
     """A process's arguments, NUL-separated; empty once it has ended."""
     try:
