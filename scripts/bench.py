@@ -109,6 +109,12 @@ WITHOUT_HARNESS = (
     "an upper-bound estimate, as with a load generator on cores of its own: goodput / ceiling times the "
     "machine time per 2xx over the machine time per 2xx minus the harness's CPU per 2xx"
 )
+# With --url the harness cannot know how the running server was configured.
+URL_CEILING_NOTE = (
+    "the server at --url was started elsewhere: the ceiling ran with the settings a server started here "
+    "would have (the defaults and this environment's OPTIMIZER_* variables), not necessarily that server's "
+    "(threads, resizer, limits); --ceiling-threads sets its pool"
+)
 SAME_MACHINE_NOTE = (
     "the ceiling and the HTTP load ran one after the other (not concurrently) on the same machine, "
     "in the same invocation"
@@ -2279,6 +2285,8 @@ def print_report(results: dict[str, Any]) -> None:
         out.append(f"label: {results['label']}")
     if ceiling is not None:
         out.append(f"note: {SAME_MACHINE_NOTE}.")
+    if ceiling is not None and config.get("url"):
+        out.append(f"NOTE: {URL_CEILING_NOTE}")
     ceilings = results.get("ceilings") or []
     for run in results["runs"]:
         out.append("")
@@ -3106,6 +3114,8 @@ def make_config(args: argparse.Namespace, server_args: list[str]) -> tuple[Confi
     if args.sweep_users and args.stages:
         raise BenchError("--sweep-users runs constant loads; it cannot be combined with --stages")
     _writable_json(args.json)
+    if ceiling and args.url is not None:
+        print(f"bench.py: note: {URL_CEILING_NOTE}", file=sys.stderr)
     if args.sweep_users:
         plans = [LoadPlan.constant(n, duration) for n in args.sweep_users]
     elif args.stages:

@@ -575,6 +575,21 @@ def test_figures_beside_the_window_s_counts_describe_the_window_s_answers() -> N
     assert tally.ok_by_user == {1: 1, 2: 1}  # each user's share counts the grace period's 2xx too
 
 
+def test_a_ceiling_beside_a_server_started_elsewhere_says_whose_settings_it_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bench = load_bench()
+    monkeypatch.setattr(
+        bench, "measure_ceiling", lambda config, plans: {"images_per_s": 20.0, "measured_at": 0.0}
+    )
+    monkeypatch.setattr(bench, "load_run", lambda config, plan, log_dir, name: fake_load(1, 1.0))
+    results = run_bench_in_process(bench, tmp_path, "--url", "http://127.0.0.1:9", "--ceiling")
+    assert "the ceiling ran with the settings a server started here would have" in capsys.readouterr().err
+    monkeypatch.setattr(bench, "run_table", lambda run, ceiling: [])  # the fake load has no table
+    bench.print_report(results)
+    assert "NOTE: the server at --url was started elsewhere" in capsys.readouterr().out
+
+
 def test_merged_ceilings_add_rates_cpu_and_memory() -> None:
     bench = load_bench()
     child = {
