@@ -1473,21 +1473,23 @@ class Tally:
         self, user: int, answer: Answer, seconds: float, finished: float, retry_after: float | None
     ) -> None:
         """One answer, ``seconds`` after its request started. Only the window's enter the figures read
-        beside the window's counts (latencies, problem codes, Retry-After, Server-Timing), so that they
-        describe the same answers; one in the grace period is counted apart by status and by code (a
-        2xx still counts for its user's share)."""
+        beside the window's counts (problem codes, Retry-After, Server-Timing), so that they describe the
+        same answers; one in the grace period is counted apart by status and by code. The 2xx latencies
+        take every 2xx, the grace period's too: those are the slowest in flight when the load stops, and
+        leaving them out would flatter p95 (k6 counts them as well). A 2xx also counts for its user's
+        share either way."""
         status = answer.status
         in_window = finished <= self.window_end
         ok = 200 <= status < 300
         (self.statuses if in_window else self.statuses_late)[status] += 1
         if ok:
             self.ok_by_user[user] += 1
+            self.ok_latencies.append(seconds)
         else:
             (self.codes if in_window else self.codes_late)[f"{status} {problem_code(answer.body)}"] += 1
         if not in_window:
             return
         if ok:
-            self.ok_latencies.append(seconds)
             for part in answer.headers.get("server-timing", "").split(","):
                 name, _, duration = part.strip().partition(";dur=")
                 with contextlib.suppress(ValueError):
