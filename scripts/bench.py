@@ -2493,7 +2493,8 @@ def run_table(run: dict[str, Any], ceiling: dict[str, Any] | None) -> list[str]:
     if run["responses_after_window_by_status"]:
         late_codes = run.get("non_2xx_after_window_by_code")
         lines.append(
-            f"  answered after the window (grace; only the CPU and machine time per answer count them): "
+            "  answered after the window (grace; in the 2xx latencies and the CPU and machine time per "
+            "answer, not in goodput): "
             f"{run['responses_after_window_by_status']}"
             + (f", non-2xx by code {late_codes}" if late_codes else "")
         )
