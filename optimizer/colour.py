@@ -99,7 +99,7 @@ def nclx_profile(primaries: int, transfer: int) -> bytes | None:
     tags = [(b"desc", _description(f"nclx {primaries}/{transfer}")), (b"wtpt", _xyz(_PCS_WHITE))]
     tags += [(name, _xyz(column)) for name, column in zip((b"rXYZ", b"gXYZ", b"bXYZ"), columns, strict=True)]
     tags += [(name, curve_tag) for name in (b"rTRC", b"gTRC", b"bTRC")]
-    return _icc(tags)
+    return icc_profile(tags)
 
 
 def _adapted_columns(
@@ -155,8 +155,8 @@ def _description(text: str) -> bytes:
     return b"desc" + bytes(4) + struct.pack(">I", len(ascii_text)) + ascii_text + bytes(8 + 3 + 67)
 
 
-def _icc(tags: list[tuple[bytes, bytes]]) -> bytes:
-    """An ICC v2 display profile (RGB, PCS XYZ) of ``tags``."""
+def icc_profile(tags: list[tuple[bytes, bytes]], space: bytes = b"RGB ") -> bytes:
+    """An ICC v2 display profile of ``tags`` for a colour ``space`` (RGB or GRAY), PCS XYZ, D50."""
     offset = 128 + 4 + 12 * len(tags)
     table = blob = b""
     for signature, data in tags:
@@ -164,7 +164,7 @@ def _icc(tags: list[tuple[bytes, bytes]]) -> bytes:
         table += signature + struct.pack(">II", offset + len(blob), len(data))
         blob += data
     header = bytearray(128)
-    header[8:20] = struct.pack(">I", 0x02100000) + b"mntrRGB "
+    header[8:20] = struct.pack(">I", 0x02100000) + b"mntr" + space
     header[20:24] = b"XYZ "
     header[36:40] = b"acsp"
     header[68:80] = b"".join(struct.pack(">i", round(v * 65536)) for v in _PCS_WHITE)

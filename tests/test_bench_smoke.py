@@ -994,16 +994,21 @@ def test_a_child_started_by_the_harness_dies_with_it(tmp_path: Path) -> None:
             time.sleep(0.05)
         child = int(pid_file.read_text())
         time.sleep(0.5)  # past the child's own start, to its sleep
-        harness.kill()
-        harness.wait(10)
-        deadline = time.monotonic() + 10
-        while Path(f"/proc/{child}").exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not Path(f"/proc/{child}").exists()
+        assert_dies_with(harness, child)
     finally:
         if harness.poll() is None:
             harness.kill()
             harness.wait(10)
+
+
+def assert_dies_with(harness: subprocess.Popen[bytes], child: int) -> None:
+    """Kill ``harness`` outright; ``child`` must be gone within 10 s."""
+    harness.kill()
+    harness.wait(10)
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{child}").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not Path(f"/proc/{child}").exists()
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
@@ -1025,12 +1030,7 @@ def test_the_ceiling_s_children_die_with_the_harness(tmp_path: Path) -> None:
             time.sleep(0.05)
             children = [pid for pid in bench.process_tree(harness.pid)[1:] if b"_ceiling" in cmdline(pid)]
         time.sleep(0.5)  # past the prefix, into the child itself
-        harness.kill()
-        harness.wait(10)
-        deadline = time.monotonic() + 10
-        while Path(f"/proc/{children[0]}").exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not Path(f"/proc/{children[0]}").exists()
+        assert_dies_with(harness, children[0])
     finally:
         if harness.poll() is None:
             harness.kill()

@@ -49,22 +49,7 @@ def profile(space: str, description: str, gamma: float, levels: list[int] | None
             for name, xyz in zip((b"rXYZ", b"gXYZ", b"bXYZ"), SRGB_PRIMARIES_D50, strict=True)
         ]
         tags += [(name, curve) for name in (b"rTRC", b"gTRC", b"bTRC")]
-    offset = 128 + 4 + 12 * len(tags)
-    table = blob = b""
-    for signature, data in tags:
-        blob += bytes(-(offset + len(blob)) % 4)
-        table += signature + struct.pack(">II", offset + len(blob), len(data))
-        blob += data
-    header = bytearray(128)
-    header[4:8] = b"lcms"
-    header[8:12] = struct.pack(">I", 0x02100000)
-    header[12:16] = b"mntr"
-    header[16:20] = b"GRAY" if space == "GRAY" else b"RGB "
-    header[20:24] = b"XYZ "
-    header[36:40] = b"acsp"
-    header[68:80] = _fixed(D50[0]) + _fixed(D50[1]) + _fixed(D50[2])
-    body = bytes(header[4:]) + struct.pack(">I", len(tags)) + table + blob
-    return struct.pack(">I", 4 + len(body)) + body
+    return colour.icc_profile(tags, b"GRAY" if space == "GRAY" else b"RGB ")
 
 
 def reference(image: Image.Image, icc: bytes) -> Image.Image:

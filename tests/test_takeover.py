@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable, Iterator
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
-from aiohttp.typedefs import Handler
+from aiohttp.typedefs import Handler, Middleware
 
 from optimizer import create_app, takeover
 from optimizer.listener import PacedSite
@@ -374,20 +374,26 @@ async def test_a_body_trickling_past_its_deadline_still_gets_408(
     assert not [r for r in caplog.records if r.name == "asyncio" and r.levelno >= logging.ERROR]
 
 
+def host_timing_out(seconds: float) -> Middleware:
+    """A host's middleware that cancels the handler after ``seconds`` and answers 504 itself."""
+
+    @web.middleware
+    async def host_timeout(request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            async with asyncio.timeout(seconds):
+                return await handler(request)
+        except TimeoutError:
+            return web.json_response({"error": "host timeout"}, status=504)
+
+    return host_timeout
+
+
 async def test_a_host_that_cancels_the_handler_mid_body_gets_no_request_from_its_middle(
     aiohttp_client: ClientFactory, switches: list[int]
 ) -> None:
     # The host answers itself (504) and aiohttp keeps the connection: its parser never saw the bytes
     # received past it, so what the client sends next must not be parsed as requests (found in review).
-    @web.middleware
-    async def host_timeout(request: web.Request, handler: Handler) -> web.StreamResponse:
-        try:
-            async with asyncio.timeout(0.5):
-                return await handler(request)
-        except TimeoutError:
-            return web.json_response({"error": "host timeout"}, status=504)
-
-    host = web.Application(middlewares=[host_timeout])
+    host = web.Application(middlewares=[host_timing_out(0.5)])
     service = create_app(test_settings(read_timeout=30.0))
     host.add_subapp("/img", service)
     client = await aiohttp_client(host)
@@ -428,15 +434,7 @@ async def test_a_host_that_cancels_mid_body_closes_the_connection_after_its_answ
     # The host's own answer went out keep-alive, aiohttp then lingered 10 s for a body nothing passed on,
     # and the client's next request on the connection was lost (found in review): the answer must say
     # the connection closes, and it must close.
-    @web.middleware
-    async def host_timeout(request: web.Request, handler: Handler) -> web.StreamResponse:
-        try:
-            async with asyncio.timeout(0.5):
-                return await handler(request)
-        except TimeoutError:
-            return web.json_response({"error": "host timeout"}, status=504)
-
-    host = web.Application(middlewares=[host_timeout])
+    host = web.Application(middlewares=[host_timing_out(0.5)])
     host.add_subapp("/img", create_app(test_settings(read_timeout=30.0, linger_seconds=0.5)))
     client = await aiohttp_client(host)
     reader, writer = await connect(client)
