@@ -14,6 +14,8 @@ import functools
 import hashlib
 import io
 import struct
+import threading
+from collections import OrderedDict
 
 from PIL import Image, ImageChops, ImageCms
 
@@ -42,6 +44,12 @@ _SAME = 1
 # Profiles found to be sRGB's or not, by digest and mode: bounded, and cleared when full.
 _KNOWN: dict[tuple[bytes, str], bool] = {}
 _KNOWN_MAX = 1024
+# The transforms of the profiles used last (a phone's Display P3, an AVIF's nclx): parsing a profile and
+# building its transform took ~2 ms a request. LittleCMS lets threads share a transform (each call
+# copies its one-pixel cache); each holds its tables, up to a few hundred KB, hence only a few.
+_TRANSFORMS: OrderedDict[tuple[bytes, str], ImageCms.ImageCmsTransform] = OrderedDict()
+_TRANSFORMS_MAX = 16
+_TRANSFORMS_LOCK = threading.Lock()
 
 
 # An AVIF says what its colours are with an nclx colour box (ITU-T H.273 code points) instead of an ICC
@@ -62,14 +70,16 @@ _PRIMARIES: dict[
 _UNSPECIFIED = 2
 _SRGB_TRANSFER = 13
 # Transfer characteristics, as (gamma, a, b, c, d): value = (a*x + b)**gamma from x >= d, else c*x. The
-# BT.709 family is taken as its camera curve's inverse, as browsers take it for images. PQ and HLG (HDR)
-# are not: they would need tone mapping, and such an image is left as it is.
+# BT.709 family (1, 6, 14, 15) is displayed with sRGB's curve, as Chromium displays it (its camera curve's
+# inverse made such files up to 16 levels lighter than browsers show them, a review). PQ and HLG (HDR)
+# are not converted: they would need tone mapping, and such an image is left as it is.
+_SRGB_CURVE = (2.4, 1 / 1.055, 0.055 / 1.055, 1 / 12.92, 0.04045)
 _TRANSFERS: dict[int, tuple[float, float, float, float, float]] = {
-    13: (2.4, 1 / 1.055, 0.055 / 1.055, 1 / 12.92, 0.04045),  # sRGB
-    1: (1 / 0.45, 1 / 1.099, 0.099 / 1.099, 1 / 4.5, 0.081),  # BT.709
-    6: (1 / 0.45, 1 / 1.099, 0.099 / 1.099, 1 / 4.5, 0.081),  # SMPTE 170M
-    14: (1 / 0.45, 1 / 1.099, 0.099 / 1.099, 1 / 4.5, 0.081),  # BT.2020, 10 bits
-    15: (1 / 0.45, 1 / 1.0993, 0.0993 / 1.0993, 1 / 4.5, 0.0812),  # BT.2020, 12 bits
+    13: _SRGB_CURVE,
+    1: _SRGB_CURVE,  # BT.709
+    6: _SRGB_CURVE,  # SMPTE 170M
+    14: _SRGB_CURVE,  # BT.2020, 10 bits
+    15: _SRGB_CURVE,  # BT.2020, 12 bits
     4: (2.2, 1.0, 0.0, 0.0, 0.0),  # gamma 2.2
     5: (2.8, 1.0, 0.0, 0.0, 0.0),  # gamma 2.8
     8: (1.0, 1.0, 0.0, 0.0, 0.0),  # linear
@@ -86,7 +96,7 @@ def nclx_profile(primaries: int, transfer: int) -> bytes | None:
     transfer = _SRGB_TRANSFER if transfer == _UNSPECIFIED else transfer
     if primaries not in _PRIMARIES or transfer not in _TRANSFERS:
         return None
-    if primaries == 1 and transfer == _SRGB_TRANSFER:
+    if primaries == 1 and _TRANSFERS[transfer] == _SRGB_CURVE:
         return None
     *colours, white = _PRIMARIES[primaries]
     columns = _adapted_columns(colours, white)
@@ -203,6 +213,10 @@ def _transform_to_srgb(icc: bytes, mode: str) -> ImageCms.ImageCmsTransform | No
     key = (hashlib.blake2b(icc, digest_size=16).digest(), mode)
     if _KNOWN.get(key) is True:
         return None  # sRGB's (found before): the common case costs a digest
+    with _TRANSFORMS_LOCK:
+        if (cached := _TRANSFORMS.get(key)) is not None:
+            _TRANSFORMS.move_to_end(key)
+            return cached
     try:
         profile = ImageCms.ImageCmsProfile(io.BytesIO(usable_icc(icc)))
         if profile.profile.xcolor_space.strip() != space:
@@ -217,6 +231,10 @@ def _transform_to_srgb(icc: bytes, mode: str) -> ImageCms.ImageCmsTransform | No
                 return None
     except (ImageCms.PyCMSError, OSError, ValueError, TypeError):
         return None
+    with _TRANSFORMS_LOCK:
+        _TRANSFORMS[key] = transform
+        while len(_TRANSFORMS) > _TRANSFORMS_MAX:
+            _TRANSFORMS.popitem(last=False)
     return transform
 
 

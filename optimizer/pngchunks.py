@@ -39,12 +39,13 @@ class PngChunks:
     late_text_bytes: int = 0  # tEXt, as stored
     late_compressed_text: int = 0  # zTXt and iTXt, each inflated up to Pillow's limit
     largest_ancillary: int = 0  # the longest chunk besides the image data, which Pillow reads whole
+    private_bytes: int = 0  # private chunks (second letter lower case), which Pillow keeps while open
 
 
 def check_chunks(data: bytes) -> PngChunks:
     """``TooManyChunks`` past the limits; a PNG cut short or malformed is left to Pillow to refuse."""
     pos, size = _SIGNATURE, len(data)
-    chunks = ancillary = profiles = late_text = late_compressed = largest = 0
+    chunks = ancillary = profiles = late_text = late_compressed = largest = private = 0
     image_seen = False
     while pos + 8 <= size:
         length, kind = struct.unpack_from(">I4s", data, pos)
@@ -52,6 +53,8 @@ def check_chunks(data: bytes) -> PngChunks:
         if kind not in _IMAGE_DATA:
             ancillary += 1
             largest = max(largest, min(length, size - pos))
+            if kind[1:2].islower():
+                private += min(length, size - pos)
         image_seen = image_seen or kind == b"IDAT"
         if image_seen and kind == b"tEXt":
             late_text += length
@@ -71,4 +74,4 @@ def check_chunks(data: bytes) -> PngChunks:
         if kind == b"IEND":
             break
         pos += _CHUNK_OVERHEAD + length
-    return PngChunks(late_text, late_compressed, largest)
+    return PngChunks(late_text, late_compressed, largest, private)

@@ -1063,6 +1063,10 @@ class ChildServer:
             return None
         return info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
 
+    def worker_deaths(self) -> list[dict[str, Any]]:
+        """Processes of this server that died while it lived on (see ``ServerProcess``): none here."""
+        return []
+
     def log_tail(self, lines: int = 20) -> str:
         try:
             text = self.log_path.read_text(errors="replace")
@@ -1151,6 +1155,11 @@ class ServerProcess(ChildServer):
             f"{len(pids)} of {processes} server processes logged 'listening' within {timeout:g} s:\n"
             f"{self.log_tail()}"
         )
+
+    def worker_deaths(self) -> list[dict[str, Any]]:
+        """The processes of a ``--processes`` server that exited on their own (its supervisor's
+        ``child_exited`` lines), in the log so far."""
+        return [entry for entry in self._log_entries() if entry.get("event") == "child_exited"]
 
     def _log_entries(self) -> Iterator[dict[str, Any]]:
         with self.log_path.open("rb") as handle:
@@ -1731,7 +1740,16 @@ class LoadRun:
 
     def _invalid(self) -> str | None:
         """Why this run's figures are no result, or ``None``: a server that died measured a window cut
-        short (or a server gone before its work was done), whatever its goodput says."""
+        short (or a server gone before its work was done), whatever its goodput says; so did a
+        ``--processes`` server one of whose processes died and was restarted (an OOM kill), whose
+        supervisor lived on (a review: such a run was headlined at 80 % of its ceiling, valid)."""
+        if self.server_died is None and self.server is not None:
+            for death in self.server.worker_deaths():
+                return (
+                    f"server process {death.get('child')} exited with code "
+                    f"{exit_description(int(death.get('code', 0)))} during the run, and its supervisor "
+                    "restarted it"
+                )
         if self.server_died is None:
             return None
         code = exit_description(self.server_died)

@@ -543,6 +543,25 @@ def test_the_report_says_how_the_server_ended() -> None:
     assert killed == "server exit code after SIGTERM then SIGKILL (it outlasted --stop-timeout): -9 (SIGKILL)"
 
 
+def test_a_processes_server_whose_worker_died_makes_the_run_invalid(tmp_path: Path) -> None:
+    """Its supervisor restarts the worker and lives on, so the server never "died": such a run was
+    headlined at 80 % of its ceiling, valid (a review)."""
+    bench = load_bench()
+    server = bench.ServerProcess.__new__(bench.ServerProcess)
+    server.log_path = tmp_path / "server.log"
+    lines = [
+        {"logger": "optimizer.access", "status": 200},
+        {"event": "child_exited", "child": 4242, "code": -9},
+    ]
+    server.log_path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    run = bench.LoadRun.__new__(bench.LoadRun)
+    run.server, run.server_died, run.server_died_at = server, None, None
+    reason = run._invalid()
+    assert reason is not None and "server process 4242 exited with code -9 (SIGKILL)" in reason
+    server.log_path.write_text(json.dumps(lines[0]) + "\n")
+    assert run._invalid() is None
+
+
 def test_retry_after_is_read_as_seconds_or_as_a_date() -> None:
     bench = load_bench()
     now = datetime(2026, 12, 1, 12, 0, 0, tzinfo=UTC)

@@ -11,7 +11,7 @@ from PIL import Image, ImageChops, ImageCms
 
 from optimizer import colour
 from optimizer.colour import to_srgb
-from optimizer.pipeline import Params, optimize
+from optimizer.pipeline import NCLX, Params, open_image, optimize
 from tests.test_pipeline import LIMITS
 
 D50 = (0.9642, 1.0, 0.8249)
@@ -159,6 +159,13 @@ def test_the_nclx_profiles_match_their_colour_spaces() -> None:
     """BT.2020's and Display P3's primaries land where their definitions put sRGB's."""
     p3 = colour.nclx_profile(12, 13)
     assert p3 is not None and colour.nclx_profile(1, 13) is None and colour.nclx_profile(9, 18) is None
+    # BT.709's curve is shown as sRGB's, as Chromium shows it (its camera curve's inverse made such files
+    # up to 16 levels lighter than browsers do, a review): BT.709 primaries with it convert nothing.
+    assert colour.nclx_profile(1, 1) is None
+    p3_bt709 = colour.nclx_profile(12, 1)
+    assert p3_bt709 is not None and to_srgb(GREY_RAMP.convert("RGB"), p3_bt709).tobytes() == (
+        to_srgb(GREY_RAMP.convert("RGB"), p3).tobytes()
+    )
     srgb_in_p3 = Image.new("RGB", (3, 1))
     srgb_in_p3.putdata([(234, 51, 35), (117, 251, 76), (0, 0, 245)])
     out = to_srgb(srgb_in_p3, p3)
@@ -185,3 +192,29 @@ def test_a_curve_off_between_the_probes_levels_is_not_taken_for_srgb() -> None:
     converted = to_srgb(ramp, icc)
     assert converted is not ramp
     assert largest_difference(converted, reference(ramp, icc)) <= 1
+
+
+def test_an_avif_in_srgb_is_not_priced_for_a_conversion() -> None:
+    """The nclx Pillow and libavif write (BT.709, sRGB's curve) converts nothing: the estimate counted a
+    copy for it all the same (45 MB too much at 3000x3000, a review)."""
+    with open_image(avif_tagged((234, 51, 35), 1, 13), LIMITS) as srgb:
+        assert NCLX not in srgb.info
+    with open_image(avif_tagged((234, 51, 35), 12, 13), LIMITS) as p3:
+        assert p3.info[NCLX] == (12, 13)
+
+
+def test_a_transform_is_built_once_for_a_profile_in_use(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A phone's Display P3 JPEG parsed its profile and built its transform each time: ~2 ms."""
+    icc = profile("RGB", "Linear RGB, cached", 1.0)
+    ramp = GREY_RAMP.convert("RGB")
+    first = to_srgb(ramp, icc)
+    built: list[int] = []
+    real = ImageCms.buildTransform
+
+    def counted(*args: object, **kwargs: object) -> ImageCms.ImageCmsTransform:
+        built.append(1)
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ImageCms, "buildTransform", counted)
+    assert to_srgb(ramp, icc).tobytes() == first.tobytes()
+    assert built == []

@@ -237,19 +237,17 @@ def _generated(kind: str, path: Path) -> None:
                 )
             )
         )
-    elif kind == "keyed-private-chunk":  # a keyed PNG carrying 20 MB Pillow reads whole, then drops
-        small = rgb.resize((500, 500))
+    elif kind in ("keyed-private-chunk", "many-private-chunks"):
+        # Private chunks Pillow reads whole, then keeps while the image is open: one of 20 MB in a keyed
+        # PNG, or 20 of 1.2 MB.
         buffer = io.BytesIO()
-        small.save(buffer, "PNG", transparency=(1, 2, 3))
+        keyed = {"transparency": (1, 2, 3)} if kind == "keyed-private-chunk" else {}
+        rgb.resize((500, 500)).save(buffer, "PNG", **keyed)
         png = buffer.getvalue()
-        private = b"x" * 20_000_000
-        chunk = (
-            struct.pack(">I", len(private))
-            + b"prVt"
-            + private
-            + struct.pack(">I", zlib.crc32(b"prVt" + private))
-        )
-        path.write_bytes(png[:33] + chunk + png[33:])  # after the signature and IHDR
+        length, count = (20_000_000, 1) if kind == "keyed-private-chunk" else (1_200_000, 20)
+        data = b"prVt" + b"x" * length
+        chunk = struct.pack(">I", length) + data + struct.pack(">I", zlib.crc32(data))
+        path.write_bytes(png[:33] + chunk * count + png[33:])  # after the signature and IHDR
     elif kind == "rgba-icc":
         icc = profile("RGB", "Linear RGB", 1.0)  # one that converts (LAB's describes another space)
         rgba = rgb.convert("RGBA")
@@ -266,7 +264,8 @@ COPY_CASES = [
     ("grey16-keyed", "-", "png"),
     ("rgba-icc", "-", "png"),
     ("rgb16-keyed", "-", "png"),  # the key compared at 16 bits: a second decode for the low bytes
-    ("keyed-private-chunk", "-", "png"),  # the chunk read twice for a moment, and no copy of the upload
+    ("keyed-private-chunk", "-", "png"),
+    ("many-private-chunks", "-", "png"),  # the chunk read twice for a moment, and no copy of the upload
     ("jpeg", "-", "avif"),
 ]
 
