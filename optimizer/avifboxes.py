@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from optimizer.avifdecode import Decoded, check_decoded
@@ -113,6 +113,9 @@ class Track:
     codec: bytes | None = None  # b"av01" when one of its sample descriptions is AV1
     first_chunk: int | None = None
     first_sample_bytes: int | None = None
+    # Its AV1 sample description's colour box: nclx code points, or an ICC profile (colour None, icc True).
+    colour: tuple[int, int] | None = None
+    icc: bool = False
 
 
 def check_boxes(data: bytes) -> Summary:
@@ -138,25 +141,23 @@ def check_boxes(data: bytes) -> Summary:
 
 
 def _primary_nclx(walk: Walk) -> tuple[int, int] | None:
-    """The nclx colour box of the file's primary item, unless an ICC profile (which libavif and
-    browsers take instead) is associated with it too."""
-    meta, data = walk.top, walk.data
-    if meta is None or meta.primary is None or meta.properties is None:
+    """The nclx colour description of what libavif decodes, unless an ICC profile (which libavif and
+    browsers take instead) comes with it. libavif picks its source by the major brand: an AV1 track for
+    'avis', the primary item for 'avif', and a track if there is one for any other brand."""
+    track = next((track for track in walk.tracks if track.codec == b"av01"), None)
+    meta = walk.top
+    primary = None if meta is None or meta.properties is None else meta.primary
+    if track is not None and (walk.brand != b"avif" or primary is None):
+        return track.colour
+    if meta is None or meta.properties is None or primary is None:
         return None
-    found = None
-    for index in meta.item_properties.get(meta.primary, ()):
-        if not 0 < index <= len(meta.properties):
-            continue
-        kind, body, end = meta.properties[index - 1]
-        if kind != b"colr" or end - body < 8:
-            continue
-        colour_type = data[body : body + 4]
-        if colour_type in (b"prof", b"rICC"):
-            return None
-        if colour_type == b"nclx" and found is None:
-            primaries, transfer = struct.unpack_from(">HH", data, body + 4)
-            found = (primaries, transfer)
-    return found
+    properties = meta.properties
+    associated = [
+        properties[index - 1]
+        for index in meta.item_properties.get(primary, ())
+        if 0 < index <= len(properties)
+    ]
+    return walk.colour_box(associated)[0]
 
 
 def _exif_tiff(payload: bytes) -> bytes:
@@ -174,6 +175,7 @@ class Walk:
         self.meta = Meta()  # boxes outside any meta are looked at too, as if in one
         self.metas = [self.meta]
         self.top: Meta | None = None
+        self.brand: bytes | None = None  # ftyp's major brand
         self.track = Track()
         self.tracks: list[Track] = []
         self.payloads: dict[tuple[object, ...], bytes] = {}  # by where they are: items share bytes
@@ -229,6 +231,8 @@ class Walk:
             self.boxes(body, box_end, inside)
             if kind == b"stbl":
                 self.samples(body, box_end, record=path[-3:] == (b"trak", b"mdia", b"minf"))
+        elif kind == b"ftyp" and not path and self.brand is None:
+            self.brand = self.data[body : body + 4]
         elif kind == b"tkhd" and parent == b"trak":
             at = body + (88 if self.data[body] == 1 else 76)  # width and height, 16.16 fixed point
             width, height = struct.unpack_from(">II", self.data, at)
@@ -434,12 +438,31 @@ class Walk:
         if timed:
             self.add("samples", timed, MAX_SAMPLES)
 
+    def colour_box(self, boxes: Iterable[tuple[bytes, int, int]]) -> tuple[tuple[int, int] | None, bool]:
+        """The colour description among ``boxes``: nclx code points (colour primaries, transfer), and
+        whether an ICC profile is there, which libavif and browsers take instead."""
+        data, nclx, icc = self.data, None, False
+        for kind, body, end in boxes:
+            if kind != b"colr" or end - body < 8:
+                continue
+            colour_type = data[body : body + 4]
+            if colour_type in (b"prof", b"rICC"):
+                icc = True
+            elif colour_type == b"nclx" and nclx is None:
+                primaries, transfer = struct.unpack_from(">HH", data, body + 4)
+                nclx = (primaries, transfer)
+        return (None, True) if icc else (nclx, False)
+
     def descriptions(self, start: int, end: int, *, record: bool) -> None:
         """A sample table's descriptions (stsd), and the boxes in each."""
         data = self.data
         self.add("sample descriptions", struct.unpack_from(">I", data, start + 4)[0], MAX_SAMPLE_DESCRIPTIONS)
         for kind, body, box_end in self.children(start + 8, end):
             if record and kind == b"av01":  # libavif decodes a track with an av01 description anywhere
+                if self.track.codec is None:  # the first such description's colour box is the track's
+                    self.track.colour, self.track.icc = self.colour_box(
+                        self.children(body + _VISUAL_SAMPLE_ENTRY, box_end)
+                    )
                 self.track.codec = kind
             inside = sum(1 for _ in self.children(body + _VISUAL_SAMPLE_ENTRY, box_end))
             if inside > MAX_DESCRIPTION_BOXES:

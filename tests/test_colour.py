@@ -218,3 +218,19 @@ def test_a_transform_is_built_once_for_a_profile_in_use(monkeypatch: pytest.Monk
     monkeypatch.setattr(ImageCms, "buildTransform", counted)
     assert to_srgb(ramp, icc).tobytes() == first.tobytes()
     assert built == []
+
+
+def test_an_animated_avifs_colours_are_its_tracks() -> None:
+    """libavif decodes an 'avis' file's track, whose sample description has a colour box of its own: the
+    still image's was taken instead (a review)."""
+    frames = [Image.new("RGB", (64, 64), (234, 51, 35)), Image.new("RGB", (64, 64), (234, 51, 36))]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, "AVIF", save_all=True, append_images=frames[1:], quality=100)
+    data = bytearray(buffer.getvalue())
+    assert data[8:12] == b"avis"
+    boxes = [at for at in range(len(data)) if data.startswith(b"colrnclx", at)]
+    assert len(boxes) == 2  # the still image's, then the track's
+    struct.pack_into(">HH", data, boxes[1] + 8, 12, 13)  # the track's says Display P3
+    out = Image.open(io.BytesIO(optimize(bytes(data), Params(format="png"), LIMITS).data)).convert("RGB")
+    pixel = out.getpixel((32, 32))
+    assert isinstance(pixel, tuple) and pixel[0] >= 252 and pixel[1] <= 4
