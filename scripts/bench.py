@@ -46,6 +46,7 @@ import math
 import mimetypes
 import os
 import platform
+import re
 import resource
 import shutil
 import signal
@@ -760,10 +761,30 @@ if _spec is not None and _spec.loader is not None:
 """
 
 
+# The harness's scratch folders carry its pid (bench-ceiling-1234-xyz): a harness killed outright runs no
+# clean-up, and the next run removes the folders of harnesses no longer alive (a review found them piling
+# up in /tmp: server logs, the source guard).
+_SCRATCH = re.compile(r"bench(?:-[a-z]+)*-(\d+)-[^/]*$")
+
+
+def scratch_prefix(kind: str) -> str:
+    return f"{kind}-{os.getpid()}-"
+
+
+def sweep_stale_scratch() -> None:
+    """Remove the scratch folders of harnesses that are no longer running."""
+    with contextlib.suppress(OSError):
+        for entry in Path(tempfile.gettempdir()).iterdir():
+            match = _SCRATCH.match(entry.name)
+            if match is None or not entry.is_dir() or Path(f"/proc/{match[1]}").exists():
+                continue
+            shutil.rmtree(entry, ignore_errors=True)
+
+
 @functools.cache
 def _source_guard() -> str:
     """A folder holding the ``sitecustomize`` of ``source_env``, removed when this process ends."""
-    folder = tempfile.mkdtemp(prefix="bench-source-guard-")
+    folder = tempfile.mkdtemp(prefix=scratch_prefix("bench-source-guard"))
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
     Path(folder, "sitecustomize.py").write_text(_SOURCE_GUARD)
     return folder
@@ -937,7 +958,7 @@ def run_children(
 ) -> list[Any]:
     """Runs the commands at once (on ``cpus``); the JSON each prints last, in order. The first to fail
     (an exit code, no JSON, the timeout) stops all of them: the others' figures mean nothing alone."""
-    with tempfile.TemporaryDirectory(prefix="bench-ceiling-") as folder:
+    with tempfile.TemporaryDirectory(prefix=scratch_prefix("bench-ceiling")) as folder:
         logs = [(Path(folder) / f"{i}.out", Path(folder) / f"{i}.err") for i in range(len(commands))]
         children: list[subprocess.Popen[bytes]] = []
         try:
@@ -1951,7 +1972,7 @@ class PeerProcess(ChildServer):
 
     def _start(self, peer: Peer, home: Path, file: Path, log_path: Path) -> None:
         executable = home / peer.executable  # make_config() has checked that it exists
-        self.files = Path(tempfile.mkdtemp(prefix="bench-peer-"))
+        self.files = Path(tempfile.mkdtemp(prefix=scratch_prefix("bench-peer")))
         # A copy, not a link: a server may refuse a link that leads out of the folder it serves.
         shutil.copyfile(file, self.files / file.name)
         if peer.config is not None:
@@ -3340,7 +3361,8 @@ def run_bench(config: Config, plans: list[LoadPlan], command: list[str]) -> dict
         "runs": [],  # each with the ceiling it is compared with ("ceiling")
     }
     ceilings: list[dict[str, Any]] = results["ceilings"]
-    with tempfile.TemporaryDirectory(prefix="bench-") as log_dir, on_cpus(config.harness_cpus):
+    sweep_stale_scratch()
+    with tempfile.TemporaryDirectory(prefix=scratch_prefix("bench")) as log_dir, on_cpus(config.harness_cpus):
         for round_index in range(config.rounds):
             # Each round measures its own ceiling right before its load: the machine's speed drifts by
             # a few percent over minutes, and a ratio is only as good as the two figures being adjacent.

@@ -1133,3 +1133,18 @@ def test_a_child_that_cannot_be_started_says_so_in_one_line() -> None:
     assert done.returncode != 0
     [line] = done.stderr.strip().splitlines()
     assert line.startswith("cannot start /nonexistent/peer: [Errno 2]")
+
+
+def test_scratch_folders_of_harnesses_gone_are_swept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A harness killed outright runs no clean-up: its folders piled up in /tmp (a review)."""
+    bench = load_bench()
+    monkeypatch.setattr(bench.tempfile, "gettempdir", lambda: str(tmp_path))
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    stale = tmp_path / f"bench-ceiling-{gone.pid}-abc"
+    alive = tmp_path / f"{bench.scratch_prefix('bench')}xyz"
+    someone_elses = tmp_path / "bench-k3j_x9ab"
+    for folder in (stale, alive, someone_elses):
+        folder.mkdir()
+    bench.sweep_stale_scratch()
+    assert not stale.exists() and alive.exists() and someone_elses.exists()
