@@ -162,6 +162,8 @@ def test_the_nclx_profiles_match_their_colour_spaces() -> None:
     # BT.709's curve is shown as sRGB's, as Chromium shows it (its camera curve's inverse made such files
     # up to 16 levels lighter than browsers do, a review): BT.709 primaries with it convert nothing.
     assert colour.nclx_profile(1, 1) is None
+    # EBU 3213's primaries, SMPTE 240M's and DCI's curves are known too (a review found them skipped).
+    assert all(colour.nclx_profile(*pair) is not None for pair in ((22, 13), (12, 7), (12, 17)))
     p3_bt709 = colour.nclx_profile(12, 1)
     assert p3_bt709 is not None and to_srgb(GREY_RAMP.convert("RGB"), p3_bt709).tobytes() == (
         to_srgb(GREY_RAMP.convert("RGB"), p3).tobytes()
