@@ -39,6 +39,7 @@ import atexit
 import concurrent.futures
 import contextlib
 import email.utils
+import fcntl
 import functools
 import itertools
 import json
@@ -46,7 +47,6 @@ import math
 import mimetypes
 import os
 import platform
-import re
 import resource
 import shutil
 import signal
@@ -761,31 +761,63 @@ if _spec is not None and _spec.loader is not None:
 """
 
 
-# The harness's scratch folders carry its pid (bench-ceiling-1234-xyz): a harness killed outright runs no
-# clean-up, and the next run removes the folders of harnesses no longer alive (a review found them piling
-# up in /tmp: server logs, the source guard).
-_SCRATCH = re.compile(r"bench(?:-[a-z]+)*-(\d+)-[^/]*$")
+# Each scratch folder of the harness holds OWNER_FILE, locked (flock) for as long as the harness runs: a
+# harness killed outright runs no clean-up, and the next run removes the folders whose lock it can take
+# (a review found them piling up in /tmp). A lock, not a pid in the name: a name can belong to anyone, and
+# a pid seen from another PID namespace (a container sharing /tmp) is not the harness's (the next review).
+OWNER_FILE = ".bench-owner"
+_OWNED: dict[str, int] = {}  # folder -> the descriptor holding its lock (not inherited by children)
 
 
-def scratch_prefix(kind: str) -> str:
-    return f"{kind}-{os.getpid()}-"
+def make_scratch(kind: str) -> str:
+    """A new folder in the temp dir, this harness's until ``remove_scratch`` or the process's end."""
+    folder = tempfile.mkdtemp(prefix=f"{kind}-")
+    descriptor = os.open(Path(folder, OWNER_FILE), os.O_CREAT | os.O_WRONLY, 0o600)
+    fcntl.flock(descriptor, fcntl.LOCK_EX)
+    _OWNED[folder] = descriptor
+    return folder
+
+
+def remove_scratch(folder: str) -> None:
+    shutil.rmtree(folder, ignore_errors=True)
+    if (descriptor := _OWNED.pop(folder, None)) is not None:
+        os.close(descriptor)
+
+
+@contextlib.contextmanager
+def scratch(kind: str) -> Iterator[str]:
+    folder = make_scratch(kind)
+    try:
+        yield folder
+    finally:
+        remove_scratch(folder)
 
 
 def sweep_stale_scratch() -> None:
-    """Remove the scratch folders of harnesses that are no longer running."""
+    """Remove the scratch folders whose harness has ended: those whose owner file's lock is free."""
     with contextlib.suppress(OSError):
         for entry in Path(tempfile.gettempdir()).iterdir():
-            match = _SCRATCH.match(entry.name)
-            if match is None or not entry.is_dir() or Path(f"/proc/{match[1]}").exists():
+            owner = entry / OWNER_FILE
+            if not entry.name.startswith("bench-") or entry.is_symlink() or not owner.is_file():
                 continue
+            try:
+                descriptor = os.open(owner, os.O_RDONLY | os.O_NOFOLLOW)
+            except OSError:
+                continue
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue  # held: its harness is running
+            finally:
+                os.close(descriptor)
             shutil.rmtree(entry, ignore_errors=True)
 
 
 @functools.cache
 def _source_guard() -> str:
     """A folder holding the ``sitecustomize`` of ``source_env``, removed when this process ends."""
-    folder = tempfile.mkdtemp(prefix=scratch_prefix("bench-source-guard"))
-    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    folder = make_scratch("bench-source-guard")
+    atexit.register(remove_scratch, folder)
     Path(folder, "sitecustomize.py").write_text(_SOURCE_GUARD)
     return folder
 
@@ -958,7 +990,7 @@ def run_children(
 ) -> list[Any]:
     """Runs the commands at once (on ``cpus``); the JSON each prints last, in order. The first to fail
     (an exit code, no JSON, the timeout) stops all of them: the others' figures mean nothing alone."""
-    with tempfile.TemporaryDirectory(prefix=scratch_prefix("bench-ceiling")) as folder:
+    with scratch("bench-ceiling") as folder:
         logs = [(Path(folder) / f"{i}.out", Path(folder) / f"{i}.err") for i in range(len(commands))]
         children: list[subprocess.Popen[bytes]] = []
         try:
@@ -1972,7 +2004,7 @@ class PeerProcess(ChildServer):
 
     def _start(self, peer: Peer, home: Path, file: Path, log_path: Path) -> None:
         executable = home / peer.executable  # make_config() has checked that it exists
-        self.files = Path(tempfile.mkdtemp(prefix=scratch_prefix("bench-peer")))
+        self.files = Path(make_scratch("bench-peer"))
         # A copy, not a link: a server may refuse a link that leads out of the folder it serves.
         shutil.copyfile(file, self.files / file.name)
         if peer.config is not None:
@@ -1993,7 +2025,7 @@ class PeerProcess(ChildServer):
             )
         except OSError as exc:
             self._log.close()
-            shutil.rmtree(self.files, ignore_errors=True)
+            remove_scratch(str(self.files))
             raise BenchError(f"--peer: cannot start {self.argv[0]}: {exc}") from None
 
     def wait_ready(self, path: str, timeout: float = STARTUP_TIMEOUT) -> None:
@@ -2021,7 +2053,7 @@ class PeerProcess(ChildServer):
         try:
             self._terminate(self._log, timeout, group=True)
         finally:
-            shutil.rmtree(self.files, ignore_errors=True)
+            remove_scratch(str(self.files))
 
 
 # --- one run, with or without a server of our own ---------------------------------------------------------
@@ -2356,7 +2388,7 @@ def print_report(results: dict[str, Any]) -> None:
                 f"  {row['users']:>6} {row['goodput_per_s'] or 0:>10.2f} "
                 f"{'-' if ratio is None else f'{ratio:.0%}':>9} {fmt_seconds(row['p95_seconds']):>10} "
                 f"{row['refused_per_s'] or 0:>8.1f} {fmt_mb(row['peak_rss_bytes']):>10}"
-                + ("   INVALID: the server died" if row.get("invalid") else "")
+                + (f"   INVALID: {row['invalid']}" if row.get("invalid") else "")
             )
     print("\n".join(out))
 
@@ -3362,7 +3394,7 @@ def run_bench(config: Config, plans: list[LoadPlan], command: list[str]) -> dict
     }
     ceilings: list[dict[str, Any]] = results["ceilings"]
     sweep_stale_scratch()
-    with tempfile.TemporaryDirectory(prefix=scratch_prefix("bench")) as log_dir, on_cpus(config.harness_cpus):
+    with scratch("bench") as log_dir, on_cpus(config.harness_cpus):
         for round_index in range(config.rounds):
             # Each round measures its own ceiling right before its load: the machine's speed drifts by
             # a few percent over minutes, and a ratio is only as good as the two figures being adjacent.
@@ -3478,7 +3510,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     print_report(results)
     if args.json is not None:
         write_results(results, args.json)
-    failed = any(run["ok"] == 0 or run["server_died_with_code"] is not None for run in results["runs"])
+    # An invalid run (its server, or one of a --processes server's processes, died) fails the harness as
+    # a dead server does: its report says INVALID, and CI must not read success (a review).
+    failed = any(
+        run["ok"] == 0 or run["server_died_with_code"] is not None or run.get("invalid")
+        for run in results["runs"]
+    )
     return 1 if failed else 0
 
 

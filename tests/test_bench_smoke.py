@@ -1136,15 +1136,36 @@ def test_a_child_that_cannot_be_started_says_so_in_one_line() -> None:
 
 
 def test_scratch_folders_of_harnesses_gone_are_swept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A harness killed outright runs no clean-up: its folders piled up in /tmp (a review)."""
+    """A harness killed outright runs no clean-up: its folders piled up in /tmp (a review). Only a folder
+    whose owner file nobody holds locked goes: a pid read from a name removed a live harness's folder in
+    another PID namespace, and a user's bench-2025-12-01-results (the next review)."""
     bench = load_bench()
     monkeypatch.setattr(bench.tempfile, "gettempdir", lambda: str(tmp_path))
-    gone = subprocess.Popen([sys.executable, "-c", "pass"])
-    gone.wait()
-    stale = tmp_path / f"bench-ceiling-{gone.pid}-abc"
-    alive = tmp_path / f"{bench.scratch_prefix('bench')}xyz"
-    someone_elses = tmp_path / "bench-k3j_x9ab"
-    for folder in (stale, alive, someone_elses):
-        folder.mkdir()
-    bench.sweep_stale_scratch()
-    assert not stale.exists() and alive.exists() and someone_elses.exists()
+    ours = Path(bench.make_scratch("bench-ceiling"))
+    gone = tmp_path / "bench-ceiling-abc"  # its harness ended: the file is there, unlocked
+    gone.mkdir()
+    (gone / bench.OWNER_FILE).touch()
+    someone_elses = tmp_path / "bench-2025-12-01-results"
+    someone_elses.mkdir()
+    other = tmp_path / "bench-peer-xyz"  # held by a harness in another process
+    other.mkdir()
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_CREAT | os.O_WRONLY); "
+            "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)",
+            str(other / bench.OWNER_FILE),
+        ],
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == b"held\n"
+        bench.sweep_stale_scratch()
+        assert not gone.exists()
+        assert ours.exists() and someone_elses.exists() and other.exists()
+    finally:
+        holder.kill()
+        holder.communicate(timeout=10)  # reaps it and closes its pipe
+        bench.remove_scratch(str(ours))
+    assert not ours.exists()
