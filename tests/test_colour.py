@@ -101,10 +101,8 @@ def test_a_profile_named_srgb_that_is_not_is_converted() -> None:
     assert largest_difference(to_srgb(ramp, icc), ramp) > 20
 
 
-def test_srgb_by_any_name_changes_nothing_and_is_judged_once(monkeypatch: pytest.MonkeyPatch) -> None:
-    image = Image.linear_gradient("L").resize((64, 64)).convert("RGB")
-    srgb = colour.SRGB.tobytes()
-    assert to_srgb(image, srgb) is image  # no copy of the pixels
+def transforms_built(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """A list that gets an item for each LittleCMS transform built from now on."""
     built: list[int] = []
     real = ImageCms.buildTransform
 
@@ -113,6 +111,14 @@ def test_srgb_by_any_name_changes_nothing_and_is_judged_once(monkeypatch: pytest
         return real(*args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(ImageCms, "buildTransform", counted)
+    return built
+
+
+def test_srgb_by_any_name_changes_nothing_and_is_judged_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    image = Image.linear_gradient("L").resize((64, 64)).convert("RGB")
+    srgb = colour.SRGB.tobytes()
+    assert to_srgb(image, srgb) is image  # no copy of the pixels
+    built = transforms_built(monkeypatch)
     assert to_srgb(image, srgb) is image
     assert built == []  # remembered by its digest: no transform built again
 
@@ -210,14 +216,7 @@ def test_a_transform_is_built_once_for_a_profile_in_use(monkeypatch: pytest.Monk
     icc = profile("RGB", "Linear RGB, cached", 1.0)
     ramp = GREY_RAMP.convert("RGB")
     first = to_srgb(ramp, icc)
-    built: list[int] = []
-    real = ImageCms.buildTransform
-
-    def counted(*args: object, **kwargs: object) -> ImageCms.ImageCmsTransform:
-        built.append(1)
-        return real(*args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(ImageCms, "buildTransform", counted)
+    built = transforms_built(monkeypatch)
     assert to_srgb(ramp, icc).tobytes() == first.tobytes()
     assert built == []
 
