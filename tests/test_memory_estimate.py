@@ -82,6 +82,18 @@ VIPS_CASES = [
 ]
 
 
+def case_params(width: str, fmt: str) -> Params:
+    """A case's ``Params``, as the child builds them: a width ending in "+" enlarges, "-" keeps the size;
+    a format may carry ":quality"."""
+    output, _, quality = fmt.partition(":")
+    return Params(
+        width=int(width.rstrip("+")) if width != "-" else None,
+        format=output,
+        enlarge=width.endswith("+"),
+        quality=int(quality or 80),
+    )
+
+
 def measured_peak(path: Path, width: str, fmt: str, resizer: str) -> int:
     result = subprocess.run(
         [sys.executable, "-c", _CHILD, str(path), width, fmt, resizer],
@@ -103,13 +115,7 @@ def test_estimate_covers_the_measured_peak(name: str, width: str, fmt: str, resi
     if resizer == "vips":
         vips_or_skip()
         # libvips itself (code, thread pool) is loaded by the warm-up in the child, before the peak is reset
-    output, _, quality = fmt.partition(":")
-    params = Params(  # a width ending in "+" enlarges
-        width=int(width.rstrip("+")) if width != "-" else None,
-        format=output,
-        enlarge=width.endswith("+"),
-        quality=int(quality or 80),
-    )
+    params = case_params(width, fmt)
     estimate = inspect(path.read_bytes(), params, dataclasses.replace(LIMITS, resizer=resizer))
     peak = measured_peak(path, width, fmt, resizer)
     # Not under: allow 10 % and 2 MiB of allocator noise. Not far over: at most twice, plus 8 MiB.
@@ -275,13 +281,7 @@ COPY_CASES = [
 def test_estimate_covers_the_copies_of_each_path(tmp_path: Path, kind: str, width: str, fmt: str) -> None:
     path = tmp_path / "input"
     _generated(kind, path)
-    output, _, quality = fmt.partition(":")
-    params = Params(  # a width ending in "+" enlarges
-        width=int(width.rstrip("+")) if width != "-" else None,
-        format=output,
-        enlarge=width.endswith("+"),
-        quality=int(quality or 80),
-    )
+    params = case_params(width, fmt)
     estimate = inspect(path.read_bytes(), params, LIMITS)
     peak = measured_peak(path, width, fmt, "pillow")
     assert peak <= estimate * 1.1 + 2 * MIB, f"estimate {estimate / MIB:.1f} MiB < peak {peak / MIB:.1f} MiB"
