@@ -11,6 +11,7 @@ connections with it. An application that embeds the service keeps its own server
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any
@@ -19,11 +20,14 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
+from optimizer.observe import client_address
 from optimizer.problems import problem_response
 
 # The detail quotes the parser's reason, which may quote the request: bounded, as a client could make it
 # 8 KiB of anything.
 MAX_DETAIL = 300
+
+log = logging.getLogger("optimizer")
 
 
 # Where a problem answer made here keeps its ``code``, for whoever counts it (``refused``).
@@ -134,6 +138,16 @@ class ProblemRequestHandler(RequestHandler):
             )
             if self._refused is not None:
                 self._refused(problem)
+            # No request, so no access line: this one names the client, so that an operator can find who
+            # keeps connections with heads half sent (a review found them in the metrics only).
+            peer = transport.get_extra_info("peername")
+            client = client_address(peer[0]) if isinstance(peer, tuple) and peer else None
+            log.info(
+                "a request head from %s did not arrive whole within %g s: answered 408",
+                client or "?",
+                self._head_timeout,
+                extra={"fields": {"event": "head_timeout", "client": client, "status": 408}},
+            )
         self.force_close()  # closes the transport once the answer, if any, is written
 
     def handle_error(

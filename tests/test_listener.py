@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import socket
 import sys
 import time
@@ -304,14 +305,20 @@ async def deadline_site() -> AsyncIterator[tuple[str, int, Gate]]:
 
 
 async def test_a_head_left_unfinished_gets_408_and_the_connection_closes(
-    deadline_site: tuple[str, int, Gate],
+    deadline_site: tuple[str, int, Gate], caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Found in review: a client sending a header byte now and then held its connection for an hour."""
+    """Found in review: a client sending a header byte now and then held its connection for an hour. The
+    408 has no request and so no access line: a line of its own names the client (the next review)."""
     host, port, gate = deadline_site
     async with connected(host, port) as (reader, writer):
         writer.write(b"GET / HTTP/1.1\r\nHost: t\r\n")  # and never the blank line
-        async with asyncio.timeout(10):
-            answer = await reader.read()  # to the close
+        with caplog.at_level(logging.INFO, logger="optimizer"):
+            async with asyncio.timeout(10):
+                answer = await reader.read()  # to the close
+    (line,) = [
+        record for record in caplog.records if getattr(record, "fields", {}).get("event") == "head_timeout"
+    ]
+    assert line.__dict__["fields"]["client"] == "127.0.0.1"
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 408 ")
     assert b"Connection: close" in head
