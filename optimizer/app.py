@@ -17,7 +17,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 
-from aiohttp import hdrs, web
+from aiohttp import web
 from aiohttp.typedefs import Handler
 from aiohttp.web_urldispatcher import SystemRoute, UrlMappingMatchInfo
 
@@ -72,7 +72,8 @@ def _closing_after_an_abandoned_body(
 
     async def hook(request: web.Request, response: web.StreamResponse) -> None:
         if request.get(BODY_ABANDONED):
-            response.headers[hdrs.CONNECTION] = "close"  # the headers were made before this hook
+            # Says Connection: close (the headers are still open to change here) and lingers, unless
+            # the service's own answer did so already.
             stop_reading_unwanted_body(request, response, lingering)
 
     return hook
