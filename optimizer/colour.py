@@ -180,7 +180,7 @@ def icc_profile(tags: list[tuple[bytes, bytes]], space: bytes = b"RGB ") -> byte
     header[8:20] = struct.pack(">I", 0x02100000) + b"mntr" + space
     header[20:24] = b"XYZ "
     header[36:40] = b"acsp"
-    header[68:80] = b"".join(struct.pack(">i", round(v * 65536)) for v in _PCS_WHITE)
+    header[68:80] = _xyz(_PCS_WHITE)[8:]  # the illuminant, as an XYZ tag's numbers
     profile = bytes(header) + struct.pack(">I", len(tags)) + table + blob
     return struct.pack(">I", len(profile)) + profile[4:]
 
