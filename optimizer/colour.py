@@ -16,6 +16,7 @@ import io
 import struct
 import threading
 from collections import OrderedDict
+from collections.abc import Mapping
 
 from PIL import Image, ImageChops, ImageCms
 
@@ -56,9 +57,8 @@ _TRANSFORMS_LOCK = threading.Lock()
 # profile: a wide-gamut photo (Display P3, BT.2020) was taken for sRGB and came out dull (no ICC, so
 # nothing was converted). The primaries' and the white's chromaticities (x, y), by code point:
 _D65 = (0.3127, 0.3290)
-_PRIMARIES: dict[
-    int, tuple[tuple[float, float], tuple[float, float], tuple[float, float], tuple[float, float]]
-] = {
+_Chromaticities = tuple[tuple[float, float], tuple[float, float], tuple[float, float], tuple[float, float]]
+_PRIMARIES: dict[int, _Chromaticities] = {
     1: ((0.640, 0.330), (0.300, 0.600), (0.150, 0.060), _D65),  # BT.709, sRGB's
     5: ((0.640, 0.330), (0.290, 0.600), (0.150, 0.060), _D65),  # BT.470 B/G
     6: ((0.630, 0.340), (0.310, 0.595), (0.155, 0.070), _D65),  # SMPTE 170M
@@ -74,8 +74,9 @@ _SRGB_TRANSFER = 13
 # BT.709 family (1, 6, 14, 15) is displayed with sRGB's curve, as Chromium displays it (its camera curve's
 # inverse made such files up to 16 levels lighter than browsers show them, a review). PQ and HLG (HDR)
 # are not converted: they would need tone mapping, and such an image is left as it is.
-_SRGB_CURVE = (2.4, 1 / 1.055, 0.055 / 1.055, 1 / 12.92, 0.04045)
-_TRANSFERS: dict[int, tuple[float, float, float, float, float]] = {
+_Curve = tuple[float, float, float, float, float]
+_SRGB_CURVE: _Curve = (2.4, 1 / 1.055, 0.055 / 1.055, 1 / 12.92, 0.04045)
+_TRANSFERS: dict[int, _Curve] = {
     13: _SRGB_CURVE,
     1: _SRGB_CURVE,  # BT.709
     6: _SRGB_CURVE,  # SMPTE 170M
@@ -91,25 +92,85 @@ _PCS_WHITE = (0.9642, 1.0, 0.8249)  # D50, the profile connection space's
 _BRADFORD = ((0.8951, 0.2664, -0.1614), (-0.7502, 1.7135, 0.0367), (0.0389, -0.0685, 1.0296))
 
 
+# A PNG's gAMA within 5 % of 1/2.2 and no cHRM is taken as sRGB's, as Chromium takes it (libpng's
+# PNG_GAMMA_THRESHOLD): such files are common, and their authors meant sRGB.
+_NEUTRAL_GAMMA = 0.05
+
+
 @functools.lru_cache(maxsize=64)
-def nclx_profile(primaries: int, transfer: int) -> bytes | None:
-    """An ICC profile (matrix and curves) for an nclx colour description, or ``None`` where there is
-    nothing to convert (sRGB's, or unspecified) or no way to (HDR, code points this does not know)."""
+def nclx_profile(primaries: int, transfer: int, *, grey: bool = False) -> bytes | None:
+    """An ICC profile (matrix and curves; a grey one for a ``grey`` image) for an nclx colour description,
+    or ``None`` where there is nothing to convert (sRGB's, or unspecified) or no way to (HDR, code points
+    this does not know)."""
     primaries = 1 if primaries == _UNSPECIFIED else primaries
     transfer = _SRGB_TRANSFER if transfer == _UNSPECIFIED else transfer
     if primaries not in _PRIMARIES or transfer not in _TRANSFERS:
         return None
-    if primaries == 1 and _TRANSFERS[transfer] == _SRGB_CURVE:
+    if _TRANSFERS[transfer] == _SRGB_CURVE and (primaries == 1 or grey):
         return None
-    *colours, white = _PRIMARIES[primaries]
-    columns = _adapted_columns(colours, white)
-    gamma, a, b, c, d = _TRANSFERS[transfer]
-    curve = b"".join(
+    return _profile(f"nclx {primaries}/{transfer}", _PRIMARIES[primaries], _TRANSFERS[transfer], grey)
+
+
+def png_profile(
+    info: Mapping[str | tuple[int, int], object], cicp: tuple[int, ...] | None, *, grey: bool
+) -> bytes | None:
+    """The profile a PNG's colours are to be read through, or ``None`` for sRGB's, by the chunks'
+    precedence in PNG's third edition and Chromium's reading of them: cICP (when its code points are
+    known and not HDR's), then iCCP, then sRGB, then gAMA, with cHRM's primaries or else sRGB's. Pillow
+    reads all but cICP into ``info``; browsers show a linear PNG (gAMA 1.0) as such, and it came out
+    with its shadows crushed."""
+    if cicp is not None and len(cicp) == 4 and cicp[2] == 0 and cicp[3] == 1:
+        primaries, transfer = cicp[0], cicp[1]
+        if primaries in _PRIMARIES and transfer in _TRANSFERS:  # unspecified is not a description here
+            return nclx_profile(primaries, transfer, grey=grey)
+    icc = info.get("icc_profile")
+    if isinstance(icc, bytes) and icc:
+        return icc
+    gamma = info.get("gamma")
+    if "srgb" in info or not isinstance(gamma, float) or not gamma > 0:
+        return None  # cHRM alone is not read: its curve would be a guess (Chromium, Firefox, Safari)
+    chromaticity = info.get("chromaticity")
+    if not (isinstance(chromaticity, tuple) and len(chromaticity) == 8):
+        if abs(gamma * 2.2 - 1) < _NEUTRAL_GAMMA:
+            return None
+        chromaticity = None
+    return _gamma_profile(gamma, chromaticity, grey)
+
+
+@functools.lru_cache(maxsize=64)
+def _gamma_profile(gamma: float, chromaticity: tuple[float, ...] | None, grey: bool) -> bytes | None:
+    """A profile for a PNG's gAMA (its encoding exponent) on cHRM's primaries, or ``None`` where those
+    make no colour space (a primary without luminance, a white outside the diagram), as browsers ignore
+    them."""
+    if chromaticity is None:
+        primaries = _PRIMARIES[1]
+    else:
+        wx, wy, rx, ry, gx, gy, bx, by = chromaticity
+        primaries = ((rx, ry), (gx, gy), (bx, by), (wx, wy))
+        if not all(0 < y <= 1 and 0 <= x <= 1 for x, y in primaries):
+            return None
+    try:
+        return _profile(f"PNG gamma {gamma:.5f}", primaries, (1 / gamma, 1.0, 0.0, 0.0, 0.0), grey)
+    except (ZeroDivisionError, OverflowError, ValueError):
+        return None  # primaries on one line: no matrix; or columns past what a profile's numbers hold
+
+
+def _profile(name: str, primaries: _Chromaticities, curve: _Curve, grey: bool) -> bytes:
+    """An ICC matrix-and-curves profile (a curve alone for a ``grey`` image) for ``primaries`` and
+    ``curve``; ``ValueError`` where the primaries' matrix cannot be made."""
+    gamma, a, b, c, d = curve
+    table = b"".join(
         struct.pack(">H", round(65535 * min(1.0, (a * x + b) ** gamma if x >= d else c * x)))
         for x in (i / 1023 for i in range(1024))
     )
-    curve_tag = b"curv" + bytes(4) + struct.pack(">I", 1024) + curve
-    tags = [(b"desc", _description(f"nclx {primaries}/{transfer}")), (b"wtpt", _xyz(_PCS_WHITE))]
+    curve_tag = b"curv" + bytes(4) + struct.pack(">I", 1024) + table
+    tags = [(b"desc", _description(name)), (b"wtpt", _xyz(_PCS_WHITE))]
+    if grey:
+        return icc_profile([*tags, (b"kTRC", curve_tag)], b"GRAY")
+    *colours, white = primaries
+    columns = _adapted_columns(colours, white)
+    if not all(abs(value) < 32767 for column in columns for value in column):
+        raise ValueError("the primaries make no usable matrix")
     tags += [(name, _xyz(column)) for name, column in zip((b"rXYZ", b"gXYZ", b"bXYZ"), columns, strict=True)]
     tags += [(name, curve_tag) for name in (b"rTRC", b"gTRC", b"bTRC")]
     return icc_profile(tags)

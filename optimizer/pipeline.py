@@ -26,7 +26,7 @@ from typing import Any
 from PIL import Image, ImageChops, ImageCms, ImageFile, ImageMath, PngImagePlugin
 
 from optimizer import avifboxes, avifdecode, gifblocks, vips, webpchunks
-from optimizer.colour import LAB, SRGB, nclx_profile, to_srgb
+from optimizer.colour import LAB, SRGB, nclx_profile, png_profile, to_srgb
 from optimizer.errors import CorruptImage, EmptyBody, StructureLimit, TooManyPixels, UnsupportedFormat
 from optimizer.jpegscans import (
     DC_ONLY_SCALE,
@@ -183,9 +183,6 @@ def inspect(data: bytes, params: Params, limits: Limits) -> int:
         )
 
 
-# Where open_image leaves an AVIF's nclx colour description (primaries, transfer) in the image's info.
-NCLX = "optimizer_nclx"
-
 # Bytes per pixel of Pillow's in-memory modes (RGB is stored as 4 bytes, like RGBA).
 _BYTES_PER_PIXEL = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2}
 _KEPT_MODES = frozenset({"L", "LA", "RGB", "RGBA", "CMYK"})  # normalise_mode copies all others
@@ -260,7 +257,7 @@ def estimate_memory(
     if orientation in _TRANSPOSE:
         work += target_w * target_h * stored  # orient's turned copy, beside the image it turns
     grey = im.mode in ("1", "L", "LA", "La", "F") or im.mode.startswith("I")
-    if "icc_profile" in im.info or NCLX in im.info or im.mode == "CMYK":
+    if "icc_profile" in im.info or im.mode == "CMYK":
         # to_srgb: the converted copy (grey's comes out RGB, and one channel is kept); with alpha also the
         # alpha band, the colour without it, and the merge
         work += target_w * target_h * (11 if has_alpha else 5)
@@ -485,8 +482,6 @@ def optimize(data: bytes, params: Params, limits: Limits) -> Output:
             upright = _upright_size(im.size, orientation)
             target = target_size(upright, params, limits.max_dimension)
         icc = im.info.get("icc_profile")
-        if not icc and (nclx := im.info.get(NCLX)) is not None:
-            icc = nclx_profile(*nclx)
         timings.decode = (mid := time.perf_counter()) - started
 
         try:
@@ -550,13 +545,17 @@ def open_image(data: bytes, limits: Limits) -> Image.Image:
         ) from None
     except _DECODE_ERRORS:
         raise CorruptImage(f"the upload looks like {family.upper()} but its header cannot be read") from None
-    if (
-        isinstance(walked, avifboxes.Summary)
-        and walked.nclx is not None
-        and "icc_profile" not in im.info
-        and nclx_profile(*walked.nclx) is not None  # sRGB's, unspecified, HDR: nothing to convert
-    ):
-        im.info[NCLX] = walked.nclx  # to_srgb converts through a profile made from it
+    # Colours described other than by an ICC profile are converted through a profile made from the
+    # description, left in ``info`` where Pillow leaves an embedded one (encode() clears it).
+    if isinstance(walked, avifboxes.Summary) and walked.nclx is not None and "icc_profile" not in im.info:
+        if (described := nclx_profile(*walked.nclx)) is not None:  # None: sRGB's, unspecified, HDR
+            im.info["icc_profile"] = described
+    elif isinstance(walked, PngChunks):
+        described = png_profile(im.info, walked.cicp, grey=im.mode not in ("P", "RGB", "RGBA"))
+        if described is None:
+            im.info.pop("icc_profile", None)  # a cICP that says sRGB outranks an iCCP
+        else:
+            im.info["icc_profile"] = described
     width, height = im.size
     if width < 1 or height < 1:
         im.close()

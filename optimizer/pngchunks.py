@@ -40,6 +40,9 @@ class PngChunks:
     late_compressed_text: int = 0  # zTXt and iTXt, each inflated up to Pillow's limit
     largest_ancillary: int = 0  # the longest chunk besides the image data, which Pillow reads whole
     private_bytes: int = 0  # private chunks (second letter lower case), which Pillow keeps while open
+    # The first cICP chunk before the image data (colour primaries, transfer, matrix, full range): the
+    # colour description that outranks an ICC profile, which Pillow does not read.
+    cicp: tuple[int, int, int, int] | None = None
 
 
 def check_chunks(data: bytes) -> PngChunks:
@@ -47,6 +50,7 @@ def check_chunks(data: bytes) -> PngChunks:
     pos, size = _SIGNATURE, len(data)
     chunks = ancillary = profiles = late_text = late_compressed = largest = private = 0
     image_seen = False
+    cicp: tuple[int, int, int, int] | None = None
     while pos + 8 <= size:
         length, kind = struct.unpack_from(">I4s", data, pos)
         chunks += 1
@@ -60,6 +64,8 @@ def check_chunks(data: bytes) -> PngChunks:
             late_text += length
         elif image_seen and kind in (b"zTXt", b"iTXt"):
             late_compressed += 1
+        if kind == b"cICP" and cicp is None and not image_seen and length == 4 and pos + 12 <= size:
+            cicp = (data[pos + 8], data[pos + 9], data[pos + 10], data[pos + 11])
         if kind == b"iCCP":
             profiles += 1
             if profiles > MAX_ICC_CHUNKS:
@@ -74,4 +80,4 @@ def check_chunks(data: bytes) -> PngChunks:
         if kind == b"IEND":
             break
         pos += _CHUNK_OVERHEAD + length
-    return PngChunks(late_text, late_compressed, largest, private)
+    return PngChunks(late_text, late_compressed, largest, private, cicp)

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import io
 import struct
+import zlib
 
 import pytest
 from PIL import Image, ImageChops, ImageCms
 
 from optimizer import colour
 from optimizer.colour import to_srgb
-from optimizer.pipeline import NCLX, Params, open_image, optimize
+from optimizer.pipeline import Params, open_image, optimize
 from tests.test_pipeline import LIMITS
 
 D50 = (0.9642, 1.0, 0.8249)
@@ -206,9 +207,9 @@ def test_an_avif_in_srgb_is_not_priced_for_a_conversion() -> None:
     """The nclx Pillow and libavif write (BT.709, sRGB's curve) converts nothing: the estimate counted a
     copy for it all the same (45 MB too much at 3000x3000, a review)."""
     with open_image(avif_tagged((234, 51, 35), 1, 13), LIMITS) as srgb:
-        assert NCLX not in srgb.info
+        assert "icc_profile" not in srgb.info
     with open_image(avif_tagged((234, 51, 35), 12, 13), LIMITS) as p3:
-        assert p3.info[NCLX] == (12, 13)
+        assert p3.info["icc_profile"] == colour.nclx_profile(12, 13)
 
 
 def test_a_transform_is_built_once_for_a_profile_in_use(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -235,3 +236,128 @@ def test_an_animated_avifs_colours_are_its_tracks() -> None:
     out = Image.open(io.BytesIO(optimize(bytes(data), Params(format="png"), LIMITS).data)).convert("RGB")
     pixel = out.getpixel((32, 32))
     assert isinstance(pixel, tuple) and pixel[0] >= 252 and pixel[1] <= 4
+
+
+def png_chunk(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+
+def png_tagged(image: Image.Image, *chunks: tuple[bytes, bytes], icc: bytes | None = None) -> bytes:
+    """``image`` as a PNG with ``chunks`` (kind, payload) after its header, before the image data."""
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG", **({"icc_profile": icc} if icc else {}))
+    data = buffer.getvalue()
+    after_header = 8 + 25
+    return data[:after_header] + b"".join(png_chunk(*chunk) for chunk in chunks) + data[after_header:]
+
+
+def gama(gamma: float) -> tuple[bytes, bytes]:
+    return b"gAMA", struct.pack(">I", round(gamma * 100000))
+
+
+def chrm(white: tuple[float, float], *primaries: tuple[float, float]) -> tuple[bytes, bytes]:
+    values = [white, *primaries]
+    return b"cHRM", struct.pack(">8I", *(round(v * 100000) for xy in values for v in xy))
+
+
+def cicp(primaries: int, transfer: int, matrix: int = 0, full_range: int = 1) -> tuple[bytes, bytes]:
+    return b"cICP", bytes((primaries, transfer, matrix, full_range))
+
+
+SRGB_CHUNK = (b"sRGB", b"\0")
+SRGB_XY = ((0.3127, 0.3290), (0.64, 0.33), (0.30, 0.60), (0.15, 0.06))
+P3_RED = (234, 51, 35)  # Display P3's, as sRGB's red is stored in it
+LINEAR_ICC = profile("RGB", "Linear RGB", 1.0)
+
+
+def optimized_pixel(data: bytes) -> tuple[int, ...]:
+    out = Image.open(io.BytesIO(optimize(data, Params(format="png"), LIMITS).data))
+    pixel = out.getpixel((8, 8))
+    return pixel if isinstance(pixel, tuple) else (int(pixel),)  # type: ignore[arg-type]
+
+
+def near(pixel: tuple[int, ...], expected: tuple[int, ...], within: int = 3) -> bool:
+    return (
+        len(pixel) == len(expected)
+        and max(abs(a - b) for a, b in zip(pixel, expected, strict=True)) <= within
+    )
+
+
+LINEAR_GREY_128 = 188  # 128/255 as linear light, in sRGB's curve
+
+
+@pytest.mark.parametrize(
+    ("chunks", "icc", "colour_in", "expected"),
+    [
+        # gAMA alone: a linear PNG is shown as linear, its shadows lifted; a gamma near 1/2.2 is sRGB's
+        ([gama(1.0)], None, (128, 128, 128), (LINEAR_GREY_128,) * 3),
+        ([gama(1 / 2.2)], None, (128, 128, 128), (128, 128, 128)),
+        ([gama(0.44)], None, (128, 128, 128), (128, 128, 128)),
+        # gAMA with cHRM: the primaries are read as well
+        ([gama(1.0), chrm(*SRGB_XY)], None, (128, 128, 128), (LINEAR_GREY_128,) * 3),
+        (
+            [gama(1 / 2.2), chrm((0.3127, 0.3290), (0.68, 0.32), (0.265, 0.69), (0.15, 0.06))],
+            None,
+            P3_RED,
+            (255, 0, 0),
+        ),
+        # what outranks gAMA: sRGB, then iCCP
+        ([gama(1.0), SRGB_CHUNK], None, (128, 128, 128), (128, 128, 128)),
+        ([gama(1 / 2.2)], LINEAR_ICC, (128, 128, 128), (LINEAR_GREY_128,) * 3),
+        # cHRM alone is not read (its curve would be a guess), nor a gAMA of 0, nor primaries on a line
+        ([chrm((0.3127, 0.3290), (0.68, 0.32), (0.265, 0.69), (0.15, 0.06))], None, P3_RED, P3_RED),
+        ([(b"gAMA", bytes(4))], None, (128, 128, 128), (128, 128, 128)),
+        (
+            [gama(1.0), chrm((0.3, 0.3), (0.3, 0.3), (0.3, 0.3), (0.3, 0.3))],
+            None,
+            (128, 128, 128),
+            (128, 128, 128),
+        ),
+        (
+            [gama(1.0), chrm((0.0, 0.0), (0.64, 0.0), (0.3, 0.6), (0.15, 0.06))],
+            None,
+            (128, 128, 128),
+            (128, 128, 128),
+        ),
+        # cICP outranks everything, when known and not HDR's
+        ([cicp(12, 13)], None, P3_RED, (255, 0, 0)),
+        ([cicp(12, 13), gama(1.0)], LINEAR_ICC, P3_RED, (255, 0, 0)),
+        ([cicp(1, 13)], LINEAR_ICC, (128, 128, 128), (128, 128, 128)),
+        ([cicp(1, 8)], None, (128, 128, 128), (LINEAR_GREY_128,) * 3),
+        ([cicp(9, 16)], LINEAR_ICC, (128, 128, 128), (LINEAR_GREY_128,) * 3),  # PQ: the iCCP, as without cICP
+        ([cicp(12, 13, matrix=1)], None, P3_RED, P3_RED),  # not RGB's: not a PNG's description
+        ([cicp(12, 13, full_range=0)], None, P3_RED, P3_RED),  # narrow range, as Chromium: not read
+        ([cicp(2, 2)], None, P3_RED, P3_RED),
+    ],
+)
+def test_a_pngs_colour_chunks_are_read_as_browsers_read_them(
+    chunks: list[tuple[bytes, bytes]],
+    icc: bytes | None,
+    colour_in: tuple[int, int, int],
+    expected: tuple[int, ...],
+) -> None:
+    """Pillow reads gAMA and cHRM and drops them, and does not read cICP: a linear PNG, shown by browsers
+    with its shadows where its author put them, came out with them crushed."""
+    data = png_tagged(Image.new("RGB", (16, 16), colour_in), *chunks, icc=icc)
+    assert near(optimized_pixel(data), expected)
+
+
+def test_a_grey_png_with_a_gamma_is_converted_and_stays_grey() -> None:
+    data = png_tagged(Image.new("L", (16, 16), 128), gama(1.0))
+    assert near(optimized_pixel(data), (LINEAR_GREY_128,))
+    p3_grey = png_tagged(Image.new("L", (16, 16), 128), cicp(12, 13))  # P3's greys are sRGB's greys
+    assert optimized_pixel(p3_grey) == (128,)
+
+
+@pytest.mark.parametrize("gamma", [1, 5, 2**31 - 1, 2**32 - 1])
+def test_any_gamma_a_png_declares_gives_an_image(gamma: int) -> None:
+    data = png_tagged(Image.new("RGB", (16, 16), (128, 128, 128)), (b"gAMA", struct.pack(">I", gamma)))
+    assert len(optimized_pixel(data)) == 3
+
+
+def test_a_png_in_srgb_is_not_priced_for_a_conversion() -> None:
+    """The common gAMA of 1/2.2 (and cICP's sRGB over a stray profile) convert nothing."""
+    with open_image(png_tagged(Image.new("RGB", (16, 16)), gama(1 / 2.2)), LIMITS) as im:
+        assert "icc_profile" not in im.info
+    with open_image(png_tagged(Image.new("RGB", (16, 16)), cicp(1, 13), icc=LINEAR_ICC), LIMITS) as im:
+        assert "icc_profile" not in im.info
