@@ -257,9 +257,13 @@ def to_srgb(im: Image.Image, icc: bytes | None) -> Image.Image:
     alpha = im.getchannel("A") if im.mode in ("RGBA", "LA") else None
     colour = im.convert(im.mode[:-1]) if alpha is not None else im
     if icc and (transform := _transform_to_srgb(icc, colour.mode)) is not None:
-        converted = transform.apply(colour)
-        # A grey profile's greys land on sRGB's neutral axis: R = G = B, so one channel is the grey.
-        colour = converted.getchannel("G") if colour.mode == "L" else converted
+        if colour.mode == "L":
+            # A grey profile's greys land on sRGB's neutral axis (R = G = B), so the conversion is a
+            # table of 256 levels: the transform (built unoptimised, see _transform_to_srgb) is run
+            # once over them, and the image looked up through it, without an RGB copy.
+            colour = colour.point(list(transform.apply(_GREY_PROBE).getchannel("G").tobytes()))
+        else:
+            colour = transform.apply(colour)
     if colour.mode == "CMYK":
         colour = colour.convert("RGB")
     if alpha is not None:
@@ -285,7 +289,11 @@ def _transform_to_srgb(icc: bytes, mode: str) -> ImageCms.ImageCmsTransform | No
         profile = ImageCms.ImageCmsProfile(io.BytesIO(usable_icc(icc)))
         if profile.profile.xcolor_space.strip() != space:
             return None
-        transform = ImageCms.buildTransform(profile, SRGB, mode, "RGB")
+        # LittleCMS's optimised 8-bit grey transform resamples the curve coarsely: a linear grey
+        # (gAMA 1.0, or a gamma-1 grey profile) came out up to 10 levels dark in the shadows (level 2
+        # shown as 12 where browsers show 22). Unoptimised, it is exact; to_srgb runs it over 256 levels.
+        flags = ImageCms.Flags.NOOPTIMIZE if mode == "L" else ImageCms.Flags.NONE
+        transform = ImageCms.buildTransform(profile, SRGB, mode, "RGB", flags=flags)
         if key not in _KNOWN:
             same = mode != "CMYK" and _changes_nothing(transform, mode)
             if len(_KNOWN) >= _KNOWN_MAX:
