@@ -476,12 +476,14 @@ def optimize(data: bytes, params: Params, limits: Limits) -> Output:
         orientation = read_orientation(im, loaded=False)
         upright = _upright_size(im.size, orientation)
         target = target_size(upright, params, limits.max_dimension)
+        # The colour description as open_image settled it: an iCCP after a PNG's image data, which
+        # Pillow reads with the pixels, is not one (browsers ignore it), and must not outrank a cICP.
+        icc = im.info.get("icc_profile")
         decode(im, _unrotate(target, orientation))
         if not orientation and (orientation := read_orientation(im, loaded=True)) >= 5:
             # A PNG's eXIf chunk may follow the image data, so its orientation is only known now.
             upright = _upright_size(im.size, orientation)
             target = target_size(upright, params, limits.max_dimension)
-        icc = im.info.get("icc_profile")
         timings.decode = (mid := time.perf_counter()) - started
 
         try:

@@ -390,3 +390,13 @@ def test_a_linear_grey_icc_profile_is_exact_in_the_shadows() -> None:
     out = to_srgb(ramp, profile("GRAY", "Linear grey", 1.0))
     assert out.mode == "L"
     assert max(abs(a - b) for a, b in zip(out.tobytes(), linear, strict=True)) <= 1
+
+
+@pytest.mark.parametrize("before", [[cicp(1, 13)], []], ids=["cICP sRGB", "untagged"])
+def test_an_iccp_after_the_image_data_is_not_read(before: list[tuple[bytes, bytes]]) -> None:
+    """Pillow reads an iCCP that follows the IDAT chunks with the pixels, after open_image has settled
+    the colours: it outranked a cICP saying sRGB, and turned 128 grey into 188 (browsers ignore it)."""
+    data = png_tagged(Image.new("RGB", (16, 16), (128, 128, 128)), *before)
+    at = data.rindex(b"IEND") - 4
+    data = data[:at] + png_chunk(b"iCCP", b"linear\0\0" + zlib.compress(LINEAR_ICC)) + data[at:]
+    assert near(optimized_pixel(data), (128, 128, 128), within=1)
