@@ -16,9 +16,10 @@ import io
 import struct
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping
 
 from PIL import Image, ImageChops, ImageCms
+
+from optimizer.pngchunks import PngColours
 
 SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
 LAB = ImageCms.ImageCmsProfile(ImageCms.createProfile("LAB"))
@@ -111,29 +112,23 @@ def nclx_profile(primaries: int, transfer: int, *, grey: bool = False) -> bytes 
     return _profile(f"nclx {primaries}/{transfer}", _PRIMARIES[primaries], _TRANSFERS[transfer], grey)
 
 
-def png_profile(
-    info: Mapping[str | tuple[int, int], object], cicp: tuple[int, ...] | None, *, grey: bool
-) -> bytes | None:
+def png_profile(icc: object, colours: PngColours, *, grey: bool) -> bytes | None:
     """The profile a PNG's colours are to be read through, or ``None`` for sRGB's, by the chunks'
     precedence in PNG's third edition and Chromium's reading of them: cICP (when its code points are
-    known and not HDR's), then iCCP, then sRGB, then gAMA, with cHRM's primaries or else sRGB's. Pillow
-    reads all but cICP into ``info``; browsers show a linear PNG (gAMA 1.0) as such, and it came out
-    with its shadows crushed."""
-    if cicp is not None and len(cicp) == 4 and cicp[2] == 0 and cicp[3] == 1:
+    known and not HDR's), then iCCP (``icc``, as Pillow read it), then sRGB, then gAMA, with cHRM's
+    primaries or else sRGB's. Browsers show a linear PNG (gAMA 1.0) as such; Pillow drops gAMA and
+    cHRM and does not read cICP, and such a PNG came out with its shadows crushed."""
+    if (cicp := colours.cicp) is not None and cicp[2] == 0 and cicp[3] == 1:
         primaries, transfer = cicp[0], cicp[1]
         if primaries in _PRIMARIES and transfer in _TRANSFERS:  # unspecified is not a description here
             return nclx_profile(primaries, transfer, grey=grey)
-    icc = info.get("icc_profile")
     if isinstance(icc, bytes) and icc:
         return icc
-    gamma = info.get("gamma")
-    if "srgb" in info or not isinstance(gamma, float) or not gamma > 0:
+    gamma, chromaticity = colours.gamma, colours.chromaticity
+    if colours.srgb or gamma is None or not gamma > 0:
         return None  # cHRM alone is not read: its curve would be a guess (Chromium, Firefox, Safari)
-    chromaticity = info.get("chromaticity")
-    if not (isinstance(chromaticity, tuple) and len(chromaticity) == 8):
-        if abs(gamma * 2.2 - 1) < _NEUTRAL_GAMMA:
-            return None
-        chromaticity = None
+    if chromaticity is None and abs(gamma * 2.2 - 1) < _NEUTRAL_GAMMA:
+        return None
     return _gamma_profile(gamma, chromaticity, grey)
 
 
@@ -144,6 +139,8 @@ def _gamma_profile(gamma: float, chromaticity: tuple[float, ...] | None, grey: b
     them."""
     if chromaticity is None:
         primaries = _PRIMARIES[1]
+    elif len(chromaticity) != 8:
+        return None
     else:
         wx, wy, rx, ry, gx, gy, bx, by = chromaticity
         primaries = ((rx, ry), (gx, gy), (bx, by), (wx, wy))

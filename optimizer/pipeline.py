@@ -553,7 +553,9 @@ def open_image(data: bytes, limits: Limits) -> Image.Image:
         if (described := nclx_profile(*walked.nclx)) is not None:  # None: sRGB's, unspecified, HDR
             im.info["icc_profile"] = described
     elif isinstance(walked, PngChunks):
-        described = png_profile(im.info, walked.cicp, grey=im.mode not in ("P", "RGB", "RGBA"))
+        described = png_profile(
+            im.info.get("icc_profile"), walked.colours, grey=im.mode not in ("P", "RGB", "RGBA")
+        )
         if described is None:
             im.info.pop("icc_profile", None)  # a cICP that says sRGB outranks an iCCP
         else:

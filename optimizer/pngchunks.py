@@ -32,6 +32,21 @@ class TooManyChunks(StructureLimit):
 
 
 @dataclass(frozen=True, slots=True)
+class PngColours:
+    """The first of each colour chunk before the image data, as libpng and Chromium read them (Pillow
+    keeps the last gAMA and cHRM, and does not read cICP)."""
+
+    cicp: tuple[int, int, int, int] | None = None  # primaries, transfer, matrix, full range
+    gamma: float | None = None  # gAMA: the encoding exponent
+    chromaticity: tuple[float, ...] | None = None  # cHRM: white x, y, then red's, green's and blue's
+    srgb: bool = False
+
+
+# Each colour chunk's length; one of another length is not read.
+_COLOUR_CHUNKS = {b"cICP": 4, b"gAMA": 4, b"cHRM": 32, b"sRGB": 1}
+
+
+@dataclass(frozen=True, slots=True)
 class PngChunks:
     """What the memory estimate needs from the walk: the text chunks after the image data, which Pillow
     reads with the pixels, not at open."""
@@ -40,9 +55,7 @@ class PngChunks:
     late_compressed_text: int = 0  # zTXt and iTXt, each inflated up to Pillow's limit
     largest_ancillary: int = 0  # the longest chunk besides the image data, which Pillow reads whole
     private_bytes: int = 0  # private chunks (second letter lower case), which Pillow keeps while open
-    # The first cICP chunk before the image data (colour primaries, transfer, matrix, full range): the
-    # colour description that outranks an ICC profile, which Pillow does not read.
-    cicp: tuple[int, int, int, int] | None = None
+    colours: PngColours = PngColours()
 
 
 def check_chunks(data: bytes) -> PngChunks:
@@ -50,7 +63,7 @@ def check_chunks(data: bytes) -> PngChunks:
     pos, size = _SIGNATURE, len(data)
     chunks = ancillary = profiles = late_text = late_compressed = largest = private = 0
     image_seen = False
-    cicp: tuple[int, int, int, int] | None = None
+    colour_chunks: dict[bytes, bytes] = {}
     while pos + 8 <= size:
         length, kind = struct.unpack_from(">I4s", data, pos)
         chunks += 1
@@ -64,8 +77,8 @@ def check_chunks(data: bytes) -> PngChunks:
             late_text += length
         elif image_seen and kind in (b"zTXt", b"iTXt"):
             late_compressed += 1
-        if kind == b"cICP" and cicp is None and not image_seen and length == 4 and pos + 12 <= size:
-            cicp = (data[pos + 8], data[pos + 9], data[pos + 10], data[pos + 11])
+        if _COLOUR_CHUNKS.get(kind) == length and kind not in colour_chunks and not image_seen:
+            colour_chunks[kind] = data[pos + 8 : pos + 8 + length]
         if kind == b"iCCP":
             profiles += 1
             if profiles > MAX_ICC_CHUNKS:
@@ -80,4 +93,16 @@ def check_chunks(data: bytes) -> PngChunks:
         if kind == b"IEND":
             break
         pos += _CHUNK_OVERHEAD + length
-    return PngChunks(late_text, late_compressed, largest, private, cicp)
+    return PngChunks(late_text, late_compressed, largest, private, _colours(colour_chunks))
+
+
+def _colours(chunks: dict[bytes, bytes]) -> PngColours:
+    cicp, gamma, chromaticity = chunks.get(b"cICP", b""), chunks.get(b"gAMA", b""), chunks.get(b"cHRM", b"")
+    return PngColours(
+        cicp=(cicp[0], cicp[1], cicp[2], cicp[3]) if len(cicp) == 4 else None,
+        gamma=struct.unpack(">I", gamma)[0] / 100000 if len(gamma) == 4 else None,
+        chromaticity=tuple(v / 100000 for v in struct.unpack(">8I", chromaticity))
+        if len(chromaticity) == 32
+        else None,
+        srgb=b"sRGB" in chunks,
+    )
