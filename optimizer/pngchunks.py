@@ -10,7 +10,8 @@ chunk headers, up to the limits, so its own cost is bounded too.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+import zlib
+from dataclasses import dataclass, replace
 
 from optimizer.errors import StructureLimit
 
@@ -40,10 +41,18 @@ class PngColours:
     gamma: float | None = None  # gAMA: the encoding exponent
     chromaticity: tuple[float, ...] | None = None  # cHRM: white x, y, then red's, green's and blue's
     srgb: bool = False
+    # With more than one iCCP before the image data, the first one's profile (None if it does not
+    # inflate): Pillow keeps the last, and a broken later one wiped out a good first one.
+    icc_repeated: bool = False
+    first_icc: bytes | None = None
 
 
 # Each colour chunk's length; one of another length is not read.
 _COLOUR_CHUNKS = {b"cICP": 4, b"gAMA": 4, b"cHRM": 32, b"sRGB": 1}
+# libpng's range for a gAMA (png_colorspace_set_gamma): one outside it is ignored, as Firefox ignores it.
+_GAMMA_LOWEST, _GAMMA_HIGHEST = 16, 625_000_000
+# The most an ICC profile may inflate to, Pillow's own limit for it (MAX_TEXT_CHUNK).
+_MAX_ICC_BYTES = 1 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +73,7 @@ def check_chunks(data: bytes) -> PngChunks:
     chunks = ancillary = profiles = late_text = late_compressed = largest = private = 0
     image_seen = False
     colour_chunks: dict[bytes, bytes] = {}
+    early_profiles: list[tuple[int, int]] = []  # where each iCCP before the image data is
     while pos + 8 <= size:
         length, kind = struct.unpack_from(">I4s", data, pos)
         chunks += 1
@@ -80,6 +90,8 @@ def check_chunks(data: bytes) -> PngChunks:
         if _COLOUR_CHUNKS.get(kind) == length and kind not in colour_chunks and not image_seen:
             colour_chunks[kind] = data[pos + 8 : pos + 8 + length]
         if kind == b"iCCP":
+            if not image_seen:
+                early_profiles.append((pos + 8, length))
             profiles += 1
             if profiles > MAX_ICC_CHUNKS:
                 raise TooManyChunks(
@@ -93,16 +105,33 @@ def check_chunks(data: bytes) -> PngChunks:
         if kind == b"IEND":
             break
         pos += _CHUNK_OVERHEAD + length
-    return PngChunks(late_text, late_compressed, largest, private, _colours(colour_chunks))
+    colours = _colours(colour_chunks)
+    if len(early_profiles) > 1:
+        at, length = early_profiles[0]
+        colours = replace(colours, icc_repeated=True, first_icc=_inflated_profile(data[at : at + length]))
+    return PngChunks(late_text, late_compressed, largest, private, colours)
 
 
 def _colours(chunks: dict[bytes, bytes]) -> PngColours:
-    cicp, gamma, chromaticity = chunks.get(b"cICP", b""), chunks.get(b"gAMA", b""), chunks.get(b"cHRM", b"")
+    cicp = chunks.get(b"cICP")
+    gamma = struct.unpack(">I", chunks[b"gAMA"])[0] if b"gAMA" in chunks else None
+    chromaticity = struct.unpack(">8I", chunks[b"cHRM"]) if b"cHRM" in chunks else None
     return PngColours(
-        cicp=(cicp[0], cicp[1], cicp[2], cicp[3]) if len(cicp) == 4 else None,
-        gamma=struct.unpack(">I", gamma)[0] / 100000 if len(gamma) == 4 else None,
-        chromaticity=tuple(v / 100000 for v in struct.unpack(">8I", chromaticity))
-        if len(chromaticity) == 32
-        else None,
+        cicp=(cicp[0], cicp[1], cicp[2], cicp[3]) if cicp is not None else None,
+        gamma=gamma / 100000 if gamma is not None and _GAMMA_LOWEST <= gamma <= _GAMMA_HIGHEST else None,
+        chromaticity=tuple(v / 100000 for v in chromaticity) if chromaticity is not None else None,
         srgb=b"sRGB" in chunks,
     )
+
+
+def _inflated_profile(payload: bytes) -> bytes | None:
+    """An iCCP chunk's profile: a name, a zero byte, compression method 0, then zlib's stream."""
+    name_end = payload.find(b"\0", 0, 80)
+    if name_end < 1 or payload[name_end + 1 : name_end + 2] != b"\0":
+        return None
+    inflater = zlib.decompressobj()
+    try:
+        profile = inflater.decompress(payload[name_end + 2 :], _MAX_ICC_BYTES)
+    except zlib.error:
+        return None
+    return None if inflater.unconsumed_tail or not profile else profile

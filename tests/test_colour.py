@@ -410,3 +410,34 @@ def test_the_first_of_a_repeated_colour_chunk_is_read() -> None:
     p3 = chrm((0.3127, 0.3290), (0.68, 0.32), (0.265, 0.69), (0.15, 0.06))
     data = png_tagged(Image.new("RGB", (16, 16), P3_RED), gama(1 / 2.2), p3, chrm(*SRGB_XY))
     assert near(optimized_pixel(data), (255, 0, 0))
+
+
+def iccp(icc: bytes | None, name: bytes = b"icc") -> tuple[bytes, bytes]:
+    """An iCCP chunk; ``None`` gives one whose stream does not inflate."""
+    return b"iCCP", name + b"\0\0" + (zlib.compress(icc) if icc is not None else b"not zlib")
+
+
+@pytest.mark.parametrize(
+    ("chunks", "expected"),
+    [
+        ([iccp(profile("RGB", "sRGB-ish, gamma 2.2", 2.2)), iccp(LINEAR_ICC)], (128, 128, 128)),
+        ([iccp(LINEAR_ICC), iccp(None)], (LINEAR_GREY_128,) * 3),
+        ([iccp(None), iccp(LINEAR_ICC)], (128, 128, 128)),  # the first does not inflate: no profile
+    ],
+    ids=["sRGB then linear", "linear then broken", "broken then linear"],
+)
+def test_the_first_of_several_icc_profiles_is_read(
+    chunks: list[tuple[bytes, bytes]], expected: tuple[int, ...]
+) -> None:
+    """Pillow keeps a PNG's last iCCP, and one that does not inflate wiped out a good first one; libpng and
+    Chromium read the first (a review)."""
+    data = png_tagged(Image.new("RGB", (16, 16), (128, 128, 128)), *chunks)
+    assert near(optimized_pixel(data), expected, within=4)
+
+
+@pytest.mark.parametrize("raw", [1, 15, 625_000_001, 2**32 - 1])
+def test_a_gamma_outside_libpngs_range_is_not_read(raw: int) -> None:
+    """A gAMA of 1 (an exponent of 100 000) made every pixel black; libpng and Firefox ignore such a
+    value."""
+    data = png_tagged(Image.new("RGB", (16, 16), (128, 128, 128)), (b"gAMA", struct.pack(">I", raw)))
+    assert near(optimized_pixel(data), (128, 128, 128), within=1)
