@@ -49,9 +49,18 @@ _KNOWN_MAX = 1024
 # The transforms of the profiles used last (a phone's Display P3, an AVIF's nclx): parsing a profile and
 # building its transform took ~2 ms a request. LittleCMS lets threads share a transform (each call
 # copies its one-pixel cache); each holds its tables, up to a few hundred KB, hence only a few.
-_TRANSFORMS: OrderedDict[tuple[bytes, str], ImageCms.ImageCmsTransform] = OrderedDict()
+_TRANSFORMS: OrderedDict[tuple[bytes, str, bool], ImageCms.ImageCmsTransform] = OrderedDict()
 _TRANSFORMS_MAX = 16
 _TRANSFORMS_LOCK = threading.Lock()
+# Where LittleCMS's optimised transforms are not close enough, they are built unoptimised ("exact"):
+# - grey: its optimised 8-bit transform resamples the curve coarsely, and a linear grey (gAMA 1.0, or a
+#   gamma-1 grey profile) came out up to 10 levels dark in the shadows (level 2 as 12 where browsers
+#   show 22); to_srgb runs the exact one over the 256 levels only.
+# - CMYK: the optimised one interpolates a 17-point grid precalculated from the profile, off by 0.2-1.2
+#   levels on average and up to 18-31 at the gamut's edge for Photoshop's and Ghostscript's CMYK
+#   profiles (a review), where browsers evaluate the profile itself. Exact costs ~0.25 µs a pixel
+#   against ~0.04, so only up to this many pixels (~0.25 s); a larger output keeps the grid.
+_EXACT_CMYK_PIXELS = 1 << 20
 
 
 # An AVIF says what its colours are with an nclx colour box (ITU-T H.273 code points) instead of an ICC
@@ -255,11 +264,14 @@ def to_srgb(im: Image.Image, icc: bytes | None) -> Image.Image:
         return im  # untagged is sRGB: nothing to convert, and no copies of the pixels
     alpha = im.getchannel("A") if im.mode in ("RGBA", "LA") else None
     colour = im.convert(im.mode[:-1]) if alpha is not None else im
-    if icc and (transform := _transform_to_srgb(icc, colour.mode)) is not None:
+    exact = colour.mode == "L" or (
+        colour.mode == "CMYK" and colour.width * colour.height <= _EXACT_CMYK_PIXELS
+    )
+    if icc and (transform := _transform_to_srgb(icc, colour.mode, exact=exact)) is not None:
         if colour.mode == "L":
             # A grey profile's greys land on sRGB's neutral axis (R = G = B), so the conversion is a
-            # table of 256 levels: the transform (built unoptimised, see _transform_to_srgb) is run
-            # once over them, and the image looked up through it, without an RGB copy.
+            # table of 256 levels: the exact transform is run once over them, and the image looked up
+            # through it, without an RGB copy.
             colour = colour.point(list(transform.apply(_GREY_PROBE).getchannel("G").tobytes()))
         else:
             colour = transform.apply(colour)
@@ -271,9 +283,10 @@ def to_srgb(im: Image.Image, icc: bytes | None) -> Image.Image:
     return colour
 
 
-def _transform_to_srgb(icc: bytes, mode: str) -> ImageCms.ImageCmsTransform | None:
+def _transform_to_srgb(icc: bytes, mode: str, *, exact: bool) -> ImageCms.ImageCmsTransform | None:
     """LittleCMS's transform from ``icc`` to sRGB for an image of ``mode``, or ``None``: the profile is
-    unusable, describes another colour space, or is sRGB's already."""
+    unusable, describes another colour space, or is sRGB's already. An ``exact`` one evaluates the
+    profile for each pixel rather than through a table LittleCMS precalculates from it."""
     space = _SPACES.get(mode)
     if space is None:
         return None
@@ -281,17 +294,14 @@ def _transform_to_srgb(icc: bytes, mode: str) -> ImageCms.ImageCmsTransform | No
     if _KNOWN.get(key) is True:
         return None  # sRGB's (found before): the common case costs a digest
     with _TRANSFORMS_LOCK:
-        if (cached := _TRANSFORMS.get(key)) is not None:
-            _TRANSFORMS.move_to_end(key)
+        if (cached := _TRANSFORMS.get((*key, exact))) is not None:
+            _TRANSFORMS.move_to_end((*key, exact))
             return cached
     try:
         profile = ImageCms.ImageCmsProfile(io.BytesIO(usable_icc(icc)))
         if profile.profile.xcolor_space.strip() != space:
             return None
-        # LittleCMS's optimised 8-bit grey transform resamples the curve coarsely: a linear grey
-        # (gAMA 1.0, or a gamma-1 grey profile) came out up to 10 levels dark in the shadows (level 2
-        # shown as 12 where browsers show 22). Unoptimised, it is exact; to_srgb runs it over 256 levels.
-        flags = ImageCms.Flags.NOOPTIMIZE if mode == "L" else ImageCms.Flags.NONE
+        flags = ImageCms.Flags.NOOPTIMIZE if exact else ImageCms.Flags.NONE
         transform = ImageCms.buildTransform(profile, SRGB, mode, "RGB", flags=flags)
         if key not in _KNOWN:
             same = mode != "CMYK" and _changes_nothing(transform, mode)
@@ -303,7 +313,7 @@ def _transform_to_srgb(icc: bytes, mode: str) -> ImageCms.ImageCmsTransform | No
     except (ImageCms.PyCMSError, OSError, ValueError, TypeError):
         return None
     with _TRANSFORMS_LOCK:
-        _TRANSFORMS[key] = transform
+        _TRANSFORMS[(*key, exact)] = transform
         while len(_TRANSFORMS) > _TRANSFORMS_MAX:
             _TRANSFORMS.popitem(last=False)
     return transform

@@ -441,3 +441,68 @@ def test_a_gamma_outside_libpngs_range_is_not_read(raw: int) -> None:
     value."""
     data = png_tagged(Image.new("RGB", (16, 16), (128, 128, 128)), (b"gAMA", struct.pack(">I", raw)))
     assert near(optimized_pixel(data), (128, 128, 128), within=1)
+
+
+def cmyk_profile() -> bytes:
+    """A small CMYK printer profile (CMYK to Lab through an 8-bit lookup table) with steep input curves
+    on a coarse grid: LittleCMS's precalculated 17-point grid is up to ~60 levels off it."""
+    inputs = b"".join(bytes(round(255 * (i / 255) ** 0.35) for i in range(256)) for _ in range(4))
+    points = [i / 4 for i in range(5)]
+    nodes = bytearray()
+    for c in points:
+        for m in points:
+            for y in points:
+                for k in points:
+                    r, g, b = (1 - c) * (1 - k), (1 - m) * (1 - k), (1 - y) * (1 - k)
+                    lightness = round(255 * (0.3 * r + 0.59 * g + 0.11 * b))
+                    nodes += bytes(
+                        (lightness, round(128 + 80 * (r - g)), round(128 + 80 * ((r + g) / 2 - b)))
+                    )
+    identity = struct.pack(">9i", 65536, 0, 0, 0, 65536, 0, 0, 0, 65536)
+    table = b"mft1" + bytes(4) + bytes((4, 3, 5, 0)) + identity + inputs + bytes(nodes)
+    table += b"".join(bytes(range(256)) for _ in range(3))
+    icc = bytearray(
+        colour.icc_profile(
+            [(b"desc", _description("CMYK test")), (b"wtpt", _xyz(*D50)), (b"A2B0", table)], b"CMYK"
+        )
+    )
+    icc[12:16], icc[20:24] = b"prtr", b"Lab "  # an output device's profile, Lab its connection space
+    return bytes(icc)
+
+
+def light_inks() -> Image.Image:
+    """Light inks, where cmyk_profile()'s curves are steepest: every mix of 16 levels up to 60 of C, M
+    and Y, as 64x64 pixels."""
+    steps = range(0, 64, 4)
+    mixes = bytes(v for c in steps for m in steps for y in steps for v in (c, m, y, 0))
+    return Image.frombytes("CMYK", (64, 64), mixes)
+
+
+def test_a_cmyk_profile_is_evaluated_rather_than_sampled() -> None:
+    """LittleCMS's optimised CMYK transform interpolates a grid it precalculates from the profile: off by
+    up to 18-31 levels at the gamut's edge for common CMYK profiles (a review), where browsers evaluate
+    the profile itself."""
+    icc = cmyk_profile()
+    inks = light_inks()
+    buffer = io.BytesIO()
+    inks.save(buffer, "JPEG", quality=100, icc_profile=icc)
+    with Image.open(io.BytesIO(buffer.getvalue())) as decoded:
+        decoded.load()
+        source = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        exact = ImageCms.buildTransform(source, colour.SRGB, "CMYK", "RGB", flags=ImageCms.Flags.NOOPTIMIZE)
+        expected = exact.apply(decoded)
+        sampled = ImageCms.buildTransform(source, colour.SRGB, "CMYK", "RGB").apply(decoded)
+    assert largest_difference(sampled, expected) > 20  # the grid is far off for this profile
+    out = Image.open(io.BytesIO(optimize(buffer.getvalue(), Params(format="png"), LIMITS).data))
+    assert out.size == (64, 64)
+    assert largest_difference(out.convert("RGB"), expected) <= 1
+
+
+def test_a_large_cmyk_output_is_converted_through_the_grid(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Evaluating the profile costs ~6 times the grid a pixel: past a bound, the grid is used."""
+    monkeypatch.setattr(colour, "_EXACT_CMYK_PIXELS", 64 * 64 - 1)
+    icc = cmyk_profile()
+    inks = light_inks()
+    source = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+    sampled = ImageCms.buildTransform(source, colour.SRGB, "CMYK", "RGB").apply(inks)
+    assert largest_difference(to_srgb(inks, icc), sampled) <= 1
