@@ -34,8 +34,8 @@ class TooManyChunks(StructureLimit):
 
 @dataclass(frozen=True, slots=True)
 class PngColours:
-    """The first of each colour chunk before the image data, as libpng and Chromium read them (Pillow
-    keeps the last gAMA and cHRM, and does not read cICP)."""
+    """The first of each colour chunk before the image data, as Chromium reads them (Pillow keeps the
+    last, and does not read cICP; libpng keeps the first gAMA and cHRM, and drops repeated iCCPs)."""
 
     cicp: tuple[int, int, int, int] | None = None  # primaries, transfer, matrix, full range
     gamma: float | None = None  # gAMA: the encoding exponent
@@ -134,4 +134,5 @@ def _inflated_profile(payload: bytes) -> bytes | None:
         profile = inflater.decompress(payload[name_end + 2 :], _MAX_ICC_BYTES)
     except zlib.error:
         return None
-    return None if inflater.unconsumed_tail or not profile else profile
+    # A stream cut short (or past the cap) is no profile: its first part would pass for one.
+    return profile if inflater.eof and profile else None

@@ -417,20 +417,27 @@ def iccp(icc: bytes | None, name: bytes = b"icc") -> tuple[bytes, bytes]:
     return b"iCCP", name + b"\0\0" + (zlib.compress(icc) if icc is not None else b"not zlib")
 
 
+def cut_iccp(icc: bytes) -> tuple[bytes, bytes]:
+    """An iCCP chunk whose stream lacks its checksum: all of the profile is there, the end is not."""
+    kind, payload = iccp(icc)
+    return kind, payload[:-4]
+
+
 @pytest.mark.parametrize(
     ("chunks", "expected"),
     [
         ([iccp(profile("RGB", "sRGB-ish, gamma 2.2", 2.2)), iccp(LINEAR_ICC)], (128, 128, 128)),
         ([iccp(LINEAR_ICC), iccp(None)], (LINEAR_GREY_128,) * 3),
         ([iccp(None), iccp(LINEAR_ICC)], (128, 128, 128)),  # the first does not inflate: no profile
+        ([cut_iccp(LINEAR_ICC), iccp(LINEAR_ICC)], (128, 128, 128)),  # nor does one cut short
     ],
-    ids=["sRGB then linear", "linear then broken", "broken then linear"],
+    ids=["sRGB then linear", "linear then broken", "broken then linear", "cut then linear"],
 )
 def test_the_first_of_several_icc_profiles_is_read(
     chunks: list[tuple[bytes, bytes]], expected: tuple[int, ...]
 ) -> None:
-    """Pillow keeps a PNG's last iCCP, and one that does not inflate wiped out a good first one; libpng and
-    Chromium read the first (a review)."""
+    """Pillow keeps a PNG's last iCCP, and one that does not inflate wiped out a good first one; Chromium
+    reads the first (a review)."""
     data = png_tagged(Image.new("RGB", (16, 16), (128, 128, 128)), *chunks)
     assert near(optimized_pixel(data), expected, within=4)
 
