@@ -1047,6 +1047,46 @@ def test_damaged_allowed_formats_are_corrupt(data: bytes) -> None:
     assert caught.value.status == 422
 
 
+def _noisy_photo_jpeg(progressive: bool) -> bytes:
+    """A 640x480 JPEG whose scans are long enough to cut inside, ending with its EOI marker."""
+    gradient = Image.linear_gradient("L").resize((640, 480))
+    photo = Image.merge(
+        "RGB", (gradient, gradient.transpose(Image.Transpose.ROTATE_180), gradient.effect_spread(4))
+    )
+    buffer = io.BytesIO()
+    photo.save(buffer, "JPEG", quality=90, progressive=progressive)
+    data = buffer.getvalue()
+    assert data.endswith(b"\xff\xd9")
+    return data
+
+
+@pytest.mark.parametrize("progressive", [False, True], ids=["baseline", "progressive"])
+@pytest.mark.parametrize("missing", [1, 2])
+@pytest.mark.parametrize("width", [None, 160, 80], ids=["full size", "1/4", "1/8"])
+def test_a_jpeg_missing_its_end_marker_is_served_whole(
+    progressive: bool, missing: int, width: int | None
+) -> None:
+    """Every scan there but the EOI marker, as an interrupted write leaves it: refused whole with 422,
+    where browsers draw the whole picture (a review)."""
+    data = _noisy_photo_jpeg(progressive)
+    whole = Image.open(io.BytesIO(optimize(data, Params(format="png", width=width), LIMITS).data))
+    cut = Image.open(io.BytesIO(optimize(data[:-missing], Params(format="png", width=width), LIMITS).data))
+    assert cut.size == whole.size
+    assert ImageChops.difference(cut.convert("RGB"), whole.convert("RGB")).getbbox() is None
+
+
+def test_a_jpeg_cut_inside_a_scan_keeps_what_arrived() -> None:
+    """As browsers draw it: the rows that arrived, the rest grey (libjpeg's fill)."""
+    data = _noisy_photo_jpeg(progressive=False)
+    whole = Image.open(io.BytesIO(optimize(data, Params(format="png"), LIMITS).data)).convert("RGB")
+    cut = Image.open(io.BytesIO(optimize(data[: len(data) * 3 // 4], Params(format="png"), LIMITS).data))
+    assert cut.size == whole.size
+    changed = ImageChops.difference(cut.convert("RGB"), whole).getbbox()
+    assert changed is not None and 0 < changed[1] < whole.height  # the top is the photo's, the end is not
+    bottom = cut.convert("L").crop((0, whole.height - 8, whole.width, whole.height))
+    assert ImageStat.Stat(bottom).stddev[0] < 1  # one flat fill
+
+
 # ---------------------------------------------------------------------------------------- whole corpus
 
 ALLOWED_STATUSES: dict[str, set[int]] = {
