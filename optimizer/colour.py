@@ -121,20 +121,19 @@ def nclx_profile(primaries: int, transfer: int, *, grey: bool = False) -> bytes 
     return _profile(f"nclx {primaries}/{transfer}", _PRIMARIES[primaries], _TRANSFERS[transfer], grey)
 
 
-def png_profile(icc: object, colours: PngColours, *, grey: bool) -> bytes | None:
+def png_profile(colours: PngColours, *, grey: bool) -> bytes | None:
     """The profile a PNG's colours are to be read through, or ``None`` for sRGB's, by the chunks'
     precedence in PNG's third edition and Chromium's reading of them: cICP (when its code points are
-    known and not HDR's), then iCCP (``icc``, as Pillow read it, or the first of several), then sRGB,
-    then gAMA, with cHRM's primaries or else sRGB's. Browsers show a linear PNG (gAMA 1.0) as such;
-    Pillow drops gAMA and cHRM and does not read cICP, and such a PNG came out with its shadows crushed."""
+    known and not HDR's), then the first iCCP, then sRGB, then gAMA, with cHRM's primaries or else
+    sRGB's, each the first before the image data that is whole (``pngchunks.check_chunks``). Browsers
+    show a linear PNG (gAMA 1.0) as such; Pillow drops gAMA and cHRM and does not read cICP, and such a
+    PNG came out with its shadows crushed."""
     if (cicp := colours.cicp) is not None and cicp[2] == 0 and cicp[3] == 1:
         primaries, transfer = cicp[0], cicp[1]
         if primaries in _PRIMARIES and transfer in _TRANSFERS:  # unspecified is not a description here
             return nclx_profile(primaries, transfer, grey=grey)
-    if colours.icc_repeated:
-        icc = colours.first_icc
-    if isinstance(icc, bytes) and icc:
-        return icc
+    if colours.first_icc is not None:
+        return colours.first_icc
     gamma, chromaticity = colours.gamma, colours.chromaticity
     if colours.srgb or gamma is None or not gamma > 0:
         return None  # cHRM alone is not read: its curve would be a guess (Chromium, Firefox, Safari)

@@ -35,7 +35,7 @@ from optimizer.jpegscans import (
     decode_dc_scans_only,
     scans_to_decode,
 )
-from optimizer.pngchunks import PngChunks, check_chunks
+from optimizer.pngchunks import PngChunks, check_chunks, hiding
 from optimizer.sniff import PILLOW_FORMATS, sniff
 from optimizer.tiffifd import check_directory, check_exif
 
@@ -538,7 +538,10 @@ def open_image(data: bytes, limits: Limits) -> Image.Image:
         )
     try:
         # formats= restricts Pillow to the plugins of the sniffed family, so no other decoder ever runs.
-        im = Image.open(io.BytesIO(data), formats=PILLOW_FORMATS[family])
+        # A PNG's chunks libpng would drop (a wrong CRC, a wrong length) are hidden from Pillow, which
+        # refused the whole file over them where browsers draw it.
+        hidden = walked.hidden if isinstance(walked, PngChunks) else ()
+        im = Image.open(hiding(data, hidden) if hidden else io.BytesIO(data), formats=PILLOW_FORMATS[family])
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         # Pillow's own guard, raised before the check below can run (over ~179 Mpx; its warning from
         # ~89 Mpx is an exception only where warnings are escalated, as in an embedding app's tests).
@@ -553,9 +556,7 @@ def open_image(data: bytes, limits: Limits) -> Image.Image:
         if (described := nclx_profile(*walked.nclx)) is not None:  # None: sRGB's, unspecified, HDR
             im.info["icc_profile"] = described
     elif isinstance(walked, PngChunks):
-        described = png_profile(
-            im.info.get("icc_profile"), walked.colours, grey=im.mode not in ("P", "RGB", "RGBA")
-        )
+        described = png_profile(walked.colours, grey=im.mode not in ("P", "RGB", "RGBA"))
         if described is None:
             im.info.pop("icc_profile", None)  # a cICP that says sRGB outranks an iCCP
         else:
@@ -693,7 +694,7 @@ def decode(im: Image.Image, size: tuple[int, int]) -> None:
             im.decodermaxblock = max(im.decodermaxblock, DECODE_BLOCK)
         key_scale = _grey_key_scale(im)
         # The upload, kept for a second decode (Pillow lets go of the file once loaded).
-        deep_key = im.fp.getvalue() if _deep_rgb_key(im) else None  # type: ignore[attr-defined]
+        deep_key = _again(getattr(im, "fp", None)) if _deep_rgb_key(im) else None
         im.load()
         if key_scale > 1:
             im.info["transparency"] = im.info["transparency"] * key_scale
@@ -761,11 +762,18 @@ def _deep_rgb_key(im: Image.Image) -> bool:
     return isinstance(im.info.get("transparency"), tuple) and _png_header(im) == (16, 2)
 
 
-def _key_at_full_depth(im: Image.Image, key: tuple[int, int, int], data: bytes) -> None:
+def _again(fp: object) -> io.BytesIO:
+    """The upload ``fp`` holds, to be read again from its start, as open_image presented it."""
+    assert isinstance(fp, io.BytesIO)
+    again = getattr(fp, "again", None)
+    return again() if again is not None else io.BytesIO(fp.getvalue())
+
+
+def _key_at_full_depth(im: Image.Image, key: tuple[int, int, int], upload: io.BytesIO) -> None:
     """Make ``im`` (a loaded 16-bit RGB PNG, high bytes) RGBA, transparent where all 16 bits of each
-    sample equal ``key``'s. The low bytes come from decoding the file (``data``) again with each sample
-    read as little-endian, whose high byte is the big-endian sample's low byte."""
-    with Image.open(io.BytesIO(data)) as low:
+    sample equal ``key``'s. The low bytes come from decoding the file (``upload``) again with each
+    sample read as little-endian, whose high byte is the big-endian sample's low byte."""
+    with Image.open(upload) as low:
         (tile,) = low.tile
         low.tile = [tile._replace(args="RGB;16L")]
         low.load()

@@ -12,6 +12,7 @@ from PIL import Image, ImageChops, ImageCms
 
 from optimizer import colour
 from optimizer.colour import to_srgb
+from optimizer.errors import CorruptImage
 from optimizer.pipeline import Params, open_image, optimize
 from tests.test_pipeline import LIMITS
 
@@ -428,10 +429,12 @@ def cut_iccp(icc: bytes) -> tuple[bytes, bytes]:
     [
         ([iccp(profile("RGB", "sRGB-ish, gamma 2.2", 2.2)), iccp(LINEAR_ICC)], (128, 128, 128)),
         ([iccp(LINEAR_ICC), iccp(None)], (LINEAR_GREY_128,) * 3),
-        ([iccp(None), iccp(LINEAR_ICC)], (128, 128, 128)),  # the first does not inflate: no profile
-        ([cut_iccp(LINEAR_ICC), iccp(LINEAR_ICC)], (128, 128, 128)),  # nor does one cut short
+        # one that does not inflate, or is cut short, is dropped, as libpng drops it
+        ([iccp(None), iccp(LINEAR_ICC)], (LINEAR_GREY_128,) * 3),
+        ([cut_iccp(LINEAR_ICC), iccp(LINEAR_ICC)], (LINEAR_GREY_128,) * 3),
+        ([cut_iccp(LINEAR_ICC)], (128, 128, 128)),
     ],
-    ids=["sRGB then linear", "linear then broken", "broken then linear", "cut then linear"],
+    ids=["sRGB then linear", "linear then broken", "broken then linear", "cut then linear", "cut"],
 )
 def test_the_first_of_several_icc_profiles_is_read(
     chunks: list[tuple[bytes, bytes]], expected: tuple[int, ...]
@@ -513,3 +516,83 @@ def test_a_large_cmyk_output_is_converted_through_the_grid(monkeypatch: pytest.M
     source = ImageCms.ImageCmsProfile(io.BytesIO(icc))
     sampled = ImageCms.buildTransform(source, colour.SRGB, "CMYK", "RGB").apply(inks)
     assert largest_difference(to_srgb(inks, icc), sampled) <= 1
+
+
+def bad_crc(chunk: tuple[bytes, bytes]) -> bytes:
+    """The chunk as stored, with a CRC one off."""
+    kind, payload = chunk
+    return (
+        struct.pack(">I", len(payload))
+        + kind
+        + payload
+        + struct.pack(">I", (zlib.crc32(kind + payload) + 1) % 2**32)
+    )
+
+
+def png_with_raw(image: Image.Image, raw: bytes) -> bytes:
+    """``image`` as a PNG with the stored chunk(s) ``raw`` after its header."""
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    data = buffer.getvalue()
+    return data[:33] + raw + data[33:]
+
+
+GREY = Image.new("RGB", (16, 16), (128, 128, 128))
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        bad_crc(gama(1.0)),
+        bad_crc(iccp(LINEAR_ICC)),
+        bad_crc((b"tEXt", b"Comment\0edited by hand")),
+        png_chunk(b"gAMA", struct.pack(">I", 100000) + b"\0"),  # five bytes
+        png_chunk(b"gAMA", b"\1\0"),  # two
+        png_chunk(b"sRGB", b""),
+        png_chunk(b"cHRM", bytes(16)),
+        png_chunk(b"pHYs", bytes(8)),
+        png_chunk(b"iCCP", b"icc\0\1" + zlib.compress(LINEAR_ICC)),  # compression method 1
+        png_chunk(b"iCCP", b"no separator" + zlib.compress(LINEAR_ICC)),
+        png_chunk(b"iCCP", b"big\0\0" + zlib.compress(bytes(1 << 20) + LINEAR_ICC)),  # inflates past 1 MiB
+    ],
+    ids=[
+        "gAMA bad CRC",
+        "iCCP bad CRC",
+        "tEXt bad CRC",
+        "gAMA of 5 bytes",
+        "gAMA of 2",
+        "sRGB empty",
+        "cHRM of 16",
+        "pHYs of 8",
+        "iCCP method 1",
+        "iCCP without separator",
+        "iCCP over 1 MiB",
+    ],
+)
+def test_a_chunk_libpng_drops_is_dropped_not_the_image(raw: bytes) -> None:
+    """Pillow refused the whole PNG (422) over an ancillary chunk libpng drops alone, with a warning,
+    and that browsers draw the image without (a review)."""
+    assert near(optimized_pixel(png_with_raw(GREY, raw)), (128, 128, 128), within=1)
+
+
+def test_a_critical_chunk_with_a_bad_crc_is_still_refused() -> None:
+    data = bytearray(png_tagged(Image.new("P", (16, 16))))
+    at = data.index(b"PLTE")
+    length = struct.unpack_from(">I", data, at - 4)[0]
+    data[at + 4 + length] ^= 1  # the first byte of PLTE's CRC
+    with pytest.raises(CorruptImage):
+        optimize(bytes(data), Params(format="png"), LIMITS)
+
+
+def test_a_dropped_chunk_leaves_the_16_bit_key_comparison_alone() -> None:
+    """A 16-bit RGB PNG with a tRNS key is decoded twice (for the low bytes): the second decode reads the
+    upload as the first did, its dropped chunk dropped too."""
+    pixels = struct.pack(">3H", 1000, 2000, 3000) * 8 + struct.pack(">3H", 1000, 2000, 3001) * 8
+    rows = b"".join(b"\0" + pixels for _ in range(16))
+    header = struct.pack(">IIBBBBB", 16, 16, 16, 2, 0, 0, 0)
+    data = b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + bad_crc((b"tEXt", b"a\0b"))
+    data += png_chunk(b"tRNS", struct.pack(">3H", 1000, 2000, 3000)) + png_chunk(b"IDAT", zlib.compress(rows))
+    data += png_chunk(b"IEND", b"")
+    out = Image.open(io.BytesIO(optimize(data, Params(format="png"), LIMITS).data))
+    assert out.mode == "RGBA"
+    assert out.getpixel((0, 0))[3] == 0 and out.getpixel((15, 0))[3] == 255  # type: ignore[index]
