@@ -14,6 +14,7 @@ Pillow the upload with those renamed to a type it skips.
 
 from __future__ import annotations
 
+import bisect
 import io
 import struct
 import zlib
@@ -107,7 +108,8 @@ def check_chunks(data: bytes) -> PngChunks:
                 raise TooManyChunks(
                     f"the PNG has more than {MAX_ICC_CHUNKS} ICC profile chunks; the standard allows one"
                 )
-        if whole and kind not in _IMAGE_DATA and kind[0] & 0x20:  # ancillary: dropped, not fatal
+        # Ancillary (dropped, not fatal), and a chunk at all: libpng refuses a type that is not 4 letters.
+        if whole and kind not in _IMAGE_DATA and kind[0] & 0x20 and kind.isalpha():
             payload = view[pos + 8 : pos + 8 + length]
             profile = _inflated_profile(payload) if kind == b"iCCP" else None
             stored = struct.unpack_from(">I", data, pos + 8 + length)[0]
@@ -171,17 +173,26 @@ def hiding(data: bytes, hidden: Sequence[tuple[int, int]]) -> io.BytesIO:
 
 
 class _Patched(io.BytesIO):
-    """A BytesIO that reads ``patches`` (offset, bytes) over its data."""
+    """A BytesIO that reads ``patches`` (offset, bytes; none overlapping) over its data. Only the patches
+    a read meets are looked at: Pillow reads a few times a chunk, and a PNG of 1000 hidden chunks and
+    60 000 image data chunks took 8 s of CPU when each read looked at them all (a review)."""
 
     def __init__(self, data: bytes, patches: list[tuple[int, bytes]]) -> None:
         super().__init__(data)
-        self._patches = patches
+        self._patches = sorted(patches)
+        self._starts = [at for at, _patch in self._patches]
 
     def read(self, size: int | None = -1) -> bytes:
         start = self.tell()
         block = super().read(size)
         end = start + len(block)
-        hits = [(at, patch) for at, patch in self._patches if at < end and at + len(patch) > start]
+        first = max(0, bisect.bisect_right(self._starts, start) - 1)  # the last patch starting before
+        hits = []
+        for at, patch in self._patches[first:]:
+            if at >= end:
+                break
+            if at + len(patch) > start:
+                hits.append((at, patch))
         if not hits:
             return block
         patched = bytearray(block)

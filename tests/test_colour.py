@@ -4,13 +4,14 @@ images are converted through their grey profiles too."""
 from __future__ import annotations
 
 import io
+import random
 import struct
 import zlib
 
 import pytest
 from PIL import Image, ImageChops, ImageCms
 
-from optimizer import colour
+from optimizer import colour, pngchunks
 from optimizer.colour import to_srgb
 from optimizer.errors import CorruptImage
 from optimizer.pipeline import Params, open_image, optimize
@@ -596,3 +597,20 @@ def test_a_dropped_chunk_leaves_the_16_bit_key_comparison_alone() -> None:
     out = Image.open(io.BytesIO(optimize(data, Params(format="png"), LIMITS).data))
     assert out.mode == "RGBA"
     assert out.getpixel((0, 0))[3] == 0 and out.getpixel((15, 0))[3] == 255  # type: ignore[index]
+
+
+def test_the_upload_with_hidden_chunks_reads_as_if_patched() -> None:
+    """``hiding``'s stream against the patched bytes themselves, for reads of any size and place."""
+    rng = random.Random(5)
+    data = bytes(rng.randrange(256) for _ in range(4000))
+    chunks = [(at, rng.randrange(0, 40)) for at in range(0, 3900, 97)]  # (offset, length), none overlapping
+    stream = pngchunks.hiding(data, chunks)
+    expected = bytearray(data)
+    for at, length in chunks:
+        crc = zlib.crc32(b"sKIp" + data[at + 8 : at + 8 + length])
+        expected[at + 4 : at + 8] = b"sKIp"
+        expected[at + 8 + length : at + 12 + length] = struct.pack(">I", crc)
+    for _ in range(2000):
+        start, size = rng.randrange(0, 4100), rng.choice([-1, 0, 1, 3, 7, 64, 1000])
+        stream.seek(start)
+        assert stream.read(size) == bytes(expected[start : None if size < 0 else start + size])
