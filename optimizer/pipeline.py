@@ -684,6 +684,7 @@ def decode(im: Image.Image, size: tuple[int, int]) -> None:
     try:
         if im.format in ("JPEG", "MPO"):
             limit = scan_limit(im.width * im.height)  # before the draft makes the size the scaled one
+            _refuse_a_header_without_its_image(im)
             if size != im.size:
                 # Picks the smallest DCT scale that still covers ``size``: about 5x faster on a large photo.
                 im.draft(None, size)
@@ -704,6 +705,26 @@ def decode(im: Image.Image, size: tuple[int, int]) -> None:
         raise TooManyPixels("the image frame is too large to decode") from None
     except _DECODE_ERRORS:
         raise CorruptImage(f"the {im.format} image data is damaged and cannot be decoded") from None
+
+
+# A JPEG with no end marker is decoded only if it holds a byte for at most this many of its pixels: a
+# file cut right after its scan header, 236 bytes declaring 7071x7071, decoded into grey for 0.56 s of
+# CPU (a review), where a real JPEG of one flat colour that size is 294 KB.
+_PIXELS_PER_BYTE_CUT_SHORT = 1000
+
+
+def _refuse_a_header_without_its_image(im: Image.Image) -> None:
+    """``CorruptImage`` for a JPEG that stops short (no end marker) having sent next to none of its
+    image: all it would give is grey, at the cost of a whole decode."""
+    fp = getattr(im, "fp", None)
+    if not isinstance(fp, io.BytesIO):
+        return
+    data = fp.getvalue()
+    if len(data) * _PIXELS_PER_BYTE_CUT_SHORT < im.width * im.height and b"\xff\xd9" not in data:
+        raise CorruptImage(
+            f"the JPEG stops after {len(data)} bytes, without its end, too few to hold any of its "
+            f"{im.width}x{im.height} pixels"
+        )
 
 
 def _end_where_the_data_ends(im: Image.Image) -> None:

@@ -1087,6 +1087,23 @@ def test_a_jpeg_cut_inside_a_scan_keeps_what_arrived() -> None:
     assert ImageStat.Stat(bottom).stddev[0] < 1  # one flat fill
 
 
+@pytest.mark.parametrize("progressive", [False, True], ids=["baseline", "progressive"])
+def test_a_jpeg_header_without_its_image_is_corrupt(progressive: bool) -> None:
+    """Cut right after its first scan's header, a JPEG declaring 4000x4000 would decode into grey at
+    the cost of a whole decode: a thousand times the work per byte of any real image (a review)."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (4000, 4000), (90, 120, 200)).save(buffer, "JPEG", progressive=progressive)
+    data = buffer.getvalue()
+    scan = data.index(b"\xff\xda")
+    header_end = scan + 2 + struct.unpack_from(">H", data, scan + 2)[0]
+    with pytest.raises(CorruptImage) as caught:
+        optimize(data[:header_end], Params(format="png", width=300), LIMITS)
+    assert caught.value.status == 422
+    # One flat colour that size is small, but not that small: without its end marker it is served.
+    out = optimize(data[:-2], Params(format="png", width=300), LIMITS)
+    assert (out.width, out.height) == (300, 300)
+
+
 # ---------------------------------------------------------------------------------------- whole corpus
 
 ALLOWED_STATUSES: dict[str, set[int]] = {
