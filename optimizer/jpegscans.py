@@ -48,6 +48,7 @@ _SOF_PROGRESSIVE_HUFFMAN = 0xC2
 _PROGRESSIVE_SOF = frozenset({0xC2, 0xC6, 0xCA, 0xCE})  # Huffman and arithmetic, hierarchical or not
 # Every other start-of-frame marker: baseline, extended, lossless, arithmetic, hierarchical.
 _OTHER_SOF = frozenset({0xC0, 0xC1, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
+_HUFFMAN_SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7})
 # The end of a scan's entropy-coded data: 0xFF followed by anything but a stuffed 0x00 or a restart
 # marker (0xFF fill bytes before the next marker end it too).
 _END_OF_ENTROPY = re.compile(rb"\xff[^\x00\xd0-\xd7]")
@@ -162,6 +163,15 @@ def buffers_whole_image(data: bytes) -> bool:
     scan only."""
     first = next(_scans(data), None)
     return first is not None and not first
+
+
+def huffman_coded(data: bytes) -> bool:
+    """Whether ``data``'s frame is Huffman-coded (every JPEG browsers draw), not arithmetic-coded. Reads
+    the headers up to the frame's only."""
+    for marker, _pos, _end in _segments(data):
+        if marker == _SOF_PROGRESSIVE_HUFFMAN or marker in _OTHER_SOF:
+            return marker in _HUFFMAN_SOF
+    return False
 
 
 def _scans(data: bytes) -> Iterator[bool]:

@@ -33,6 +33,7 @@ from optimizer.jpegscans import (
     buffers_whole_image,
     check_headers,
     decode_dc_scans_only,
+    huffman_coded,
     scans_to_decode,
 )
 from optimizer.pngchunks import PngChunks, check_chunks, hiding
@@ -707,23 +708,25 @@ def decode(im: Image.Image, size: tuple[int, int]) -> None:
         raise CorruptImage(f"the {im.format} image data is damaged and cannot be decoded") from None
 
 
-# A JPEG with no end marker is decoded only if it holds a byte for at most this many of its pixels: a
-# file cut right after its scan header, 236 bytes declaring 7071x7071, decoded into grey for 0.56 s of
-# CPU (a review), where a real JPEG of one flat colour that size is 294 KB.
-_PIXELS_PER_BYTE_CUT_SHORT = 1000
+# Huffman coding spends at least a bit on each 8x8 block of a frame's first scan: a byte per 512 pixels
+# of one grey component, at the least (a flat colour at 4000x4000 is 94 KB progressive, 250 KB
+# baseline). A JPEG with a byte for more than this many of its pixels holds a header without its image:
+# cut right after its scan header (236 bytes declaring 7071x7071), or with an empty scan before its end
+# marker, it decoded into grey for 0.56 s of CPU (a review).
+_PIXELS_PER_BYTE_AT_MOST = 1000
 
 
 def _refuse_a_header_without_its_image(im: Image.Image) -> None:
-    """``CorruptImage`` for a JPEG that stops short (no end marker) having sent next to none of its
-    image: all it would give is grey, at the cost of a whole decode."""
+    """``CorruptImage`` for a Huffman-coded JPEG too short to code its pixels: all it would give is grey,
+    at the cost of a whole decode. (Arithmetic coding can code a flat image in less.)"""
     fp = getattr(im, "fp", None)
     if not isinstance(fp, io.BytesIO):
         return
     data = fp.getvalue()
-    if len(data) * _PIXELS_PER_BYTE_CUT_SHORT < im.width * im.height and b"\xff\xd9" not in data:
+    if len(data) * _PIXELS_PER_BYTE_AT_MOST < im.width * im.height and huffman_coded(data):
         raise CorruptImage(
-            f"the JPEG stops after {len(data)} bytes, without its end, too few to hold any of its "
-            f"{im.width}x{im.height} pixels"
+            f"the JPEG is {len(data)} bytes for {im.width}x{im.height} pixels, fewer than coding them "
+            "takes: a header without its image"
         )
 
 

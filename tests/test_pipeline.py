@@ -1088,20 +1088,24 @@ def test_a_jpeg_cut_inside_a_scan_keeps_what_arrived() -> None:
 
 
 @pytest.mark.parametrize("progressive", [False, True], ids=["baseline", "progressive"])
-def test_a_jpeg_header_without_its_image_is_corrupt(progressive: bool) -> None:
-    """Cut right after its first scan's header, a JPEG declaring 4000x4000 would decode into grey at
-    the cost of a whole decode: a thousand times the work per byte of any real image (a review)."""
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_a_jpeg_header_without_its_image_is_corrupt(progressive: bool, mode: str) -> None:
+    """Cut right after its first scan's header, or with its end marker right there, a JPEG declaring
+    4000x4000 decoded into grey at the cost of a whole decode: a thousand times the work per byte of
+    any real image (a review)."""
     buffer = io.BytesIO()
-    Image.new("RGB", (4000, 4000), (90, 120, 200)).save(buffer, "JPEG", progressive=progressive)
+    Image.new(mode, (4000, 4000), 90).save(buffer, "JPEG", progressive=progressive, optimize=True)
     data = buffer.getvalue()
     scan = data.index(b"\xff\xda")
     header_end = scan + 2 + struct.unpack_from(">H", data, scan + 2)[0]
-    with pytest.raises(CorruptImage) as caught:
-        optimize(data[:header_end], Params(format="png", width=300), LIMITS)
-    assert caught.value.status == 422
-    # One flat colour that size is small, but not that small: without its end marker it is served.
-    out = optimize(data[:-2], Params(format="png", width=300), LIMITS)
-    assert (out.width, out.height) == (300, 300)
+    for header in (data[:header_end], data[:header_end] + b"\xff\xd9"):
+        with pytest.raises(CorruptImage) as caught:
+            optimize(header, Params(format="png", width=300), LIMITS)
+        assert caught.value.status == 422
+    # One flat colour that size, the least any real JPEG of it codes, is served, even without its end.
+    for whole in (data, data[:-2]):
+        out = optimize(whole, Params(format="png", width=300), LIMITS)
+        assert (out.width, out.height) == (300, 300)
 
 
 # ---------------------------------------------------------------------------------------- whole corpus
