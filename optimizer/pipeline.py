@@ -708,12 +708,13 @@ def decode(im: Image.Image, size: tuple[int, int]) -> None:
         raise CorruptImage(f"the {im.format} image data is damaged and cannot be decoded") from None
 
 
-# Huffman coding spends at least a bit on each 8x8 block of a frame's first scan: a byte per 512 pixels
-# of one grey component, at the least (a flat colour at 4000x4000 is 94 KB progressive, 250 KB
-# baseline). A JPEG with a byte for more than this many of its pixels holds a header without its image:
+# Huffman coding spends at least a bit on each 8x8 block of each component: 64 x Hmax x Vmax pixels
+# per sum of the components' H x V bits, a byte per 512 pixels for grey and 1024 at the most (two
+# components sampled 4x1 and 1x4; cjpeg's 4x1,1x4,1x1 with a DC-first script reached 904, a review). A
+# JPEG with a byte for more than four times that many of its pixels holds a header without its image:
 # cut right after its scan header (236 bytes declaring 7071x7071), or with an empty scan before its end
 # marker, it decoded into grey for 0.56 s of CPU (a review).
-_PIXELS_PER_BYTE_AT_MOST = 1000
+_PIXELS_PER_BYTE_AT_MOST = 4096
 
 
 def _refuse_a_header_without_its_image(im: Image.Image) -> None:
