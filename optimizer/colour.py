@@ -149,8 +149,6 @@ def _gamma_profile(gamma: float, chromaticity: tuple[float, ...] | None, grey: b
     them."""
     if chromaticity is None:
         primaries = _PRIMARIES[1]
-    elif len(chromaticity) != 8:
-        return None
     else:
         wx, wy, rx, ry, gx, gy, bx, by = chromaticity
         primaries = ((rx, ry), (gx, gy), (bx, by), (wx, wy))

@@ -559,7 +559,7 @@ def open_image(data: bytes, limits: Limits) -> Image.Image:
     elif isinstance(walked, PngChunks):
         described = png_profile(walked.colours, grey=im.mode not in ("P", "RGB", "RGBA"))
         if described is None:
-            im.info.pop("icc_profile", None)  # a cICP that says sRGB outranks an iCCP
+            im.info.pop("icc_profile", None)  # sRGB's: a cICP saying so outranks an iCCP
         else:
             im.info["icc_profile"] = described
     width, height = im.size
