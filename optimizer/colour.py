@@ -132,14 +132,23 @@ def png_profile(colours: PngColours, *, grey: bool) -> bytes | None:
         primaries, transfer = cicp[0], cicp[1]
         if primaries in _PRIMARIES and transfer in _TRANSFERS:  # unspecified is not a description here
             return nclx_profile(primaries, transfer, grey=grey)
-    if colours.first_icc is not None:
-        return colours.first_icc
+    if colours.first_icc is not None and _parses(colours.first_icc):
+        return colours.first_icc  # one that does not parse is passed over, as Chromium passes it over
     gamma, chromaticity = colours.gamma, colours.chromaticity
     if colours.srgb or gamma is None or not gamma > 0:
         return None  # cHRM alone is not read: its curve would be a guess (Chromium, Firefox, Safari)
     if chromaticity is None and abs(gamma * 2.2 - 1) < _NEUTRAL_GAMMA:
         return None
     return _gamma_profile(gamma, chromaticity, grey)
+
+
+def _parses(icc: bytes) -> bool:
+    """Whether LittleCMS reads ``icc`` as a profile (its header and tag table; the tags as they are used)."""
+    try:
+        ImageCms.ImageCmsProfile(io.BytesIO(usable_icc(icc)))
+    except (ImageCms.PyCMSError, OSError, ValueError, TypeError):
+        return False
+    return True
 
 
 @functools.lru_cache(maxsize=64)

@@ -614,3 +614,10 @@ def test_the_upload_with_hidden_chunks_reads_as_if_patched() -> None:
         start, size = rng.randrange(0, 4100), rng.choice([-1, 0, 1, 3, 7, 64, 1000])
         stream.seek(start)
         assert stream.read(size) == bytes(expected[start : None if size < 0 else start + size])
+
+
+def test_an_icc_profile_that_does_not_parse_gives_way_to_the_gamma() -> None:
+    """Chromium passes over an iCCP it cannot parse and reads the gAMA next; the service converted
+    nothing (helper-75)."""
+    data = png_tagged(GREY, gama(1.0), iccp(b"not a profile, though it inflates" * 8))
+    assert near(optimized_pixel(data), (LINEAR_GREY_128,) * 3)
