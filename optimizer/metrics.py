@@ -45,7 +45,7 @@ class ServiceMetrics:
         self.stages = Histogram(
             "optimizer_stage_duration_seconds",
             "Time in each stage of an image request: read (upload), queue (waiting for a worker), "
-            "decode, resize, encode.",
+            "budget (waiting for memory), decode, resize, encode.",
             ("stage",),
             buckets=_STAGE_BUCKETS,
             registry=registry,

@@ -112,7 +112,8 @@ def _image_operation(summary: str, description: str, settings: Settings, upload:
             "403": _problem("bad_signature: URL signing is configured and the signature is not valid"),
             "503": _problem(
                 "overloaded (every slot busy, or this connection was just served while refused clients are "
-                "due back, or no room in the memory budget within its wait; with Retry-After), draining "
+                "due back, or no room in the memory budget within its wait, or the uploads' allowance full; "
+                "with Retry-After), draining "
                 "or shutdown_deadline (Connection: close)",
                 retry_after,
             ),
