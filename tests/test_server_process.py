@@ -811,14 +811,15 @@ def test_out_of_descriptors_the_connections_waiting_longest_make_room() -> None:
             assert response.status == 200
         shed = server.wait_for_event("connections_shed")
         assert int(shed["closed"]) >= 1
-        closed = 0
         for connection in waiting[:20]:  # the first to come are the first to go
-            connection.settimeout(REQUEST_TIMEOUT)
-            with contextlib.suppress(ConnectionResetError):
+            connection.settimeout(REQUEST_TIMEOUT)  # one still open fails the test with a timeout
+            try:
                 answer = connection.recv(100)
-                assert answer == b"", answer  # closed unanswered: no 408, the deadline is far off
-                closed += 1
-        assert closed >= 1
+            except ConnectionResetError:
+                # Shed before the server had read its head: closing a socket with unread bytes makes
+                # the kernel send a reset instead of an end of stream (about 1 run in 10 here).
+                answer = b""
+            assert answer == b"", answer  # closed unanswered: no 408, the deadline is far off
     finally:
         for connection in waiting:
             connection.close()
